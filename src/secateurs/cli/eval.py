@@ -1,0 +1,44 @@
+"""``secateurs eval``: perplexity of a model (dense or pruned) on named text sets."""
+from __future__ import annotations
+
+import json
+
+from . import add_common, device_of, positive_int
+
+
+def register(sub):
+    p = sub.add_parser("eval", help="perplexity (and, where available, zero-shot accuracy) of a model")
+    p.add_argument("model", help="embedded name, Hugging Face id, model folder or pruned secateurs folder")
+    p.add_argument("--ppl", default="wiki:test", help="comma-separated text sets (default wiki:test; '' for none)")
+    p.add_argument("--seqlen", type=positive_int, default=512)
+    p.add_argument("--rows", type=int, default=32, help="rows per set (0 = all; default 32)")
+    p.add_argument("--batch-size", type=positive_int, default=4)
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    add_common(p)
+    p.set_defaults(func=run)
+
+
+def run(args):
+    from ..data import eval_rows
+    from ..eval.perplexity import perplexity
+    from ..models import load_model
+    from ..pipeline import versions
+    from ..plan import atomic_write_text
+
+    sets = [s for s in args.ppl.split(",") if s]
+    if args.rows < 0:
+        from ..errors import UserError
+
+        raise UserError(f"--rows must be 0 (all) or more (got {args.rows})")
+    model, tok = load_model(args.model, device=device_of(args), progress=not args.quiet)
+    rows_by_set = {name: eval_rows(tok, model, name, args.seqlen, args.rows) for name in sets}  # validate all first
+    out = {"model": args.model, "ppl": {},
+           "settings": {"ppl": sets, "seqlen": args.seqlen, "rows": args.rows, "batch_size": args.batch_size,
+                        "device": device_of(args)},
+           "versions": versions()}
+    for name, rows in rows_by_set.items():
+        r = perplexity(model, rows, batch_size=args.batch_size, progress=not args.quiet, desc=f"{name} ppl")
+        out["ppl"][name] = r.as_dict()
+        print(f"{name}: ppl {r.ppl:.3f} ({r.tokens} tokens, {r.rows} rows of {r.seqlen})")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(out, indent=1))

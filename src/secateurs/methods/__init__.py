@@ -1,0 +1,89 @@
+"""The method registry: a method is a config dataclass plus a function ``(ctx, cfg) -> PruningPlan``.
+
+Modules in this package register themselves with ``@register_method``; they are imported on first use of the
+registry, so adding a method is adding a file. Config fields become ``secateurs prune`` options
+(``--field-name``); a field's ``metadata={"help": ...}`` is its help text.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import UserError
+from ..models.base import Adapter, ModelSpec
+from ..plan import PruningPlan
+
+
+@dataclass
+class PruneContext:
+    """Everything a method may use. ``workdir`` holds resumable state; ``count_ppl`` counts evaluations."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    adapter: Adapter
+    spec: ModelSpec
+    calib: torch.Tensor  # calibration rows [nsamples, seqlen]
+    ratio: float | None  # target parameter ratio (None when the method stops by another rule)
+    seed: int
+    workdir: Path
+    progress: bool = True
+    ppl_evaluations: int = 0
+    extra: dict | None = None  # results a method wants recorded in result.json (e.g. per-block scores)
+
+    def count_ppl(self, n: int = 1) -> None:
+        self.ppl_evaluations += n
+
+    def record(self, **kv) -> None:
+        self.extra = {**(self.extra or {}), **kv}
+
+
+@dataclass
+class MethodSpec:
+    name: str
+    summary: str
+    config_cls: type
+    fn: Callable[[PruneContext, Any], PruningPlan]
+    needs_ratio: bool = True
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+_LOADED = False
+
+
+def register_method(name: str, summary: str, config_cls: type, needs_ratio: bool = True):
+    def deco(fn):
+        _REGISTRY[name] = MethodSpec(name, summary, config_cls, fn, needs_ratio)
+        return fn
+
+    return deco
+
+
+def _load_all() -> None:
+    global _LOADED
+    if not _LOADED:
+        _LOADED = True
+        for m in pkgutil.iter_modules(__path__):
+            importlib.import_module(f"{__name__}.{m.name}")
+
+
+def all_methods() -> dict[str, MethodSpec]:
+    _load_all()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_method(name: str) -> MethodSpec:
+    methods = all_methods()
+    if name not in methods:
+        raise UserError(f"unknown method {name!r}; available: {', '.join(methods)}")
+    return methods[name]
+
+
+def make_config(spec: MethodSpec, options: dict):
+    """Builds the method's config from the options that name its fields (others are ignored)."""
+    names = {f.name for f in fields(spec.config_cls)}
+    return spec.config_cls(**{k: v for k, v in options.items() if k in names and v is not None})

@@ -1,0 +1,23 @@
+"""uniform-drop: the simplest depth baseline. Whole layers are dropped from the last but one backwards until
+the parameter ratio is reached. It needs no calibration and exists to prove the pipeline end to end."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..plan import PruningPlan
+from . import PruneContext, register_method
+
+
+@dataclass
+class UniformDropConfig:
+    pass
+
+
+@register_method("uniform-drop", "drop whole layers from the last but one backwards (no calibration; a sanity baseline)", UniformDropConfig)
+def uniform_drop(ctx: PruneContext, cfg: UniformDropConfig) -> PruningPlan:
+    plan = PruningPlan.dense(ctx.spec, "uniform-drop")
+    for layer in range(ctx.spec.n_layers - 2, 0, -1):
+        if plan.ratio(ctx.spec) >= ctx.ratio:
+            break
+        plan.layers[layer].attn = plan.layers[layer].mlp = False
+    return plan

