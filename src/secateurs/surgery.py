@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .models.base import Adapter, Branch, get_adapter
+from .models.base import Adapter, Branch, branch_forward, get_adapter
 from .plan import LayerPlan, PruningPlan
 
 
@@ -30,7 +30,7 @@ class PartialLayer(nn.Module):
         super().__init__()
         for name in branch.names:
             setattr(self, name, getattr(layer, name))
-        self.branch_names = (branch.module, branch.pre_norm, branch.post_norm)
+        self.branch = branch
         self.kind = kind  # the kept branch: 'attn' or 'mlp'
         self.layer_idx = layer_idx
         self.head_dim = head_dim
@@ -38,20 +38,13 @@ class PartialLayer(nn.Module):
             self.attention_type = layer.attention_type
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
-        module, pre, post = (getattr(self, n) if n else None for n in self.branch_names)
-        x = pre(hidden_states)
-        if self.kind == "attn":
-            x, _ = module(hidden_states=x, **kwargs)
-        else:
-            x = module(x)
+        if self.kind == "mlp":
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
             if cache is not None:
                 b, t = hidden_states.shape[:2]
                 empty = hidden_states.new_zeros(b, 0, t, self.head_dim)
                 cache.update(empty, empty, self.layer_idx)
-        if post is not None:
-            x = post(x)
-        return hidden_states + x
+        return branch_forward(self, self.branch, self.kind == "attn", hidden_states, kwargs)
 
 
 def _slice_linear(lin: nn.Linear, rows=None, cols=None, add_bias: torch.Tensor | None = None) -> nn.Linear:

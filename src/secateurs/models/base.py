@@ -54,6 +54,19 @@ class ModelSpec:
         return {k: getattr(self, k) for k in ("model_type", "n_layers", "hidden", "n_heads", "n_kv", "head_dim", "intermediate")}
 
 
+def branch_forward(owner: nn.Module, branch: Branch, is_attn: bool, h: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """``h + post(module(pre(h)))``: one residual branch, with its modules looked up on ``owner`` (a decoder
+    layer or a surgery ``PartialLayer``). The attention module returns (output, weights)."""
+    x = getattr(owner, branch.pre_norm)(h)
+    if is_attn:
+        x, _ = getattr(owner, branch.module)(hidden_states=x, **kwargs)
+    else:
+        x = getattr(owner, branch.module)(x)
+    if branch.post_norm:
+        x = getattr(owner, branch.post_norm)(x)
+    return h + x
+
+
 def _numel(module: nn.Module | None) -> int:
     return 0 if module is None else sum(p.numel() for p in module.parameters())
 

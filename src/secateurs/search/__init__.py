@@ -1,0 +1,1 @@
+"""Search strategies: greedy block removal, evolutionary search over per-layer rates, ratio assignment."""
