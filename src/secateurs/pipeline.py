@@ -72,6 +72,15 @@ def run_prune(s: PruneSettings, out: str | Path, overwrite: bool = False, progre
     if method.needs_ratio or s.ratio is not None:
         check_ratio(s.ratio)
     check_out(out, overwrite)
+    torch.manual_seed(s.seed)
+    model, tok = load_model(s.model, device=s.device, progress=progress)
+    adapter = get_adapter(model)
+    spec = adapter.spec()
+    dense_config = _plain_config(model.config)
+    calib = calib_rows(tok, model, s.calib, s.nsamples, s.seqlen, s.seed)
+    test = eval_rows(tok, model, s.eval, s.seqlen, s.eval_rows) if s.eval else None
+
+    # inputs are all valid: only now is anything written
     settings = asdict(s) | {"options": asdict(cfg)}
     work = out.with_name(out.name + ".partial")
     if work.exists():
@@ -85,14 +94,6 @@ def run_prune(s: PruneSettings, out: str | Path, overwrite: bool = False, progre
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_text(work / "settings.json", json.dumps(settings, indent=1))
 
-    torch.manual_seed(s.seed)
-    model, tok = load_model(s.model, device=s.device, progress=progress)
-    adapter = get_adapter(model)
-    spec = adapter.spec()
-    dense_config = _plain_config(model.config)
-    calib = calib_rows(tok, model, s.calib, s.nsamples, s.seqlen, s.seed)
-    test = eval_rows(tok, model, s.eval, s.seqlen, s.eval_rows) if s.eval else None
-
     def measure(tag):
         r = {"ppl_calib": perplexity(model, calib, progress=progress, desc=f"calib ppl ({tag})").ppl}
         if test is not None:
@@ -104,9 +105,17 @@ def run_prune(s: PruneSettings, out: str | Path, overwrite: bool = False, progre
         + (f", {s.eval} ppl {before['ppl_test']:.3f}" if test is not None else ""))
 
     ctx = PruneContext(model, tok, adapter, spec, calib, s.ratio, s.seed, work, progress)
+    # search time accumulates over interrupted runs (a Ctrl-C records the time spent so far)
+    spent_file = work / "search_seconds.json"
+    spent = json.loads(spent_file.read_text()) if spent_file.exists() else 0.0
     t0 = time.time()
-    plan = method.fn(ctx, cfg)
-    search_seconds = time.time() - t0 + _cached(work / "search_time.json", lambda: 0.0)
+    try:
+        plan = method.fn(ctx, cfg)
+    except BaseException:
+        atomic_write_text(spent_file, json.dumps(spent + time.time() - t0))
+        raise
+    search_seconds = spent + time.time() - t0
+    spent_file.unlink(missing_ok=True)
     plan.method = s.method
     plan.meta = {"settings": settings}
     apply_plan(model, plan, spec)
