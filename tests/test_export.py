@@ -49,7 +49,11 @@ for job in jobs:
         logits = model(ids).logits
         gen = model.generate(ids, max_new_tokens=job["new"], do_sample=False, min_new_tokens=job["new"],
                              pad_token_id=0)
-    torch.save({"logits": logits, "gen": gen, "class": type(model).__name__}, job["out"])
+    res = {"logits": logits, "gen": gen, "class": type(model).__name__}
+    if job.get("text"):
+        from transformers import AutoTokenizer
+        res["text_ids"] = AutoTokenizer.from_pretrained(job["dir"], trust_remote_code=job["remote"])(job["text"]).input_ids
+    torch.save(res, job["out"])
 assert not any(m == "secateurs" or m.startswith("secateurs.") for m in sys.modules)
 print("CHILD-OK")
 """
@@ -274,7 +278,10 @@ def test_real_model_round_trip(smollm, tmp_path):
         gen = pruned.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
     folder = tmp_path / "smol"
     assert save_pruned(pruned, tok, plan, _plain_config(model.config), folder) == "custom"
-    run_child([{"dir": str(folder), "remote": True, "ids": ids.tolist(), "new": 8, "out": str(tmp_path / "r.pt")}], tmp_path)
+    text = "Pruning keeps the model small."
+    run_child([{"dir": str(folder), "remote": True, "ids": ids.tolist(), "new": 8, "out": str(tmp_path / "r.pt"),
+                "text": text}], tmp_path)
     child = torch.load(tmp_path / "r.pt")
+    assert child["text_ids"] == tok(text).input_ids
     torch.testing.assert_close(child["logits"], logits, atol=1e-4, rtol=1e-4)
     assert torch.equal(child["gen"], gen)

@@ -255,5 +255,7 @@ def load_pruned(folder: str | Path, dtype=torch.float32, device: str = "cpu"):
     model = build_pruned_skeleton(meta["dense_config"], plan, dtype=dtype)
     _load_weights(model, folder)
     model.to(device).eval()
-    tok = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
+    # the stock config is passed so that the tokenizer does not read config.json (whose auto_map would
+    # make transformers ask whether to trust the folder's code)
+    tok = AutoTokenizer.from_pretrained(folder, config=model.config) if (folder / "tokenizer_config.json").exists() else None
     return model, tok

@@ -63,10 +63,11 @@ def pruning_map(runs: list[Run], path: Path) -> Path | None:
     return path
 
 
-def _dense_line(ax, runs: list[Run], metric) -> None:
+def _dense_line(ax, runs: list[Run], metric) -> float | None:
     values = sorted({v for r in runs if (v := metric(r, dense=True)) is not None})
     for v in values[:1]:  # the dense model is the same for runs of one model; show it once
         ax.axhline(v, color="grey", linestyle="--", linewidth=1, label=f"dense ({v:.3g})")
+    return values[0] if values else None
 
 
 def _metric_plot(runs: list[Run], path: Path, x_of, x_label: str, panels: list[tuple[str, object, bool]], title: str):
@@ -81,14 +82,16 @@ def _metric_plot(runs: list[Run], path: Path, x_of, x_label: str, panels: list[t
     fig = Figure(figsize=(4.6 * cols, 3.6 * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, (label, metric, log) in zip(axes, panels):
+        values = []
         for name, rs in series.items():
             pts = sorted((x_of(r), metric(r, dense=False)) for r in rs
                          if x_of(r) is not None and metric(r, dense=False) is not None)
             if pts:
                 xs, ys = zip(*pts)
+                values += ys
                 ax.plot(xs, ys, marker="o", color=colors[name], label=name)
-        _dense_line(ax, runs, metric)
-        lo, hi = ax.get_ylim()
+        values += [v for v in [_dense_line(ax, runs, metric)] if v is not None]
+        lo, hi = min(values), max(values)
         if log and lo > 0 and hi / lo > 4:  # log only where values span a wide range; plain numbers on the axis
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
