@@ -5,7 +5,7 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,18 +59,27 @@ print("CHILD-OK")
 """
 
 
+def child_env(tmp_path) -> dict:
+    """The child's environment: secateurs *would* be importable (its source folder is on PYTHONPATH, and the
+    venv may have an editable install); only the guard at the top of the child's code removes it."""
+    import secateurs
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSTARTUP"}
+    env.update(PYTHONPATH=str(Path(secateurs.__file__).resolve().parents[1]), HF_MODULES_CACHE=str(tmp_path / "hf_modules"),
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return env
+
+
 def run_child(jobs, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
-    env.update(HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    r = subprocess.run([sys.executable, "-c", CHILD, json.dumps(jobs)], cwd=tmp_path, env=env,
+    r = subprocess.run([sys.executable, "-c", CHILD, json.dumps(jobs)], cwd=tmp_path, env=child_env(tmp_path),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "CHILD-OK" in r.stdout, r.stderr[-3000:]
 
 
 def test_child_really_cannot_import_secateurs(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    base = subprocess.run([sys.executable, "-c", "import secateurs"], cwd=tmp_path, env=env, capture_output=True)
-    assert base.returncode == 0  # the venv does have secateurs (editable install) ...
+    env = child_env(tmp_path)
+    base = subprocess.run([sys.executable, "-c", "import secateurs.plan"], cwd=tmp_path, env=env, capture_output=True)
+    assert base.returncode == 0  # without the guard, the child could import secateurs ...
     code = BLOCK_SECATEURS + "import secateurs.plan\n"
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode != 0 and "secateurs is blocked" in r.stderr  # ... and the child's guard removes it

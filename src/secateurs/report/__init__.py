@@ -21,22 +21,27 @@ def _fmt(v, spec=".3f") -> str:
     return "–" if v is None else format(v, spec)
 
 
+def _ppl(v) -> str:
+    return _fmt(v, ".3f" if v is None or v < 1000 else ".4g")
+
+
 def _table(runs: list[Run]) -> list[str]:
     sets = sorted({s for r in runs for s in r.ppl})
     kinds = sorted({k for r in runs for k in r.speedup})
     head = ["run", "model", "method", "ratio target", "ratio", "params after"] + [f"ppl {s} (dense → pruned)" for s in sets]
     head += ["mean acc"] if any(r.tasks for r in runs) else []
-    head += [f"{k} speedup" for k in kinds] + ["removed blocks"]
+    head += [f"{k} speedup" for k in kinds] + ["removed blocks", "saved as"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
         res = r.result
         row = [f"`{r.name}`", r.model, r.method, _fmt(res.get("ratio_target")), _fmt(r.ratio),
                f"{res['params_after']:,}" if isinstance(res.get("params_after"), int) else "–"]
-        row += [f"{_fmt(r.ppl_dense.get(s))} → {_fmt(r.ppl.get(s))}" for s in sets]
+        row += [f"{_ppl(r.ppl_dense.get(s))} → {_ppl(r.ppl.get(s))}" for s in sets]
         row += [_fmt(r.mean_accuracy)] if any(x.tasks for x in runs) else []
         row += [_fmt(r.speedup.get(k), ".2f") + ("×" if k in r.speedup else "") for k in kinds]
         removed = res.get("removed_blocks")
         row.append(str(len(removed)) if isinstance(removed, list) else "–")
+        row.append(r.export or "–")
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
@@ -44,7 +49,10 @@ def _table(runs: list[Run]) -> list[str]:
 def _settings(r: Run) -> dict:
     keep = ("settings", "ratio_target", "ratio_achieved", "params_before", "params_after", "eval_set",
             "search_seconds", "ppl_evaluations", "removed_blocks", "versions")
-    return {k: r.result[k] for k in keep if k in r.result}
+    out = {k: r.result[k] for k in keep if k in r.result}
+    if isinstance(out.get("removed_blocks"), list):  # one line, not one line per block
+        out["removed_blocks"] = ", ".join(map(str, out["removed_blocks"])) or "none"
+    return out
 
 
 def build_report(dirs: list[str], out: str | Path) -> Path:

@@ -16,7 +16,7 @@ from ..errors import UserError
 from ..models.base import ModelSpec
 from ..plan import PruningPlan
 
-RESULT, PLAN, EVAL, BENCH = "result.json", "plan.json", "eval.json", "bench.json"
+RESULT, PLAN, EVAL, BENCH, META = "result.json", "plan.json", "eval.json", "bench.json", "secateurs.json"
 ACCURACY_KEYS = ("acc", "accuracy", "acc_norm", "exact_match")  # first one present is a task's accuracy
 
 
@@ -33,6 +33,7 @@ class Run:
     tasks: dict = field(default_factory=dict)  # task -> accuracy after pruning
     speedup: dict = field(default_factory=dict)  # kind (prefill, decode...) -> dense time / pruned time
     kept: list | None = None  # per layer {"attn": fraction, "mlp": fraction}
+    export: str | None = None  # how the model folder was saved (secateurs.json): stock-depth, stock-width, custom
 
     @property
     def mean_accuracy(self) -> float | None:
@@ -78,6 +79,8 @@ def read_run(folder: Path) -> Run:
     run = Run(folder=folder, name=folder.name, method=result.get("method") or (plan.method if plan else "") or "?",
               model=str(result.get("model") or "?"), ratio=_number(result.get("ratio_achieved")), result=result,
               kept=kept_fraction(plan) if plan else None)
+    if (folder / META).exists():
+        run.export = _read_json(folder / META).get("export")
     if result.get("eval_set"):
         for key, target in (("ppl_test_after", run.ppl), ("ppl_test_before", run.ppl_dense)):
             if _number(result.get(key)) is not None:
