@@ -1,15 +1,32 @@
-"""Saving and loading pruned models as folders.
+"""Saving and loading pruned models as Hugging Face folders that load anywhere.
 
-A pruned folder holds ``model.safetensors`` (the pruned tensors, tied weights stored once), ``plan.json``
-(re-appliable to the original model), ``secateurs.json`` (format tag and the dense model's configuration)
-and the tokenizer. ``load_pruned`` rebuilds the dense skeleton from that configuration, applies the plan's
-structure and loads the tensors: no pickles, no custom code needed.
+A pruned folder is an ordinary Hugging Face model folder (``config.json``, ``model.safetensors``,
+``generation_config.json``, tokenizer files) plus ``plan.json`` (re-appliable to the original model) and
+``secateurs.json`` (format tag, the export kind and the dense model's configuration). The export kind is the
+simplest that describes the pruned structure:
+
+- ``stock-depth``: only whole layers removed, every other layer untouched: the stock architecture with
+  fewer layers (``num_hidden_layers`` and ``layer_types`` reduced). No custom code.
+- ``stock-width``: every remaining layer has the same head and channel counts and no added biases: the stock
+  architecture with ``num_attention_heads`` / ``num_key_value_heads`` / ``intermediate_size`` changed and
+  ``head_dim`` written explicitly. No custom code.
+- ``custom``: anything else (uneven layers, removed attention or MLP blocks, bias compensation): the folder
+  carries ``modeling_secateurs.py`` (torch + transformers only) and a config with ``auto_map``, so it loads
+  with ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` where secateurs is absent.
+
+Before a folder is written, the model its config describes is built on the meta device and its parameter
+names and shapes are compared with the pruned model's; a stock config that does not match falls back to
+``custom``. ``secateurs.load(folder)`` never runs the folder's code: it rebuilds the dense skeleton, applies
+``plan.json`` and loads the tensors (this also reads the older ``secateurs-model/1`` folders).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import sys
+import types
 from pathlib import Path
 
 import torch
@@ -17,42 +34,179 @@ import torch
 from ..errors import UserError
 from ..plan import PruningPlan, atomic_write_text
 
-FORMAT = "secateurs-model/1"
+FORMAT = "secateurs-model/2"
+READABLE_FORMATS = ("secateurs-model/1", FORMAT)
+MODELING_FILE = "modeling_secateurs.py"
+MODELING_TEMPLATE = Path(__file__).with_name(MODELING_FILE)
 
 
-def _plain_config(config) -> dict:
-    d = config.to_dict()
+def _plain_config(config, diff: bool = False) -> dict:
+    """The configuration as a dict (``diff``: only what differs from the class defaults, as config.json)."""
+    d = config.to_diff_dict() if diff else config.to_dict()
     d.pop("quantization_config", None)
     return d
 
 
-def write_pruned(model, tokenizer, plan: PruningPlan, dense_config: dict, folder: str | Path) -> None:
-    """Writes the pruned model into ``folder`` (which the caller renames into place when complete)."""
-    from safetensors.torch import save_model
+# --- describing the pruned structure ---------------------------------------------------------------------
+def layer_structure(model) -> list[dict]:
+    """Per remaining layer of a pruned model: which branches it has, its head / channel counts, and whether
+    its output projections carry a bias. Read from the modules themselves."""
+    from ..models import get_adapter
 
+    adapter = get_adapter(model)
+    hd = adapter.head_dim()
+    out = []
+    for layer in adapter.layers():
+        attn, mlp = adapter.block(layer, "attn"), adapter.block(layer, "mlp")
+        s = {"attn": attn is not None, "mlp": mlp is not None,
+             "heads": 0, "kv_heads": 0, "o_bias": False, "intermediate": 0, "down_bias": False}
+        if attn is not None:
+            s.update(heads=getattr(attn, adapter.q).out_features // hd, kv_heads=getattr(attn, adapter.k).out_features // hd,
+                     o_bias=getattr(attn, adapter.o).bias is not None)
+        if mlp is not None:
+            s.update(intermediate=getattr(mlp, adapter.gate).out_features, down_bias=getattr(mlp, adapter.down).bias is not None)
+        out.append(s)
+    return out
+
+
+def stock_config(model, structure: list[dict]) -> tuple[str, dict] | None:
+    """(kind, config dict) of the stock architecture when the structure allows it, else None."""
+    cfg = _plain_config(model.config, diff=True)  # surgery already reduced num_hidden_layers / layer_types
+    if not all(s["attn"] and s["mlp"] for s in structure):
+        return None
+    sizes = {(s["heads"], s["kv_heads"], s["intermediate"], s["o_bias"], s["down_bias"]) for s in structure}
+    if len(sizes) != 1:
+        return None
+    heads, kv, inter, _, _ = sizes.pop()
+    c = model.config
+    dense = (c.num_attention_heads, c.num_key_value_heads, c.intermediate_size)
+    if (heads, kv, inter) == dense:
+        return "stock-depth", cfg
+    from ..models import get_adapter
+
+    cfg.update(num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=inter,
+               head_dim=get_adapter(model).head_dim())
+    return "stock-width", cfg
+
+
+def custom_config(model, structure: list[dict]) -> dict:
+    from ..models import get_adapter
+
+    adapter = get_adapter(model)
+    base = model.config.model_type
+    cfg = _plain_config(model.config, diff=True)
+    cfg.update(
+        model_type="secateurs_" + base,
+        architectures=["SecateursForCausalLM"],
+        auto_map={"AutoConfig": "modeling_secateurs.SecateursConfig",
+                  "AutoModelForCausalLM": "modeling_secateurs.SecateursForCausalLM"},
+        head_dim=adapter.head_dim(),
+        secateurs_layers=structure,
+        secateurs_branches={k: [b.module, b.pre_norm, b.post_norm] for k, b in
+                            (("attn", adapter.attn_branch), ("mlp", adapter.mlp_branch))},
+    )
+    return cfg
+
+
+def modeling_source(base_model_type: str) -> str:
+    """The modeling file for a folder whose base architecture is ``base_model_type``."""
+    src, n = re.subn(r'^BASE_MODEL_TYPE = "[^"]*"', f'BASE_MODEL_TYPE = "{base_model_type}"',
+                     MODELING_TEMPLATE.read_text(), count=1, flags=re.M)
+    if n != 1:
+        raise RuntimeError(f"{MODELING_TEMPLATE} lost its BASE_MODEL_TYPE line")
+    return src
+
+
+def modeling_module(base_model_type: str) -> types.ModuleType:
+    """The modeling file's classes in this process (for checks; loading never needs it)."""
+    name = f"_secateurs_modeling_{base_model_type}"
+    if name not in sys.modules:  # dataclass processing of the config class looks its module up there
+        mod = sys.modules[name] = types.ModuleType(name)
+        try:
+            exec(compile(modeling_source(base_model_type), str(MODELING_TEMPLATE), "exec"), mod.__dict__)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
+
+
+def _shapes(model) -> dict:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def skeleton_from_config(cfg: dict):
+    """The model that ``cfg`` (a folder's config.json) describes, on the meta device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(cfg)
+    model_type = cfg.pop("model_type")
+    with torch.device("meta"):
+        if model_type.startswith("secateurs_"):
+            mod = modeling_module(model_type[len("secateurs_"):])
+            return mod.SecateursForCausalLM(mod.SecateursConfig.from_dict(cfg))
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg))
+
+
+def export_config(model) -> tuple[str, dict]:
+    """(kind, config.json contents) for a pruned model: stock when possible, custom otherwise; the config is
+    checked to describe exactly the model's parameter names and shapes."""
+    structure = layer_structure(model)
+    want = _shapes(model)
+    stock = stock_config(model, structure)
+    if stock is not None:
+        try:
+            if _shapes(skeleton_from_config(stock[1])) == want:
+                return stock
+        except (ValueError, TypeError):  # e.g. the stock config rejects the new head count
+            pass
+    cfg = custom_config(model, structure)
+    got = _shapes(skeleton_from_config(cfg))
+    if got != want:
+        diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))[:5]
+        raise RuntimeError(f"custom export does not reproduce the pruned model's parameters (first differences: {diff})")
+    return "custom", cfg
+
+
+# --- writing -----------------------------------------------------------------------------------------------
+def write_pruned(model, tokenizer, plan: PruningPlan, dense_config: dict, folder: str | Path) -> str:
+    """Writes the pruned model into ``folder`` (which the caller renames into place when complete) and returns
+    the export kind. ``secateurs.json`` is written last, so an interrupted write is not a readable folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(folder / "model.safetensors"))
-    plan.save(folder / "plan.json")
-    atomic_write_text(folder / "secateurs.json", json.dumps({"format": FORMAT, "dense_config": dense_config}, indent=1))
+    kind, cfg = export_config(model)
+    model.save_pretrained(folder)
+    atomic_write_text(folder / "config.json", json.dumps(cfg, indent=2, sort_keys=True))
+    if kind == "custom":
+        atomic_write_text(folder / MODELING_FILE, modeling_source(model.config.model_type))
+    elif (folder / MODELING_FILE).exists():
+        (folder / MODELING_FILE).unlink()
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+    plan.save(folder / "plan.json")
+    atomic_write_text(folder / "secateurs.json",
+                      json.dumps({"format": FORMAT, "export": kind, "dense_config": dense_config}, indent=1))
+    return kind
 
 
-def save_pruned(model, tokenizer, plan: PruningPlan, dense_config: dict, out: str | Path) -> Path:
+def save_pruned(model, tokenizer, plan: PruningPlan, dense_config: dict, out: str | Path,
+                extra: dict[str, str] | None = None) -> str:
     """Writes to a temporary sibling folder, then renames it to ``out``: an interrupted save leaves no
-    folder that could be mistaken for a good one."""
+    folder that could be mistaken for a good one (and an earlier ``out`` stays as it was). ``extra`` maps
+    file names to texts written alongside (e.g. result.json) before the rename."""
     out = Path(out)
     tmp = out.with_name(out.name + ".saving")
     if tmp.exists():
         shutil.rmtree(tmp)
-    write_pruned(model, tokenizer, plan, dense_config, tmp)
+    kind = write_pruned(model, tokenizer, plan, dense_config, tmp)
+    for name, text in (extra or {}).items():
+        atomic_write_text(tmp / name, text)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
-    return out
+    return kind
 
 
+# --- reading -----------------------------------------------------------------------------------------------
 def build_pruned_skeleton(dense_config: dict, plan: PruningPlan, dtype=torch.float32):
     """A model with the pruned structure (weights not meaningful yet)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -66,9 +220,28 @@ def build_pruned_skeleton(dense_config: dict, plan: PruningPlan, dtype=torch.flo
     return model
 
 
+def _load_weights(model, folder: Path) -> None:
+    from safetensors.torch import load_file, load_model
+
+    single = folder / "model.safetensors"
+    if single.exists():
+        load_model(model, str(single), strict=True)
+        return
+    index = folder / "model.safetensors.index.json"
+    if not index.exists():
+        raise UserError(f"{folder} has no model.safetensors (nor a sharded index)")
+    state = {}
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        state.update(load_file(str(folder / shard)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    if unexpected or set(missing) - tied:
+        raise UserError(f"{folder}: weights do not fit the plan (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.tie_weights()
+
+
 def load_pruned(folder: str | Path, dtype=torch.float32, device: str = "cpu"):
-    """Returns (model, tokenizer) of a folder written by ``save_pruned``."""
-    from safetensors.torch import load_model
+    """Returns (model, tokenizer) of a folder written by ``save_pruned`` (no code from the folder is run)."""
     from transformers import AutoTokenizer
 
     folder = Path(folder)
@@ -76,11 +249,13 @@ def load_pruned(folder: str | Path, dtype=torch.float32, device: str = "cpu"):
         meta = json.loads((folder / "secateurs.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{folder} is not a readable secateurs model folder: {e}") from e
-    if meta.get("format") != FORMAT:
-        raise UserError(f"{folder}/secateurs.json: unknown format {meta.get('format')!r}, expected {FORMAT!r}")
+    if meta.get("format") not in READABLE_FORMATS:
+        raise UserError(f"{folder}/secateurs.json: unknown format {meta.get('format')!r}, expected one of {READABLE_FORMATS}")
     plan = PruningPlan.load(folder / "plan.json")
     model = build_pruned_skeleton(meta["dense_config"], plan, dtype=dtype)
-    load_model(model, str(folder / "model.safetensors"), strict=True)
+    _load_weights(model, folder)
     model.to(device).eval()
-    tok = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
+    # the stock config is passed so that the tokenizer does not read config.json (whose auto_map would
+    # make transformers ask whether to trust the folder's code)
+    tok = AutoTokenizer.from_pretrained(folder, config=model.config) if (folder / "tokenizer_config.json").exists() else None
     return model, tok

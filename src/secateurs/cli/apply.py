@@ -1,0 +1,75 @@
+"""``secateurs apply PLAN MODEL --out DIR``: re-apply a saved plan to the original model and save the result
+as a pruned folder (with a result.json like ``secateurs prune`` writes, so ``secateurs report`` reads it)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import add_common, device_of, positive_int
+
+
+def register(sub):
+    p = sub.add_parser("apply", help="apply a saved pruning plan to the original model and save the pruned model")
+    p.add_argument("plan", help="plan.json, or a pruned folder holding one")
+    p.add_argument("model", help="the original (dense) model: embedded name, Hugging Face id or model folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--eval", default="wiki:test", help="held-out set measured before and after ('' to skip)")
+    p.add_argument("--eval-rows", type=int, default=16, help="rows of the held-out set (default 16)")
+    p.add_argument("--seqlen", type=positive_int, default=512, help="tokens per row of the held-out set (default 512)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    add_common(p)
+    p.set_defaults(func=run)
+
+
+def plan_path(text: str) -> Path:
+    p = Path(text)
+    return p / "plan.json" if p.is_dir() else p
+
+
+def run(args):
+    from ..data import eval_rows
+    from ..eval.perplexity import perplexity
+    from ..export.checkpoint import _plain_config, save_pruned
+    from ..models import get_adapter, load_model
+    from ..pipeline import check_out, versions
+    from ..plan import PruningPlan
+    from ..surgery import apply_plan
+
+    out = Path(args.out)
+    check_out(out, args.overwrite)
+    plan = PruningPlan.load(plan_path(args.plan))
+    device = device_of(args)
+    model, tok = load_model(args.model, device=device, progress=not args.quiet)
+    spec = get_adapter(model).spec()
+    plan.validate(spec)
+    dense_config = _plain_config(model.config)
+    test = eval_rows(tok, model, args.eval, args.seqlen, args.eval_rows) if args.eval else None
+
+    def ppl(tag):
+        return perplexity(model, test, progress=not args.quiet, desc=f"{args.eval} ppl ({tag})").ppl if test is not None else None
+
+    before = ppl("dense")
+    apply_plan(model, plan, spec)
+    after = ppl("pruned")
+    settings = {"model": args.model, "plan": str(plan_path(args.plan)), "plan_method": plan.method,
+                "plan_settings": plan.meta.get("settings"), "eval": args.eval or None, "eval_rows": args.eval_rows,
+                "seqlen": args.seqlen, "device": device}
+    result = {
+        "method": plan.method or "hand-made",
+        "model": args.model,
+        "settings": settings,
+        "ratio_target": None,
+        "ratio_achieved": plan.ratio(spec),
+        "params_before": spec.total_params,
+        "params_after": plan.params(spec),
+        "eval_set": args.eval or None,
+        "ppl_test_before": before,
+        "ppl_test_after": after,
+        "removed_blocks": [f"{k}{i}" for i, k in plan.removed_blocks()],
+        "applied": True,
+        "versions": versions(),
+    }
+    kind = save_pruned(model, tok, plan, dense_config, out, extra={"result.json": json.dumps(result, indent=1)})
+    print(f"applied {plan_path(args.plan)}: ratio {result['ratio_achieved']:.4f}, params {spec.total_params:,} -> "
+          f"{result['params_after']:,}" + (f", {args.eval} ppl {before:.3f} -> {after:.3f}" if test is not None else "")
+          + f"; saved as {kind} to {out}")
