@@ -24,12 +24,11 @@ def register(sub):
 
 def run(args):
     from ..data import eval_rows
+    from ..errors import UserError
     from ..eval.perplexity import perplexity
     from ..models import load_model
     from ..pipeline import versions
     from ..plan import atomic_write_text
-
-    from ..errors import UserError
 
     sets = [s for s in args.ppl.split(",") if s]
     if args.rows < 0:
@@ -55,9 +54,9 @@ def run(args):
         out["ppl"][name] = r.as_dict()
         print(f"{name}: ppl {r.ppl:.3f} ({r.tokens} tokens, {r.rows} rows of {r.seqlen})")
     if tasks:
-        from ..eval.zeroshot import zero_shot
-
         import lm_eval
+
+        from ..eval.zeroshot import zero_shot
 
         out["tasks"], _ = zero_shot(model, tok, built, limit=args.limit, batch_size=args.batch_size)
         out["versions"]["lm_eval"] = lm_eval.__version__
