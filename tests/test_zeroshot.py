@@ -7,6 +7,8 @@ import pytest
 import torch
 import yaml
 
+pytest.importorskip("lm_eval")  # the optional extra secateurs[eval]
+
 from secateurs.data import _olmo_root, read_arrow
 from secateurs.errors import UserError
 from secateurs.eval.zeroshot import STANDARD_ITEMS, TASKS, build_tasks, oe_documents, parse_tasks
