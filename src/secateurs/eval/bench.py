@@ -96,12 +96,16 @@ def time_prefill(model, ids: torch.Tensor) -> float:
 @torch.inference_mode()
 def time_decode(model, ids: torch.Tensor, n_tokens: int) -> float:
     """Tokens per second of ``n_tokens`` greedy steps with the KV cache, after an untimed prefill of ``ids``."""
+    import inspect
+
+    # transformers 5 renamed past_key_values to cache (the old name still works, with a warning)
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = model(input_ids=ids, use_cache=True)
-    past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    past, nxt = getattr(out, name), out.logits[:, -1:].argmax(-1)
     with _Timer(ids.device) as t:
         for _ in range(n_tokens):
-            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=nxt, use_cache=True, **{name: past})
+            past, nxt = getattr(out, name), out.logits[:, -1:].argmax(-1)
     return n_tokens / (t.ms / 1000)
 
 
