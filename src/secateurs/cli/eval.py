@@ -1,4 +1,5 @@
-"""``secateurs eval``: perplexity of a model (dense or pruned) on named text sets."""
+"""``secateurs eval``: perplexity of a model (dense or pruned) on named text sets, and zero-shot accuracy
+through lm-evaluation-harness (``--tasks``; see secateurs.eval.zeroshot and docs/evaluation.md)."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,9 @@ def register(sub):
     p.add_argument("--ppl", default="wiki:test", help="comma-separated text sets (default wiki:test; '' for none)")
     p.add_argument("--seqlen", type=positive_int, default=512)
     p.add_argument("--rows", type=int, default=32, help="rows per set (0 = all; default 32)")
+    p.add_argument("--tasks", default="", help="comma-separated zero-shot tasks: piqa, hellaswag, winogrande, arc_easy, "
+                   "arc_challenge, boolq, openbookqa (offline data), or hub:NAME for any lm-eval task from the hub")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N items of each task (a quick look)")
     p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     add_common(p)
@@ -20,6 +24,7 @@ def register(sub):
 
 def run(args):
     from ..data import eval_rows
+    from ..errors import UserError
     from ..eval.perplexity import perplexity
     from ..models import load_model
     from ..pipeline import versions
@@ -27,18 +32,36 @@ def run(args):
 
     sets = [s for s in args.ppl.split(",") if s]
     if args.rows < 0:
-        from ..errors import UserError
-
         raise UserError(f"--rows must be 0 (all) or more (got {args.rows})")
+    tasks, built = [], {}
+    if args.tasks:
+        from ..eval.zeroshot import build_tasks, parse_tasks
+
+        tasks = parse_tasks(args.tasks)
+        built = build_tasks(tasks)  # before the model: a bad name or an unreachable hub fails fast
+    elif args.limit is not None:
+        raise UserError("--limit applies to zero-shot tasks: give --tasks too")
+    if not sets and not tasks:
+        raise UserError("nothing to evaluate: give --ppl sets and/or --tasks")
     model, tok = load_model(args.model, device=device_of(args), progress=not args.quiet)
     rows_by_set = {name: eval_rows(tok, model, name, args.seqlen, args.rows) for name in sets}  # validate all first
     out = {"model": args.model, "ppl": {},
            "settings": {"ppl": sets, "seqlen": args.seqlen, "rows": args.rows, "batch_size": args.batch_size,
-                        "device": device_of(args)},
+                        "tasks": tasks, "limit": args.limit, "device": device_of(args)},
            "versions": versions()}
     for name, rows in rows_by_set.items():
         r = perplexity(model, rows, batch_size=args.batch_size, progress=not args.quiet, desc=f"{name} ppl")
         out["ppl"][name] = r.as_dict()
         print(f"{name}: ppl {r.ppl:.3f} ({r.tokens} tokens, {r.rows} rows of {r.seqlen})")
+    if tasks:
+        import lm_eval
+
+        from ..eval.zeroshot import zero_shot
+
+        out["tasks"], _ = zero_shot(model, tok, built, limit=args.limit, batch_size=args.batch_size)
+        out["versions"]["lm_eval"] = lm_eval.__version__
+        for name, r in out["tasks"].items():
+            norm = f"  acc_norm {r['acc_norm']:.4f}" if r["acc_norm"] is not None else ""
+            print(f"{name}: acc {r['acc']:.4f}{norm}  ({r['n']} items)")
     if args.json:
         atomic_write_text(args.json, json.dumps(out, indent=1))

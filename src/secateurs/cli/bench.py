@@ -1,0 +1,56 @@
+"""``secateurs bench``: prefill latency, decode throughput, peak memory, parameters and FLOPs of a model,
+optionally side by side with another (see secateurs.eval.bench and docs/evaluation.md)."""
+from __future__ import annotations
+
+import json
+
+from . import add_common, device_of, positive_int
+
+
+def register(sub):
+    p = sub.add_parser("bench", help="speed and memory of a model, optionally against another (measured side by side)")
+    p.add_argument("model", help="embedded name, Hugging Face id, model folder or pruned secateurs folder")
+    p.add_argument("--against", default=None, help="a second model (e.g. the dense one), measured in the same process, alternating")
+    p.add_argument("--prompt-len", type=positive_int, default=512, help="prompt tokens (batch 1; default 512)")
+    p.add_argument("--decode-tokens", type=positive_int, default=128, help="greedy decode steps with KV cache (default 128)")
+    p.add_argument("--warmup", type=int, default=2, help="rounds run first and dropped (default 2)")
+    p.add_argument("--reps", type=positive_int, default=5, help="timed rounds; figures are medians (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    add_common(p)
+    p.set_defaults(func=run)
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def run(args):
+    from ..eval.bench import BenchSettings, bench
+    from ..pipeline import versions
+    from ..plan import atomic_write_text
+
+    s = BenchSettings(prompt_len=args.prompt_len, decode_tokens=args.decode_tokens, warmup=args.warmup,
+                      reps=args.reps, seed=args.seed)
+    s.validate()
+    out = bench(args.model, args.against, s, device=device_of(args), memory=not args.no_memory,
+                progress=not args.quiet)
+    out["versions"] = versions()
+    a = out.get("against")
+    rows = [("prefill ms", "prefill_ms", ".1f"), ("decode tokens/s", "decode_tokens_per_s", ".1f"),
+            ("peak memory MB", "peak_memory_mb", ".0f"), ("params", "params", ","),
+            ("prefill GFLOPs", "prefill_flops", ".1f")]
+    print(f"{'':18}{'model':>16}" + (f"{'against':>16}" if a else ""))
+    for label, key, spec in rows:
+        v = out[key] / 1e9 if key == "prefill_flops" else out[key]
+        av = (a[key] / 1e9 if key == "prefill_flops" else a[key]) if a else None
+        print(f"{label:18}{_fmt(v, spec):>16}" + (f"{_fmt(av, spec):>16}" if a else ""))
+    if a:
+        sp, ideal = out["speedup"], out["ideal_speedup"]
+        print(f"speedup (measured / ideal from FLOPs): prefill {sp['prefill']:.2f}x / {ideal['prefill']:.2f}x, "
+              f"decode {sp['decode']:.2f}x / {ideal['decode']:.2f}x")
+    print(f"(batch 1, prompt {s.prompt_len}, {s.decode_tokens} decode tokens, medians of {s.reps} rounds after "
+          f"{s.warmup} warm-up, {out['settings']['device']})")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(out, indent=1))
