@@ -274,7 +274,7 @@ def test_real_search_with_local_proposer(tmp_path):
     r = subprocess.run([sys.executable, "-m", "secateurs", "prune", "smollm2-135m", "--method", "self-pruner",
                         "--proposer", "local", "--ratio", "0.2", "--population", "3", "--generations", "1",
                         "--crossover", "1", "--mutation", "1", "--nsamples", "2", "--seqlen", "64",
-                        "--fitness-rows", "1", "--llm-retries", "1", "--eval", "", "--out", str(out), "--quiet"],
+                        "--fitness-rows", "1", "--llm-retries", "1", "--llm-max-tokens", "120", "--eval", "", "--out", str(out), "--quiet"],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
     res = json.loads((out / "result.json").read_text())
