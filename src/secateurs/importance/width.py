@@ -63,3 +63,113 @@ def compensation_bias(weight: torch.Tensor, mean: torch.Tensor, kept_columns) ->
 
 def head_columns(heads, head_dim: int) -> list[int]:
     return [h * head_dim + j for h in heads for j in range(head_dim)]
+
+
+# --- per-layer rates: how a rate becomes a layer's kept heads and channels ----------------------------------
+#
+# A layer's prunable width = its query heads, key/value heads and MLP channels (norms are not pruned). A rate
+# ``r`` removes the fraction ``r`` of those parameters: the head count is the valid GQA count (every kept KV
+# group keeps the same number of query heads) nearest to ``(1 - r) * n_heads`` (at least one head), and the
+# channel count absorbs the rounding, so the layer's removed parameters are ``r * width`` to within half a
+# channel (at least one channel is kept).
+
+
+def layer_width_params(spec) -> int:
+    """Prunable width parameters of one (dense) layer: all query heads, KV heads and MLP channels."""
+    return spec.n_heads * spec.q_head_params + spec.n_kv * spec.kv_head_params + spec.intermediate * spec.channel_params
+
+
+def valid_head_counts(spec) -> list[int]:
+    """Query-head counts a layer can keep under the GQA rule: g kept groups times k heads each."""
+    return sorted({g * k for g in range(1, spec.n_kv + 1) for k in range(1, spec.group_size + 1)})
+
+
+def mean_rate_for_ratio(spec, ratio: float) -> float:
+    """The mean per-layer rate that removes ``ratio`` of the whole model (embeddings included)."""
+    from ..errors import UserError
+
+    width = layer_width_params(spec) * spec.n_layers
+    rate = ratio * spec.total_params / width
+    if rate > max_rate(spec):
+        raise UserError(
+            f"ratio {ratio} is out of reach for width pruning of this model: the layers' heads and channels are "
+            f"{width / spec.total_params:.1%} of its parameters (the rest is embeddings and norms); "
+            f"the most width pruning can remove is {max_rate(spec) * width / spec.total_params:.3f}"
+        )
+    return rate
+
+
+def max_rate(spec) -> float:
+    """The largest rate a layer can take (one query head, its KV head and one channel stay)."""
+    keep = spec.q_head_params + spec.kv_head_params + spec.channel_params
+    return 1.0 - keep / layer_width_params(spec)
+
+
+def layer_plan_at_rate(spec, rate: float, head_score, channel_score):
+    """The LayerPlan that keeps the best-scoring heads and channels of a layer at ``rate`` (see above)."""
+    from ..plan import LayerPlan, select_heads
+
+    rate = min(max(float(rate), 0.0), 1.0)
+    if rate <= 0.0:
+        return LayerPlan()
+    target = (1.0 - rate) * spec.n_heads
+    n_heads = min(valid_head_counts(spec), key=lambda c: (abs(c - target), c))
+    heads = select_heads(head_score, n_heads, spec.n_kv)
+    kv = len({h // spec.group_size for h in heads})
+    attn_removed = (spec.n_heads - len(heads)) * spec.q_head_params + (spec.n_kv - kv) * spec.kv_head_params
+    n_remove = round((rate * layer_width_params(spec) - attn_removed) / spec.channel_params)
+    n_remove = min(max(n_remove, 0), spec.intermediate - 1)
+    channels = sorted(torch.as_tensor(channel_score).argsort(descending=True)[: spec.intermediate - n_remove].tolist())
+    return LayerPlan(
+        heads=None if len(heads) == spec.n_heads else heads,
+        channels=None if n_remove == 0 else channels,
+    )
+
+
+def standardize(x: torch.Tensor) -> torch.Tensor:
+    """``(x - mean) / std`` over the last dimension (FLAP's per-layer standardization)."""
+    x = x.double()
+    return (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True).clamp_min(1e-30)
+
+
+# --- masking: a plan's effect on the dense model, without surgery ---------------------------------------
+
+
+class MaskedPlan:
+    """Context manager: the dense model behaves as if ``layer_plans`` (``{layer index: LayerPlan}``) were
+    applied. Removed heads' ``o_proj`` columns and removed channels' ``down_proj`` columns are zeroed in place
+    (their values saved and restored on exit); bias compensation is added by forward hooks. Equal to surgery
+    (tests/test_width_methods.py) at the cost of a dense forward pass, and without copying the model."""
+
+    def __init__(self, adapter: Adapter, spec, layer_plans: dict):
+        self.adapter, self.spec, self.layer_plans = adapter, spec, layer_plans
+        self._saved, self._hooks = [], []
+
+    @torch.no_grad()
+    def __enter__(self):
+        layers = self.adapter.layers()
+        hd = self.spec.head_dim
+        for i, lp in self.layer_plans.items():
+            o, down = self.adapter.proj(layers[i], self.adapter.o), self.adapter.proj(layers[i], self.adapter.down)
+            kept_h = set(lp.kept_heads(self.spec))
+            gone_h = [h for h in range(self.spec.n_heads) if h not in kept_h]
+            kept_c = set(lp.kept_channels(self.spec))
+            for lin, cols in ((o, head_columns(gone_h, hd)), (down, [c for c in range(self.spec.intermediate) if c not in kept_c])):
+                if cols:
+                    idx = torch.as_tensor(cols, dtype=torch.long, device=lin.weight.device)
+                    self._saved.append((lin, idx, lin.weight.index_select(1, idx)))
+                    lin.weight.index_fill_(1, idx, 0.0)
+            for lin, b in ((o, lp.attn_bias), (down, lp.mlp_bias)):
+                if b:
+                    bias = torch.tensor(b, dtype=lin.weight.dtype, device=lin.weight.device)
+                    self._hooks.append(lin.register_forward_hook(lambda m, a, out, bias=bias: out + bias))
+        return self
+
+    @torch.no_grad()
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+        for lin, idx, cols in reversed(self._saved):
+            lin.weight.index_copy_(1, idx, cols)
+        self._saved.clear()
+        self._hooks.clear()
