@@ -126,6 +126,9 @@ def test_load_weights():
     assert w[0] > w[1] > w[2] and w[1] == pytest.approx(w[3])
     assert load_weights([5, 1, 2], "uniform") == [1.0, 1.0, 1.0]
     assert load_weights([0.1, 10.0], temperature=0.0) == [1.0, 1.0]
+    # per kind: each block is compared with its own kind only
+    g = load_weights([1.0, 10.0, 100.0, 1000.0], groups=["attn", "mlp", "attn", "mlp"])
+    assert g[0] == pytest.approx(g[1]) and g[2] == pytest.approx(g[3]) and g[0] > g[2]
 
 
 def _param_budget(sizes):
@@ -175,6 +178,17 @@ def test_removed_params_account_for_the_plan(arch):
     assert cm.block_ms(spec, 0, "attn") == pytest.approx(3e-4 * spec.attn_block_params[0])
 
 
+def test_cpu_clock_times_one_thread_and_restores_threads():
+    from secateurs.importance.cost import prefill_time
+
+    model = tiny_model("llama")
+    before = torch.get_num_threads()
+    assert prefill_time(model, 16, "cpu") > 0 and prefill_time(model, 16, "wall") > 0
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="clock"):
+        prefill_time(model, 16, "sundial")
+
+
 def test_cost_benchmark_runs_floors_and_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path))
     model = tiny_model("llama")
@@ -220,6 +234,15 @@ def test_tell_ratio_end_to_end(arch, tmp_path, monkeypatch):
     assert (tmp_path / "tell_calibration.pt").exists()
     again = tell(_ctx(model, tmp_path, 0.3), cfg)  # resumed from the cached calibration: the same plan
     assert again.to_dict() == plan.to_dict()
+    other = tmp_path / "other-run"
+    other.mkdir()
+    ctx2 = _ctx(model, other, 0.4)  # another budget on the same calibration reuses the shared cache
+    assert len(list((tmp_path / "cache" / "tell").glob("*.pt"))) == 1
+    assert tell(ctx2, cfg).ratio(spec) == pytest.approx(0.4, abs=0.02)
+    assert [b["importance"] for b in ctx2.extra["blocks"]] == [b["importance"] for b in blocks]
+    ctx3 = _ctx(model, other, 0.4, seed=1)  # other calibration rows: another key
+    tell(ctx3, cfg)
+    assert len(list((tmp_path / "cache" / "tell").glob("*.pt"))) == 2
 
 
 def test_tell_uniform_assignment_is_width_only(tmp_path, monkeypatch):

@@ -8,8 +8,9 @@ physically (``apply_plan``) with that kind removed in about half of its places:
 - ``mlp_width``: every layer keeps half of its MLP channels;
 - ``attn_block`` / ``mlp_block``: the attention / MLP block of every odd-numbered layer is removed;
 
-and its prefill latency (``secateurs.eval.latency.prefill_ms``, batch 1, ``prompt_len`` random tokens) is
-measured alternately with the dense model's, one forward pass each, ``reps`` times after a warm-up. The
+and its prefill time (batch 1, ``prompt_len`` random tokens; ``prefill_time``: wall time via
+``secateurs.eval.latency.prefill_ms``, or the process's CPU time on one thread, see there) is measured
+alternately with the dense model's, one forward pass each, ``reps`` times after a warm-up. The
 saving is the median of the paired differences (robust to other load on the machine drifting), divided by
 the parameters removed: **milliseconds saved per parameter removed**, per kind.
 
@@ -20,7 +21,7 @@ kind; coefficients are floored at 0, and a block at the width coefficient of its
 removes its norms, its residual add and its kernel launches), and ``adjusted`` lists what was floored.
 
 Cache: ``cache_dir()/costs/<device>-<model-hash>.json``; the hash covers the model's sizes, dtype, prompt
-length, repetitions and the torch thread count.
+length, repetitions, clock and the torch thread count.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import json
 import platform
 import re
 import statistics
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -50,6 +52,7 @@ class CostModel:
     ms_per_param: dict  # kind -> milliseconds saved per parameter removed
     raw: dict = field(default_factory=dict)  # kind -> {"saved_ms", "params", "pairs"}
     adjusted: list = field(default_factory=list)
+    clock: str = "wall"
 
     def saved_ms(self, spec: ModelSpec, plan: PruningPlan) -> float:
         total = 0.0
@@ -118,42 +121,68 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def model_key(model, spec: ModelSpec, prompt_len: int, reps: int) -> str:
+def model_key(model, spec: ModelSpec, prompt_len: int, reps: int, clock: str = "wall") -> str:
     dtype = str(next(model.parameters()).dtype)
     desc = json.dumps({"spec": spec.as_dict(), "total": spec.total_params, "vocab": model.config.vocab_size,
-                       "dtype": dtype, "prompt_len": prompt_len, "reps": reps,
+                       "dtype": dtype, "prompt_len": prompt_len, "reps": reps, "clock": clock,
                        "threads": torch.get_num_threads()}, sort_keys=True)
     return hashlib.sha256(desc.encode()).hexdigest()[:16]
 
 
+CLOCKS = ("cpu", "wall")
+
+
 @torch.inference_mode()
-def paired_latency(dense, pruned, prompt_len: int, reps: int, seed: int = 0) -> list[list[float]]:
-    """``reps`` pairs (dense_ms, pruned_ms), measured alternately after one warm-up pass of each."""
-    prefill_ms(dense, prompt_len, reps=1, warmup=0, seed=seed)
-    prefill_ms(pruned, prompt_len, reps=1, warmup=0, seed=seed)
+def prefill_time(model, prompt_len: int, clock: str = "wall", seed: int = 0) -> float:
+    """Milliseconds of one prefill pass. ``wall``: ``prefill_ms`` (wall time, the latency a user sees on a
+    machine of their own). ``cpu``: CPU time of this process for the same pass, run on one thread; on a shared
+    CPU it measures the pass's work without the time other processes take from it (wall time under a load of
+    10 on 2 cores swings by seconds). On a GPU only ``wall`` is meaningful and is used."""
+    device = next(model.parameters()).device
+    if clock == "wall" or device.type != "cpu":
+        return prefill_ms(model, prompt_len, reps=1, warmup=0, seed=seed)
+    if clock != "cpu":
+        raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=g)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t0 = time.process_time()
+        model(input_ids=ids, use_cache=False)
+        return (time.process_time() - t0) * 1000
+    finally:
+        torch.set_num_threads(threads)
+
+
+def paired_latency(dense, pruned, prompt_len: int, reps: int, seed: int = 0, clock: str = "wall") -> list[list[float]]:
+    """``reps`` pairs [dense_ms, pruned_ms], measured alternately after one warm-up pass of each."""
+    prefill_time(dense, prompt_len, clock, seed)
+    prefill_time(pruned, prompt_len, clock, seed)
     pairs = []
     for r in range(reps):
         first, second = (dense, pruned) if r % 2 == 0 else (pruned, dense)
-        a = prefill_ms(first, prompt_len, reps=1, warmup=0, seed=seed)
-        b = prefill_ms(second, prompt_len, reps=1, warmup=0, seed=seed)
+        a = prefill_time(first, prompt_len, clock, seed)
+        b = prefill_time(second, prompt_len, clock, seed)
         pairs.append([a, b] if r % 2 == 0 else [b, a])
     return pairs
 
 
 def measured_speedup(model, plan: PruningPlan, spec: ModelSpec, prompt_len: int = 256, reps: int = 5,
-                     seed: int = 0) -> dict:
+                     seed: int = 0, clock: str = "wall") -> dict:
     """Measured prefill speedup of ``plan`` on a pruned copy of the (dense) ``model``: median dense time over
     median pruned time of alternated passes. Needs memory for one more copy of the model."""
     from ..surgery import apply_plan
 
     pruned = apply_plan(copy.deepcopy(model), plan, spec)
-    pairs = paired_latency(model, pruned, prompt_len, reps, seed)
+    pairs = paired_latency(model, pruned, prompt_len, reps, seed, clock)
     del pruned
     d, p = statistics.median(x for x, _ in pairs), statistics.median(y for _, y in pairs)
-    return {"dense_ms": d, "pruned_ms": p, "speedup": d / p, "prompt_len": prompt_len, "reps": reps}
+    return {"dense_ms": d, "pruned_ms": p, "speedup": d / p, "prompt_len": prompt_len, "reps": reps, "clock": clock}
 
 
-def measure_costs(model, spec: ModelSpec, prompt_len: int = 256, reps: int = 5, seed: int = 0, log=None) -> CostModel:
+def measure_costs(model, spec: ModelSpec, prompt_len: int = 256, reps: int = 5, seed: int = 0, log=None,
+                  clock: str = "wall") -> CostModel:
     """Runs the micro-benchmark (module docstring) on the model's device. One pruned copy at a time."""
     from ..surgery import apply_plan
 
@@ -162,7 +191,7 @@ def measure_costs(model, spec: ModelSpec, prompt_len: int = 256, reps: int = 5, 
     for kind in KINDS:
         plan = probe_plan(spec, kind)
         pruned = apply_plan(copy.deepcopy(model), plan, spec)
-        pairs = paired_latency(model, pruned, prompt_len, reps, seed)
+        pairs = paired_latency(model, pruned, prompt_len, reps, seed, clock)
         del pruned
         params = sum(removed_params(spec, i, lp).get(kind, 0) for i, lp in enumerate(plan.layers))
         saved = statistics.median(d - p for d, p in pairs)
@@ -181,20 +210,20 @@ def measure_costs(model, spec: ModelSpec, prompt_len: int = 256, reps: int = 5, 
         if per[f"{kind}_block"] < per[f"{kind}_width"]:
             adjusted.append(f"{kind}_block: measured {per[f'{kind}_block']:.3g} ms/param below {kind}_width, floored at it")
             per[f"{kind}_block"] = per[f"{kind}_width"]
-    return CostModel(device_name(device), prompt_len, statistics.median(dense_times), per, raw, adjusted)
+    return CostModel(device_name(device), prompt_len, statistics.median(dense_times), per, raw, adjusted, clock)
 
 
 def load_or_measure(model, spec: ModelSpec, prompt_len: int = 256, reps: int = 5, seed: int = 0,
-                    refresh: bool = False, log=None) -> tuple[CostModel, str]:
+                    refresh: bool = False, log=None, clock: str = "wall") -> tuple[CostModel, str]:
     """The cached cost model of this device and model, measured on first use. Returns (model, cache path)."""
     device = next(model.parameters()).device
-    path = cache_dir() / "costs" / f"{device_name(device)}-{model_key(model, spec, prompt_len, reps)}.json"
+    path = cache_dir() / "costs" / f"{device_name(device)}-{model_key(model, spec, prompt_len, reps, clock)}.json"
     if path.exists() and not refresh:
         try:
             return CostModel(**json.loads(path.read_text())), str(path)
         except (json.JSONDecodeError, TypeError):
             pass  # unreadable cache: measure again
-    cm = measure_costs(model, spec, prompt_len, reps, seed, log)
+    cm = measure_costs(model, spec, prompt_len, reps, seed, log, clock)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(asdict(cm), indent=1))
     return cm, str(path)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..models.base import Adapter
+from ..progress import progress_bar
 
 
 def _logdet(a: torch.Tensor) -> float:
@@ -81,7 +82,8 @@ def gaussian_cmi(t: torch.Tensor, d: torch.Tensor, x: torch.Tensor | None = None
 
 @torch.inference_mode()
 def collect_streams(model: nn.Module, adapter: Adapter, rows: torch.Tensor, batch_size: int = 4,
-                    skip_first: int = 1, max_tokens: int | None = 8192, seed: int = 0) -> list[torch.Tensor]:
+                    skip_first: int = 1, max_tokens: int | None = 8192, seed: int = 0,
+                    progress: bool = False) -> list[torch.Tensor]:
     """The residual stream at every block boundary over all calibration tokens (positions ``>= skip_first``):
     ``streams[2l]`` enters layer ``l``'s attention block, ``streams[2l+1]`` its MLP block, ``streams[2L]`` is
     the stream after the last layer. Each is float32 [tokens, hidden] on the CPU.
@@ -114,7 +116,7 @@ def collect_streams(model: nn.Module, adapter: Adapter, rows: torch.Tensor, batc
     handles.append(adapter.decoder().norm.register_forward_pre_hook(keep(2 * n_layers)))
     device = next(model.parameters()).device
     try:
-        for s in range(0, rows.shape[0], batch_size):
+        for s in progress_bar(range(0, rows.shape[0], batch_size), desc="tell: calibration", enabled=progress):
             model(input_ids=rows[s : s + batch_size].to(device), use_cache=False)
     finally:
         for h in handles:

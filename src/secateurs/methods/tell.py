@@ -15,16 +15,19 @@ ICML 2025, "Let LLM Tell What to Prune and How Much to Prune"; see docs/tell.md)
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import UserError
 from ..importance.activations import InputStats
-from ..importance.cost import load_or_measure, measured_speedup
+from ..importance.cost import CostModel, load_or_measure, measured_speedup
 from ..importance.interaction import block_importance, collect_streams
 from ..importance.width import compensation_bias, flap_column_scores, head_columns, head_scores, output_projections
 from ..models.base import ModelSpec
+from ..models.loading import cache_dir
 from ..plan import PruningPlan, select_heads
 from ..search.assign import assign_ratios, load_weights
 from . import PruneContext, register_method
@@ -35,13 +38,15 @@ class TellConfig:
     speedup: float | None = field(default=None, metadata={"help": "target measured prefill speedup (> 1), instead of --ratio"})
     assign: str = field(default="importance", metadata={"help": "per-block ratios from importance, or uniform (the control)", "choices": ["importance", "uniform"]})
     temperature: float = field(default=1.0, metadata={"help": "how strongly load follows (low) importance"})
+    normalize: str = field(default="kind", metadata={"help": "compare a block's importance with blocks of its own kind, or with all", "choices": ["kind", "global"]})
     block_threshold: float = field(default=0.6, metadata={"help": "a block whose assigned ratio reaches this is removed whole"})
     te_rank: int = field(default=32, metadata={"help": "principal components per variable in the transfer-entropy estimate"})
     te_noise: float = field(default=0.01, metadata={"help": "observation noise (relative variance) on the target stream"})
     te_target: str = field(default="final", metadata={"help": "stream the information must reach", "choices": ["final", "output"]})
     te_tokens: int = field(default=8192, metadata={"help": "calibration tokens used by the estimator (seeded subset)"})
     latency_len: int = field(default=256, metadata={"help": "prompt length of the cost micro-benchmark and latency checks"})
-    latency_reps: int = field(default=5, metadata={"help": "alternated dense/pruned passes per timing"})
+    latency_clock: str = field(default="cpu", metadata={"help": "timing of costs and speedup checks on a CPU: this process's CPU time on one thread (robust on a shared machine) or wall time; GPUs always use wall time", "choices": ["cpu", "wall"]})
+    latency_reps: int = field(default=3, metadata={"help": "alternated dense/pruned passes per timing"})
     speedup_rounds: int = field(default=2, metadata={"help": "re-assignments after a measured speedup misses the target"})
     speedup_tolerance: float = field(default=0.03, metadata={"help": "relative miss of the measured speedup that is accepted"})
     refresh_costs: bool = field(default=False, metadata={"help": "measure the unit costs again instead of using the cache"})
@@ -117,21 +122,42 @@ def build_plan(ctx: PruneContext, ratios: list[float], ws: WidthScores, compensa
     return plan
 
 
+def calibration_key(ctx: PruneContext, cfg: TellConfig) -> str:
+    """Identifies a calibration result: the model (name, configuration and a checksum of its weights), the
+    calibration rows and the estimator settings."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"name": getattr(ctx.model.config, "_name_or_path", ""), "spec": ctx.spec.as_dict(),
+                         "rank": cfg.te_rank, "noise": cfg.te_noise, "target": cfg.te_target,
+                         "tokens": cfg.te_tokens, "seed": ctx.seed}, sort_keys=True).encode())
+    h.update(ctx.calib.cpu().numpy().tobytes())
+    with torch.no_grad():
+        for p in list(ctx.model.parameters())[:: max(1, len(list(ctx.model.parameters())) // 16)]:
+            h.update(f"{float(p.double().sum()):.12e}".encode())
+    return h.hexdigest()[:20]
+
+
 def calibrate(ctx: PruneContext, cfg: TellConfig) -> tuple[list[float], InputStats]:
-    """Block importance and FLAP input statistics from the same forward passes; cached in the workdir."""
+    """Block importance and FLAP input statistics from the same forward passes. Kept in the run's workdir
+    (resume) and in ``cache_dir()/tell/<key>.pt`` (other ratios / budgets on the same model and calibration
+    reuse it; the key is ``calibration_key``)."""
     path = ctx.workdir / "tell_calibration.pt"
-    if path.exists():
-        saved = torch.load(path, weights_only=False)
-        st = InputStats({})
-        st.stats = saved["stats"]
-        return saved["importance"], st
+    shared = cache_dir() / "tell" / f"{calibration_key(ctx, cfg)}.pt"
+    for src in (path, shared):
+        if src.exists():
+            saved = torch.load(src, weights_only=False)
+            st = InputStats({})
+            st.stats = saved["stats"]
+            return saved["importance"], st
     with InputStats(output_projections(ctx.adapter)) as st:
-        streams = collect_streams(ctx.model, ctx.adapter, ctx.calib, max_tokens=cfg.te_tokens, seed=ctx.seed)
+        streams = collect_streams(ctx.model, ctx.adapter, ctx.calib, max_tokens=cfg.te_tokens, seed=ctx.seed,
+                                  progress=ctx.progress)
     importance = block_importance(streams, cfg.te_rank, cfg.te_noise, cfg.te_target)
     del streams
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"importance": importance, "stats": st.stats}, tmp)
-    tmp.replace(path)
+    shared.parent.mkdir(parents=True, exist_ok=True)
+    for dst in (path, shared):
+        tmp = dst.with_name(dst.name + ".tmp")
+        torch.save({"importance": importance, "stats": st.stats}, tmp)
+        tmp.replace(dst)
     return importance, st
 
 
@@ -139,20 +165,37 @@ def _block_params(spec: ModelSpec, i: int, kind: str) -> int:
     return spec.attn_block_params[i] if kind == "attn" else spec.mlp_block_params[i]
 
 
-@register_method("tell", "multi-unit pruning: per-block ratios from transfer entropy and measured unit costs; "
-                 "whole blocks or FLAP width with bias compensation (--ratio or --speedup)", TellConfig, needs_ratio=False)
-def tell(ctx: PruneContext, cfg: TellConfig) -> PruningPlan:
-    cfg.check_budget(ctx.ratio)
-    spec = ctx.spec
+@dataclass
+class Prepared:
+    """What tell measures once per model and calibration: importance, width scores, unit costs."""
+
+    importance: list
+    ws: WidthScores
+    costs: CostModel
+    cost_path: str
+
+
+def prepare(ctx: PruneContext, cfg: TellConfig) -> Prepared:
     log = print if ctx.progress else (lambda *a: None)
     importance, stats = calibrate(ctx, cfg)
-    ws = width_scores(ctx, stats)
-    costs, cost_path = load_or_measure(ctx.model, spec, cfg.latency_len, cfg.latency_reps, ctx.seed,
-                                       refresh=cfg.refresh_costs, log=log)
-    weights = load_weights(importance, cfg.assign, cfg.temperature)
+    costs, cost_path = load_or_measure(ctx.model, ctx.spec, cfg.latency_len, cfg.latency_reps, ctx.seed,
+                                       refresh=cfg.refresh_costs, log=log, clock=cfg.latency_clock)
+    return Prepared(importance, width_scores(ctx, stats), costs, cost_path)
+
+
+def weights_for(spec: ModelSpec, importance: list, cfg: TellConfig) -> list[float]:
+    groups = [k for _, k in blocks_of(spec)] if cfg.normalize == "kind" else None
+    return load_weights(importance, cfg.assign, cfg.temperature, groups)
+
+
+def assign_plan(ctx: PruneContext, cfg: TellConfig, prep: Prepared) -> tuple[PruningPlan, list, list, list]:
+    """(plan, per-block ratios, load weights, speedup rounds) for the budget in ``ctx.ratio`` / ``cfg.speedup``."""
+    spec, costs = ctx.spec, prep.costs
+    log = print if ctx.progress else (lambda *a: None)
+    weights = weights_for(spec, prep.importance, cfg)
 
     def structural(ratios):
-        return build_plan(ctx, ratios, ws, compensate=False)
+        return build_plan(ctx, ratios, prep.ws, compensate=False)
 
     rounds = []
     if ctx.ratio is not None:
@@ -163,16 +206,26 @@ def tell(ctx: PruneContext, cfg: TellConfig) -> PruningPlan:
             ratios = assign_ratios(weights, lambda r: costs.speedup(spec, structural(r)), goal, cfg.block_threshold,
                                    "predicted speedup")
             plan = structural(ratios)
-            m = measured_speedup(ctx.model, plan, spec, cfg.latency_len, cfg.latency_reps, ctx.seed)
+            m = measured_speedup(ctx.model, plan, spec, cfg.latency_len, cfg.latency_reps, ctx.seed, cfg.latency_clock)
             rounds.append({"cost_model_goal": goal, "predicted": costs.speedup(spec, plan), **m})
             log(f"tell: round {rnd}: cost-model goal {goal:.3f}, predicted {rounds[-1]['predicted']:.3f}, "
                 f"measured {m['speedup']:.3f} (target {cfg.speedup})")
             if abs(m["speedup"] / cfg.speedup - 1) <= cfg.speedup_tolerance:
                 break
             goal = max(1.0 + 1e-6, goal * cfg.speedup / m["speedup"])
-    plan = build_plan(ctx, ratios, ws, compensate=True)
+    plan = build_plan(ctx, ratios, prep.ws, compensate=True)
     plan.validate(spec)
+    return plan, ratios, weights, rounds
 
+
+@register_method("tell", "multi-unit pruning: per-block ratios from transfer entropy and measured unit costs; "
+                 "whole blocks or FLAP width with bias compensation (--ratio or --speedup)", TellConfig, needs_ratio=False)
+def tell(ctx: PruneContext, cfg: TellConfig) -> PruningPlan:
+    cfg.check_budget(ctx.ratio)
+    spec = ctx.spec
+    prep = prepare(ctx, cfg)
+    plan, ratios, weights, rounds = assign_plan(ctx, cfg, prep)
+    costs, importance = prep.costs, prep.importance
     kept = plan.kept_fraction(spec)
     blocks = []
     for b, ((i, kind), r) in enumerate(zip(blocks_of(spec), ratios)):
@@ -189,7 +242,7 @@ def tell(ctx: PruneContext, cfg: TellConfig) -> PruningPlan:
         budget={"ratio": ctx.ratio, "speedup": cfg.speedup},
         predicted_speedup=costs.speedup(spec, plan),
         speedup_rounds=rounds,
-        cost_model={"path": cost_path, "device": costs.device, "prompt_len": costs.prompt_len,
+        cost_model={"path": prep.cost_path, "device": costs.device, "prompt_len": costs.prompt_len, "clock": costs.clock,
                     "dense_ms": costs.dense_ms, "ms_per_param": costs.ms_per_param, "adjusted": costs.adjusted},
     )
     return plan

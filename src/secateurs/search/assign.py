@@ -12,8 +12,9 @@ Rule: block ``b`` gets ``r_b = s * w_b``; a block whose ratio reaches ``threshol
    the budget: it absorbs the overshoot of the last whole-block jump, so the total lands on the target.
 
 Weights from importance (``mode="importance"``): ``w_b = exp(-temperature * z_b)`` with ``z_b`` the standardized
-log importance, normalized to mean 1: a block one standard deviation less informative than average carries
-``e^temperature`` times more load. ``mode="uniform"``: all weights 1 (the control).
+log importance (over all blocks, or within each kind), normalized to mean 1: a block one standard deviation
+less informative than average carries ``e^temperature`` times more load. ``mode="uniform"``: all weights 1
+(the control).
 """
 from __future__ import annotations
 
@@ -23,15 +24,24 @@ from typing import Callable, Sequence
 from ..errors import UserError
 
 
-def load_weights(importance: Sequence[float], mode: str = "importance", temperature: float = 1.0) -> list[float]:
+def load_weights(importance: Sequence[float], mode: str = "importance", temperature: float = 1.0,
+                 groups: Sequence[str] | None = None) -> list[float]:
+    """Load weight per block (module docstring). ``groups`` (e.g. the block kinds) standardizes the log
+    importance within each group, so blocks are compared with their own kind only."""
     if mode == "uniform":
         return [1.0] * len(importance)
     if mode != "importance":
         raise ValueError(f"unknown assignment mode {mode!r}")
     logs = [math.log(max(float(v), 1e-12)) for v in importance]
-    mean = sum(logs) / len(logs)
-    std = math.sqrt(sum((v - mean) ** 2 for v in logs) / len(logs)) or 1.0
-    w = [math.exp(-temperature * (v - mean) / std) for v in logs]
+    groups = list(groups) if groups is not None else [""] * len(logs)
+    z = [0.0] * len(logs)
+    for g in set(groups):
+        idx = [b for b, x in enumerate(groups) if x == g]
+        mean = sum(logs[b] for b in idx) / len(idx)
+        std = math.sqrt(sum((logs[b] - mean) ** 2 for b in idx) / len(idx)) or 1.0
+        for b in idx:
+            z[b] = (logs[b] - mean) / std
+    w = [math.exp(-temperature * v) for v in z]
     m = sum(w) / len(w)
     return [x / m for x in w]
 
