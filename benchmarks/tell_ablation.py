@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import statistics
 import sys
 import time
@@ -17,12 +18,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-VARIANTS = {
-    "uniform (control)": dict(assign="uniform"),
-    "importance, per kind, T=1": dict(normalize="kind", temperature=1.0),
-    "importance, global, T=1": dict(normalize="global", temperature=1.0),
-    "importance, per kind, T=0.5": dict(normalize="kind", temperature=0.5),
-    "importance, per kind, T=2": dict(normalize="kind", temperature=2.0),
+VARIANTS = {  # name -> TellConfig fields that differ from the defaults
+    "uniform": dict(assign="uniform"),
+    "kind-T1": dict(assign="importance", normalize="kind", temperature=1.0, block_threshold=0.6),
+    "global-T1": dict(assign="importance", normalize="global", temperature=1.0, block_threshold=0.6),
+    "kind-T1-width": dict(assign="importance", normalize="kind", temperature=1.0, block_threshold=1.0),
+    "kind-T0.5-width": dict(assign="importance", normalize="kind", temperature=0.5, block_threshold=1.0),
+    "kind-T0.5": dict(assign="importance", normalize="kind", temperature=0.5, block_threshold=0.6),
 }
 
 
@@ -59,10 +61,20 @@ def main(argv=None) -> int:
     ctx = PruneContext(model, tok, ad, spec, calib, a.ratio, a.seed, work, progress=True)
     base = TellConfig()
     prep = prepare(ctx, base)
-    dense_ppl = perplexity(model, test).ppl
+    dense_path = work / f"dense-e{a.eval_rows}x{a.eval_seqlen}.json"
+    if not dense_path.exists():
+        dense_path.write_text(json.dumps(perplexity(model, test).ppl))
+    dense_ppl = json.loads(dense_path.read_text())
     print(f"ablation: dense ppl {dense_ppl:.2f} ({time.time() - t0:.0f}s)", flush=True)
     rows = []
     for name in a.variants.split(","):
+        if name not in VARIANTS:
+            raise SystemExit(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
+        done = work / f"variant-{name}-r{a.ratio:g}-e{a.eval_rows}x{a.eval_seqlen}.json"
+        if done.exists():  # resumable: a measured variant is not measured again
+            rows.append(tuple(json.loads(done.read_text())))
+            print(f"ablation: {name}: done before: {rows[-1]}", flush=True)
+            continue
         cfg = dataclasses.replace(base, **VARIANTS[name])
         ctx.progress = False
         plan, ratios, _, _ = assign_plan(ctx, cfg, prep)
@@ -74,6 +86,7 @@ def main(argv=None) -> int:
         removed = plan.removed_blocks()
         rows.append((name, plan.ratio(spec), ppl, prep.costs.speedup(spec, plan), meas,
                      sum(k == "attn" for _, k in removed), sum(k == "mlp" for _, k in removed)))
+        done.write_text(json.dumps(rows[-1]))
         print(f"ablation: {name}: ratio {rows[-1][1]:.4f} ppl {ppl:.2f} predicted {rows[-1][3]:.3f} "
               f"measured {meas:.3f} removed attn/mlp {rows[-1][5]}/{rows[-1][6]} ({time.time() - t0:.0f}s)", flush=True)
     out = ROOT / "benchmarks" / "results" / f"tell-ablation-{a.model}.md"
@@ -84,6 +97,8 @@ def main(argv=None) -> int:
              f"{a.eval_rows} rows of {a.eval_seqlen}; dense perplexity {dense_ppl:.2f}. Speed: CPU float32, batch 1, "
              f"prefill of {base.latency_len} tokens, {base.latency_reps} alternated dense/pruned passes, clock "
              f"{base.latency_clock} (CPU time on one thread). Other settings: tell defaults.", "",
+             "Variants (TellConfig fields changed from the defaults): " + "; ".join(f"`{k}` {v}" for k, v in VARIANTS.items()),
+             "",
              "| assignment | ratio | ppl | predicted speedup | measured speedup | attn blocks removed | mlp blocks removed |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {n} | {r:.4f} | {p:.2f} | {ps:.3f} | {ms:.3f} | {ra} | {rm} |" for n, r, p, ps, ms, ra, rm in rows]

@@ -155,13 +155,13 @@ def main(argv=None) -> int:
                      "speedup": lat["speedup"], "dense_ms": lat["dense_ms"], "pruned_ms": lat["pruned_ms"],
                      "search_s": result["search_seconds"],
                      "removed": f"{len(result['removed_blocks'])} blocks"})
-    write_table(a, rows, results / f"tradeoff-{a.model}.md", " ".join(sys.argv))
-    plot(rows, results / f"tradeoff-{a.model}.png", a)
+        write_table(a, rows, results / f"tradeoff-{a.model}.md")  # after every run: partial results survive
+        plot(rows, results / f"tradeoff-{a.model}.png", a)
     print(f"tradeoff: wrote {results}/tradeoff-{a.model}.md and .png ({time.time() - t_start:.0f}s)", flush=True)
     return 0
 
 
-def write_table(a, rows, path: Path, command: str) -> None:
+def write_table(a, rows, path: Path) -> None:
     lines = [
         f"# Perplexity against measured prefill speedup: {a.model}",
         "",

@@ -217,10 +217,11 @@ def test_tell_ratio_end_to_end(arch, tmp_path, monkeypatch):
     monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
     model = tiny_model(arch)
     ctx = _ctx(model, tmp_path, 0.3)
-    cfg = TellConfig(te_rank=4, latency_len=16, latency_reps=1, block_threshold=0.5)
+    cfg = TellConfig(assign="importance", te_rank=4, latency_len=16, latency_reps=1, block_threshold=0.5)
     plan = tell(ctx, cfg)
     spec = ctx.spec
-    assert plan.ratio(spec) == pytest.approx(0.3, abs=0.02)
+    biggest = max(spec.attn_block_params + spec.mlp_block_params) / spec.total_params
+    assert 0.3 - 1e-9 <= plan.ratio(spec) <= 0.3 + biggest
     blocks = ctx.extra["blocks"]
     assert [(b["layer"], b["kind"]) for b in blocks] == blocks_of(spec)
     for b, (i, kind) in zip(blocks, blocks_of(spec)):
@@ -238,7 +239,8 @@ def test_tell_ratio_end_to_end(arch, tmp_path, monkeypatch):
     other.mkdir()
     ctx2 = _ctx(model, other, 0.4)  # another budget on the same calibration reuses the shared cache
     assert len(list((tmp_path / "cache" / "tell").glob("*.pt"))) == 1
-    assert tell(ctx2, cfg).ratio(spec) == pytest.approx(0.4, abs=0.02)
+    biggest = max(spec.attn_block_params + spec.mlp_block_params) / spec.total_params
+    assert 0.4 - 1e-9 <= tell(ctx2, cfg).ratio(spec) <= 0.4 + biggest  # at most one whole-block jump over
     assert [b["importance"] for b in ctx2.extra["blocks"]] == [b["importance"] for b in blocks]
     ctx3 = _ctx(model, other, 0.4, seed=1)  # other calibration rows: another key
     tell(ctx3, cfg)
@@ -291,7 +293,7 @@ def test_explain_table(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
     ctx = _ctx(tiny_model("llama"), tmp_path, 0.3)
-    plan = tell(ctx, TellConfig(te_rank=4, latency_len=16, latency_reps=1))
+    plan = tell(ctx, TellConfig(assign="importance", te_rank=4, latency_len=16, latency_reps=1))
     run = tmp_path / "run"
     run.mkdir()
     (run / "result.json").write_text(json.dumps({"method": "tell", "model": "tiny", "ratio_achieved": plan.ratio(ctx.spec),
@@ -305,3 +307,26 @@ def test_explain_table(tmp_path, capsys, monkeypatch):
     (run / "result.json").write_text(json.dumps({"method": "uniform-drop"}))
     assert main(["explain", str(run)]) == 2
     assert "no per-block details" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_tell_cli_on_smollm(tmp_path, monkeypatch, capsys):
+    """The real model through the CLI, small settings: --ratio lands on the target, explain reads the run."""
+    from secateurs.cli import main
+    from secateurs.models.loading import cache_dir
+
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "models").symlink_to(cache_dir() / "models")  # real weights, private cost/tell caches
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert main(["prune", "smollm2-135m", "--method", "tell", "--ratio", "0.25", "--nsamples", "4", "--seqlen", "64",
+                 "--eval", "", "--te-rank", "8", "--latency-len", "32", "--latency-reps", "1", "--quiet",
+                 "--out", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert 0.25 <= result["ratio_achieved"] < 0.27
+    assert math.isfinite(result["ppl_calib_after"])
+    blocks = result["method_details"]["blocks"]
+    assert len(blocks) == 60 and len({b["importance"] for b in blocks}) > 50
+    capsys.readouterr()
+    assert main(["explain", str(out)]) == 0
+    assert "mlp29" in capsys.readouterr().out

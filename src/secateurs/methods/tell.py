@@ -36,7 +36,7 @@ from . import PruneContext, register_method
 @dataclass
 class TellConfig:
     speedup: float | None = field(default=None, metadata={"help": "target measured prefill speedup (> 1), instead of --ratio"})
-    assign: str = field(default="importance", metadata={"help": "per-block ratios from importance, or uniform (the control)", "choices": ["importance", "uniform"]})
+    assign: str = field(default="uniform", metadata={"help": "per-block ratios from importance, or uniform (won on SmolLM2, see docs/tell.md)", "choices": ["importance", "uniform"]})
     temperature: float = field(default=1.0, metadata={"help": "how strongly load follows (low) importance"})
     normalize: str = field(default="kind", metadata={"help": "compare a block's importance with blocks of its own kind, or with all", "choices": ["kind", "global"]})
     block_threshold: float = field(default=0.6, metadata={"help": "a block whose assigned ratio reaches this is removed whole"})
