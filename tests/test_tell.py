@@ -159,6 +159,10 @@ def test_assignment_with_a_quantized_budget_and_impossible_target():
         assign_ratios([1.0, 2.0], lambda r: 0.5 * sum(r) / 2, 0.9)
     with pytest.raises(UserError, match="threshold"):
         assign_ratios([1.0], _param_budget(sizes[:1]), 0.2, threshold=0.0)
+    # uniform weights cross the threshold together: removing every block is refused, not returned
+    with pytest.raises(UserError, match="every block removed"):
+        assign_ratios([1.0, 1.0], _param_budget([5, 5]), 0.7, threshold=0.6)
+    assert assign_ratios([1.0, 1.0], _param_budget([5, 5]), 0.7, threshold=1.0) == pytest.approx([0.7, 0.7], abs=1e-6)
 
 
 # --- cost model -----------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ class TellConfig:
     assign: str = field(default="uniform", metadata={"help": "per-block ratios from importance, or uniform (won on SmolLM2, see docs/tell.md)", "choices": ["importance", "uniform"]})
     temperature: float = field(default=1.0, metadata={"help": "how strongly load follows (low) importance"})
     normalize: str = field(default="kind", metadata={"help": "compare a block's importance with blocks of its own kind, or with all", "choices": ["kind", "global"]})
-    block_threshold: float = field(default=0.6, metadata={"help": "a block whose assigned ratio reaches this is removed whole"})
+    block_threshold: float = field(default=1.0, metadata={"help": "a block whose assigned ratio reaches this is removed whole (1.0: only blocks assigned everything)"})
     te_rank: int = field(default=32, metadata={"help": "principal components per variable in the transfer-entropy estimate"})
     te_noise: float = field(default=0.01, metadata={"help": "observation noise (relative variance) on the target stream"})
     te_target: str = field(default="final", metadata={"help": "stream the information must reach", "choices": ["final", "output"]})

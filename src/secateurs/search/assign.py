@@ -81,5 +81,8 @@ def assign_ratios(weights: Sequence[float], budget: Callable[[list[float]], floa
         raise UserError(f"the {what} target {target:g} cannot be reached: removing every block gives {best:.4g}")
     s = _smallest(lambda v: budget(ratios_at(weights, v, threshold)) >= target, 0.0, s_max)
     removed = [r >= 1.0 for r in ratios_at(weights, s, threshold)]
+    if all(removed):
+        raise UserError(f"the {what} target {target:g} needs every block removed at block threshold {threshold:g}; "
+                        "raise the threshold (1.0 narrows blocks instead) or lower the target")
     t = _smallest(lambda v: budget(ratios_at(weights, v, threshold, removed)) >= target, 0.0, s)
     return ratios_at(weights, t, threshold, removed)
