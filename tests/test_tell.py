@@ -261,8 +261,13 @@ def test_tell_uniform_assignment_is_width_only(tmp_path, monkeypatch):
 
 def test_tell_speedup_records_measured_rounds(tmp_path, monkeypatch):
     """The speedup budget runs the assign / measure / rescale loop; the timing itself is not asserted."""
+    import secateurs.methods.tell as tell_mod
+
     monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
     ctx = _ctx(tiny_model("llama"), tmp_path, None)
+    layer_params = sum(ctx.spec.attn_block_params + ctx.spec.mlp_block_params)
+    fixed = CostModel("test", 16, 100.0, {k: 90.0 / layer_params for k in KINDS})  # layers: 90% of the time
+    monkeypatch.setattr(tell_mod, "load_or_measure", lambda *a, **k: (fixed, "fixed"))
     cfg = TellConfig(speedup=1.2, te_rank=4, latency_len=16, latency_reps=1, speedup_rounds=1)
     plan = tell(ctx, cfg)
     rounds = ctx.extra["speedup_rounds"]
