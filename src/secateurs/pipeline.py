@@ -71,6 +71,8 @@ def run_prune(s: PruneSettings, out: str | Path, overwrite: bool = False, progre
     cfg = make_config(method, s.options)
     if method.needs_ratio or s.ratio is not None:
         check_ratio(s.ratio)
+    if hasattr(cfg, "check_budget"):  # methods with their own budget (e.g. tell's --speedup) check it up front
+        cfg.check_budget(s.ratio)
     check_out(out, overwrite)
     torch.manual_seed(s.seed)
     model, tok = load_model(s.model, device=s.device, progress=progress)

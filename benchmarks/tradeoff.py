@@ -1,0 +1,221 @@
+"""Quality against measured speed: every method at several ratios on one model, through the CLI.
+
+For each method and ratio: ``secateurs prune`` (same calibration for all), ``secateurs eval`` (held-out
+perplexity), then the prefill latency of the pruned model measured alternately with the dense model in this one
+process (``secateurs.importance.cost.paired_latency``: one pass each, warm-up first, median of each side).
+Writes ``RESULTS/tradeoff-<model>.md`` (table and the settings) and ``RESULTS/tradeoff-<model>.png``
+(perplexity against measured speedup, one line per method).
+
+Resumable: a run folder that already has ``result.json`` is not pruned again, one with ``eval.json`` not
+evaluated again, one with ``latency.json`` not timed again (``--retime`` times all again, against the dense model
+of this process). Methods that are not registered are skipped with a message.
+
+A method may carry options: ``tell[assign=uniform]`` runs ``--method tell --assign uniform`` under its own name.
+``--speedups 1.2,1.4`` adds runs with ``--speedup S`` instead of ``--ratio`` for methods that accept it (tell).
+
+    PYTHONPATH=src python benchmarks/tradeoff.py --model smollm2-135m --methods tell,uniform-drop
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_method(text: str) -> tuple[str, dict]:
+    m = re.fullmatch(r"([\w.-]+)(?:\[(.*)\])?", text.strip())
+    if not m:
+        raise SystemExit(f"bad method spec {text!r}: expected NAME or NAME[opt=value,...]")
+    opts = {}
+    for kv in filter(None, (m.group(2) or "").split(",")):
+        k, _, v = kv.partition("=")
+        opts[k.strip().replace("_", "-")] = v.strip()
+    return m.group(1), opts
+
+
+def label(name: str, opts: dict) -> str:
+    return name + "".join(f"-{k}-{v}" for k, v in opts.items())
+
+
+def cli(args: list[str], log_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "secateurs", *args]
+    with open(log_path, "a") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        r = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"command failed ({r.returncode}), see {log_path}: {' '.join(args)}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--methods", default="tell,blockpruner,shortgpt,wanda-sp,flap",
+                   help="comma-separated; NAME[opt=value] passes options (default: %(default)s)")
+    p.add_argument("--ratios", default="0.15,0.25,0.35")
+    p.add_argument("--speedups", default="", help="extra runs with --speedup S (methods that accept it)")
+    p.add_argument("--nsamples", type=int, default=16)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--calib", default="wiki")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-set", default="wiki:test")
+    p.add_argument("--eval-rows", type=int, default=32)
+    p.add_argument("--eval-seqlen", type=int, default=512)
+    p.add_argument("--latency-len", type=int, default=256, help="prompt length of the latency measurement")
+    p.add_argument("--latency-reps", type=int, default=7)
+    p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                   help="cpu: this process's CPU time on one thread (robust on a shared CPU); wall: wall time")
+    p.add_argument("--work", default=str(ROOT / "runs" / "tradeoff"), help="run folders (pruned models)")
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--retime", action="store_true", help="measure every latency again")
+    p.add_argument("--drop-weights", action="store_true", help="delete a run's model.safetensors once measured")
+    a = p.parse_args(argv)
+
+    sys.path.insert(0, str(ROOT / "src"))
+    import torch
+
+    from secateurs.importance.cost import paired_latency
+    from secateurs.methods import all_methods
+    from secateurs.models import load_model
+
+    registered = all_methods()
+    ratios = [float(r) for r in a.ratios.split(",") if r]
+    speedups = [float(s) for s in a.speedups.split(",") if s]
+    work = Path(a.work) / a.model
+    work.mkdir(parents=True, exist_ok=True)
+    results = Path(a.results)
+    results.mkdir(parents=True, exist_ok=True)
+    log_path = work / "commands.log"
+
+    runs = []  # (label, method, opts, budget flag, value)
+    for spec in a.methods.split(","):
+        name, opts = parse_method(spec)
+        if name not in registered:
+            print(f"tradeoff: skipping {name}: not registered here (available: {', '.join(registered)})", flush=True)
+            continue
+        for r in ratios:
+            runs.append((label(name, opts), name, opts, "ratio", r))
+        if speedups and any(f.name == "speedup" for f in __import__("dataclasses").fields(registered[name].config_cls)):
+            for s in speedups:
+                runs.append((label(name, opts), name, opts, "speedup", s))
+
+    common = ["--calib", a.calib, "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--seed", str(a.seed),
+              "--eval", "", "--device", "cpu", "--quiet"]
+    eval_args = ["--ppl", a.eval_set, "--seqlen", str(a.eval_seqlen), "--rows", str(a.eval_rows), "--device", "cpu", "--quiet"]
+
+    def evaluate(folder: Path, model_arg: str):
+        if not (folder / "eval.json").exists():
+            cli(["eval", model_arg, *eval_args, "--json", str(folder / "eval.json")], log_path)
+        return json.loads((folder / "eval.json").read_text())["ppl"][a.eval_set]["ppl"]
+
+    t_start = time.time()
+    dense_dir = work / "dense"
+    dense_dir.mkdir(exist_ok=True)
+    print(f"tradeoff: {a.model}: {len(runs)} runs; dense perplexity ...", flush=True)
+    dense_ppl = evaluate(dense_dir, a.model)
+    dense, _ = load_model(a.model, progress=False)
+    rows = [{"method": "dense", "budget": "-", "ratio": 0.0, "ppl": dense_ppl, "speedup": 1.0, "dense_ms": None,
+             "pruned_ms": None, "search_s": 0.0, "removed": ""}]
+    for n, (lab, name, opts, flag, value) in enumerate(runs, 1):
+        folder = work / f"{lab}-{flag}{value:g}"
+        head = f"tradeoff: [{n}/{len(runs)}] {lab} --{flag} {value:g}"
+        if not (folder / "result.json").exists():
+            print(f"{head}: pruning ({time.time() - t_start:.0f}s elapsed)", flush=True)
+            extra = [x for k, v in opts.items() for x in (f"--{k}", v)]
+            cli(["prune", a.model, "--method", name, f"--{flag}", str(value), *common, *extra,
+                 "--out", str(folder), "--overwrite"], log_path)
+        result = json.loads((folder / "result.json").read_text())
+        print(f"{head}: ratio {result['ratio_achieved']:.4f}; evaluating", flush=True)
+        ppl = evaluate(folder, str(folder))
+        lat_path = folder / "latency.json"
+        if a.retime or not lat_path.exists():
+            if not (folder / "model.safetensors").exists():
+                raise SystemExit(f"{folder} has no weights left to time (was --drop-weights used?); prune it again")
+            pruned, _ = load_model(str(folder), progress=False)
+            pairs = paired_latency(dense, pruned, a.latency_len, a.latency_reps, a.seed, a.clock)
+            del pruned
+            d, q = statistics.median(x for x, _ in pairs), statistics.median(y for _, y in pairs)
+            lat_path.write_text(json.dumps({"dense_ms": d, "pruned_ms": q, "speedup": d / q, "pairs": pairs,
+                                            "prompt_len": a.latency_len, "reps": a.latency_reps, "clock": a.clock,
+                                            "threads": torch.get_num_threads()}, indent=1))
+        lat = json.loads(lat_path.read_text())
+        if a.drop_weights and (folder / "model.safetensors").exists():
+            (folder / "model.safetensors").unlink()
+        print(f"{head}: {a.eval_set} ppl {ppl:.2f}, prefill speedup {lat['speedup']:.3f}", flush=True)
+        rows.append({"method": lab, "budget": f"{flag} {value:g}", "ratio": result["ratio_achieved"], "ppl": ppl,
+                     "speedup": lat["speedup"], "dense_ms": lat["dense_ms"], "pruned_ms": lat["pruned_ms"],
+                     "search_s": result["search_seconds"],
+                     "removed": f"{len(result['removed_blocks'])} blocks"})
+        write_table(a, rows, results / f"tradeoff-{a.model}.md")  # after every run: partial results survive
+        plot(rows, results / f"tradeoff-{a.model}.png", a)
+    print(f"tradeoff: wrote {results}/tradeoff-{a.model}.md and .png ({time.time() - t_start:.0f}s)", flush=True)
+    return 0
+
+
+def write_table(a, rows, path: Path) -> None:
+    lines = [
+        f"# Perplexity against measured prefill speedup: {a.model}",
+        "",
+        f"Command: `PYTHONPATH=src python benchmarks/tradeoff.py {' '.join(sys.argv[1:])}`",
+        "",
+        f"- Calibration: `{a.calib}`, {a.nsamples} rows of {a.seqlen} tokens, seed {a.seed} (same for every method).",
+        f"- Perplexity: `{a.eval_set}`, first {a.eval_rows} rows of {a.eval_seqlen} tokens (BOS per row where the "
+        "model needs it).",
+        f"- Speed: CPU, float32, batch 1, prefill of {a.latency_len} random tokens (full logits), one warm-up pass "
+        f"each, then {a.latency_reps} alternated dense/pruned passes in one process; speedup = median dense / "
+        "median pruned; clock: " + ("CPU time of the process on one thread (the machine is shared; wall time "
+        "swings by seconds there)" if a.clock == "cpu" else "wall time") + ".",
+        "- Ratio: papers' definition (all parameters, embeddings included, tied weights once).",
+        "",
+        "| method | budget | ratio | ppl | speedup | dense ms | pruned ms | search s | removed |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ms = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+        lines.append(f"| {r['method']} | {r['budget']} | {r['ratio']:.3f} | {r['ppl']:.2f} | {r['speedup']:.3f} | "
+                     f"{ms(r['dense_ms'])} | {ms(r['pruned_ms'])} | {r['search_s']:.0f} | {r['removed']} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(rows, path: Path, a) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    dense = rows[0]
+    ax.scatter([dense["speedup"]], [dense["ppl"]], marker="*", s=150, color="black", label="dense", zorder=3)
+    methods = sorted({r["method"] for r in rows[1:]})
+    for m in methods:
+        for kind, style in (("ratio", "-o"), ("speedup", "s")):
+            pts = sorted((r["speedup"], r["ppl"], r["ratio"]) for r in rows[1:]
+                         if r["method"] == m and r["budget"].startswith(kind))
+            if not pts:
+                continue
+            line = ax.plot([p[0] for p in pts], [p[1] for p in pts], style,
+                           label=m if kind == "ratio" else f"{m} (--speedup)")[0]
+            for x, y, rr in pts:
+                ax.annotate(f"{rr:.2f}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7,
+                            color=line.get_color())
+    ax.set_yscale("log")
+    ax.set_xlabel(f"measured prefill speedup (CPU, {a.latency_len} tokens, {a.clock} clock)")
+    ax.set_ylabel(f"{a.eval_set} perplexity (log)")
+    ax.set_title(f"{a.model}: quality vs speed (labels: parameter ratio)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,341 @@
+"""tell: the transfer-entropy estimator (closed forms on synthetic Gaussians, stability, a known answer on a
+model), the cost model, the per-block ratio assignment, and the method end to end on tiny models."""
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from secateurs.errors import UserError
+from secateurs.importance.activations import capture
+from secateurs.importance.cost import (CostModel, KINDS, load_or_measure, measured_speedup, probe_plan,
+                                       removed_params)
+from secateurs.importance.interaction import block_importance, collect_streams, gaussian_cmi, whiten
+from secateurs.methods import PruneContext
+from secateurs.methods.tell import TellConfig, blocks_of, tell
+from secateurs.models import get_adapter
+from secateurs.plan import PruningPlan
+from secateurs.search.assign import assign_ratios, load_weights
+from secateurs.surgery import apply_plan
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# --- estimator -----------------------------------------------------------------------------------------------
+def test_mi_independent_pairs_closed_form():
+    """Independent pairs with correlations rho_i: MI = -0.5 * sum log(1 - rho_i^2)."""
+    n, rho = 40000, torch.tensor([0.9, 0.6, 0.3, 0.0], dtype=torch.float64)
+    a = torch.randn(n, 4, generator=_gen(), dtype=torch.float64)
+    b = rho * a + (1 - rho**2).sqrt() * torch.randn(n, 4, generator=_gen(1), dtype=torch.float64)
+    truth = float(-0.5 * torch.log(1 - rho**2).sum())
+    assert gaussian_cmi(whiten(a), whiten(b)) == pytest.approx(truth, abs=0.01)
+
+
+def _gauss_cmi_from_cov(cov, it, idd, ix):
+    ld = lambda idx: float(torch.logdet(cov[idx][:, idx])) if idx else 0.0  # noqa: E731
+    return 0.5 * (ld(it + ix) + ld(idd + ix) - ld(ix) - ld(it + idd + ix))
+
+
+def test_cmi_matches_closed_form_of_a_linear_gaussian_system():
+    """X -> D -> T with X also feeding T: the estimate matches the CMI of the true covariance."""
+    n = 50000
+    x = torch.randn(n, 3, generator=_gen(2), dtype=torch.float64)
+    a = torch.randn(3, 2, generator=_gen(3), dtype=torch.float64)
+    d = x @ a + 0.7 * torch.randn(n, 2, generator=_gen(4), dtype=torch.float64)
+    b = torch.randn(3, 2, generator=_gen(5), dtype=torch.float64)
+    c = torch.randn(2, 2, generator=_gen(6), dtype=torch.float64)
+    t = x @ b + 0.5 * (d @ c) + torch.randn(n, 2, generator=_gen(7), dtype=torch.float64)
+    # true covariance of (T, D, X)
+    sx = torch.eye(3, dtype=torch.float64)
+    sd = a.T @ a + 0.49 * torch.eye(2, dtype=torch.float64)
+    sdx = a.T  # cov(D, X)
+    stx = b.T + 0.5 * c.T @ a.T  # cov(T, X)
+    std_ = b.T @ a + 0.5 * c.T @ sd  # cov(T, D)
+    st = (b.T @ b + 0.25 * c.T @ sd @ c + 0.5 * (b.T @ a @ c + c.T @ a.T @ b) + torch.eye(2, dtype=torch.float64))
+    cov = torch.cat([torch.cat([st, std_, stx], 1), torch.cat([std_.T, sd, sdx], 1), torch.cat([stx.T, sdx.T, sx], 1)], 0)
+    truth = _gauss_cmi_from_cov(cov, [0, 1], [2, 3], [4, 5, 6])
+    assert truth > 0.05
+    assert gaussian_cmi(whiten(t), whiten(d), whiten(x)) == pytest.approx(truth, abs=0.01)
+
+
+def test_cmi_zero_when_conditionally_independent():
+    n = 30000
+    x = torch.randn(n, 4, generator=_gen(8), dtype=torch.float64)
+    d = x[:, :2] * 2 + torch.randn(n, 2, generator=_gen(9), dtype=torch.float64)
+    t = x[:, 2:] - x[:, :2] + torch.randn(n, 2, generator=_gen(10), dtype=torch.float64)
+    assert gaussian_cmi(whiten(t), whiten(d), whiten(x)) < 0.002
+    assert gaussian_cmi(whiten(t), whiten(d)) > 0.1  # but not independent without the condition
+
+
+def test_noise_gives_the_gaussian_channel_closed_form():
+    """T = X + D exactly (the block's own output): with noise s2 on whitened T, I = 0.5 log(1 + var(D|X)/s2)
+    where whitened T = (X + D) / sqrt(2), so var(D|X) = 1/2 in T's units."""
+    n = 40000
+    x = torch.randn(n, 1, generator=_gen(11), dtype=torch.float64)
+    d = torch.randn(n, 1, generator=_gen(12), dtype=torch.float64)
+    for s2 in (0.01, 0.1):
+        est = gaussian_cmi(whiten(x + d), whiten(d), whiten(x), noise=s2)
+        assert est == pytest.approx(0.5 * math.log(1 + 0.5 / s2), rel=0.01)
+
+
+def test_estimator_is_stable_under_scale_offset_and_degenerate_inputs():
+    n = 20000
+    x = torch.randn(n, 3, generator=_gen(13), dtype=torch.float64)
+    d = x[:, :1] + torch.randn(n, 1, generator=_gen(14), dtype=torch.float64)
+    t = d + x[:, 1:2] + 0.5 * torch.randn(n, 1, generator=_gen(15), dtype=torch.float64)
+    ref = gaussian_cmi(whiten(t), whiten(d), whiten(x))
+    # float32 input with a huge scale and offset, and a duplicated (rank-deficient) column of X
+    x2 = torch.cat([x, x[:, :1]], 1).float() * 1e6 + 1e4
+    got = gaussian_cmi(whiten(t.float() * 1e-4 - 3), whiten(d.float() * 1e5), whiten(x2))
+    assert math.isfinite(got) and got == pytest.approx(ref, rel=1e-3)
+    assert whiten(x2).shape[1] == 3  # the zero-variance direction was dropped
+    assert gaussian_cmi(whiten(t), whiten(torch.zeros(n, 2)), whiten(x)) == 0.0  # a silent block adds nothing
+
+
+def test_block_importance_known_answer_on_a_model():
+    """A block whose output projection is zero adds nothing to the stream: importance exactly 0; every other
+    block of a random model adds something. The streams are the model's own hidden states."""
+    model = tiny_model("llama", num_hidden_layers=3)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.zero_()
+        model.model.layers[2].mlp.down_proj.weight.zero_()
+    ad = get_adapter(model)
+    rows = torch.randint(0, 128, (8, 40), generator=_gen(16))
+    streams = collect_streams(model, ad, rows, batch_size=3, max_tokens=None)
+    cap = capture(model, ad, rows)
+    assert len(streams) == 7 and streams[0].shape == (8 * 39, 64)
+    torch.testing.assert_close(streams[2], cap.hidden[1][:, 1:].reshape(-1, 64))
+    torch.testing.assert_close(streams[-1], cap.hidden[-1][:, 1:].reshape(-1, 64))
+    for target in ("final", "output"):
+        imp = block_importance(streams, k=8, target=target)
+        zero = {2, 5}  # attn1, mlp2 in block order
+        assert all(imp[b] == 0.0 for b in zero)
+        assert all(imp[b] > 1e-3 for b in range(6) if b not in zero)
+    sub = collect_streams(model, ad, rows, max_tokens=80, seed=1)
+    assert sub[0].shape[0] == 8 * 10
+
+
+# --- assignment -----------------------------------------------------------------------------------------------
+def test_load_weights():
+    w = load_weights([0.1, 1.0, 10.0, 1.0])
+    assert sum(w) / 4 == pytest.approx(1.0)
+    assert w[0] > w[1] > w[2] and w[1] == pytest.approx(w[3])
+    assert load_weights([5, 1, 2], "uniform") == [1.0, 1.0, 1.0]
+    assert load_weights([0.1, 10.0], temperature=0.0) == [1.0, 1.0]
+    # per kind: each block is compared with its own kind only
+    g = load_weights([1.0, 10.0, 100.0, 1000.0], groups=["attn", "mlp", "attn", "mlp"])
+    assert g[0] == pytest.approx(g[1]) and g[2] == pytest.approx(g[3]) and g[0] > g[2]
+
+
+def _param_budget(sizes):
+    total = sum(sizes)
+    return lambda r: sum(s * x for s, x in zip(sizes, r)) / total
+
+
+def test_assignment_meets_budget_and_follows_importance():
+    sizes = [10, 20, 10, 20, 10, 20]
+    importance = [0.01, 2.0, 1.0, 0.5, 3.0, 0.02]
+    w = load_weights(importance)
+    r = assign_ratios(w, _param_budget(sizes), 0.3, threshold=0.6)
+    assert _param_budget(sizes)(r) == pytest.approx(0.3, abs=1e-6)
+    order = sorted(range(6), key=lambda b: importance[b])
+    assert all(r[a] >= r[b] for a, b in zip(order, order[1:]))  # less informative -> more load
+    assert r[0] == 1.0 and r[4] < 0.6  # the least informative block is removed whole, the most is narrowed
+    assert all(x < 0.6 for x in r if x < 1.0)
+    u = assign_ratios(load_weights(importance, "uniform"), _param_budget(sizes), 0.3, threshold=0.6)
+    assert u == pytest.approx([0.3] * 6, abs=1e-6)
+
+
+def test_assignment_with_a_quantized_budget_and_impossible_target():
+    sizes = [7, 7, 7, 7]
+    quant = lambda r: sum(math.floor(x * 4) / 4 for x in r) / 4  # noqa: E731  (whole quarters only)
+    r = assign_ratios([1.0, 1.0, 1.0, 1.0], quant, 0.25, threshold=0.9)
+    assert quant(r) >= 0.25
+    with pytest.raises(UserError, match="cannot be reached"):
+        assign_ratios([1.0, 2.0], lambda r: 0.5 * sum(r) / 2, 0.9)
+    with pytest.raises(UserError, match="threshold"):
+        assign_ratios([1.0], _param_budget(sizes[:1]), 0.2, threshold=0.0)
+    # uniform weights cross the threshold together: removing every block is refused, not returned
+    with pytest.raises(UserError, match="every block removed"):
+        assign_ratios([1.0, 1.0], _param_budget([5, 5]), 0.7, threshold=0.6)
+    assert assign_ratios([1.0, 1.0], _param_budget([5, 5]), 0.7, threshold=1.0) == pytest.approx([0.7, 0.7], abs=1e-6)
+
+
+# --- cost model -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_removed_params_account_for_the_plan(arch):
+    spec = get_adapter(tiny_model(arch)).spec()
+    for kind in KINDS:
+        plan = probe_plan(spec, kind)
+        plan.validate(spec)
+        removed = sum(v for i, lp in enumerate(plan.layers) for v in removed_params(spec, i, lp).values())
+        assert removed == spec.total_params - plan.params(spec) > 0
+    cm = CostModel("x", 16, 100.0, {"attn_width": 1e-4, "mlp_width": 2e-4, "attn_block": 3e-4, "mlp_block": 4e-4})
+    plan = probe_plan(spec, "mlp_block")
+    removed = spec.total_params - plan.params(spec)
+    assert cm.predict_ms(spec, plan) == pytest.approx(100.0 - 4e-4 * removed)
+    assert cm.speedup(spec, plan) > 1.0
+    assert cm.block_ms(spec, 0, "attn") == pytest.approx(3e-4 * spec.attn_block_params[0])
+
+
+def test_cpu_clock_times_one_thread_and_restores_threads():
+    from secateurs.importance.cost import prefill_time
+
+    model = tiny_model("llama")
+    before = torch.get_num_threads()
+    assert prefill_time(model, 16, "cpu") > 0 and prefill_time(model, 16, "wall") > 0
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="clock"):
+        prefill_time(model, 16, "sundial")
+
+
+def test_cost_benchmark_runs_floors_and_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path))
+    model = tiny_model("llama")
+    spec = get_adapter(model).spec()
+    cm, path = load_or_measure(model, spec, prompt_len=16, reps=1)
+    assert path.startswith(str(tmp_path / "costs")) and json.loads(open(path).read())["prompt_len"] == 16
+    assert set(cm.ms_per_param) == set(KINDS) and all(v >= 0 for v in cm.ms_per_param.values())
+    assert cm.ms_per_param["attn_block"] >= cm.ms_per_param["attn_width"]
+    assert cm.ms_per_param["mlp_block"] >= cm.ms_per_param["mlp_width"]
+    assert all(len(cm.raw[k]["pairs"]) == 1 for k in KINDS)
+    again, path2 = load_or_measure(model, spec, prompt_len=16, reps=1)
+    assert path2 == path and again == cm  # read from the cache (the same numbers), not measured again
+    m = measured_speedup(model, probe_plan(spec, "mlp_block"), spec, prompt_len=16, reps=1)
+    assert m["dense_ms"] > 0 and m["pruned_ms"] > 0
+
+
+# --- the method --------------------------------------------------------------------------------------------------
+def _ctx(model, tmp_path, ratio, seed=0):
+    ad = get_adapter(model)
+    calib = torch.randint(0, 128, (6, 48), generator=_gen(seed))
+    return PruneContext(model, None, ad, ad.spec(), calib, ratio, seed, tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_tell_ratio_end_to_end(arch, tmp_path, monkeypatch):
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
+    model = tiny_model(arch)
+    ctx = _ctx(model, tmp_path, 0.3)
+    cfg = TellConfig(assign="importance", te_rank=4, latency_len=16, latency_reps=1, block_threshold=0.5)
+    plan = tell(ctx, cfg)
+    spec = ctx.spec
+    biggest = max(spec.attn_block_params + spec.mlp_block_params) / spec.total_params
+    assert 0.3 - 1e-9 <= plan.ratio(spec) <= 0.3 + biggest
+    blocks = ctx.extra["blocks"]
+    assert [(b["layer"], b["kind"]) for b in blocks] == blocks_of(spec)
+    for b, (i, kind) in zip(blocks, blocks_of(spec)):
+        assert (b["ratio_assigned"] >= 1.0) == (not getattr(plan.layers[i], kind))
+        assert b["action"] in ("removed", "narrowed", "kept")
+    narrowed = [lp for lp in plan.layers if lp.mlp and lp.channels is not None]
+    assert narrowed and all(lp.mlp_bias and any(lp.mlp_bias) for lp in narrowed)  # real compensation
+    pruned = apply_plan(copy.deepcopy(model), plan, spec)
+    out = pruned(input_ids=ctx.calib[:2]).logits
+    assert torch.isfinite(out).all()
+    assert (tmp_path / "tell_calibration.pt").exists()
+    again = tell(_ctx(model, tmp_path, 0.3), cfg)  # resumed from the cached calibration: the same plan
+    assert again.to_dict() == plan.to_dict()
+    other = tmp_path / "other-run"
+    other.mkdir()
+    ctx2 = _ctx(model, other, 0.4)  # another budget on the same calibration reuses the shared cache
+    assert len(list((tmp_path / "cache" / "tell").glob("*.pt"))) == 1
+    biggest = max(spec.attn_block_params + spec.mlp_block_params) / spec.total_params
+    assert 0.4 - 1e-9 <= tell(ctx2, cfg).ratio(spec) <= 0.4 + biggest  # at most one whole-block jump over
+    assert [b["importance"] for b in ctx2.extra["blocks"]] == [b["importance"] for b in blocks]
+    ctx3 = _ctx(model, other, 0.4, seed=1)  # other calibration rows: another key
+    tell(ctx3, cfg)
+    assert len(list((tmp_path / "cache" / "tell").glob("*.pt"))) == 2
+
+
+def test_tell_uniform_assignment_is_width_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
+    ctx = _ctx(tiny_model("llama"), tmp_path, 0.2)
+    plan = tell(ctx, TellConfig(assign="uniform", te_rank=4, latency_len=16, latency_reps=1))
+    assert not plan.removed_blocks()
+    assert len({round(b["ratio_assigned"], 9) for b in ctx.extra["blocks"]}) == 1
+
+
+def test_tell_speedup_records_measured_rounds(tmp_path, monkeypatch):
+    """The speedup budget runs the assign / measure / rescale loop; the timing itself is not asserted."""
+    import secateurs.methods.tell as tell_mod
+
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
+    ctx = _ctx(tiny_model("llama"), tmp_path, None)
+    layer_params = sum(ctx.spec.attn_block_params + ctx.spec.mlp_block_params)
+    fixed = CostModel("test", 16, 100.0, {k: 90.0 / layer_params for k in KINDS})  # layers: 90% of the time
+    monkeypatch.setattr(tell_mod, "load_or_measure", lambda *a, **k: (fixed, "fixed"))
+    cfg = TellConfig(speedup=1.2, te_rank=4, latency_len=16, latency_reps=1, speedup_rounds=1)
+    plan = tell(ctx, cfg)
+    rounds = ctx.extra["speedup_rounds"]
+    assert 1 <= len(rounds) <= 2 and rounds[0]["cost_model_goal"] == 1.2
+    assert rounds[0]["predicted"] >= 1.2 - 1e-6 and plan.ratio(ctx.spec) > 0
+
+
+@pytest.mark.parametrize("ratio,speedup,msg", [
+    (None, None, "exactly one budget"), (0.2, 1.3, "exactly one budget"),
+    (None, 0.9, "greater than 1"), (None, 1.0, "greater than 1"),
+])
+def test_budget_validation(ratio, speedup, msg):
+    with pytest.raises(UserError, match=msg):
+        TellConfig(speedup=speedup).check_budget(ratio)
+    TellConfig(speedup=1.3).check_budget(None)
+    TellConfig().check_budget(0.25)
+    with pytest.raises(UserError, match="block-threshold"):
+        TellConfig(block_threshold=1.5).check_budget(0.25)
+
+
+def test_cli_rejects_bad_budget_before_loading(tmp_path, capsys):
+    from secateurs.cli import main
+
+    assert main(["prune", "no-such-model", "--method", "tell", "--out", str(tmp_path / "o")]) == 2
+    assert "exactly one budget" in capsys.readouterr().err
+    assert main(["prune", "no-such-model", "--method", "tell", "--speedup", "0.8", "--out", str(tmp_path / "o")]) == 2
+    assert "greater than 1" in capsys.readouterr().err
+
+
+def test_explain_table(tmp_path, capsys, monkeypatch):
+    from secateurs.cli import main
+
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
+    ctx = _ctx(tiny_model("llama"), tmp_path, 0.3)
+    plan = tell(ctx, TellConfig(assign="importance", te_rank=4, latency_len=16, latency_reps=1))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "result.json").write_text(json.dumps({"method": "tell", "model": "tiny", "ratio_achieved": plan.ratio(ctx.spec),
+                                                 "method_details": ctx.extra}))
+    assert main(["explain", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "importance" in out and "cost model" in out
+    rows = [line for line in out.splitlines() if line.startswith(("attn", "mlp"))]
+    assert len(rows) == 2 * ctx.spec.n_layers
+    assert main(["explain", str(tmp_path / "missing")]) == 2
+    (run / "result.json").write_text(json.dumps({"method": "uniform-drop"}))
+    assert main(["explain", str(run)]) == 2
+    assert "no per-block details" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_tell_cli_on_smollm(tmp_path, monkeypatch, capsys):
+    """The real model through the CLI, small settings: --ratio lands on the target, explain reads the run."""
+    from secateurs.cli import main
+    from secateurs.models.loading import cache_dir
+
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "models").symlink_to(cache_dir() / "models")  # real weights, private cost/tell caches
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert main(["prune", "smollm2-135m", "--method", "tell", "--ratio", "0.25", "--nsamples", "4", "--seqlen", "64",
+                 "--eval", "", "--te-rank", "8", "--latency-len", "32", "--latency-reps", "1", "--quiet",
+                 "--out", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert 0.25 <= result["ratio_achieved"] < 0.27
+    assert math.isfinite(result["ppl_calib_after"])
+    blocks = result["method_details"]["blocks"]
+    assert len(blocks) == 60 and len({b["importance"] for b in blocks}) > 50
+    capsys.readouterr()
+    assert main(["explain", str(out)]) == 0
+    assert "mlp29" in capsys.readouterr().out
