@@ -198,3 +198,24 @@ def test_shortgpt_block_influence(tmp_path):
     assert removed == sorted(lowest)
     assert plan.ratio(ctx.spec) >= 0.12
     assert PruningPlan.from_removed_blocks(ctx.spec, [(l, k) for l in lowest[:-1] for k in ("attn", "mlp")]).ratio(ctx.spec) < 0.12
+
+
+@pytest.mark.slow
+def test_cli_on_smollm(tmp_path, capsys):
+    """From the command line on the real model: one search step, the order and result agree; a prefix the
+    order cannot give, and a search without a stopping rule, are clear user errors."""
+    from secateurs.cli import main
+
+    common = ["--nsamples", "1", "--seqlen", "16", "--eval", "", "--quiet"]
+    out = tmp_path / "bp"
+    assert main(["prune", "smollm2-135m", "--method", "blockpruner", "--steps", "1", *common, "--out", str(out)]) == 0
+    order = json.loads((out / "order.json").read_text())
+    result = json.loads((out / "result.json").read_text())
+    assert len(order["steps"]) == 1 and result["removed_blocks"] == order["steps"][0]["blocks"]
+    assert result["ratio_achieved"] == order["steps"][0]["ratio"]
+    assert result["ppl_evaluations"] == 60
+    assert main(["prune", "smollm2-135m", "--method", "blockpruner", "--ratio", "0.2", "--from-order",
+                 str(out / "order.json"), *common, "--out", str(tmp_path / "x")]) == 2
+    assert "short of the target" in capsys.readouterr().err
+    assert main(["prune", "smollm2-135m", "--method", "blockpruner", *common, "--out", str(tmp_path / "y")]) == 2
+    assert "needs --ratio" in capsys.readouterr().err
