@@ -38,6 +38,7 @@ def main():
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args()
     runs = Path(a.runs) / a.model
+    runs.mkdir(parents=True, exist_ok=True)
     commands = []
     py = [sys.executable, "-m", "secateurs"]
     names = ["dense"] + a.methods.split(",")

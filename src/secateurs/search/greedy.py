@@ -184,7 +184,8 @@ class SearchSettings:
     max_steps: int | None = None  # stop after this many removals
     exact: bool = False  # the straightforward search (reference)
     cache_mb: int = 1024  # memory for cached hidden states (fast search)
-    watch: int = 4  # states saved per candidate, at the positions of the candidates predicted to win
+    watch: int = 4  # states saved per candidate at the positions of the likely winners: this many predicted
+    # by the last step's losses, and this many leading the current step
 
     def fingerprint(self) -> dict:
         return {"candidates": [[block_name(p) for p in c] for c in self.candidates]}
@@ -292,11 +293,14 @@ def _step_fast(r: Replayer, s: SearchSettings, cache: StateCache, removed, remai
         r.run(b, h, start, removed, save=lambda pos, x, b=b: cache.put(cache.key(b, pos, removed), x, pin=True))
     inf = float("inf")
     order = sorted(remaining, key=lambda i: (last.get(str(i), inf), -min(s.candidates[i]), i))
-    watch = sorted({min(s.candidates[i]) for i in order[: s.watch]})
+    predicted = {min(s.candidates[i]) for i in order[: s.watch] if str(i) in last}
     best, best_loss, losses, abandoned = None, inf, {}, 0
     for i in progress_bar(order, desc=f"step {n}", enabled=progress):
         cand = s.candidates[i]
         rem = removed | frozenset(cand)
+        # save states where the likely winners sit: predicted by the last step, and the best of this one so far
+        leaders = sorted(losses, key=lambda j: (losses[j], j))[: s.watch]
+        watch = sorted(predicted | {min(s.candidates[j]) for j in leaders})
         parts = []
         for b in range(nb):
             pos, h = cache.latest(b, rem, r.n_pos - 1) or (0, r.emb[b])
