@@ -344,16 +344,26 @@ def _step_fast(r: Replayer, s: SearchSettings, cache: StateCache, removed, remai
         # save states where the likely winners sit: predicted by the last step, and the best of this one so far
         leaders = sorted(losses, key=lambda j: (losses[j], j))[: s.watch]
         watch = sorted(predicted | {min(s.candidates[j]) for j in leaders})
-        parts = []
+        parts, finals, lower = [], [], []
+        use_bound = bound and best_loss < inf
         for b in range(nb):
             pos, h = cache.latest(b, rem, r.n_pos - 1) or (0, r.emb[b])
             save = _saver(cache, b, rem, [w for w in watch if w > pos and w not in rem])
             h = r.run(b, h, pos, rem, save)
-            if bound and best_loss < inf and math.fsum(parts) + r.loss_lower_bound(b, h) > best_loss + margin:
-                break
+            if use_bound:  # the bound of every batch first, the full loss heads only for a survivor
+                lower.append(r.loss_lower_bound(b, h))
+                finals.append(h)
+                if math.fsum(lower) > best_loss + margin:
+                    break
+                continue
             parts.append(r.loss(b, h))
             if b + 1 < nb and math.fsum(parts) > best_loss:
                 break
+        if use_bound and len(finals) == nb:
+            for b in range(nb):
+                parts.append(r.loss(b, finals[b]))
+                if b + 1 < nb and math.fsum(parts) + math.fsum(lower[b + 1 :]) > best_loss + margin:
+                    break
         if len(parts) < nb:
             abandoned += 1
             continue
