@@ -42,6 +42,7 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--fast-only", action="store_true", help="time the fast search alone (no comparison)")
     a = p.parse_args()
 
     model, tok = load_model(a.model, device=a.device, progress=False)
@@ -55,6 +56,8 @@ def main():
     fast, t_fast, c_fast, r_fast = run(model, calib, a.steps, False, a.batch_size, a.cache_mb)
     print(f"fast:  {t_fast:8.1f} s wall {c_fast:8.1f} s CPU  blocks run {r_fast.blocks_run:6d}  loss heads {r_fast.heads_run:5d}  "
           f"order {[s['removed'] for s in fast['steps']]}", flush=True)
+    if a.fast_only:
+        return
     exact, t_exact, c_exact, r_exact = run(model, calib, a.steps, True, a.batch_size, a.cache_mb)
     print(f"exact: {t_exact:8.1f} s wall {c_exact:8.1f} s CPU  blocks run {r_exact.blocks_run:6d}  loss heads {r_exact.heads_run:5d}  "
           f"order {[s['removed'] for s in exact['steps']]}", flush=True)
