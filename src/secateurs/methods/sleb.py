@@ -1,0 +1,26 @@
+"""sleb: SLEB (Song et al., 2024). Greedy removal of whole layers by calibration perplexity, re-scored after
+every removal, until the parameter ratio is reached. The first and last layers are kept by default (they are
+the ones whose removal breaks a model; ``--no-keep-ends`` makes them candidates too). Same engine and
+options as blockpruner (``search.greedy``), with a layer (both blocks) as the candidate."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..plan import PruningPlan
+from ..search.greedy import layer_candidates, plan_from_order
+from . import PruneContext, register_method
+from .blockpruner import SearchOptions, run_greedy
+
+
+@dataclass
+class SlebConfig(SearchOptions):
+    keep_ends: bool = field(default=True, metadata={"help": "never remove the first and the last layer"})
+
+
+@register_method("sleb", "SLEB: greedy whole-layer removal by calibration perplexity (first and last layers kept)", SlebConfig)
+def sleb(ctx: PruneContext, cfg: SlebConfig) -> PruningPlan:
+    cands = layer_candidates(ctx.spec.n_layers, cfg.keep_ends)
+    state = run_greedy(ctx, cfg, cands, "sleb", ctx.ratio, None)
+    plan, k = plan_from_order(ctx.spec, state["steps"], ctx.ratio, None, "sleb")
+    ctx.record(steps_used=k)
+    return plan

@@ -1,0 +1,414 @@
+"""Greedy block removal by calibration loss: the search engine of BlockPruner and SLEB.
+
+A *block* is one residual branch of a layer, the attention block ``A_l`` or the MLP block ``M_l``; its
+*position* in the forward order is ``2l`` (attention) or ``2l + 1`` (MLP). A *candidate* is a group of blocks
+removed together: one block for BlockPruner, both blocks of a layer for SLEB. Each step removes, among the
+remaining candidates, the one whose removal (on top of everything removed so far) gives the lowest summed
+calibration NLL; ties go to the lowest candidate index. The loss of a removal set is computed by replaying
+the model block by block from the captured embeddings (``importance.activations``), one batch of rows at a
+time; a batch's loss is the float64 sum of its rows' NLL and a candidate's loss is ``math.fsum`` of its
+batch losses. Replaying equals running the physically pruned model (tested in ``test_activations``).
+
+Two implementations give the same removal order bit for bit:
+
+- ``exact``: the straightforward search. Every candidate of every step runs the whole model from the
+  embeddings on every batch (about ``K * 2L`` full forward passes).
+- ``fast``: the same block operations on the same tensors, with work skipped that cannot change a result:
+  1. *prefix reuse*: the hidden states of a removal set are cached at block positions, keyed by the position
+     and the removed positions before it. Nothing before a candidate's first block changes, so a candidate
+     starts from the current model's state there (computed once per step), or later when a cached state of
+     the same candidate from an earlier step still applies (each candidate saves its states at the positions
+     of the candidates predicted to win the step, which are the likely next removals);
+  2. *early abandonment*: batch losses are non-negative and ``fsum`` is exactly rounded, so the loss of a
+     partial set of batches never exceeds the full loss; a candidate is dropped as soon as its partial loss
+     is above the best complete loss of the step (strictly above, so ties are still decided by index).
+     Candidates are tried best-first by their loss at the previous step, so a good bound comes early;
+  3. *a cheap lower bound before the loss head*: the log-sum-exp of a token's NLL taken over a subset of the
+     vocabulary (the tokens with the most mass under the dense model, plus the target) can only be smaller,
+     so this bound, at a fraction of the head's cost, drops a clearly worse candidate without its full head
+     (with a margin of 1e-4 nats per calibration token against float32 rounding).
+  Since every replayed block sees bitwise the same input as in ``exact``, every complete loss is bitwise the
+  same, and so is every decision.
+
+The search state (the removal order so far, with loss, perplexity and parameter ratio after each step) is
+written to a JSON file after every step; calling the search again with the same file resumes after the last
+finished step.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import UserError
+from ..importance.activations import capture, logits_from_hidden, nll_from_hidden, run_branch
+from ..models.base import Adapter, ModelSpec
+from ..plan import PruningPlan, atomic_write_text
+from ..progress import progress_bar
+
+ORDER_FORMAT = "secateurs-order/1"
+KINDS = ("attn", "mlp")
+
+
+def block_name(pos: int) -> str:
+    return f"{KINDS[pos % 2]}{pos // 2}"
+
+
+def block_of(pos: int) -> tuple[int, str]:
+    return pos // 2, KINDS[pos % 2]
+
+
+def parse_block(name: str) -> int:
+    for i, kind in enumerate(KINDS):
+        if name.startswith(kind) and name[len(kind):].isdigit():
+            return 2 * int(name[len(kind):]) + i
+    raise UserError(f"not a block name: {name!r} (expected attnN or mlpN)")
+
+
+def block_candidates(n_layers: int, blocks: str) -> list[tuple[int, ...]]:
+    """BlockPruner candidates: every attention and/or MLP block (``blocks`` = mix, attn or mlp)."""
+    kinds = {"mix": (0, 1), "attn": (0,), "mlp": (1,)}[blocks]
+    return [(2 * l + k,) for l in range(n_layers) for k in kinds]
+
+
+def layer_candidates(n_layers: int, keep_ends: bool) -> list[tuple[int, ...]]:
+    """SLEB candidates: whole layers (both blocks), the first and last kept when ``keep_ends``."""
+    layers = range(1, n_layers - 1) if keep_ends else range(n_layers)
+    return [(2 * l, 2 * l + 1) for l in layers]
+
+
+def removal_ratio(spec: ModelSpec, removed: list[int]) -> float:
+    return PruningPlan.from_removed_blocks(spec, [block_of(p) for p in removed]).ratio(spec)
+
+
+class Replayer:
+    """The calibration rows in batches, with what the model passes to its layers, ready to be replayed with
+    any set of blocks removed. Counts the blocks and loss heads it runs (the work done)."""
+
+    def __init__(self, model, adapter: Adapter, rows: torch.Tensor, batch_size: int = 1):
+        self.model, self.adapter = model, adapter
+        self.layers = adapter.layers()
+        self.n_pos = 2 * len(self.layers)
+        self.batches, self.emb, self.kwargs = [], [], []
+        for i in range(0, rows.shape[0], batch_size):
+            ids = rows[i : i + batch_size]
+            cap = capture(model, adapter, ids)
+            self.batches.append(ids)
+            self.emb.append(cap.hidden[0])
+            self.kwargs.append(cap.kwargs)
+        self.tokens = rows.shape[0] * (rows.shape[1] - 1)
+        self.blocks_run = 0
+        self.heads_run = 0
+        self.bounds_run = 0
+
+    def run(self, b: int, h: torch.Tensor, start: int, removed: frozenset, save: Callable | None = None) -> torch.Tensor:
+        """Runs batch ``b`` from the state ``h`` entering position ``start`` to the end, skipping ``removed``;
+        ``save(pos, h)`` (if given) sees the state entering every later position."""
+        for pos in range(start, self.n_pos):
+            if save is not None and pos > start:
+                save(pos, h)
+            if pos not in removed:
+                layer, kind = block_of(pos)
+                h = run_branch(self.adapter, self.layers[layer], kind, h, self.kwargs[b][layer])
+                self.blocks_run += 1
+        return h
+
+    def loss(self, b: int, h: torch.Tensor) -> float:
+        """Summed NLL of batch ``b`` from its final hidden states (float64, one fixed computation)."""
+        self.heads_run += 1
+        return float(nll_from_hidden(self.model, self.adapter, h, self.batches[b]).sum())
+
+    def prepare_bound(self, k: int) -> bool:
+        """Chooses the ``k`` tokens with the most probability mass under the dense model on the calibration
+        rows, for ``loss_lower_bound``; False (no bound) when ``k`` is not well below the vocabulary."""
+        if hasattr(self, "_bound"):
+            return self._bound is not None
+        self._bound = None
+        vocab = self.model.lm_head.weight.shape[0]
+        if 0 < k <= vocab // 4:
+            mass = 0
+            for b in range(len(self.batches)):
+                h = self.run(b, self.emb[b], 0, frozenset())
+                mass = mass + logits_from_hidden(self.model, self.adapter, h).float().softmax(-1).sum((0, 1))
+            self._bound = torch.topk(mass, k).indices.sort().values
+        return self._bound is not None
+
+    def loss_lower_bound(self, b: int, h: torch.Tensor) -> float:
+        """A lower bound of ``loss(b, h)`` at a fraction of its cost: the log-sum-exp runs over the chosen
+        tokens and the target only (a subset of the vocabulary), so every token's NLL can only be smaller."""
+        self.bounds_run += 1
+        head = self.model.lm_head
+        x = self.adapter.decoder().norm(h)[:, :-1]
+        tgt = self.batches[b][:, 1:].to(x.device)
+        idx = self._bound.to(x.device)
+        z_sub = x @ head.weight[idx].T
+        z_t = (x * head.weight[tgt]).sum(-1)
+        if head.bias is not None:
+            z_sub, z_t = z_sub + head.bias[idx], z_t + head.bias[tgt]
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap:
+            z_sub, z_t = torch.tanh(z_sub / cap) * cap, torch.tanh(z_t / cap) * cap
+        z_sub = z_sub.float().masked_fill(idx == tgt[..., None], -math.inf)
+        z_t = z_t.float()
+        return float((torch.logaddexp(torch.logsumexp(z_sub, -1), z_t) - z_t).double().sum())
+
+
+@dataclass
+class StateCache:
+    """Hidden states entering block positions, keyed by (batch, position, removed positions before it).
+    Pinned entries (the current model's states) are never evicted; others go oldest first over budget."""
+
+    budget_bytes: int
+    entries: dict = field(default_factory=dict)  # key -> tensor (insertion order = age)
+    pinned: set = field(default_factory=set)
+    used: int = 0
+
+    @staticmethod
+    def key(b: int, pos: int, removed) -> tuple:
+        return b, pos, frozenset(p for p in removed if p < pos)
+
+    def put(self, key, h: torch.Tensor, pin: bool = False) -> None:
+        if key in self.entries:
+            if pin:
+                self.pinned.add(key)
+            return
+        size = h.numel() * h.element_size()
+        if not pin and self.used + size > self.budget_bytes:
+            self._evict(size)
+            if self.used + size > self.budget_bytes:
+                return
+        self.entries[key] = h
+        self.used += size
+        if pin:
+            self.pinned.add(key)
+
+    def _evict(self, need: int) -> None:
+        for k in list(self.entries):
+            if self.used + need <= self.budget_bytes:
+                break
+            if k not in self.pinned:
+                self._drop(k)
+
+    def _drop(self, k) -> None:
+        h = self.entries.pop(k)
+        self.used -= h.numel() * h.element_size()
+        self.pinned.discard(k)
+
+    def latest(self, b: int, removed: frozenset, upto: int):
+        """The cached state of batch ``b`` under ``removed`` at the latest position <= ``upto``."""
+        for pos in range(upto, -1, -1):
+            h = self.entries.get(self.key(b, pos, removed))
+            if h is not None:
+                return pos, h
+        return None
+
+    def keep_useful(self, removed: frozenset) -> None:
+        """Drops states that no later removal set can use (they miss a block removed since), unpins all."""
+        self.pinned.clear()
+        for k in list(self.entries):
+            _, pos, before = k
+            if not all(p in before for p in removed if p < pos):
+                self._drop(k)
+
+
+@dataclass
+class SearchSettings:
+    candidates: list[tuple[int, ...]]
+    target_ratio: float | None = None  # stop when the removed blocks reach this parameter ratio
+    max_steps: int | None = None  # stop after this many removals
+    exact: bool = False  # the straightforward search (reference)
+    cache_mb: int = 1024  # memory for cached hidden states (fast search)
+    watch: int = 4  # states saved per candidate at the positions of the likely winners: this many predicted
+    # by the last step's losses, and this many leading the current step
+    bound_vocab: int = 4096  # tokens in the cheap lower bound of a candidate's loss (0: no bound)
+
+    def fingerprint(self) -> dict:
+        return {"candidates": [[block_name(p) for p in c] for c in self.candidates]}
+
+
+def _candidate_label(c: tuple[int, ...]) -> str:
+    if len(c) == 2 and c[0] % 2 == 0 and c[1] == c[0] + 1:
+        return f"layer{c[0] // 2}"
+    return "+".join(block_name(p) for p in c)
+
+
+def _load_state(path: Path | None, spec: ModelSpec, fingerprint: dict) -> dict | None:
+    if path is None or not path.exists():
+        return None
+    state = json.loads(path.read_text())
+    if state.get("dims") != spec.as_dict() or state.get("search") != fingerprint:
+        raise UserError(f"{path} holds the search state of another model or candidate set; delete it to start again")
+    return state
+
+
+def greedy_search(replayer: Replayer, spec: ModelSpec, s: SearchSettings, state_path: Path | None = None,
+                  method: str = "", progress: bool = False, on_step: Callable | None = None) -> dict:
+    """Runs (or resumes) the greedy removal; returns the state: ``steps`` (one dict per removal) and counts."""
+    if s.target_ratio is None and s.max_steps is None:
+        raise ValueError("greedy_search needs a target ratio or a number of steps")
+    all_pos = sorted(p for c in s.candidates for p in c)
+    reach = removal_ratio(spec, all_pos)
+    if s.target_ratio is not None and reach < s.target_ratio:
+        raise UserError(f"target ratio {s.target_ratio} is out of reach: removing every candidate gives {reach:.4f}")
+    state = _load_state(state_path, spec, s.fingerprint()) or {
+        "format": ORDER_FORMAT, "method": method, "dims": spec.as_dict(), "search": s.fingerprint(),
+        "tokens": replayer.tokens, "dense": None, "steps": [], "last_losses": {}}
+    cache = StateCache(s.cache_mb << 20)
+
+    removed = frozenset(p for st in state["steps"] for p in parse_units(st["removed"]))
+    if state["dense"] is None:
+        loss = math.fsum(replayer.loss(b, replayer.run(b, replayer.emb[b], 0, frozenset())) for b in range(len(replayer.batches)))
+        state["dense"] = {"loss": loss, "ppl": math.exp(loss / replayer.tokens)}
+
+    def done() -> bool:
+        n = len(state["steps"])
+        if s.max_steps is not None and n >= s.max_steps:
+            return True
+        if s.target_ratio is not None and removal_ratio(spec, sorted(removed)) >= s.target_ratio - 1e-12:
+            return True
+        return not [c for c in s.candidates if not set(c) & removed]
+
+    while not done():
+        t0 = time.time()
+        work0 = (replayer.blocks_run, replayer.heads_run, replayer.bounds_run)
+        remaining = [i for i, c in enumerate(s.candidates) if not set(c) & removed]
+        step = (_step_exact if s.exact else _step_fast)(replayer, s, cache, removed, remaining, state["last_losses"],
+                                                        progress, len(state["steps"]) + 1)
+        best = s.candidates[step["best"]]
+        removed = removed | frozenset(best)
+        state["steps"].append({
+            "removed": _candidate_label(best),
+            "blocks": [block_name(p) for p in best],
+            "loss": step["loss"],
+            "ppl": math.exp(step["loss"] / replayer.tokens),
+            "ratio": removal_ratio(spec, sorted(removed)),
+            "candidates": len(remaining),
+            "evaluations_full": step["full"],
+            "evaluations_abandoned": step["abandoned"],
+            "blocks_run": replayer.blocks_run - work0[0],
+            "heads_run": replayer.heads_run - work0[1],
+            "bounds_run": replayer.bounds_run - work0[2],
+            "seconds": time.time() - t0,
+        })
+        state["last_losses"] = {str(i): v for i, v in step["losses"].items()}
+        if state_path is not None:
+            atomic_write_text(state_path, json.dumps(state, indent=1))
+        if on_step is not None:
+            on_step(state)
+    return state
+
+
+def parse_units(label: str) -> list[int]:
+    if label.startswith("layer") and label[5:].isdigit():
+        l = int(label[5:])
+        return [2 * l, 2 * l + 1]
+    return [parse_block(x) for x in label.split("+")]
+
+
+def _step_exact(r: Replayer, s: SearchSettings, cache, removed, remaining, last, progress, n) -> dict:
+    losses = {}
+    for i in progress_bar(remaining, desc=f"step {n} (exact)", enabled=progress):
+        rem = removed | frozenset(s.candidates[i])
+        losses[i] = math.fsum(r.loss(b, r.run(b, r.emb[b], 0, rem)) for b in range(len(r.batches)))
+    best = min(remaining, key=lambda i: (losses[i], i))
+    return {"best": best, "loss": losses[best], "losses": losses, "full": len(remaining), "abandoned": 0}
+
+
+def _step_fast(r: Replayer, s: SearchSettings, cache: StateCache, removed, remaining, last, progress, n) -> dict:
+    nb = len(r.batches)
+    # the current model's states at every position: pinned, shared by all candidates
+    for b in range(nb):
+        start, h = 0, r.emb[b]
+        while start + 1 < r.n_pos and cache.key(b, start + 1, removed) in cache.entries:
+            start += 1
+            h = cache.entries[cache.key(b, start, removed)]
+        for pos in range(start + 1):
+            if cache.key(b, pos, removed) in cache.entries:
+                cache.pinned.add(cache.key(b, pos, removed))
+        cache.put(cache.key(b, start, removed), h, pin=True)
+        r.run(b, h, start, removed, save=lambda pos, x, b=b: cache.put(cache.key(b, pos, removed), x, pin=True))
+    inf = float("inf")
+    order = sorted(remaining, key=lambda i: (last.get(str(i), inf), -min(s.candidates[i]), i))
+    predicted = {min(s.candidates[i]) for i in order[: s.watch] if str(i) in last}
+    bound = r.prepare_bound(s.bound_vocab)
+    margin = 1e-4 * r.tokens  # nats: far above float32 rounding of the bound, far below candidates' gaps
+    best, best_loss, losses, abandoned = None, inf, {}, 0
+    for i in progress_bar(order, desc=f"step {n}", enabled=progress):
+        cand = s.candidates[i]
+        rem = removed | frozenset(cand)
+        # save states where the likely winners sit: predicted by the last step, and the best of this one so far
+        leaders = sorted(losses, key=lambda j: (losses[j], j))[: s.watch]
+        watch = sorted(predicted | {min(s.candidates[j]) for j in leaders})
+        parts, finals, lower = [], [], []
+        use_bound = bound and best_loss < inf
+        for b in range(nb):
+            pos, h = cache.latest(b, rem, r.n_pos - 1) or (0, r.emb[b])
+            save = _saver(cache, b, rem, [w for w in watch if w > pos and w not in rem])
+            h = r.run(b, h, pos, rem, save)
+            if use_bound:  # the bound of every batch first, the full loss heads only for a survivor
+                lower.append(r.loss_lower_bound(b, h))
+                finals.append(h)
+                if math.fsum(lower) > best_loss + margin:
+                    break
+                continue
+            parts.append(r.loss(b, h))
+            if b + 1 < nb and math.fsum(parts) > best_loss:
+                break
+        if use_bound and len(finals) == nb:
+            for b in range(nb):
+                parts.append(r.loss(b, finals[b]))
+                if b + 1 < nb and math.fsum(parts) + math.fsum(lower[b + 1 :]) > best_loss + margin:
+                    break
+        if len(parts) < nb:
+            abandoned += 1
+            continue
+        losses[i] = math.fsum(parts)
+        if (losses[i], i) < (best_loss, best if best is not None else inf):
+            best, best_loss = i, losses[i]
+    cache.keep_useful(removed | frozenset(s.candidates[best]))
+    # abandoned candidates (no loss) rank after every complete one at the next step
+    return {"best": best, "loss": best_loss, "losses": losses, "full": len(losses), "abandoned": abandoned}
+
+
+def _saver(cache: StateCache, b: int, rem: frozenset, positions: list[int]):
+    if not positions:
+        return None
+    wanted = set(positions)
+
+    def save(pos, h):
+        if pos in wanted:
+            cache.put(cache.key(b, pos, rem), h)
+    return save
+
+
+def plan_from_order(spec: ModelSpec, steps: list[dict], target_ratio: float | None, n_steps: int | None, method: str) -> tuple[PruningPlan, int]:
+    """The plan of the shortest prefix of ``steps`` reaching ``target_ratio`` (or the first ``n_steps``)."""
+    if target_ratio is not None:
+        for k, st in enumerate(steps, 1):
+            if st["ratio"] >= target_ratio - 1e-12:
+                break
+        else:
+            have = steps[-1]["ratio"] if steps else 0.0
+            raise UserError(f"the removal order reaches ratio {have:.4f} in {len(steps)} steps, short of the target {target_ratio}")
+    else:
+        k = min(n_steps, len(steps))
+    blocks = [block_of(p) for st in steps[:k] for p in parse_units(st["removed"])]
+    return PruningPlan.from_removed_blocks(spec, blocks, method), k
+
+
+def search_model(model, dtype: str):
+    """The model the search runs: itself, or a bfloat16 copy (``dtype`` auto = bfloat16 on a GPU)."""
+    device = next(model.parameters()).device
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    want = getattr(torch, dtype)
+    if next(model.parameters()).dtype == want:
+        return model
+    import copy
+
+    return copy.deepcopy(model).to(want)
