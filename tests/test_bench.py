@@ -10,7 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import tiny_model
-from secateurs.eval.bench import (BenchSettings, _attention_layers, _linear_flops_per_token, decode_flops,
+from secateurs.eval.bench import (BenchSettings, _attention_layers, _head_flops, _linear_flops_per_token, decode_flops,
                                   peak_memory_cpu, prefill_flops, time_models, weight_bytes)
 from secateurs.models import get_adapter, unique_param_count
 from secateurs.plan import PruningPlan
@@ -29,7 +29,7 @@ def counted_by_torch(model, T):
     model.set_attn_implementation("eager")  # the attention matmuls are then visible as bmm
     ids = torch.randint(0, model.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(0))
     with FlopCounterMode(display=False) as fc, torch.no_grad():
-        model(input_ids=ids, use_cache=False)
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)  # as the timed prefill runs it
     counts = {str(k): v for k, v in fc.get_flop_counts()["Global"].items()}
     return counts.get("aten.mm", 0) + counts.get("aten.addmm", 0), counts.get("aten.bmm", 0)
 
@@ -43,7 +43,7 @@ def test_flops_agree_with_torch_counter(arch, pruned):
     T = 16
     mm, bmm = counted_by_torch(model, T)
     layers = _attention_layers(model)
-    assert T * _linear_flops_per_token(model) == mm
+    assert T * _linear_flops_per_token(model, with_head=False) + _head_flops(model) == mm
     # torch computes the full T x T score and value products (masked); we count the visible pairs only
     assert sum(4 * w * T * T for w, _ in layers) == bmm
     visible = {None: T * (T + 1) // 2, 8: sum(min(i + 1, 8) for i in range(T))}
@@ -52,7 +52,7 @@ def test_flops_agree_with_torch_counter(arch, pruned):
         assert [win for _, win in _attention_layers(tiny_model(arch))] == [8, 8, 8, None]
     if pruned:
         assert [w for w, _ in layers] == [32, 64, 64]  # layer 0 lost attention, layer 1 kept 2 of 4 heads
-    assert decode_flops(model, T) == mm // T + sum(4 * w * (T + 1 if win is None else min(T + 1, win)) for w, win in layers)
+    assert decode_flops(model, T) == _linear_flops_per_token(model) + sum(4 * w * (T + 1 if win is None else min(T + 1, win)) for w, win in layers)
 
 
 def test_runs_alternate_and_medians_are_of_the_timed_rounds():
@@ -111,7 +111,8 @@ def test_bench_command_writes_the_documented_json(tmp_path, tokenizer_dir):
     d_ref = _folder(dense, tmp_path / "dense", tokenizer_dir)
     plan = mixed_plan(get_adapter(dense).spec())
     pruned = apply_plan(copy.deepcopy(dense), plan)
-    p_ref = str(save_pruned(pruned, AutoTokenizer.from_pretrained(d_ref), plan, dense.config.to_dict(), tmp_path / "pruned"))
+    save_pruned(pruned, AutoTokenizer.from_pretrained(d_ref), plan, dense.config.to_dict(), tmp_path / "pruned")
+    p_ref = str(tmp_path / "pruned")
     out = tmp_path / "b.json"
     assert main(["bench", p_ref, "--against", d_ref, "--prompt-len", "16", "--decode-tokens", "2", "--reps", "2",
                  "--warmup", "0", "--json", str(out), "--quiet"]) == 0

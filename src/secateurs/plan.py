@@ -211,6 +211,7 @@ def select_heads(scores, n_keep: int, n_kv: int) -> list[int]:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -17,7 +17,8 @@ What is measured (batch 1, random prompt tokens drawn with ``seed``, no gradient
   (weights may be mapped from the file lazily) and freed memory is returned (``malloc_trim``) before the
   peak is reset. Elsewhere (no ``/proc``) it is not measured.
 - **FLOPs** (the ideal speedup): matrix-multiply FLOPs counted from the module shapes as they are: every
-  ``nn.Linear`` (projections, MLP, ``lm_head``) 2 x in x out per token, and attention scores and values
+  ``nn.Linear`` (projections, MLP) 2 x in x out per token, the ``lm_head`` for the last position only (as the
+  timed prefill computes it), and attention scores and values
   4 x head_dim x kept query heads per (query, visible key) pair, causal, within the sliding window where a
   layer has one. Norms, activations and the embedding lookup are not counted. Ideal speedup = FLOPs of
   ``against`` / FLOPs of ``model``, for the prefill and for one decode step at context ``prompt_len``.
@@ -87,9 +88,10 @@ class _Timer:
 
 @torch.inference_mode()
 def time_prefill(model, ids: torch.Tensor) -> float:
-    """Milliseconds of one forward pass over ``ids`` without cache."""
+    """Milliseconds of one forward pass over ``ids`` without cache, computing the logits of the last position
+    only (as a generation prefill does: on Gemma's 262k vocabulary, logits for every position would dominate)."""
     with _Timer(ids.device) as t:
-        model(input_ids=ids, use_cache=False)
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
     return t.ms
 
 
@@ -144,8 +146,14 @@ def _attention_layers(model) -> list[tuple[int, int | None]]:
     return out
 
 
-def _linear_flops_per_token(model) -> int:
-    seen, total = set(), 0
+def _head_flops(model) -> int:
+    head = model.get_output_embeddings()
+    return 2 * head.in_features * head.out_features
+
+
+def _linear_flops_per_token(model, with_head: bool = True) -> int:
+    head = model.get_output_embeddings()
+    seen, total = set() if with_head else {id(head.weight)}, 0
     for m in model.modules():
         if isinstance(m, nn.Linear) and id(m.weight) not in seen:
             seen.add(id(m.weight))
@@ -160,7 +168,7 @@ def _visible_keys(pos: int, window: int | None) -> int:
 
 def prefill_flops(model, prompt_len: int) -> int:
     """Matmul FLOPs of a prefill of ``prompt_len`` tokens (see the module docstring)."""
-    total = prompt_len * _linear_flops_per_token(model)
+    total = prompt_len * _linear_flops_per_token(model, with_head=False) + _head_flops(model)
     for width, window in _attention_layers(model):
         keys = sum(_visible_keys(i, window) for i in range(prompt_len))
         total += 4 * width * keys
