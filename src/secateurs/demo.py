@@ -11,7 +11,7 @@ from pathlib import Path
 
 PREFERRED = ["blockpruner", "uniform-drop"]  # best first; the first registered one is used
 # small calibration so that the full greedy search fits in minutes on a 2-core CPU
-SETTINGS = dict(model="smollm2-135m", ratio=0.25, calib="wiki", nsamples=4, seqlen=128, seed=0,
+SETTINGS = dict(model="smollm2-135m", ratio=0.25, calib="wiki", nsamples=2, seqlen=64, seed=0,
                 eval="wiki:test", eval_rows=16)
 
 
