@@ -170,7 +170,7 @@ def write_table(a, rows, path: Path) -> None:
         f"- Calibration: `{a.calib}`, {a.nsamples} rows of {a.seqlen} tokens, seed {a.seed} (same for every method).",
         f"- Perplexity: `{a.eval_set}`, first {a.eval_rows} rows of {a.eval_seqlen} tokens (BOS per row where the "
         "model needs it).",
-        f"- Speed: CPU, float32, batch 1, prefill of {a.latency_len} random tokens (full logits), one warm-up pass "
+        f"- Speed: CPU, float32, batch 1, prefill of {a.latency_len} random tokens (logits of the last position only, as generation computes them), one warm-up pass "
         f"each, then {a.latency_reps} alternated dense/pruned passes in one process; speedup = median dense / "
         "median pruned; clock: " + ("CPU time of the process on one thread (the machine is shared; wall time "
         "swings by seconds there)" if a.clock == "cpu" else "wall time") + ".",

@@ -47,7 +47,8 @@ def main() -> int:
     rows = [
         ("parameters", f"{r['params_before']:,}", f"{r['params_after']:,}"),
         (f"calibration ppl ({SETTINGS['calib']})", f"{r['ppl_calib_before']:.2f}", f"{r['ppl_calib_after']:.2f}"),
-        (f"held-out ppl ({r['eval_set']}, {SETTINGS['eval_rows']} rows)", f"{r['ppl_test_before']:.2f}", f"{r['ppl_test_after']:.2f}"),
+        (f"held-out ppl ({r['eval_set']}, {SETTINGS['eval_rows']} rows of {SETTINGS['seqlen']})",
+         f"{r['ppl_test_before']:.2f}", f"{r['ppl_test_after']:.2f}"),
         ("prefill latency, 512 tokens, batch 1 (ms)", f"{td:.1f}", f"{tp:.1f}"),
     ]
     print(f"\nratio achieved {r['ratio_achieved']:.4f}; removed {', '.join(r['removed_blocks']) or 'nothing'}; "
