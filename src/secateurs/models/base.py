@@ -119,11 +119,6 @@ class Adapter:
         qb = hd if q.bias is not None else 0
         kvb = hd if k.bias is not None else 0
         ch_b = (1 if gate.bias is not None else 0) + (1 if up.bias is not None else 0)
-        seen, total = set(), 0
-        for p in self.model.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                total += p.numel()
         return ModelSpec(
             model_type=c.model_type,
             n_layers=len(layers),
@@ -132,7 +127,7 @@ class Adapter:
             n_kv=c.num_key_value_heads,
             head_dim=hd,
             intermediate=c.intermediate_size,
-            total_params=total,
+            total_params=unique_param_count(self.model),
             attn_block_params=[sum(_numel(getattr(l, n, None)) for n in self.attn_branch.names) for l in layers],
             mlp_block_params=[sum(_numel(getattr(l, n, None)) for n in self.mlp_branch.names) for l in layers],
             q_head_params=2 * hd * hidden + qb,
