@@ -10,7 +10,9 @@ Resumable: a run folder that already has ``result.json`` is not pruned again, on
 evaluated again, one with ``latency.json`` not timed again (``--retime`` times all again, against the dense model
 of this process). Methods that are not registered are skipped with a message.
 
-A method may carry options: ``tell[assign=uniform]`` runs ``--method tell --assign uniform`` under its own name.
+A method may carry options: ``tell[assign=uniform]`` runs ``--method tell --assign uniform`` under its own name;
+``as=LABEL`` names the line instead (``blockpruner[from-order=order.json,as=blockpruner]`` takes the plans from a
+removal order searched elsewhere, e.g. on a GPU, with the same calibration).
 ``--speedups 1.2,1.4`` adds runs with ``--speedup S`` instead of ``--ratio`` for methods that accept it (tell).
 
     PYTHONPATH=src python benchmarks/tradeoff.py --model smollm2-135m --methods tell,uniform-drop
@@ -42,6 +44,8 @@ def parse_method(text: str) -> tuple[str, dict]:
 
 
 def label(name: str, opts: dict) -> str:
+    if "as" in opts:
+        return opts["as"]
     return name + "".join(f"-{k}-{v}" for k, v in opts.items())
 
 
@@ -97,7 +101,7 @@ def main(argv=None) -> int:
     log_path = work / "commands.log"
 
     runs = []  # (label, method, opts, budget flag, value)
-    for spec in a.methods.split(","):
+    for spec in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", a.methods):
         name, opts = parse_method(spec)
         if name not in registered:
             print(f"tradeoff: skipping {name}: not registered here (available: {', '.join(registered)})", flush=True)
@@ -130,7 +134,7 @@ def main(argv=None) -> int:
         head = f"tradeoff: [{n}/{len(runs)}] {lab} --{flag} {value:g}"
         if not (folder / "result.json").exists():
             print(f"{head}: pruning ({time.time() - t_start:.0f}s elapsed)", flush=True)
-            extra = [x for k, v in opts.items() for x in (f"--{k}", v)]
+            extra = [x for k, v in opts.items() if k != "as" for x in (f"--{k}", v)]
             cli(["prune", a.model, "--method", name, f"--{flag}", str(value), *common, *extra,
                  "--out", str(folder), "--overwrite"], log_path)
         result = json.loads((folder / "result.json").read_text())

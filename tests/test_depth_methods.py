@@ -25,12 +25,11 @@ ROWS = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(3)
 
 
 def _search(model, cands, exact, steps, rows=ROWS, batch_size=1, cache_mb=64, state_path=None, on_step=None, ratio=None,
-            bound_vocab=16):
+            head_chunk=16):
     ad = get_adapter(model)
     with torch.inference_mode():
-        r = Replayer(model, ad, rows, batch_size)
-        s = SearchSettings(cands, target_ratio=ratio, max_steps=steps, exact=exact, cache_mb=cache_mb,
-                           bound_vocab=bound_vocab)
+        r = Replayer(model, ad, rows, batch_size, head_chunk)
+        s = SearchSettings(cands, target_ratio=ratio, max_steps=steps, exact=exact, cache_mb=cache_mb)
         return greedy_search(r, ad.spec(), s, state_path=state_path, on_step=on_step), r
 
 
@@ -46,9 +45,9 @@ def test_fast_search_equals_exact(arch):
     fast, r_fast = _search(model, cands, False, 6)
     assert _order(fast) == _order(exact)  # same blocks, bitwise the same losses
     assert r_fast.blocks_run < r_exact.blocks_run
-    assert r_fast.bounds_run > 0
-    # without any cache memory (only the pinned current states), without the bound, in batches of 2: the same
-    assert _order(_search(model, cands, False, 6, cache_mb=0, bound_vocab=0)[0]) == _order(exact)
+    assert r_fast.head_work <= r_exact.head_work
+    # without any cache memory (only the pinned current states), with the head in one chunk, in batches of 2: the same
+    assert _order(_search(model, cands, False, 6, cache_mb=0, head_chunk=0)[0]) == _order(_search(model, cands, True, 6, head_chunk=0)[0])
     assert [s["removed"] for s in _search(model, cands, False, 6, batch_size=2)[0]["steps"]] == [s["removed"] for s in exact["steps"]]
 
 
@@ -63,9 +62,10 @@ def test_fast_search_equals_exact_with_abandoned_candidates():
     rows = torch.full((6, 16), 5)
     rows[:, ::3] = 7
     cands = block_candidates(4, "mix")
-    exact, _ = _search(model, cands, True, 6, rows=rows)
-    fast, _ = _search(model, cands, False, 6, rows=rows)
+    exact, r_exact = _search(model, cands, True, 6, rows=rows)
+    fast, r_fast = _search(model, cands, False, 6, rows=rows)
     assert sum(st["evaluations_abandoned"] for st in fast["steps"]) >= 5
+    assert r_fast.head_work < r_exact.head_work  # dropped candidates ran parts of their heads only
     assert exact["steps"][0]["removed"] == "mlp3"
     assert _order(fast) == _order(exact)
 
@@ -222,3 +222,23 @@ def test_cli_on_smollm(tmp_path, capsys):
     assert "short of the target" in capsys.readouterr().err
     assert main(["prune", "smollm2-135m", "--method", "blockpruner", *common, "--out", str(tmp_path / "y")]) == 2
     assert "needs --ratio" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_chunked_loss_head_bounds_and_equals_the_model_nll(arch):
+    """The chunked head's value only grows chunk by chunk and ends at the model's own summed NLL."""
+    from secateurs.importance.activations import nll_from_hidden
+
+    model = tiny_model(arch)
+    ad = get_adapter(model)
+    with torch.inference_mode():
+        r = Replayer(model, ad, ROWS, batch_size=2, head_chunk=16)
+        assert len(r.chunk_weights) > 2
+        h = r.run(1, r.emb[1], 0, frozenset({3}))
+        head, values = r.head(1, h), []
+        while not head.complete:
+            values.append(head.advance())
+        assert all(a <= b for a, b in zip(values, values[1:])) and values[0] >= 0
+        want = float(nll_from_hidden(model, ad, h, r.batches[1]).sum())
+        assert values[-1] == pytest.approx(want, rel=1e-5)
+        assert r.loss(1, h) == values[-1]  # one fixed computation

@@ -19,16 +19,16 @@ Two implementations give the same removal order bit for bit:
      starts from the current model's state there (computed once per step), or later when a cached state of
      the same candidate from an earlier step still applies (each candidate saves its states at the positions
      of the candidates predicted to win the step, which are the likely next removals);
-  2. *early abandonment*: batch losses are non-negative and ``fsum`` is exactly rounded, so the loss of a
-     partial set of batches never exceeds the full loss; a candidate is dropped as soon as its partial loss
-     is above the best complete loss of the step (strictly above, so ties are still decided by index).
-     Candidates are tried best-first by their loss at the previous step, so a good bound comes early;
-  3. *a cheap lower bound before the loss head*: the log-sum-exp of a token's NLL taken over a subset of the
-     vocabulary (the tokens with the most mass under the dense model, plus the target) can only be smaller,
-     so this bound, at a fraction of the head's cost, drops a clearly worse candidate without its full head
-     (with a margin of 1e-4 nats per calibration token against float32 rounding).
-  Since every replayed block sees bitwise the same input as in ``exact``, every complete loss is bitwise the
-  same, and so is every decision.
+  2. *early abandonment*: a batch's loss is computed over the vocabulary in chunks (``VocabHead``), and after
+     each chunk its partial value is a lower bound of the final one; bounds are non-negative and summed with
+     ``fsum``, so a candidate is dropped as soon as the sum of its batches' bounds is above the best complete
+     loss of the step (by a margin of 1e-5 nats per calibration token against float rounding; ties are still
+     decided by index). Every batch first gets the chunk of the tokens the dense model finds likely (a
+     fraction of a full head), then all batches get the next chunk, and so on: a clearly worse candidate costs
+     its blocks and a sliver of its heads. Candidates are tried best-first by their loss at the previous step,
+     so a good bound comes early.
+  Since every replayed block sees bitwise the same input as in ``exact``, and the loss head runs the same
+  chunks in the same order, every complete loss is bitwise the same, and so is every decision.
 
 The search state (the removal order so far, with loss, perplexity and parameter ratio after each step) is
 written to a JSON file after every step; calling the search again with the same file resumes after the last
@@ -46,7 +46,7 @@ from typing import Callable
 import torch
 
 from ..errors import UserError
-from ..importance.activations import capture, logits_from_hidden, nll_from_hidden, run_branch
+from ..importance.activations import capture, logits_from_hidden, run_branch
 from ..models.base import Adapter, ModelSpec
 from ..plan import PruningPlan, atomic_write_text
 from ..progress import progress_bar
@@ -86,25 +86,103 @@ def removal_ratio(spec: ModelSpec, removed: list[int]) -> float:
     return PruningPlan.from_removed_blocks(spec, [block_of(p) for p in removed]).ratio(spec)
 
 
+class VocabHead:
+    """The summed next-token NLL of one batch, computed over the vocabulary chunk by chunk.
+
+    The chunks follow the dense model's probability mass on the calibration rows (the likeliest tokens first)
+    and double in size from ``first`` tokens (``Replayer.chunks``). ``lse`` is the running log-sum-exp of the
+    non-target logits seen so far and ``z_t`` the target logits; ``value`` = sum of ``logaddexp(lse, z_t) -
+    z_t`` can only grow from chunk to chunk (log-sum-exp over more terms) and equals the loss after the last
+    chunk. The computation is one fixed sequence of operations, the same in the exact and the fast search."""
+
+    def __init__(self, r: "Replayer", b: int, h: torch.Tensor):
+        self.r = r
+        x = r.adapter.decoder().norm(h)[:, :-1]
+        self.x = x.reshape(-1, x.shape[-1])
+        tgt = r.batches[b][:, 1:].reshape(-1).to(x.device)
+        head = r.model.lm_head
+        z_t = (self.x.float() * head.weight[tgt].float()).sum(-1)
+        if head.bias is not None:
+            z_t = z_t + head.bias[tgt].float()
+        self.z_t = r.softcap(z_t)
+        rank = r.rank[tgt]  # where each target sits in the chunk order
+        self.t_chunk = torch.bucketize(rank, r.chunk_ends, right=True)
+        self.t_local = rank - torch.cat([r.chunk_ends.new_zeros(1), r.chunk_ends])[self.t_chunk]
+        self.lse = torch.full_like(self.z_t, -math.inf)
+        self.done = 0
+        self.value = 0.0
+
+    @property
+    def complete(self) -> bool:
+        return self.done == len(self.r.chunk_weights)
+
+    def advance(self) -> float:
+        """Adds the next chunk of the vocabulary; returns the new value (a lower bound, or the loss when complete)."""
+        r, c = self.r, self.done
+        w, bias = r.chunk_weights[c]
+        z = self.x @ w.T
+        if bias is not None:
+            z = z + bias
+        z = r.softcap(z.float())
+        mine = (self.t_chunk == c).nonzero().squeeze(-1)
+        z[mine, self.t_local[mine]] = -math.inf  # the target's own logit is z_t
+        self.lse = torch.logaddexp(self.lse, torch.logsumexp(z, -1))
+        self.done += 1
+        r.head_work += w.shape[0] / r.vocab
+        self.value = float((torch.logaddexp(self.lse, self.z_t) - self.z_t).double().sum())
+        if self.complete:
+            r.heads_run += 1
+        return self.value
+
+
 class Replayer:
     """The calibration rows in batches, with what the model passes to its layers, ready to be replayed with
-    any set of blocks removed. Counts the blocks and loss heads it runs (the work done)."""
+    any set of blocks removed, and the loss head (``VocabHead``) split into chunks of the vocabulary that
+    double in size from ``head_chunk`` tokens (0: one chunk). Counts the work done: blocks run, complete loss
+    heads, and head work in full-vocabulary equivalents."""
 
-    def __init__(self, model, adapter: Adapter, rows: torch.Tensor, batch_size: int = 1):
+    def __init__(self, model, adapter: Adapter, rows: torch.Tensor, batch_size: int = 1, head_chunk: int = 4096):
         self.model, self.adapter = model, adapter
         self.layers = adapter.layers()
         self.n_pos = 2 * len(self.layers)
         self.batches, self.emb, self.kwargs = [], [], []
+        mass = 0
         for i in range(0, rows.shape[0], batch_size):
             ids = rows[i : i + batch_size]
             cap = capture(model, adapter, ids)
             self.batches.append(ids)
             self.emb.append(cap.hidden[0])
             self.kwargs.append(cap.kwargs)
+            if head_chunk:
+                mass = mass + logits_from_hidden(model, adapter, cap.hidden[-1]).float().softmax(-1).sum((0, 1))
         self.tokens = rows.shape[0] * (rows.shape[1] - 1)
+        self._chunk_vocab(mass, head_chunk)
         self.blocks_run = 0
         self.heads_run = 0
-        self.bounds_run = 0
+        self.head_work = 0.0
+
+    def _chunk_vocab(self, mass, first: int) -> None:
+        head = self.model.lm_head
+        self.vocab = v = head.weight.shape[0]
+        dev = head.weight.device
+        order = torch.argsort(mass, descending=True, stable=True) if 0 < first < v else torch.arange(v, device=dev)
+        self.rank = torch.empty_like(order)
+        self.rank[order] = torch.arange(v, device=dev)
+        ends, size = [], first if 0 < first < v else v
+        while not ends or ends[-1] < v:
+            ends.append(min(v, (ends[-1] if ends else 0) + size))
+            size *= 2
+        self.chunk_ends = torch.tensor(ends, device=dev)
+        if len(ends) == 1:
+            self.chunk_weights = [(head.weight, head.bias)]
+        else:
+            starts = [0] + ends[:-1]
+            self.chunk_weights = [(head.weight[order[a:e]], None if head.bias is None else head.bias[order[a:e]])
+                                  for a, e in zip(starts, ends)]
+
+    def softcap(self, z: torch.Tensor) -> torch.Tensor:
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        return torch.tanh(z / cap) * cap if cap else z
 
     def run(self, b: int, h: torch.Tensor, start: int, removed: frozenset, save: Callable | None = None) -> torch.Tensor:
         """Runs batch ``b`` from the state ``h`` entering position ``start`` to the end, skipping ``removed``;
@@ -118,44 +196,15 @@ class Replayer:
                 self.blocks_run += 1
         return h
 
+    def head(self, b: int, h: torch.Tensor) -> VocabHead:
+        return VocabHead(self, b, h)
+
     def loss(self, b: int, h: torch.Tensor) -> float:
-        """Summed NLL of batch ``b`` from its final hidden states (float64, one fixed computation)."""
-        self.heads_run += 1
-        return float(nll_from_hidden(self.model, self.adapter, h, self.batches[b]).sum())
-
-    def prepare_bound(self, k: int) -> bool:
-        """Chooses the ``k`` tokens with the most probability mass under the dense model on the calibration
-        rows, for ``loss_lower_bound``; False (no bound) when ``k`` is not well below the vocabulary."""
-        if hasattr(self, "_bound"):
-            return self._bound is not None
-        self._bound = None
-        vocab = self.model.lm_head.weight.shape[0]
-        if 0 < k <= vocab // 4:
-            mass = 0
-            for b in range(len(self.batches)):
-                h = self.run(b, self.emb[b], 0, frozenset())
-                mass = mass + logits_from_hidden(self.model, self.adapter, h).float().softmax(-1).sum((0, 1))
-            self._bound = torch.topk(mass, k).indices.sort().values
-        return self._bound is not None
-
-    def loss_lower_bound(self, b: int, h: torch.Tensor) -> float:
-        """A lower bound of ``loss(b, h)`` at a fraction of its cost: the log-sum-exp runs over the chosen
-        tokens and the target only (a subset of the vocabulary), so every token's NLL can only be smaller."""
-        self.bounds_run += 1
-        head = self.model.lm_head
-        x = self.adapter.decoder().norm(h)[:, :-1]
-        tgt = self.batches[b][:, 1:].to(x.device)
-        idx = self._bound.to(x.device)
-        z_sub = x @ head.weight[idx].T
-        z_t = (x * head.weight[tgt]).sum(-1)
-        if head.bias is not None:
-            z_sub, z_t = z_sub + head.bias[idx], z_t + head.bias[tgt]
-        cap = getattr(self.model.config, "final_logit_softcapping", None)
-        if cap:
-            z_sub, z_t = torch.tanh(z_sub / cap) * cap, torch.tanh(z_t / cap) * cap
-        z_sub = z_sub.float().masked_fill(idx == tgt[..., None], -math.inf)
-        z_t = z_t.float()
-        return float((torch.logaddexp(torch.logsumexp(z_sub, -1), z_t) - z_t).double().sum())
+        """Summed NLL of batch ``b`` from its final hidden states (all chunks of the head)."""
+        head = self.head(b, h)
+        while not head.complete:
+            head.advance()
+        return head.value
 
 
 @dataclass
@@ -225,7 +274,6 @@ class SearchSettings:
     cache_mb: int = 1024  # memory for cached hidden states (fast search)
     watch: int = 4  # states saved per candidate at the positions of the likely winners: this many predicted
     # by the last step's losses, and this many leading the current step
-    bound_vocab: int = 4096  # tokens in the cheap lower bound of a candidate's loss (0: no bound)
 
     def fingerprint(self) -> dict:
         return {"candidates": [[block_name(p) for p in c] for c in self.candidates]}
@@ -275,7 +323,7 @@ def greedy_search(replayer: Replayer, spec: ModelSpec, s: SearchSettings, state_
 
     while not done():
         t0 = time.time()
-        work0 = (replayer.blocks_run, replayer.heads_run, replayer.bounds_run)
+        work0 = (replayer.blocks_run, replayer.heads_run, replayer.head_work)
         remaining = [i for i, c in enumerate(s.candidates) if not set(c) & removed]
         step = (_step_exact if s.exact else _step_fast)(replayer, s, cache, removed, remaining, state["last_losses"],
                                                         progress, len(state["steps"]) + 1)
@@ -292,7 +340,7 @@ def greedy_search(replayer: Replayer, spec: ModelSpec, s: SearchSettings, state_
             "evaluations_abandoned": step["abandoned"],
             "blocks_run": replayer.blocks_run - work0[0],
             "heads_run": replayer.heads_run - work0[1],
-            "bounds_run": replayer.bounds_run - work0[2],
+            "head_work": replayer.head_work - work0[2],
             "seconds": time.time() - t0,
         })
         state["last_losses"] = {str(i): v for i, v in step["losses"].items()}
@@ -335,8 +383,7 @@ def _step_fast(r: Replayer, s: SearchSettings, cache: StateCache, removed, remai
     inf = float("inf")
     order = sorted(remaining, key=lambda i: (last.get(str(i), inf), -min(s.candidates[i]), i))
     predicted = {min(s.candidates[i]) for i in order[: s.watch] if str(i) in last}
-    bound = r.prepare_bound(s.bound_vocab)
-    margin = 1e-4 * r.tokens  # nats: far above float32 rounding of the bound, far below candidates' gaps
+    margin = 1e-5 * r.tokens  # nats: far above float rounding of the bounds, far below candidates' gaps
     best, best_loss, losses, abandoned = None, inf, {}, 0
     for i in progress_bar(order, desc=f"step {n}", enabled=progress):
         cand = s.candidates[i]
@@ -344,30 +391,29 @@ def _step_fast(r: Replayer, s: SearchSettings, cache: StateCache, removed, remai
         # save states where the likely winners sit: predicted by the last step, and the best of this one so far
         leaders = sorted(losses, key=lambda j: (losses[j], j))[: s.watch]
         watch = sorted(predicted | {min(s.candidates[j]) for j in leaders})
-        parts, finals, lower = [], [], []
-        use_bound = bound and best_loss < inf
-        for b in range(nb):
+        heads = []
+
+        def over() -> bool:
+            return math.fsum(hd.value for hd in heads) > best_loss + margin
+
+        for b in range(nb):  # the blocks of every batch, each followed by the first chunk of its head
             pos, h = cache.latest(b, rem, r.n_pos - 1) or (0, r.emb[b])
             save = _saver(cache, b, rem, [w for w in watch if w > pos and w not in rem])
-            h = r.run(b, h, pos, rem, save)
-            if use_bound:  # the bound of every batch first, the full loss heads only for a survivor
-                lower.append(r.loss_lower_bound(b, h))
-                finals.append(h)
-                if math.fsum(lower) > best_loss + margin:
-                    break
-                continue
-            parts.append(r.loss(b, h))
-            if b + 1 < nb and math.fsum(parts) > best_loss:
+            heads.append(r.head(b, r.run(b, h, pos, rem, save)))
+            heads[-1].advance()
+            if over():
                 break
-        if use_bound and len(finals) == nb:
-            for b in range(nb):
-                parts.append(r.loss(b, finals[b]))
-                if b + 1 < nb and math.fsum(parts) + math.fsum(lower[b + 1 :]) > best_loss + margin:
-                    break
-        if len(parts) < nb:
+        else:  # then the next chunk of every batch, and so on, until the candidate is dropped or complete
+            while not over() and not all(hd.complete for hd in heads):
+                for hd in heads:
+                    if not hd.complete:
+                        hd.advance()
+                        if over():
+                            break
+        if len(heads) < nb or not all(hd.complete for hd in heads):
             abandoned += 1
             continue
-        losses[i] = math.fsum(parts)
+        losses[i] = math.fsum(hd.value for hd in heads)
         if (losses[i], i) < (best_loss, best if best is not None else inf):
             best, best_loss = i, losses[i]
     cache.keep_useful(removed | frozenset(s.candidates[best]))
