@@ -12,7 +12,8 @@ of this process). Methods that are not registered are skipped with a message.
 
 A method may carry options: ``tell[assign=uniform]`` runs ``--method tell --assign uniform`` under its own name;
 ``as=LABEL`` names the line instead (``blockpruner[from-order=order.json,as=blockpruner]`` takes the plans from a
-removal order searched elsewhere, e.g. on a GPU, with the same calibration).
+removal order searched elsewhere, e.g. on a GPU, with the same calibration); ``ratios=0.25;0.35`` runs that
+method at these ratios only (a slow search, say).
 ``--speedups 1.2,1.4`` adds runs with ``--speedup S`` instead of ``--ratio`` for methods that accept it (tell).
 
     PYTHONPATH=src python benchmarks/tradeoff.py --model smollm2-135m --methods tell,uniform-drop
@@ -106,7 +107,8 @@ def main(argv=None) -> int:
         if name not in registered:
             print(f"tradeoff: skipping {name}: not registered here (available: {', '.join(registered)})", flush=True)
             continue
-        for r in ratios:
+        own = [float(x) for x in opts.pop("ratios").split(";") if x] if "ratios" in opts else ratios
+        for r in own:
             runs.append((label(name, opts), name, opts, "ratio", r))
         if speedups and any(f.name == "speedup" for f in __import__("dataclasses").fields(registered[name].config_cls)):
             for s in speedups:

@@ -174,6 +174,21 @@ def test_stock_width_needs_valid_stock_config(tmp_path):
     assert kind == "custom"
 
 
+def test_stock_config_refused_by_transformers_goes_custom(tmp_path):
+    """Gemma with 3 of 4 heads in every layer: the stock config fails transformers' own validation (hidden size
+    not a multiple of the head count, although head_dim is explicit); the export falls back to custom."""
+    model = tiny_model("gemma3_text", num_key_value_heads=1)
+    spec = get_adapter(model).spec()
+    plan = PruningPlan.dense(spec)
+    for lp in plan.layers:
+        lp.heads = [0, 1, 3]
+    kind = save_pruned(apply_plan(model, plan), None, plan, _plain_config(tiny_model("gemma3_text", num_key_value_heads=1).config), tmp_path / "o")
+    assert kind == "custom"
+    loaded, _ = load_pruned(tmp_path / "o")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS).logits, apply_plan(tiny_model("gemma3_text", num_key_value_heads=1), plan)(IDS).logits)
+
+
 def _save_tiny(arch, plan_fn, out):
     model = tiny_model(arch)
     spec = get_adapter(model).spec()

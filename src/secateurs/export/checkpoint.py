@@ -157,8 +157,8 @@ def export_config(model) -> tuple[str, dict]:
         try:
             if _shapes(skeleton_from_config(stock[1])) == want:
                 return stock
-        except (ValueError, TypeError):  # e.g. the stock config rejects the new head count
-            pass
+        except Exception:  # noqa: BLE001 - the stock config may be refused (transformers validates a new head count
+            pass  # with errors of its own kinds, e.g. huggingface_hub's StrictDataclassClassValidationError): go custom
     cfg = custom_config(model, structure)
     got = _shapes(skeleton_from_config(cfg))
     if got != want:
