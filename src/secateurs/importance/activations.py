@@ -65,12 +65,14 @@ def run_layer(adapter: Adapter, layer: nn.Module, h: torch.Tensor, kwargs: dict,
     return h
 
 
-def logits_from_hidden(model: nn.Module, adapter: Adapter, h: torch.Tensor) -> torch.Tensor:
-    logits = model.lm_head(adapter.decoder().norm(h))
+def softcap(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """The model's final logit soft-capping (Gemma 2 style ``cap * tanh(z / cap)``), if it has one."""
     cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def logits_from_hidden(model: nn.Module, adapter: Adapter, h: torch.Tensor) -> torch.Tensor:
+    return softcap(model, model.lm_head(adapter.decoder().norm(h)))
 
 
 def nll_from_hidden(model: nn.Module, adapter: Adapter, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -46,7 +46,7 @@ from typing import Callable
 import torch
 
 from ..errors import UserError
-from ..importance.activations import capture, logits_from_hidden, run_branch
+from ..importance.activations import capture, logits_from_hidden, run_branch, softcap
 from ..models.base import Adapter, ModelSpec
 from ..plan import PruningPlan, atomic_write_text
 from ..progress import progress_bar
@@ -104,10 +104,10 @@ class VocabHead:
         z_t = (self.x.float() * head.weight[tgt].float()).sum(-1)
         if head.bias is not None:
             z_t = z_t + head.bias[tgt].float()
-        self.z_t = r.softcap(z_t)
+        self.z_t = softcap(r.model, z_t)
         rank = r.rank[tgt]  # where each target sits in the chunk order
         self.t_chunk = torch.bucketize(rank, r.chunk_ends, right=True)
-        self.t_local = rank - torch.cat([r.chunk_ends.new_zeros(1), r.chunk_ends])[self.t_chunk]
+        self.t_local = rank - r.chunk_starts[self.t_chunk]
         self.lse = torch.full_like(self.z_t, -math.inf)
         self.done = 0
         self.value = 0.0
@@ -123,7 +123,7 @@ class VocabHead:
         z = self.x @ w.T
         if bias is not None:
             z = z + bias
-        z = r.softcap(z.float())
+        z = softcap(r.model, z.float())
         mine = (self.t_chunk == c).nonzero().squeeze(-1)
         z[mine, self.t_local[mine]] = -math.inf  # the target's own logit is z_t
         self.lse = torch.logaddexp(self.lse, torch.logsumexp(z, -1))
@@ -172,17 +172,13 @@ class Replayer:
         while not ends or ends[-1] < v:
             ends.append(min(v, (ends[-1] if ends else 0) + size))
             size *= 2
-        self.chunk_ends = torch.tensor(ends, device=dev)
+        starts = [0] + ends[:-1]
+        self.chunk_ends, self.chunk_starts = torch.tensor(ends, device=dev), torch.tensor(starts, device=dev)
         if len(ends) == 1:
             self.chunk_weights = [(head.weight, head.bias)]
         else:
-            starts = [0] + ends[:-1]
             self.chunk_weights = [(head.weight[order[a:e]], None if head.bias is None else head.bias[order[a:e]])
                                   for a, e in zip(starts, ends)]
-
-    def softcap(self, z: torch.Tensor) -> torch.Tensor:
-        cap = getattr(self.model.config, "final_logit_softcapping", None)
-        return torch.tanh(z / cap) * cap if cap else z
 
     def run(self, b: int, h: torch.Tensor, start: int, removed: frozenset, save: Callable | None = None) -> torch.Tensor:
         """Runs batch ``b`` from the state ``h`` entering position ``start`` to the end, skipping ``removed``;
