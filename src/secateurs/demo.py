@@ -17,7 +17,7 @@ SETTINGS = dict(model="smollm2-135m", ratio=0.25, calib="wiki", nsamples=2, seql
 
 def main() -> int:
     from .errors import UserError
-    from .eval.latency import prefill_ms
+    from .eval.bench import prefill_ms
     from .methods import all_methods
     from .models import load_model
     from .pipeline import PruneSettings, run_prune

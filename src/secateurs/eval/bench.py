@@ -57,16 +57,18 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _prompt(model, prompt_len: int, seed: int) -> torch.Tensor:
+def prompt_ids(model, prompt_len: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=g).to(_device(model))
 
 
 class _Timer:
-    """Milliseconds of a block: CUDA events on a GPU, perf_counter on CPU."""
+    """Milliseconds of a block: CUDA events on a GPU, perf_counter on CPU, or with ``clock="cpu"`` on a CPU the
+    process's CPU time (``time.process_time``)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, clock: str = "wall"):
         self.cuda = device.type == "cuda"
+        self.clock = time.process_time if clock == "cpu" else time.perf_counter
 
     def __enter__(self):
         if self.cuda:
@@ -74,7 +76,7 @@ class _Timer:
             torch.cuda.synchronize()
             self.start.record()
         else:
-            self.t0 = time.perf_counter()
+            self.t0 = self.clock()
         return self
 
     def __exit__(self, *exc):
@@ -83,14 +85,15 @@ class _Timer:
             torch.cuda.synchronize()
             self.ms = self.start.elapsed_time(self.end)
         else:
-            self.ms = (time.perf_counter() - self.t0) * 1000
+            self.ms = (self.clock() - self.t0) * 1000
 
 
 @torch.inference_mode()
-def time_prefill(model, ids: torch.Tensor) -> float:
+def time_prefill(model, ids: torch.Tensor, clock: str = "wall") -> float:
     """Milliseconds of one forward pass over ``ids`` without cache, computing the logits of the last position
-    only (as a generation prefill does: on Gemma's 262k vocabulary, logits for every position would dominate)."""
-    with _Timer(ids.device) as t:
+    only (as a generation prefill does: on Gemma's 262k vocabulary, logits for every position would dominate).
+    ``clock``: see ``_Timer``."""
+    with _Timer(ids.device, clock) as t:
         model(input_ids=ids, use_cache=False, logits_to_keep=1)
     return t.ms
 
@@ -113,14 +116,14 @@ def time_decode(model, ids: torch.Tensor, n_tokens: int) -> float:
 
 def prefill_ms(model, prompt_len: int = 512, reps: int = 5, warmup: int = 2, seed: int = 0) -> float:
     """Median prefill latency of one model (batch 1, random prompt), after ``warmup`` dropped passes."""
-    ids = _prompt(model, prompt_len, seed)
+    ids = prompt_ids(model, prompt_len, seed)
     times = [time_prefill(model, ids) for _ in range(warmup + reps)]
     return statistics.median(times[warmup:])
 
 
 def time_models(models: list, s: BenchSettings) -> list[dict]:
     """Prefill ms and decode tokens/s of each model, run in turn round after round; medians over ``reps``."""
-    prompts = [_prompt(m, s.prompt_len, s.seed) for m in models]
+    prompts = [prompt_ids(m, s.prompt_len, s.seed) for m in models]
     pre, dec = [[] for _ in models], [[] for _ in models]
     for r in range(s.warmup + s.reps):
         for i, (m, ids) in enumerate(zip(models, prompts)):
@@ -194,7 +197,7 @@ def weight_bytes(model) -> int:
 
 
 def _workload(model, s: BenchSettings) -> None:
-    ids = _prompt(model, s.prompt_len, s.seed)
+    ids = prompt_ids(model, s.prompt_len, s.seed)
     time_prefill(model, ids)
     time_decode(model, ids, s.decode_tokens)
 

@@ -9,7 +9,7 @@ physically (``apply_plan``) with that kind removed in about half of its places:
 - ``attn_block`` / ``mlp_block``: the attention / MLP block of every odd-numbered layer is removed;
 
 and its prefill time (batch 1, ``prompt_len`` random tokens; ``prefill_time``: wall time via
-``secateurs.eval.latency.prefill_ms``, or the process's CPU time on one thread, see there) is measured
+``secateurs.eval.bench.time_prefill``, or the process's CPU time on one thread, see there) is measured
 alternately with the dense model's, one forward pass each, ``reps`` times after a warm-up. The
 saving is the median of the paired differences (robust to other load on the machine drifting), divided by
 the parameters removed: **milliseconds saved per parameter removed**, per kind.
@@ -31,12 +31,11 @@ import json
 import platform
 import re
 import statistics
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..eval.latency import prefill_ms
+from ..eval.bench import prompt_ids, time_prefill
 from ..models.base import ModelSpec
 from ..models.loading import cache_dir
 from ..plan import LayerPlan, PruningPlan, atomic_write_text, select_heads
@@ -134,23 +133,20 @@ CLOCKS = ("cpu", "wall")
 
 @torch.inference_mode()
 def prefill_time(model, prompt_len: int, clock: str = "wall", seed: int = 0) -> float:
-    """Milliseconds of one prefill pass. ``wall``: ``prefill_ms`` (wall time, the latency a user sees on a
+    """Milliseconds of one prefill pass. ``wall``: wall time (``time_prefill``, the latency a user sees on a
     machine of their own). ``cpu``: CPU time of this process for the same pass, run on one thread; on a shared
     CPU it measures the pass's work without the time other processes take from it (wall time under a load of
     10 on 2 cores swings by seconds). On a GPU only ``wall`` is meaningful and is used."""
     device = next(model.parameters()).device
+    ids = prompt_ids(model, prompt_len, seed)
     if clock == "wall" or device.type != "cpu":
-        return prefill_ms(model, prompt_len, reps=1, warmup=0, seed=seed)
+        return time_prefill(model, ids)
     if clock != "cpu":
         raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=g)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        t0 = time.process_time()
-        model(input_ids=ids, use_cache=False, logits_to_keep=1)
-        return (time.process_time() - t0) * 1000
+        return time_prefill(model, ids, clock="cpu")
     finally:
         torch.set_num_threads(threads)
 
