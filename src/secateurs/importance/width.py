@@ -11,9 +11,11 @@ projection when columns go: ``b += W[:, removed] @ mean(X[removed])``.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ..models.base import Adapter
+from ..models.base import Adapter, head_indices
 from .activations import InputStats
 
 
@@ -61,17 +63,27 @@ def compensation_bias(weight: torch.Tensor, mean: torch.Tensor, kept_columns) ->
     return [float(x) for x in b.cpu()]
 
 
-def head_columns(heads, head_dim: int) -> list[int]:
-    return [h * head_dim + j for h in heads for j in range(head_dim)]
-
-
-# --- per-layer rates: how a rate becomes a layer's kept heads and channels ----------------------------------
+# --- rates: how a rate becomes kept heads and channels (wanda-sp, Self-Pruner) ---------------------------------
 #
-# A layer's prunable width = its query heads, key/value heads and MLP channels (norms are not pruned). A rate
-# ``r`` removes the fraction ``r`` of those parameters: the head count is the valid GQA count (every kept KV
-# group keeps the same number of query heads) nearest to ``(1 - r) * n_heads`` (at least one head), and the
-# channel count absorbs the rounding, so the layer's removed parameters are ``r * width`` to within half a
-# channel (at least one channel is kept).
+# A rate ``r`` asks to remove the fraction ``r`` of some units. The kept count is the count nearest to
+# ``(1 - r) * n`` that the units allow, ties to the smaller, at least one: for query heads a valid GQA count
+# (``valid_head_counts``: every kept KV group keeps the same number of query heads), for MLP channels any count.
+# - A block rate is that rule on the block's heads or channels.
+# - A layer rate (wanda-sp and Self-Pruner: one rate per layer) removes the fraction ``r`` of the layer's
+#   prunable width (its query heads, key/value heads and MLP channels; norms are not pruned): the heads by the
+#   rule at ``r``, then the channels by the rule at the rate that brings the layer's removed parameters to
+#   ``r * width``, so the channels absorb the head rounding, to within half a channel.
+
+
+def kept_heads_at(spec, rate: float) -> int:
+    """Query heads a block keeps at ``rate`` (the rule above)."""
+    target = (1.0 - rate) * spec.n_heads
+    return min(valid_head_counts(spec), key=lambda c: (abs(c - target), c))
+
+
+def kept_channels_at(spec, rate: float) -> int:
+    """MLP channels a block keeps at ``rate`` (the rule above)."""
+    return min(max(math.ceil((1.0 - rate) * spec.intermediate - 0.5), 1), spec.intermediate)
 
 
 def layer_width_params(spec) -> int:
@@ -106,23 +118,21 @@ def max_rate(spec) -> float:
 
 
 def layer_plan_at_rate(spec, rate: float, head_score, channel_score):
-    """The LayerPlan that keeps the best-scoring heads and channels of a layer at ``rate`` (see above)."""
+    """The LayerPlan that keeps the best-scoring heads and channels of a layer at the layer rate ``rate``."""
     from ..plan import LayerPlan, select_heads
 
     rate = min(max(float(rate), 0.0), 1.0)
     if rate <= 0.0:
         return LayerPlan()
-    target = (1.0 - rate) * spec.n_heads
-    n_heads = min(valid_head_counts(spec), key=lambda c: (abs(c - target), c))
-    heads = select_heads(head_score, n_heads, spec.n_kv)
+    heads = select_heads(head_score, kept_heads_at(spec, rate), spec.n_kv)
     kv = len({h // spec.group_size for h in heads})
     attn_removed = (spec.n_heads - len(heads)) * spec.q_head_params + (spec.n_kv - kv) * spec.kv_head_params
-    n_remove = round((rate * layer_width_params(spec) - attn_removed) / spec.channel_params)
-    n_remove = min(max(n_remove, 0), spec.intermediate - 1)
-    channels = sorted(torch.as_tensor(channel_score).argsort(descending=True)[: spec.intermediate - n_remove].tolist())
+    mlp_rate = (rate * layer_width_params(spec) - attn_removed) / (spec.intermediate * spec.channel_params)
+    n_keep = kept_channels_at(spec, mlp_rate)
+    channels = sorted(torch.as_tensor(channel_score).argsort(descending=True)[:n_keep].tolist())
     return LayerPlan(
         heads=None if len(heads) == spec.n_heads else heads,
-        channels=None if n_remove == 0 else channels,
+        channels=None if n_keep == spec.intermediate else channels,
     )
 
 
@@ -154,7 +164,7 @@ class MaskedPlan:
             kept_h = set(lp.kept_heads(self.spec))
             gone_h = [h for h in range(self.spec.n_heads) if h not in kept_h]
             kept_c = set(lp.kept_channels(self.spec))
-            for lin, cols in ((o, head_columns(gone_h, hd)), (down, [c for c in range(self.spec.intermediate) if c not in kept_c])):
+            for lin, cols in ((o, head_indices(gone_h, hd)), (down, [c for c in range(self.spec.intermediate) if c not in kept_c])):
                 if cols:
                     idx = torch.as_tensor(cols, dtype=torch.long, device=lin.weight.device)
                     self._saved.append((lin, idx, lin.weight.index_select(1, idx)))
