@@ -1,13 +1,13 @@
 """Greedy block removal by calibration loss: the search engine of BlockPruner and SLEB.
 
-A *block* is one residual branch of a layer, the attention block ``A_l`` or the MLP block ``M_l``; its
-*position* in the forward order is ``2l`` (attention) or ``2l + 1`` (MLP) (``models.base.Block``). A *candidate* is a group of blocks
-removed together: one block for BlockPruner, both blocks of a layer for SLEB. Each step removes, among the
-remaining candidates, the one whose removal (on top of everything removed so far) gives the lowest summed
-calibration NLL; ties go to the lowest candidate index. The loss of a removal set is computed by replaying
-the model block by block from the captured embeddings (``importance.activations``), one batch of rows at a
-time; a batch's loss is the float64 sum of its rows' NLL and a candidate's loss is ``math.fsum`` of its
-batch losses. Replaying equals running the physically pruned model (tested in ``test_activations``).
+A *block* (``models.base.Block``) is one residual branch of a layer, the attention block ``A_l`` or the MLP
+block ``M_l``; its *position* in the forward order is ``2l`` (attention) or ``2l + 1`` (MLP). A *candidate* is
+a group of blocks removed together: one block for BlockPruner, both blocks of a layer for SLEB. Each step
+removes, among the remaining candidates, the one whose removal (on top of everything removed so far) gives the
+lowest summed calibration NLL; ties go to the lowest candidate index. The loss of a removal set is computed by
+replaying the model block by block from the captured embeddings (``importance.activations``), one batch of
+rows at a time; a batch's loss is the float64 sum of its rows' NLL and a candidate's loss is ``math.fsum`` of
+its batch losses. Replaying equals running the physically pruned model (tested in ``test_activations``).
 
 Two implementations give the same removal order bit for bit:
 
