@@ -8,7 +8,8 @@ ICML 2025, "Let LLM Tell What to Prune and How Much to Prune"; see docs/tell.md)
 3. Per-block ratios (``search/assign.py``): the least informative blocks take the most load; the budget is the
    parameter ratio (``--ratio``) or the predicted prefill speedup (``--speedup``); a block whose ratio reaches
    ``--block-threshold`` is removed whole.
-4. Inside a kept block: the lowest-FLAP heads / channels go, with FLAP's bias compensation.
+4. Inside a kept block: the lowest-FLAP heads / channels go, as many as the rate rule of the width methods
+   says (``importance/width.py``), with FLAP's bias compensation.
 5. With ``--speedup``, the plan's prefill speedup is then measured on a pruned copy; if it is off by more than
    ``--speedup-tolerance``, the cost-model target is rescaled by target/measured and the ratios assigned again
    (``--speedup-rounds`` times at most). Every round is recorded.
@@ -25,10 +26,11 @@ from ..errors import UserError
 from ..importance.activations import InputStats
 from ..importance.cost import CostModel, load_or_measure, measured_speedup
 from ..importance.interaction import block_importance, collect_streams
-from ..importance.width import compensation_bias, flap_column_scores, head_scores, output_projections
-from ..models.base import Block, ModelSpec, all_blocks, head_indices
+from ..importance.width import (compensation_bias, flap_column_scores, head_scores, layer_plan_at_rates,
+                                output_projections)
+from ..models.base import BLOCK_KINDS, Block, ModelSpec, all_blocks, head_indices
 from ..models.loading import cache_dir
-from ..plan import PruningPlan, check_ratio, select_heads
+from ..plan import PruningPlan, check_ratio
 from ..search.assign import assign_ratios, load_weights
 from . import PruneContext, register_method
 
@@ -87,31 +89,23 @@ def width_scores(ctx: PruneContext, stats: InputStats) -> WidthScores:
 
 def build_plan(ctx: PruneContext, ratios: list[float], ws: WidthScores, compensate: bool) -> PruningPlan:
     """The plan of per-block ratios (in ``all_blocks`` order): 1.0 removes the block; otherwise the best-scoring
-    heads / channels are kept (``round((1 - r) * n)`` of them; heads by the GQA rule of ``select_heads``).
+    heads / channels are kept, as many as the rate rule says (``layer_plan_at_rates``, importance/width.py).
     ``compensate=False`` puts zero placeholders where compensation biases go (same parameter count, no
     computation)."""
     spec, ad = ctx.spec, ctx.adapter
     plan = PruningPlan.dense(spec, "tell")
     zeros = [0.0] * spec.hidden
     layers = ad.layers()
-    for (i, kind), r in zip(all_blocks(spec.n_layers), ratios):
-        lp = plan.layers[i]
-        if r >= 1.0:
-            setattr(lp, kind, False)
-            continue
-        if kind == "attn":
-            keep = select_heads(ws.heads[i], round((1 - r) * spec.n_heads), spec.n_kv)
-            if len(keep) < spec.n_heads:
-                lp.heads = keep
-                lp.attn_bias = zeros if not compensate else compensation_bias(
-                    ad.proj(layers[i], ad.o).weight, ws.stats.mean(f"attn.{i}"), head_indices(keep, spec.head_dim))
-        else:
-            n = max(1, round((1 - r) * spec.intermediate))
-            if n < spec.intermediate:
-                order = sorted(range(spec.intermediate), key=lambda c: -ws.channels[i][c])
-                lp.channels = sorted(order[:n])
-                lp.mlp_bias = zeros if not compensate else compensation_bias(
-                    ad.proj(layers[i], ad.down).weight, ws.stats.mean(f"mlp.{i}"), lp.channels)
+    for i in range(spec.n_layers):
+        r_attn, r_mlp = (ratios[Block(i, k).pos] for k in BLOCK_KINDS)
+        lp = plan.layers[i] = layer_plan_at_rates(spec, r_attn if r_attn < 1.0 else None,
+                                                  r_mlp if r_mlp < 1.0 else None, ws.heads[i], ws.channels[i])
+        if lp.heads is not None:
+            lp.attn_bias = zeros if not compensate else compensation_bias(
+                ad.proj(layers[i], ad.o).weight, ws.stats.mean(f"attn.{i}"), head_indices(lp.heads, spec.head_dim))
+        if lp.channels is not None:
+            lp.mlp_bias = zeros if not compensate else compensation_bias(
+                ad.proj(layers[i], ad.down).weight, ws.stats.mean(f"mlp.{i}"), lp.channels)
     return plan
 
 
