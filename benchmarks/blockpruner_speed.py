@@ -4,7 +4,7 @@ same calibration rows, same settings, one process. Prints both wall times, their
 
 CPU (the issue's setting):   python benchmarks/blockpruner_speed.py --nsamples 4 --seqlen 256 --steps 6
 GPU:                         python benchmarks/blockpruner_speed.py --nsamples 32 --seqlen 2048 --steps 20 --device cuda \
-                                 --batch-size 8 --cache-mb 40000 --exact-first --exact-time-limit 240
+                                 --batch-size 8 --cache-mb 40000 --exact-first --exact-time-limit 240 --dtype bfloat16
 
 With ``--exact-time-limit S`` (and ``--exact-first``) the straightforward search stops after the first step that
 ends past S seconds, and the fast search then runs the same number of steps: both are compared on those.
@@ -21,7 +21,8 @@ import torch
 
 from secateurs.data import calib_rows
 from secateurs.models import get_adapter, load_model
-from secateurs.search.greedy import Replayer, SearchSettings, block_candidates, greedy_search, search_model
+from secateurs.runtime import model_dtype
+from secateurs.search.greedy import Replayer, SearchSettings, block_candidates, greedy_search
 
 
 class _Stop(Exception):
@@ -58,7 +59,9 @@ def main():
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--cache-mb", type=int, default=1024)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="working dtype (secateurs.runtime.precision: auto = the checkpoint's on a GPU, float32 on a CPU; "
+                        "the GPU runs of this benchmark used bfloat16)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results here")
@@ -69,10 +72,9 @@ def main():
                    help="with --exact-first: stop the straightforward search after the step that ends past this many seconds")
     a = p.parse_args()
 
-    model, tok = load_model(a.model, device=a.device, progress=False)
+    model, tok = load_model(a.model, device=a.device, dtype=a.dtype, progress=False)
     calib = calib_rows(tok, model, "wiki", a.nsamples, a.seqlen, a.seed)
-    model = search_model(model, a.dtype)
-    settings = vars(a) | {"dtype_used": str(next(model.parameters()).dtype), "threads": torch.get_num_threads(),
+    settings = vars(a) | {"dtype_used": str(model_dtype(model)), "threads": torch.get_num_threads(),
                           "cpu": platform.processor() or platform.machine(),
                           "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None}
     print(f"settings: {json.dumps(settings)}", flush=True)

@@ -40,8 +40,19 @@ def main(argv=None) -> int:
         return 130
 
 
-def add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+def add_common(p: argparse.ArgumentParser, max_memory: bool = True) -> None:
+    """The options every model-running command shares: device, precision, memory budget, quiet."""
+    from ..runtime.precision import DTYPE_CHOICES
+
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="working precision of weights, computation and saved files: auto keeps the checkpoint's "
+                        "dtype on a GPU and uses float32 on a CPU (default auto; docs/scale.md)")
+    if max_memory:
+        p.add_argument("--max-memory", default=None, metavar="SIZES",
+                       help="memory budget per device, e.g. cuda:0=20GiB,cpu=30GiB (disk=SIZE bounds spilled files) or "
+                            "one size for the CPU such as 8GiB: a model that does not fit runs layer by layer, weights "
+                            "read from its safetensors as each layer runs (docs/scale.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -49,6 +60,19 @@ def device_of(args) -> str:
     import torch
 
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def placement_of(args) -> dict:
+    """``device``, ``dtype`` and ``max_memory`` (parsed) from the common options, checked before any work: an
+    unknown device, a dtype the device cannot run or an unreadable budget is a UserError."""
+    from ..runtime.placement import parse_max_memory
+    from ..runtime.precision import as_dtype, check_device, check_dtype_runs
+
+    device = device_of(args)
+    dev = check_device(device)
+    if args.dtype != "auto":
+        check_dtype_runs(as_dtype(args.dtype), dev)
+    return {"device": device, "dtype": args.dtype, "max_memory": parse_max_memory(getattr(args, "max_memory", None))}
 
 
 def positive_int(text: str) -> int:

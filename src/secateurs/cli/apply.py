@@ -3,9 +3,10 @@ as a pruned folder (with a result.json like ``secateurs prune`` writes, so ``sec
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
-from . import add_common, device_of, positive_int
+from . import add_common, placement_of, positive_int
 
 
 def register(sub):
@@ -27,33 +28,44 @@ def plan_path(text: str) -> Path:
 
 
 def run(args):
+    where = placement_of(args)
+    with tempfile.TemporaryDirectory(prefix="secateurs-spill-") as spill:
+        return _run(args, where, Path(spill))
+
+
+def _run(args, where, spill):
     from ..data import eval_rows
     from ..eval.perplexity import perplexity
-    from ..export.checkpoint import _plain_config, save_pruned
+    from ..export.checkpoint import _plain_config, load_pruned, save_pruned
     from ..models import get_adapter, load_model
     from ..pipeline import check_out, versions
     from ..plan import PruningPlan
+    from ..runtime import model_dtype, onloader_of
     from ..surgery import apply_plan
 
     out = Path(args.out)
     check_out(out, args.overwrite)
     plan = PruningPlan.load(plan_path(args.plan))
-    device = device_of(args)
-    model, tok = load_model(args.model, device=device, progress=not args.quiet)
+    device = where["device"]
+    workload = (4, args.seqlen)
+    model, tok = load_model(args.model, device=device, dtype=where["dtype"], progress=not args.quiet,
+                            max_memory=where["max_memory"], spill_dir=spill, workload=workload)
     spec = get_adapter(model).spec()
     plan.validate(spec)
     dense_config = _plain_config(model.config)
     test = eval_rows(tok, model, args.eval, args.seqlen, args.eval_rows) if args.eval else None
 
-    def ppl(tag):
-        return perplexity(model, test, progress=not args.quiet, desc=f"{args.eval} ppl ({tag})").ppl if test is not None else None
+    def ppl(m, tag):
+        return perplexity(m, test, progress=not args.quiet, desc=f"{args.eval} ppl ({tag})").ppl if test is not None else None
 
-    before = ppl("dense")
-    apply_plan(model, plan, spec)
-    after = ppl("pruned")
+    before = ppl(model, "dense")
+    streamed = onloader_of(model) is not None
+    if not streamed:
+        apply_plan(model, plan, spec)
     settings = {"model": args.model, "plan": str(plan_path(args.plan)), "plan_method": plan.method,
                 "plan_settings": plan.meta.get("settings"), "eval": args.eval or None, "eval_rows": args.eval_rows,
-                "seqlen": args.seqlen, "device": device}
+                "seqlen": args.seqlen, "device": device, "dtype": str(model_dtype(model)).replace("torch.", ""),
+                "max_memory": args.max_memory, "placement": getattr(model, "secateurs_placement", None)}
     result = {
         "method": plan.method or "hand-made",
         "model": args.model,
@@ -64,12 +76,22 @@ def run(args):
         "params_after": plan.params(spec),
         "eval_set": args.eval or None,
         "ppl_test_before": before,
-        "ppl_test_after": after,
+        "ppl_test_after": None,
         "removed_blocks": [b.name for b in plan.removed_blocks()],
         "applied": True,
         "versions": versions(),
     }
-    kind = save_pruned(model, tok, plan, dense_config, out, extra={"result.json": json.dumps(result, indent=1)})
+
+    def result_text(folder):  # the pruned model measured: in memory, or read back layer by layer from the folder
+        pruned = model
+        if streamed:
+            pruned, _ = load_pruned(folder, dtype=where["dtype"], device=device, max_memory=where["max_memory"],
+                                    spill_dir=spill, workload=workload)
+        result["ppl_test_after"] = ppl(pruned, "pruned")
+        return json.dumps(result, indent=1)
+
+    kind = save_pruned(model, tok, plan, dense_config, out, extra={"result.json": result_text})
+    after = result["ppl_test_after"]
     print(f"applied {plan_path(args.plan)}: ratio {result['ratio_achieved']:.4f}, params {spec.total_params:,} -> "
           f"{result['params_after']:,}" + (f", {args.eval} ppl {before:.3f} -> {after:.3f}" if test is not None else "")
           + f"; saved as {kind} to {out}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from . import add_common, device_of, positive_int
+from . import add_common, placement_of, positive_int
 
 
 def register(sub):
@@ -18,7 +18,7 @@ def register(sub):
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
-    add_common(p)
+    add_common(p, max_memory=False)
     p.set_defaults(func=run)
 
 
@@ -34,8 +34,9 @@ def run(args):
     s = BenchSettings(prompt_len=args.prompt_len, decode_tokens=args.decode_tokens, warmup=args.warmup,
                       reps=args.reps, seed=args.seed)
     s.validate()
-    out = bench(args.model, args.against, s, device=device_of(args), memory=not args.no_memory,
-                progress=not args.quiet)
+    where = placement_of(args)
+    out = bench(args.model, args.against, s, device=where["device"], memory=not args.no_memory,
+                progress=not args.quiet, dtype=args.dtype)
     out["versions"] = versions()
     a = out.get("against")
     rows = [("prefill ms", "prefill_ms", ".1f"), ("decode tokens/s", "decode_tokens_per_s", ".1f"),

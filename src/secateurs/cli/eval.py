@@ -3,8 +3,10 @@ through lm-evaluation-harness (``--tasks``; see secateurs.eval.zeroshot and docs
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
-from . import add_common, device_of, positive_int
+from . import add_common, placement_of, positive_int
 
 
 def register(sub):
@@ -23,12 +25,7 @@ def register(sub):
 
 
 def run(args):
-    from ..data import eval_rows
     from ..errors import UserError
-    from ..eval.perplexity import perplexity
-    from ..models import load_model
-    from ..pipeline import versions
-    from ..plan import atomic_write_text
 
     sets = [s for s in args.ppl.split(",") if s]
     if args.rows < 0:
@@ -43,11 +40,30 @@ def run(args):
         raise UserError("--limit applies to zero-shot tasks: give --tasks too")
     if not sets and not tasks:
         raise UserError("nothing to evaluate: give --ppl sets and/or --tasks")
-    model, tok = load_model(args.model, device=device_of(args), progress=not args.quiet)
+    where = placement_of(args)
+    if tasks and where["max_memory"] is not None:
+        raise UserError("--tasks runs the whole model through lm-evaluation-harness and cannot run layer by layer; "
+                        "drop --max-memory for zero-shot tasks (perplexity works with it)")
+    with tempfile.TemporaryDirectory(prefix="secateurs-spill-") as spill:
+        return _run(args, sets, tasks, built, where, Path(spill))
+
+
+def _run(args, sets, tasks, built, where, spill):
+    from ..data import eval_rows
+    from ..eval.perplexity import perplexity
+    from ..models import load_model
+    from ..pipeline import versions
+    from ..plan import atomic_write_text
+    from ..runtime import model_dtype
+
+    model, tok = load_model(args.model, device=where["device"], dtype=where["dtype"], progress=not args.quiet,
+                            max_memory=where["max_memory"], spill_dir=spill, workload=(args.batch_size, args.seqlen))
     rows_by_set = {name: eval_rows(tok, model, name, args.seqlen, args.rows) for name in sets}  # validate all first
     out = {"model": args.model, "ppl": {},
            "settings": {"ppl": sets, "seqlen": args.seqlen, "rows": args.rows, "batch_size": args.batch_size,
-                        "tasks": tasks, "limit": args.limit, "device": device_of(args)},
+                        "tasks": tasks, "limit": args.limit, "device": where["device"],
+                        "dtype": str(model_dtype(model)).replace("torch.", ""), "max_memory": args.max_memory,
+                        "placement": getattr(model, "secateurs_placement", None)},
            "versions": versions()}
     for name, rows in rows_by_set.items():
         r = perplexity(model, rows, batch_size=args.batch_size, progress=not args.quiet, desc=f"{name} ppl")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 
-from . import add_common, device_of, positive_int, ratio_arg
+from . import add_common, placement_of, positive_int, ratio_arg
 
 
 def _method_options(p):
@@ -45,13 +45,17 @@ def register(sub):
     p.add_argument("--method", required=True, help="see `secateurs methods`")
     p.add_argument("--ratio", type=ratio_arg, default=None, help="target parameter ratio, 0 < R < 1")
     p.add_argument("--calib", default="wiki", help="calibration text set (default wiki = wiki:calib)")
-    p.add_argument("--nsamples", type=positive_int, default=32, help="calibration rows (default 32)")
-    p.add_argument("--seqlen", type=positive_int, default=512, help="tokens per row (default 512)")
+    p.add_argument("--nsamples", type=positive_int, default=None,
+                   help="calibration rows (default 32; 4 for searches on a CPU: blockpruner, sleb, self-pruner)")
+    p.add_argument("--seqlen", type=positive_int, default=None,
+                   help="tokens per row (default 512; 256 for searches on a CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval", default="wiki:test", help="held-out set measured before and after ('' to skip)")
     p.add_argument("--eval-rows", type=int, default=16, help="rows of the held-out set (default 16)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the estimated peak memory and search time, and stop (nothing is written)")
     add_common(p)
     p.set_defaults(func=run, _method_fields=_method_options(p))
 
@@ -67,10 +71,14 @@ def run(args):
     if foreign:
         raise UserError(f"option(s) {', '.join('--' + k.replace('_', '-') for k in foreign)} do not apply to method {args.method}")
     options = {k: getattr(args, k) for k in own if getattr(args, k) is not None}
+    where = placement_of(args)
     s = PruneSettings(model=args.model, method=args.method, ratio=args.ratio, calib=args.calib,
                       nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, eval=args.eval,
-                      eval_rows=args.eval_rows, device=device_of(args), options=options)
-    r = run_prune(s, args.out, overwrite=args.overwrite, progress=not args.quiet)
+                      eval_rows=args.eval_rows, device=where["device"], options=options, dtype=args.dtype,
+                      max_memory=args.max_memory)
+    r = run_prune(s, args.out, overwrite=args.overwrite, progress=not args.quiet, dry_run=args.dry_run)
+    if args.dry_run:
+        return
     print(f"{r['method']}: ratio {r['ratio_achieved']:.4f} (target {r['ratio_target']}), "
           f"params {r['params_before']:,} -> {r['params_after']:,}, "
           f"calib ppl {r['ppl_calib_before']:.3f} -> {r['ppl_calib_after']:.3f}"

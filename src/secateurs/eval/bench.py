@@ -54,7 +54,15 @@ class BenchSettings:
 
 
 def _device(model) -> torch.device:
-    return next(model.parameters()).device
+    from ..runtime import input_device
+
+    return input_device(model)
+
+
+def _dtype(model) -> torch.dtype:
+    from ..runtime import model_dtype
+
+    return model_dtype(model)
 
 
 def prompt_ids(model, prompt_len: int, seed: int) -> torch.Tensor:
@@ -223,11 +231,11 @@ def _proc_status_kb(field: str) -> int:
     raise OSError(f"/proc/self/status has no {field}")
 
 
-def _peak_memory_cpu_here(ref: str, s: BenchSettings) -> float:
+def _peak_memory_cpu_here(ref: str, s: BenchSettings, dtype=None) -> float:
     """Runs inside the fresh process: load, reset the peak RSS, run the workload, read the peak back."""
     from ..models import load_model
 
-    model, _ = load_model(ref, device="cpu", progress=False)
+    model, _ = load_model(ref, device="cpu", dtype=dtype, progress=False)
     _workload(model, s)  # a first run touches every weight page (safetensors may map the file lazily)
     gc.collect()
     try:  # hand memory freed while loading back to the system, so the workload cannot hide in it
@@ -243,11 +251,11 @@ def _peak_memory_cpu_here(ref: str, s: BenchSettings) -> float:
     return (weight_bytes(model) + extra) / 2**20
 
 
-def peak_memory_cpu(ref: str, s: BenchSettings) -> float | None:
+def peak_memory_cpu(ref: str, s: BenchSettings, dtype=None) -> float | None:
     """MB (see the module docstring), measured in a fresh Python process; None where /proc is missing."""
     if not Path("/proc/self/clear_refs").exists():
         return None
-    cmd = [sys.executable, "-m", "secateurs.eval.bench", "--peak-memory-cpu", ref, json.dumps(asdict(s))]
+    cmd = [sys.executable, "-m", "secateurs.eval.bench", "--peak-memory-cpu", ref, json.dumps(asdict(s)), str(dtype or "auto")]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"peak-memory process failed: {r.stderr.strip()[-500:]}")
@@ -256,7 +264,7 @@ def peak_memory_cpu(ref: str, s: BenchSettings) -> float | None:
 
 # --- the whole benchmark -----------------------------------------------------------------------------------
 def bench(ref: str, against: str | None = None, s: BenchSettings | None = None, device: str = "cpu",
-          memory: bool = True, progress: bool = False) -> dict:
+          memory: bool = True, progress: bool = False, dtype=None) -> dict:
     """Benchmark ``ref`` (and ``against`` in the same process, alternating); the dictionary of ``--json``."""
     from ..models import load_model
     from ..models.base import unique_param_count
@@ -264,7 +272,7 @@ def bench(ref: str, against: str | None = None, s: BenchSettings | None = None, 
     s = s or BenchSettings()
     s.validate()
     refs = [against, ref] if against else [ref]  # the reference runs first in every round
-    models = [load_model(r, device=device, progress=progress)[0] for r in refs]
+    models = [load_model(r, device=device, dtype=dtype, progress=progress)[0] for r in refs]
     timings = time_models(models, s)
     entries = []
     for r, m, t in zip(refs, models, timings):
@@ -273,7 +281,7 @@ def bench(ref: str, against: str | None = None, s: BenchSettings | None = None, 
         elif _device(m).type == "cuda":
             mem = peak_memory_cuda(m, s)
         else:
-            mem = peak_memory_cpu(r, s)
+            mem = peak_memory_cpu(r, s, dtype)
         entries.append({"model": r, "prefill_ms": t["prefill_ms"], "decode_tokens_per_s": t["decode_tokens_per_s"],
                         "peak_memory_mb": mem, "params": unique_param_count(m),
                         "prefill_flops": prefill_flops(m, s.prompt_len),
@@ -288,7 +296,7 @@ def bench(ref: str, against: str | None = None, s: BenchSettings | None = None, 
         out["ideal_speedup"] = {"prefill": a["prefill_flops"] / out["prefill_flops"],
                                 "decode": a["decode_flops_per_token"] / out["decode_flops_per_token"]}
     dev = _device(models[-1])
-    out["settings"] = {**asdict(s), "batch_size": 1, "device": str(dev), "dtype": str(next(models[-1].parameters()).dtype),
+    out["settings"] = {**asdict(s), "batch_size": 1, "device": str(dev), "dtype": str(_dtype(models[-1])),
                        "threads": torch.get_num_threads(), "order": "alternating, against first" if against else "single",
                        "timer": "cuda events" if dev.type == "cuda" else "perf_counter",
                        "memory": None if not memory else ("cuda max_memory_allocated" if dev.type == "cuda"
@@ -297,8 +305,8 @@ def bench(ref: str, against: str | None = None, s: BenchSettings | None = None, 
 
 
 if __name__ == "__main__":  # the fresh process of peak_memory_cpu
-    if len(sys.argv) == 4 and sys.argv[1] == "--peak-memory-cpu":
+    if len(sys.argv) == 5 and sys.argv[1] == "--peak-memory-cpu":
         torch.manual_seed(0)
-        print(_peak_memory_cpu_here(sys.argv[2], BenchSettings(**json.loads(sys.argv[3]))))
+        print(_peak_memory_cpu_here(sys.argv[2], BenchSettings(**json.loads(sys.argv[3])), sys.argv[4]))
     else:
-        sys.exit("usage: python -m secateurs.eval.bench --peak-memory-cpu REF SETTINGS_JSON")
+        sys.exit("usage: python -m secateurs.eval.bench --peak-memory-cpu REF SETTINGS_JSON DTYPE")

@@ -2,7 +2,9 @@
 
 Definition: the rows (each a full token sequence, BOS first where the model needs it) are run through the
 model; every token after the first of its row is predicted from the tokens before it in the same row;
-``PPL = exp(mean NLL)`` over all those predicted tokens, ``rows * (seqlen - 1)`` of them. No gradients.
+``PPL = exp(mean NLL)`` over all those predicted tokens, ``rows * (seqlen - 1)`` of them. No gradients. The
+NLL comes from the output head in vocabulary blocks (``runtime.head``), whether the model is in memory or
+runs layer by layer (``--max-memory``).
 """
 from __future__ import annotations
 
@@ -10,9 +12,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from ..progress import progress_bar
 
 
 @dataclass
@@ -27,22 +27,22 @@ class PPLResult:
         return {"ppl": self.ppl, "nll": self.nll, "tokens": self.tokens, "seqlen": self.seqlen, "rows": self.rows}
 
 
-def row_nll(model, rows: torch.Tensor) -> torch.Tensor:
-    """Summed NLL of every row in ``rows`` (one forward pass), as a float64 tensor [rows]."""
-    device = next(model.parameters()).device
-    rows = rows.to(device)
-    logits = model(input_ids=rows, use_cache=False).logits[:, :-1].float()
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1), reduction="none")
-    return nll.view(rows.shape[0], -1).sum(1).double().cpu()
+def row_nll(model, rows: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    """Summed NLL of every row in ``rows``, as a float64 tensor [rows] (``runtime.passes.row_nll``: the output
+    head in vocabulary blocks, the model resident or layer by layer)."""
+    from ..runtime.passes import row_nll as nll
+
+    return nll(model, rows, batch_size or rows.shape[0])
 
 
 @torch.inference_mode()
 def perplexity(model, rows: torch.Tensor, batch_size: int = 4, progress: bool = False, desc: str = "perplexity") -> PPLResult:
     """Perplexity of ``model`` on ``rows`` (LongTensor [n, seqlen]); see the module docstring."""
+    from ..runtime.passes import row_nll as nll
+
     total = 0.0
-    batches = range(0, rows.shape[0], batch_size)
-    for i in progress_bar(batches, desc=desc, enabled=progress):
-        total += float(row_nll(model, rows[i : i + batch_size]).sum())
+    for v in nll(model, rows, batch_size, progress=progress, desc=desc).tolist():  # summed in row order
+        total += v
     tokens = rows.shape[0] * (rows.shape[1] - 1)
     nll = total / tokens
     return PPLResult(math.exp(nll), nll, tokens, rows.shape[1], rows.shape[0])

@@ -170,11 +170,22 @@ def export_config(model) -> tuple[str, dict]:
 # --- writing -----------------------------------------------------------------------------------------------
 def write_pruned(model, tokenizer, plan: PruningPlan, dense_config: dict, folder: str | Path) -> str:
     """Writes the pruned model into ``folder`` (which the caller renames into place when complete) and returns
-    the export kind. ``secateurs.json`` is written last, so an interrupted write is not a readable folder."""
+    the export kind. ``secateurs.json`` is written last, so an interrupted write is not a readable folder.
+
+    ``model`` is the pruned model, or an onloaded *dense* model (``--max-memory``): then the plan is applied
+    layer by layer while the file is written (``write_streamed``). The weights are saved in the working dtype,
+    which ``config.json`` records."""
+    from ..runtime import onloader_of
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    kind, cfg = export_config(model)
-    model.save_pretrained(folder)
+    if onloader_of(model) is not None:
+        kind, cfg, skeleton = write_streamed(model, plan, folder)
+        if getattr(skeleton, "generation_config", None) is not None:
+            skeleton.generation_config.save_pretrained(folder)
+    else:
+        kind, cfg = export_config(model)
+        model.save_pretrained(folder)
     atomic_write_text(folder / "config.json", json.dumps(cfg, indent=2, sort_keys=True))
     if kind == "custom":
         atomic_write_text(folder / MODELING_FILE, modeling_source(model.config.model_type))
@@ -188,18 +199,69 @@ def write_pruned(model, tokenizer, plan: PruningPlan, dense_config: dict, folder
     return kind
 
 
+def write_streamed(model, plan: PruningPlan, folder: Path):
+    """The pruned model of an onloaded dense ``model`` written to ``folder/model.safetensors`` one layer at a
+    time: the pruned shapes come from the plan applied on the meta device (``shared_copy``), every kept layer is
+    read, sliced by surgery's own ``narrow_layer`` (so the tensors are bitwise those of ``apply_plan`` on a
+    resident model) and written, the embedding and head in row blocks. Returns (kind, config, skeleton)."""
+    from ..models import get_adapter
+    from ..runtime import onloader_of, shared_copy
+    from ..runtime.head import block_bounds
+    from ..runtime.st_io import StreamWriter
+    from ..surgery import PartialLayer, apply_plan, narrow_layer
+
+    ol = onloader_of(model)
+    ol.unpin_all()
+    spec = ol.adapter.spec()
+    skeleton = apply_plan(shared_copy(model), plan, spec)
+    kind, cfg = export_config(skeleton)
+    layers = get_adapter(skeleton).layers()
+    prefix = next(n for n, m in skeleton.named_modules() if m is layers) + "."
+    kept = [i for i, lp in enumerate(plan.layers) if lp.attn or lp.mlp]
+    params = list(skeleton.named_parameters())
+    writer = StreamWriter(folder / "model.safetensors", [(n, ol.dtype, tuple(p.shape)) for n, p in params], {"format": "pt"})
+    current, tensors = None, {}
+    try:
+        for name, p in params:
+            if name.startswith(prefix):
+                j, rel = name[len(prefix):].split(".", 1)
+                if int(j) != current:
+                    current, i = int(j), kept[int(j)]
+                    lp = plan.layers[i]
+                    with ol.using(i) as dense:
+                        layer = shared_copy(dense)
+                        narrow_layer(ol.adapter, layer, lp, spec)
+                        if not (lp.attn and lp.mlp):
+                            kind_kept = "attn" if lp.attn else "mlp"
+                            layer = PartialLayer(layer, ol.adapter.branch(kind_kept), kind_kept, current, spec.head_dim)
+                        tensors = {n: t.detach().to(ol.dtype) for n, t in layer.named_parameters()}
+                writer.write(name, tensors.pop(rel))
+            elif p.device.type != "meta":
+                writer.write(name, p.detach().to(ol.dtype))
+            else:  # the embedding or the head: rows from the file, a block at a time
+                key = ol.key_of(name)
+                for a, e in block_bounds(p.shape[0]):
+                    writer.write(name, ol.source.read(key, a, e).to(ol.dtype))
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    return kind, cfg, skeleton
+
+
 def save_pruned(model, tokenizer, plan: PruningPlan, dense_config: dict, out: str | Path,
                 extra: dict[str, str] | None = None) -> str:
     """Writes to a temporary sibling folder, then renames it to ``out``: an interrupted save leaves no
     folder that could be mistaken for a good one (and an earlier ``out`` stays as it was). ``extra`` maps
-    file names to texts written alongside (e.g. result.json) before the rename."""
+    file names to texts written alongside (e.g. result.json) before the rename, or to functions of the written
+    folder returning the text (e.g. measuring the pruned model read back from it)."""
     out = Path(out)
     tmp = out.with_name(out.name + ".saving")
     if tmp.exists():
         shutil.rmtree(tmp)
     kind = write_pruned(model, tokenizer, plan, dense_config, tmp)
     for name, text in (extra or {}).items():
-        atomic_write_text(tmp / name, text)
+        atomic_write_text(tmp / name, text(tmp) if callable(text) else text)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -207,54 +269,47 @@ def save_pruned(model, tokenizer, plan: PruningPlan, dense_config: dict, out: st
 
 
 # --- reading -----------------------------------------------------------------------------------------------
-def build_pruned_skeleton(dense_config: dict, plan: PruningPlan, dtype=torch.float32):
-    """A model with the pruned structure (weights not meaningful yet)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def build_pruned_skeleton(dense_config: dict, plan: PruningPlan, dtype=torch.float32, device="cpu"):
+    """The pruned model at its pruned shapes, parameters on the meta device (no memory; weights not loaded yet),
+    buffers real on ``device``: the dense structure is described on the meta device and the plan applied to it
+    there, so no dense-sized tensor is ever allocated."""
+    from transformers import AutoConfig
 
+    from ..runtime.onload import build_skeleton
     from ..surgery import apply_plan
 
     cfg = dict(dense_config)
+    for key in ("dtype", "torch_dtype"):
+        cfg.pop(key, None)
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = build_skeleton(config, dtype, device)
     apply_plan(model, plan)
     return model
 
 
-def _load_weights(model, folder: Path) -> None:
-    from safetensors.torch import load_file, load_model
-
-    single = folder / "model.safetensors"
-    if single.exists():
-        load_model(model, str(single), strict=True)
-        return
-    index = folder / "model.safetensors.index.json"
-    if not index.exists():
-        raise UserError(f"{folder} has no model.safetensors (nor a sharded index)")
-    state = {}
-    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-        state.update(load_file(str(folder / shard)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    if unexpected or set(missing) - tied:
-        raise UserError(f"{folder}: weights do not fit the plan (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    model.tie_weights()
-
-
-def load_pruned(folder: str | Path, dtype=torch.float32, device: str = "cpu"):
-    """Returns (model, tokenizer) of a folder written by ``save_pruned`` (no code from the folder is run)."""
+def load_pruned(folder: str | Path, dtype=None, device: str = "cpu", max_memory=None, spill_dir=None, workload=None,
+                log=None):
+    """Returns (model, tokenizer) of a folder written by ``save_pruned`` (no code from the folder is run). The
+    model is built at its pruned shapes from the start (``build_pruned_skeleton``) and its weights read from
+    the folder, whole or layer by layer (``runtime.loading.from_skeleton``); ``dtype`` auto keeps the dtype the
+    folder was saved in on a GPU (``runtime.precision``)."""
     from transformers import AutoTokenizer
+
+    from ..runtime.loading import from_skeleton, working_dtype
 
     folder = Path(folder)
     try:
         meta = json.loads((folder / "secateurs.json").read_text())
+        cfg_file = folder / "config.json"  # format 1 folders have none: their dense configuration says the dtype
+        saved_config = json.loads(cfg_file.read_text()) if cfg_file.exists() else meta.get("dense_config", {})
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{folder} is not a readable secateurs model folder: {e}") from e
     if meta.get("format") not in READABLE_FORMATS:
         raise UserError(f"{folder}/secateurs.json: unknown format {meta.get('format')!r}, expected one of {READABLE_FORMATS}")
     plan = PruningPlan.load(folder / "plan.json")
-    model = build_pruned_skeleton(meta["dense_config"], plan, dtype=dtype)
-    _load_weights(model, folder)
-    model.to(device).eval()
+    dt = working_dtype(dtype, device, saved_config, log)
+    model = from_skeleton(lambda d, dev: build_pruned_skeleton(meta["dense_config"], plan, d, dev), folder, dt, device,
+                          max_memory, spill_dir, workload)
     # the stock config is passed so that the tokenizer does not read config.json (whose auto_map would
     # make transformers ask whether to trust the folder's code)
     tok = AutoTokenizer.from_pretrained(folder, config=model.config) if (folder / "tokenizer_config.json").exists() else None

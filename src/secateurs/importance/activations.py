@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.base import Adapter, branch_forward
+from ..runtime import input_device
 
 
 @dataclass
@@ -45,7 +46,7 @@ def capture(model: nn.Module, adapter: Adapter, ids: torch.Tensor) -> Captured:
         handles.append(layer.register_forward_pre_hook(pre(i), with_kwargs=True))
     handles.append(adapter.final_norm().register_forward_pre_hook(lambda m, a: hidden.__setitem__(len(layers), a[0])))
     try:
-        model(input_ids=ids.to(next(model.parameters()).device), use_cache=False)
+        model(input_ids=ids.to(input_device(model)), use_cache=False)
     finally:
         for h in handles:
             h.remove()

@@ -7,18 +7,21 @@ import torch
 import torch.nn.functional as F
 
 from ..models.base import Adapter
-from .activations import capture
+from ..runtime.passes import layer_pass
 
 
 @torch.inference_mode()
 def block_influence(model, adapter: Adapter, rows: torch.Tensor, batch_size: int = 4) -> list[float]:
     n = len(adapter.layers())
+    parts = [[None] * -(-rows.shape[0] // batch_size) for _ in range(n)]
+
+    def on_layer(l, b, h_in, h_out):
+        parts[l][b] = F.cosine_similarity(h_in.float(), h_out.float(), dim=-1).double().sum().cpu()
+
+    layer_pass(model, rows, batch_size, on_layer)
     sums = torch.zeros(n, dtype=torch.float64)
-    count = 0
-    for i in range(0, rows.shape[0], batch_size):
-        hidden = capture(model, adapter, rows[i : i + batch_size]).hidden
-        for l in range(n):
-            cos = F.cosine_similarity(hidden[l].float(), hidden[l + 1].float(), dim=-1)
-            sums[l] += cos.double().sum().cpu()
-        count += hidden[0].shape[0] * hidden[0].shape[1]
+    for l in range(n):
+        for v in parts[l]:  # batch order, whichever order the pass ran in
+            sums[l] += v
+    count = rows.shape[0] * rows.shape[1]
     return (1.0 - sums / count).tolist()

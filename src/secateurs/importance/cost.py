@@ -1,8 +1,10 @@
 """What removing a unit saves in time: a short micro-benchmark on the target device, cached per device and model.
 
 Four unit kinds: attention width (query heads, and the key/value heads whose groups empty), MLP width
-(channels), a whole attention block and a whole MLP block. For each kind a pruned copy of the model is built
-physically (``apply_plan``) with that kind removed in about half of its places:
+(channels), a whole attention block and a whole MLP block. For each kind a pruned probe of the model is built
+physically (``apply_plan`` on ``runtime.shared_copy``: the probe shares every tensor it does not slice with the
+model, so it costs only the sliced tensors, never a second model) with that kind removed in about half of its
+places:
 
 - ``attn_width``: every layer keeps about half of its query heads (``select_heads``);
 - ``mlp_width``: every layer keeps half of its MLP channels;
@@ -25,7 +27,6 @@ length, repetitions, clock and the torch thread count.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import platform
@@ -38,6 +39,7 @@ import torch
 from ..eval.bench import prompt_ids, time_prefill
 from ..models.base import BLOCK_KINDS, ModelSpec
 from ..models.loading import cache_dir
+from ..runtime import input_device, model_dtype, shared_copy
 from ..plan import UNIT_KINDS, PruningPlan, atomic_write_text, removed_params, select_heads
 
 
@@ -84,6 +86,14 @@ def probe_plan(spec: ModelSpec, kind: str) -> PruningPlan:
     return plan
 
 
+def probe(model, plan: PruningPlan, spec: ModelSpec):
+    """The model pruned by ``plan``, built at its pruned shapes beside it: the module structure is copied, the
+    tensors are the model's own except those surgery slices (no whole-model copy)."""
+    from ..surgery import apply_plan
+
+    return apply_plan(shared_copy(model), plan, spec)
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -103,7 +113,7 @@ def _cpu_model() -> str:
 
 
 def model_key(model, spec: ModelSpec, prompt_len: int, reps: int, clock: str = "wall") -> str:
-    dtype = str(next(model.parameters()).dtype)
+    dtype = str(model_dtype(model))
     desc = json.dumps({"spec": spec.as_dict(), "total": spec.total_params, "vocab": model.config.vocab_size,
                        "dtype": dtype, "prompt_len": prompt_len, "reps": reps, "clock": clock,
                        "threads": torch.get_num_threads()}, sort_keys=True)
@@ -119,7 +129,7 @@ def prefill_time(model, prompt_len: int, clock: str = "wall", seed: int = 0) -> 
     machine of their own). ``cpu``: CPU time of this process for the same pass, run on one thread; on a shared
     CPU it measures the pass's work without the time other processes take from it (wall time under a load of
     10 on 2 cores swings by seconds). On a GPU only ``wall`` is meaningful and is used."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     ids = prompt_ids(model, prompt_len, seed)
     if clock == "wall" or device.type != "cpu":
         return time_prefill(model, ids)
@@ -148,11 +158,9 @@ def paired_latency(dense, pruned, prompt_len: int, reps: int, seed: int = 0, clo
 
 def measured_speedup(model, plan: PruningPlan, spec: ModelSpec, prompt_len: int = 256, reps: int = 5,
                      seed: int = 0, clock: str = "wall") -> dict:
-    """Measured prefill speedup of ``plan`` on a pruned copy of the (dense) ``model``: median dense time over
-    median pruned time of alternated passes. Needs memory for one more copy of the model."""
-    from ..surgery import apply_plan
-
-    pruned = apply_plan(copy.deepcopy(model), plan, spec)
+    """Measured prefill speedup of ``plan`` on a pruned probe of the (dense) ``model`` (``probe``): median dense
+    time over median pruned time of alternated passes."""
+    pruned = probe(model, plan, spec)
     pairs = paired_latency(model, pruned, prompt_len, reps, seed, clock)
     del pruned
     d, p = statistics.median(x for x, _ in pairs), statistics.median(y for _, y in pairs)
@@ -162,13 +170,11 @@ def measured_speedup(model, plan: PruningPlan, spec: ModelSpec, prompt_len: int 
 def measure_costs(model, spec: ModelSpec, prompt_len: int = 256, reps: int = 5, seed: int = 0, log=None,
                   clock: str = "wall") -> CostModel:
     """Runs the micro-benchmark (module docstring) on the model's device. One pruned copy at a time."""
-    from ..surgery import apply_plan
-
-    device = next(model.parameters()).device
+    device = input_device(model)
     raw, dense_times = {}, []
     for kind in UNIT_KINDS:
         plan = probe_plan(spec, kind)
-        pruned = apply_plan(copy.deepcopy(model), plan, spec)
+        pruned = probe(model, plan, spec)
         pairs = paired_latency(model, pruned, prompt_len, reps, seed, clock)
         del pruned
         params = sum(removed_params(spec, i, lp).get(kind, 0) for i, lp in enumerate(plan.layers))
@@ -194,7 +200,7 @@ def measure_costs(model, spec: ModelSpec, prompt_len: int = 256, reps: int = 5, 
 def load_or_measure(model, spec: ModelSpec, prompt_len: int = 256, reps: int = 5, seed: int = 0,
                     refresh: bool = False, log=None, clock: str = "wall") -> tuple[CostModel, str]:
     """The cached cost model of this device and model, measured on first use. Returns (model, cache path)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     path = cache_dir() / "costs" / f"{device_name(device)}-{model_key(model, spec, prompt_len, reps, clock)}.json"
     if path.exists() and not refresh:
         try:

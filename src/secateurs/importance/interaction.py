@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..models.base import Adapter, all_blocks
-from ..progress import progress_bar
+from ..runtime.passes import forward_rows
 
 
 def _logdet(a: torch.Tensor) -> float:
@@ -99,7 +99,8 @@ def collect_streams(model: nn.Module, adapter: Adapter, rows: torch.Tensor, batc
     about ``max_tokens / rows`` of them; ``None`` keeps all.
 
     Read with forward pre-hooks on the norm that opens each branch and on the final norm, during ordinary
-    forward passes (so other hooks, e.g. ``InputStats``, may watch the same passes).
+    forward passes (``runtime.passes.forward_rows``: resident or layer by layer; other hooks, e.g.
+    ``InputStats``, may watch the same passes).
     """
     layers = adapter.layers()
     blocks = all_blocks(len(layers))
@@ -121,10 +122,8 @@ def collect_streams(model: nn.Module, adapter: Adapter, rows: torch.Tensor, batc
         norm = getattr(layers[b.layer], adapter.branch(b.kind).pre_norm)
         handles.append(norm.register_forward_pre_hook(keep(b.pos)))
     handles.append(adapter.final_norm().register_forward_pre_hook(keep(len(blocks))))
-    device = next(model.parameters()).device
     try:
-        for s in progress_bar(range(0, rows.shape[0], batch_size), desc="tell: calibration", enabled=progress):
-            model(input_ids=rows[s : s + batch_size].to(device), use_cache=False)
+        forward_rows(model, rows, batch_size, progress=progress, desc="tell: calibration")
     finally:
         for h in handles:
             h.remove()

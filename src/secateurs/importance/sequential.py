@@ -4,7 +4,8 @@ Layers are pruned in order and each is calibrated on the outputs of the layers b
 calibration rows are captured once at the input of layer 0; for layer ``l`` the input statistics of its
 output projections are gathered on the current hidden states, its heads and channels chosen by Wanda-sp
 scores at its rate (``width.layer_plan_at_rate``), and the hidden states advanced through the layer as pruned
-(simulated by masking, ``width.MaskedPlan``; the model stays dense).
+(simulated by masking, ``width.MaskedPlan``; the model stays dense). A layer-by-layer model (``--max-memory``)
+reads each layer once; the hidden states stay within the budget (``runtime.onload.HiddenStore``).
 """
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ import torch
 
 from ..plan import PruningPlan
 from ..progress import progress_bar
-from .activations import InputStats, capture, run_layer
+from ..runtime.onload import HiddenStore
+from ..runtime.passes import batches_of, capture_batches, layer_weights
+from ..runtime.placement import onloader_of, to_module_device
+from .activations import InputStats, run_layer
 from .width import MaskedPlan, head_scores, layer_plan_at_rate, wanda_column_scores
 
 if TYPE_CHECKING:
@@ -23,11 +27,8 @@ if TYPE_CHECKING:
 
 def layer_inputs(ctx: PruneContext, batch_size: int):
     """Per calibration batch: the hidden states entering layer 0 and the keyword arguments of every layer."""
-    out = []
-    for i in range(0, ctx.calib.shape[0], batch_size):
-        cap = capture(ctx.model, ctx.adapter, ctx.calib[i : i + batch_size])
-        out.append((cap.hidden[0], cap.kwargs))
-    return out
+    embs, kws, _ = capture_batches(ctx.model, batches_of(ctx.calib, batch_size), finals=False)
+    return list(zip(embs, kws))
 
 
 @torch.no_grad()
@@ -36,17 +37,23 @@ def sequential_plan(ctx: PruneContext, rates: list[float], batch_size: int = 4, 
     ad, spec = ctx.adapter, ctx.spec
     plan = PruningPlan.dense(spec, method)
     batches = layer_inputs(ctx, batch_size)
-    hidden = [h for h, _ in batches]
-    layers = ad.layers()
+    ol = onloader_of(ctx.model)
+    hidden = HiddenStore(ol.spill if ol is not None else None)
+    for b, (h, _) in enumerate(batches):
+        hidden.put(b, h)
+    kws = [kw for _, kw in batches]
+    del batches
     for i in progress_bar(range(spec.n_layers), desc="wanda-sp layers", enabled=ctx.progress):
-        layer = layers[i]
-        o, down = ad.proj(layer, ad.o), ad.proj(layer, ad.down)
-        with InputStats({"o": o, "down": down}) as st:
-            for h, (_, kw) in zip(hidden, batches):
-                run_layer(ad, layer, h, kw[i])
-        heads = head_scores(wanda_column_scores(o.weight, st.l2("o")), spec.head_dim)
-        channels = wanda_column_scores(down.weight, st.l2("down"))
-        plan.layers[i] = layer_plan_at_rate(spec, rates[i], heads.cpu(), channels.cpu())
-        with MaskedPlan(ad, spec, {i: plan.layers[i]}):
-            hidden = [run_layer(ad, layer, h, kw[i]) for h, (_, kw) in zip(hidden, batches)]
+        with layer_weights(ctx.model, i) as layer:
+            o, down = ad.proj(layer, ad.o), ad.proj(layer, ad.down)
+            with InputStats({"o": o, "down": down}) as st:
+                for b, kw in enumerate(kws):
+                    run_layer(ad, layer, *to_module_device(layer, hidden.get(b), kw[i]))
+            heads = head_scores(wanda_column_scores(o.weight, st.l2("o")), spec.head_dim)
+            channels = wanda_column_scores(down.weight, st.l2("down"))
+            plan.layers[i] = layer_plan_at_rate(spec, rates[i], heads.cpu(), channels.cpu())
+            with MaskedPlan(ad, spec, {i: plan.layers[i]}):
+                for b, kw in enumerate(kws):
+                    hidden.put(b, run_layer(ad, layer, *to_module_device(layer, hidden.get(b), kw[i])))
+    hidden.close()
     return plan

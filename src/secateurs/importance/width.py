@@ -32,11 +32,12 @@ def output_projections(adapter: Adapter, layers=None) -> dict[str, torch.nn.Line
 
 @torch.inference_mode()
 def collect_stats(model, adapter: Adapter, rows: torch.Tensor, batch_size: int = 4, layers=None) -> InputStats:
-    """Input statistics of every (or the given) layer's o_proj and down_proj over the calibration rows."""
-    device = next(model.parameters()).device
+    """Input statistics of every (or the given) layer's o_proj and down_proj over the calibration rows (one
+    pass through the model, resident or layer by layer: ``runtime.passes.forward_rows``)."""
+    from ..runtime.passes import forward_rows
+
     with InputStats(output_projections(adapter, layers)) as st:
-        for i in range(0, rows.shape[0], batch_size):
-            model(input_ids=rows[i : i + batch_size].to(device), use_cache=False)
+        forward_rows(model, rows, batch_size)
     return st
 
 
@@ -154,20 +155,36 @@ def standardize(x: torch.Tensor) -> torch.Tensor:
 # --- masking: a plan's effect on the dense model, without surgery ---------------------------------------
 
 
+def _zero_columns(idx: torch.Tensor):
+    def hook(mod, args):
+        x = args[0]
+        return (x.index_fill(-1, idx.to(x.device), 0),) + tuple(args[1:])
+    return hook
+
+
+def _add_bias(bias: torch.Tensor):
+    def hook(mod, args, out):
+        return out + bias.to(out.device)
+    return hook
+
+
 class MaskedPlan:
     """Context manager: the dense model behaves as if ``layer_plans`` (``{layer index: LayerPlan}``) were
-    applied. Removed heads' ``o_proj`` columns and removed channels' ``down_proj`` columns are zeroed in place
-    (their values saved and restored on exit); bias compensation is added by forward hooks. Equal to surgery
-    (tests/test_width_methods.py) at the cost of a dense forward pass, and without copying the model."""
+    applied. The inputs of removed heads' ``o_proj`` columns and removed channels' ``down_proj`` columns are
+    zeroed by forward pre-hooks (the weights are not touched, so this works the same on a resident model and on
+    one whose layers are read from the file as they run); bias compensation is added by forward hooks. Equal
+    to surgery (tests/test_width_methods.py) at the cost of a dense forward pass, without copying the model."""
 
     def __init__(self, adapter: Adapter, spec, layer_plans: dict):
         self.adapter, self.spec, self.layer_plans = adapter, spec, layer_plans
-        self._saved, self._hooks = [], []
+        self._hooks = []
 
-    @torch.no_grad()
     def __enter__(self):
+        from ..runtime import model_dtype
+
         layers = self.adapter.layers()
         hd = self.spec.head_dim
+        dtype = model_dtype(self.adapter.model)
         for i, lp in self.layer_plans.items():
             o, down = self.adapter.proj(layers[i], self.adapter.o), self.adapter.proj(layers[i], self.adapter.down)
             kept_h = set(lp.kept_heads(self.spec))
@@ -175,20 +192,13 @@ class MaskedPlan:
             kept_c = set(lp.kept_channels(self.spec))
             for lin, cols in ((o, head_indices(gone_h, hd)), (down, [c for c in range(self.spec.intermediate) if c not in kept_c])):
                 if cols:
-                    idx = torch.as_tensor(cols, dtype=torch.long, device=lin.weight.device)
-                    self._saved.append((lin, idx, lin.weight.index_select(1, idx)))
-                    lin.weight.index_fill_(1, idx, 0.0)
+                    self._hooks.append(lin.register_forward_pre_hook(_zero_columns(torch.as_tensor(cols, dtype=torch.long))))
             for lin, b in ((o, lp.attn_bias), (down, lp.mlp_bias)):
                 if b:
-                    bias = torch.tensor(b, dtype=lin.weight.dtype, device=lin.weight.device)
-                    self._hooks.append(lin.register_forward_hook(lambda m, a, out, bias=bias: out + bias))
+                    self._hooks.append(lin.register_forward_hook(_add_bias(torch.tensor(b, dtype=dtype))))
         return self
 
-    @torch.no_grad()
     def __exit__(self, *exc):
         for h in self._hooks:
             h.remove()
-        for lin, idx, cols in reversed(self._saved):
-            lin.weight.index_copy_(1, idx, cols)
-        self._saved.clear()
         self._hooks.clear()

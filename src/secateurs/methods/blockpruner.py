@@ -11,6 +11,8 @@ from pathlib import Path
 from ..errors import UserError
 from ..plan import PruningPlan
 from ..search.depth import SearchOptions, run_greedy
+from ..models.base import Block
+from ..runtime.estimate import greedy_evaluations, steps_for_ratio
 from ..search.greedy import ORDER_FORMAT, block_candidates, plan_from_order
 from . import PruneContext, register_method
 
@@ -20,6 +22,16 @@ class BlockPrunerConfig(SearchOptions):
     blocks: str = field(default="mix", metadata={"help": "candidate blocks: attention and MLP (mix), or only one kind", "choices": ["mix", "attn", "mlp"]})
     steps: int | None = field(default=None, metadata={"help": "search this many removals (the plan: the first K, or the --ratio prefix)"})
     from_order: str | None = field(default=None, metadata={"help": "take the plan from a saved order.json instead of searching"})
+
+    def evaluations(self, spec, ratio, rows) -> tuple[int, int, str]:
+        """What the search will run (``runtime.estimate``): candidate evaluations over all calibration rows."""
+        if self.from_order or (self.steps is None and ratio is None):
+            return 0, rows, "no search" + (": the plan comes from --from-order" if self.from_order else "")
+        cands = block_candidates(spec.n_layers, self.blocks)
+        steps = self.steps or steps_for_ratio(spec, ratio, [spec.block_params(*Block.at(c[0])) for c in cands])
+        return greedy_evaluations(len(cands), steps), rows, (
+            f"{steps} greedy steps over {len(cands)} blocks, every candidate evaluated in full (the fast search "
+            "abandons most of them early: an upper bound)")
 
 
 def load_order(path: str, ctx: PruneContext) -> dict:

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import UserError
-from ..importance.width import collect_stats, compensation_bias, flap_column_scores, output_projections, standardize
+from ..importance.width import collect_stats, compensation_bias, flap_column_scores, standardize
 from ..models.base import head_indices
+from ..runtime.passes import layer_weights
 from ..plan import LayerPlan, PruningPlan, check_ratio_reached, select_heads
 from . import PruneContext, register_method
 
@@ -32,10 +33,14 @@ class FlapConfig:
 
 def standardized_scores(ctx: PruneContext, stats) -> tuple[torch.Tensor, torch.Tensor]:
     """(head scores [layers, heads], channel scores [layers, channels]), standardized per layer and kind."""
-    spec, projs = ctx.spec, output_projections(ctx.adapter)
+    spec, ad = ctx.spec, ctx.adapter
     L = spec.n_layers
-    attn = torch.stack([flap_column_scores(projs[f"attn.{i}"].weight, stats.var(f"attn.{i}")).cpu() for i in range(L)])
-    mlp = torch.stack([flap_column_scores(projs[f"mlp.{i}"].weight, stats.var(f"mlp.{i}")).cpu() for i in range(L)])
+    attn, mlp = [], []
+    for i in range(L):
+        with layer_weights(ctx.model, i) as layer:
+            attn.append(flap_column_scores(ad.proj(layer, ad.o).weight, stats.var(f"attn.{i}")).cpu())
+            mlp.append(flap_column_scores(ad.proj(layer, ad.down).weight, stats.var(f"mlp.{i}")).cpu())
+    attn, mlp = torch.stack(attn), torch.stack(mlp)
     heads = standardize(attn).view(L, spec.n_heads, spec.head_dim).mean(-1)
     return heads, standardize(mlp)
 
@@ -85,13 +90,16 @@ def threshold_plan(spec, heads: torch.Tensor, channels: torch.Tensor, ratio: flo
 
 
 def add_compensation(ctx: PruneContext, plan: PruningPlan, stats) -> None:
-    spec, projs = ctx.spec, output_projections(ctx.adapter)
+    spec, ad = ctx.spec, ctx.adapter
     for i, lp in enumerate(plan.layers):
-        if lp.heads is not None:
-            lp.attn_bias = compensation_bias(projs[f"attn.{i}"].weight, stats.mean(f"attn.{i}"),
-                                             head_indices(lp.heads, spec.head_dim))
-        if lp.channels is not None:
-            lp.mlp_bias = compensation_bias(projs[f"mlp.{i}"].weight, stats.mean(f"mlp.{i}"), lp.channels)
+        if lp.heads is None and lp.channels is None:
+            continue
+        with layer_weights(ctx.model, i) as layer:
+            if lp.heads is not None:
+                lp.attn_bias = compensation_bias(ad.proj(layer, ad.o).weight, stats.mean(f"attn.{i}"),
+                                                 head_indices(lp.heads, spec.head_dim))
+            if lp.channels is not None:
+                lp.mlp_bias = compensation_bias(ad.proj(layer, ad.down).weight, stats.mean(f"mlp.{i}"), lp.channels)
 
 
 @register_method("flap", "fluctuation scores standardized across layers, one global threshold (adaptive widths), "

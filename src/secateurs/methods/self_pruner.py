@@ -22,7 +22,9 @@ from ..errors import UserError
 from ..eval.perplexity import perplexity
 from ..importance.sequential import sequential_plan
 from ..importance.width import (MaskedPlan, collect_stats, head_scores, layer_plan_at_rate, mean_rate_for_ratio,
-                                output_projections, wanda_column_scores)
+                                wanda_column_scores)
+from ..runtime import input_device
+from ..runtime.passes import layer_weights
 from ..search.evolution import EvolutionConfig, SearchSpace, evolve
 from ..search.proposers import make_proposer
 from ..plan import PruningPlan, check_ratio_reached
@@ -50,6 +52,15 @@ class SelfPrunerConfig:
     llm_max_tokens: int = field(default=400, metadata={"help": "upper bound of tokens per LLM answer"})
     batch_size: int = field(default=4, metadata={"help": "calibration rows per forward pass"})
 
+    searches = True  # a search: on a CPU the default calibration is small (pipeline.calibration_defaults)
+
+    def evaluations(self, spec, ratio, rows) -> tuple[int, int, str]:
+        """What the search will run (``runtime.estimate``): fitness evaluations on --fitness-rows rows."""
+        n = max(0, self.population) + max(0, self.generations) * max(0, self.crossover + self.mutation)
+        return n, min(self.fitness_rows, rows), (f"at most {n} fitness evaluations (population {self.population}, "
+                                                 f"{self.generations} generations of {self.crossover + self.mutation} "
+                                                 "children; repeated vectors are not evaluated again)")
+
 
 class MaskedFitness:
     """Perplexity of the dense model masked as wanda-sp at the given rates would prune it (one-shot scores)."""
@@ -57,12 +68,13 @@ class MaskedFitness:
     def __init__(self, ctx: PruneContext, rows: torch.Tensor, batch_size: int):
         self.ctx, self.rows, self.batch_size = ctx, rows, batch_size
         stats = collect_stats(ctx.model, ctx.adapter, ctx.calib, batch_size)
-        projs = output_projections(ctx.adapter)
+        ad = ctx.adapter
         self.heads, self.channels = [], []
         for i in range(ctx.spec.n_layers):
-            o, down = projs[f"attn.{i}"], projs[f"mlp.{i}"]
-            self.heads.append(head_scores(wanda_column_scores(o.weight, stats.l2(f"attn.{i}")), ctx.spec.head_dim).cpu())
-            self.channels.append(wanda_column_scores(down.weight, stats.l2(f"mlp.{i}")).cpu())
+            with layer_weights(ctx.model, i) as layer:
+                o, down = ad.proj(layer, ad.o), ad.proj(layer, ad.down)
+                self.heads.append(head_scores(wanda_column_scores(o.weight, stats.l2(f"attn.{i}")), ctx.spec.head_dim).cpu())
+                self.channels.append(wanda_column_scores(down.weight, stats.l2(f"mlp.{i}")).cpu())
 
     def plans(self, rates) -> dict:
         spec = self.ctx.spec
@@ -94,7 +106,7 @@ def self_pruner(ctx: PruneContext, cfg: SelfPrunerConfig) -> PruningPlan:
     space = SearchSpace(spec.n_layers, mean_rate_for_ratio(spec, ctx.ratio), cfg.rate_min, cfg.rate_max, cfg.rate_step)
     proposer = make_proposer(cfg.proposer, llm_model=cfg.llm_model, llm_base_url=cfg.llm_base_url,
                              retries=cfg.llm_retries, temperature=cfg.llm_temperature, max_tokens=cfg.llm_max_tokens,
-                             device=str(next(ctx.model.parameters()).device))
+                             device=str(input_device(ctx.model)))
     fitness = MaskedFitness(ctx, ctx.calib[: cfg.fitness_rows], cfg.batch_size)
     evo = EvolutionConfig(cfg.population, cfg.generations, cfg.crossover, cfg.mutation, ctx.seed)
     log = print if ctx.progress else None

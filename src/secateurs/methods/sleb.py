@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from ..plan import PruningPlan
 from ..search.depth import SearchOptions, run_greedy
+from ..runtime.estimate import greedy_evaluations, steps_for_ratio
 from ..search.greedy import layer_candidates, plan_from_order
 from . import PruneContext, register_method
 
@@ -15,6 +16,16 @@ from . import PruneContext, register_method
 @dataclass
 class SlebConfig(SearchOptions):
     keep_ends: bool = field(default=True, metadata={"help": "never remove the first and the last layer"})
+
+    def evaluations(self, spec, ratio, rows) -> tuple[int, int, str]:
+        """What the search will run (``runtime.estimate``): candidate evaluations over all calibration rows."""
+        if ratio is None:
+            return 0, rows, "no search"
+        cands = layer_candidates(spec.n_layers, self.keep_ends)
+        sizes = [spec.block_params(c[0] // 2, "attn") + spec.block_params(c[0] // 2, "mlp") for c in cands]
+        steps = steps_for_ratio(spec, ratio, sizes)
+        return greedy_evaluations(len(cands), steps), rows, (
+            f"{steps} greedy steps over {len(cands)} layers, every candidate evaluated in full (an upper bound)")
 
 
 @register_method("sleb", "SLEB: greedy whole-layer removal by calibration perplexity (first and last layers kept)", SlebConfig)

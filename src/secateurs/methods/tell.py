@@ -31,6 +31,7 @@ from ..importance.width import (compensation_bias, flap_column_scores, head_scor
 from ..models.base import BLOCK_KINDS, Block, ModelSpec, all_blocks, head_indices
 from ..models.loading import cache_dir
 from ..plan import PruningPlan, check_ratio
+from ..runtime.passes import layer_weights, parameter_tensors
 from ..search.assign import assign_ratios, load_weights
 from . import PruneContext, register_method
 
@@ -80,10 +81,11 @@ class WidthScores:
 def width_scores(ctx: PruneContext, stats: InputStats) -> WidthScores:
     ad, spec = ctx.adapter, ctx.spec
     heads, channels = [], []
-    for i, layer in enumerate(ad.layers()):
-        o, down = ad.proj(layer, ad.o), ad.proj(layer, ad.down)
-        heads.append(head_scores(flap_column_scores(o.weight, stats.var(f"attn.{i}")), spec.head_dim).tolist())
-        channels.append(flap_column_scores(down.weight, stats.var(f"mlp.{i}")).tolist())
+    for i in range(spec.n_layers):
+        with layer_weights(ctx.model, i) as layer:
+            o, down = ad.proj(layer, ad.o), ad.proj(layer, ad.down)
+            heads.append(head_scores(flap_column_scores(o.weight, stats.var(f"attn.{i}")), spec.head_dim).tolist())
+            channels.append(flap_column_scores(down.weight, stats.var(f"mlp.{i}")).tolist())
     return WidthScores(heads, channels, stats)
 
 
@@ -95,17 +97,20 @@ def build_plan(ctx: PruneContext, ratios: list[float], ws: WidthScores, compensa
     spec, ad = ctx.spec, ctx.adapter
     plan = PruningPlan.dense(spec, "tell")
     zeros = [0.0] * spec.hidden
-    layers = ad.layers()
     for i in range(spec.n_layers):
         r_attn, r_mlp = (ratios[Block(i, k).pos] for k in BLOCK_KINDS)
         lp = plan.layers[i] = layer_plan_at_rates(spec, r_attn if r_attn < 1.0 else None,
                                                   r_mlp if r_mlp < 1.0 else None, ws.heads[i], ws.channels[i])
-        if lp.heads is not None:
-            lp.attn_bias = zeros if not compensate else compensation_bias(
-                ad.proj(layers[i], ad.o).weight, ws.stats.mean(f"attn.{i}"), head_indices(lp.heads, spec.head_dim))
-        if lp.channels is not None:
-            lp.mlp_bias = zeros if not compensate else compensation_bias(
-                ad.proj(layers[i], ad.down).weight, ws.stats.mean(f"mlp.{i}"), lp.channels)
+        if not compensate:
+            lp.attn_bias = zeros if lp.heads is not None else None
+            lp.mlp_bias = zeros if lp.channels is not None else None
+        elif lp.heads is not None or lp.channels is not None:
+            with layer_weights(ctx.model, i) as layer:
+                if lp.heads is not None:
+                    lp.attn_bias = compensation_bias(ad.proj(layer, ad.o).weight, ws.stats.mean(f"attn.{i}"),
+                                                     head_indices(lp.heads, spec.head_dim))
+                if lp.channels is not None:
+                    lp.mlp_bias = compensation_bias(ad.proj(layer, ad.down).weight, ws.stats.mean(f"mlp.{i}"), lp.channels)
     return plan
 
 
@@ -118,8 +123,8 @@ def calibration_key(ctx: PruneContext, cfg: TellConfig) -> str:
                          "tokens": cfg.te_tokens, "seed": ctx.seed}, sort_keys=True).encode())
     h.update(ctx.calib.cpu().numpy().tobytes())
     with torch.no_grad():
-        for p in list(ctx.model.parameters())[:: max(1, len(list(ctx.model.parameters())) // 16)]:
-            h.update(f"{float(p.double().sum()):.12e}".encode())
+        for t in parameter_tensors(ctx.model, every=16):
+            h.update(f"{float(t.double().sum()):.12e}".encode())
     return h.hexdigest()[:20]
 
 

@@ -102,17 +102,24 @@ def resolve(name_or_path: str, progress: bool = True) -> str:
     return name_or_path
 
 
-def load_model(name_or_path: str, dtype=None, device: str = "cpu", trust_remote_code: bool = False, progress=True):
-    """Returns (model, tokenizer) for an embedded name, a hub id, a local folder or a pruned secateurs folder."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(name_or_path: str, dtype=None, device: str = "cpu", trust_remote_code: bool = False, progress=True,
+               max_memory=None, spill_dir=None, workload=None):
+    """Returns (model, tokenizer) for an embedded name, a hub id, a local folder or a pruned secateurs folder.
 
-    dtype = dtype or torch.float32
+    ``dtype``: ``auto`` (None) or a dtype name (``runtime.precision``); ``max_memory``: ``--max-memory`` text or
+    dict; ``spill_dir``: where states beyond the budget go; ``workload``: (rows per batch, tokens per row) of the
+    calibration passes to come, for the memory check (``runtime.loading``)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..runtime.loading import place
+
+    log = print if progress else None
     p = Path(name_or_path)
     if p.is_dir() and (p / "plan.json").exists() and (p / "secateurs.json").exists():
         from ..export.checkpoint import load_pruned
 
-        return load_pruned(p, dtype=dtype, device=device)
+        return load_pruned(p, dtype=dtype, device=device, max_memory=max_memory, spill_dir=spill_dir,
+                           workload=workload, log=log)
     if name_or_path not in EMBEDDED and p.exists() and not p.is_dir():
         raise UserError(f"model path {name_or_path!r} is a file; give a model folder, a hub id or one of {sorted(EMBEDDED)}")
     if name_or_path not in EMBEDDED and not p.exists() and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1):
@@ -122,8 +129,8 @@ def load_model(name_or_path: str, dtype=None, device: str = "cpu", trust_remote_
     folder = resolve(name_or_path, progress=progress)
     try:
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        model = place(folder, config, dtype, device, max_memory, spill_dir, workload, trust_remote_code, log)
     except OSError as e:
         raise UserError(f"could not load model {name_or_path!r}: {str(e).splitlines()[0]}") from e
-    model.to(device).eval()
     return model, tok

@@ -8,8 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import UserError
-from ..models import get_adapter
-from .greedy import Replayer, SearchSettings, greedy_search, search_model
+from .greedy import Replayer, SearchSettings, greedy_search
 
 if TYPE_CHECKING:
     from ..methods import PruneContext
@@ -21,10 +20,11 @@ ORDER_FILE = "order.json"
 class SearchOptions:
     """Options shared by the greedy searches (blockpruner, sleb)."""
 
+    searches = True  # a search: on a CPU the default calibration is small (pipeline.calibration_defaults)
+
     exact_reference: bool = field(default=False, metadata={"help": "run the straightforward search (every candidate through the whole model): slow, same result"})
     batch_size: int = field(default=1, metadata={"help": "calibration rows per forward pass; smaller batches let bad candidates be abandoned earlier"})
     cache_mb: int = field(default=1024, metadata={"help": "memory for cached hidden states of the fast search, MiB"})
-    dtype: str = field(default="auto", metadata={"help": "search precision (auto = bfloat16 on a GPU, else float32)", "choices": ["auto", "float32", "bfloat16"]})
 
 
 def run_greedy(ctx: PruneContext, cfg: SearchOptions, candidates, method: str, target_ratio, max_steps) -> dict:
@@ -32,9 +32,8 @@ def run_greedy(ctx: PruneContext, cfg: SearchOptions, candidates, method: str, t
     if cfg.batch_size < 1 or cfg.cache_mb < 0:
         raise UserError("--batch-size must be >= 1 and --cache-mb >= 0")
     s = SearchSettings(candidates, target_ratio, max_steps, cfg.exact_reference, cfg.cache_mb)
-    model = search_model(ctx.model, cfg.dtype)
-    with torch.inference_mode():
-        replayer = Replayer(model, get_adapter(model), ctx.calib, cfg.batch_size)
+    with torch.inference_mode():  # in the model's working dtype (--dtype), wherever the runtime placed it
+        replayer = Replayer(ctx.model, ctx.adapter, ctx.calib, cfg.batch_size)
         state = greedy_search(replayer, ctx.spec, s, ctx.workdir / ORDER_FILE, method, ctx.progress)
     steps = state["steps"]
     full = sum(st["evaluations_full"] for st in steps)

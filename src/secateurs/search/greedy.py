@@ -46,10 +46,14 @@ from typing import Callable
 import torch
 
 from ..errors import UserError
-from ..importance.activations import capture, run_branch
+from ..importance.activations import run_branch
 from ..models.base import BLOCK_KINDS, Adapter, Block, ModelSpec, all_blocks, layer_positions
 from ..plan import PruningPlan, atomic_write_text
 from ..progress import progress_bar
+from ..runtime.head import HEAD_BLOCK
+from ..runtime.onload import Kept
+from ..runtime.passes import batches_of, capture_batches, vocab_mass
+from ..runtime.placement import module_device, onloader_of, to_module_device
 
 ORDER_FORMAT = "secateurs-order/1"
 
@@ -74,20 +78,22 @@ class VocabHead:
     """The summed next-token NLL of one batch, computed over the vocabulary chunk by chunk.
 
     The chunks follow the dense model's probability mass on the calibration rows (the likeliest tokens first)
-    and double in size from ``first`` tokens (``Replayer.chunks``). ``lse`` is the running log-sum-exp of the
+    and double in size from ``first`` tokens up to ``HEAD_BLOCK`` (``Replayer._chunk_vocab``; the mass comes
+    from ``runtime.passes.vocab_mass``, the head in blocks). ``lse`` is the running log-sum-exp of the
     non-target logits seen so far and ``z_t`` the target logits; ``value`` = sum of ``logaddexp(lse, z_t) -
     z_t`` can only grow from chunk to chunk (log-sum-exp over more terms) and equals the loss after the last
     chunk. The computation is one fixed sequence of operations, the same in the exact and the fast search."""
 
     def __init__(self, r: "Replayer", b: int, h: torch.Tensor):
         self.r = r
-        x = r.adapter.final_norm()(h)[:, :-1]
+        norm = r.adapter.final_norm()
+        x = norm(h.to(module_device(norm, h.device)))[:, :-1]
         self.x = x.reshape(-1, x.shape[-1])
         tgt = r.batches[b][:, 1:].reshape(-1).to(x.device)
-        head = r.adapter.lm_head()
-        z_t = (self.x.float() * head.weight[tgt].float()).sum(-1)
-        if head.bias is not None:
-            z_t = z_t + head.bias[tgt].float()
+        w_t, b_t = r.target_rows(tgt)
+        z_t = (self.x.float() * w_t.float()).sum(-1)
+        if b_t is not None:
+            z_t = z_t + b_t.float()
         self.z_t = r.adapter.softcap(z_t)
         rank = r.rank[tgt]  # where each target sits in the chunk order
         self.t_chunk = torch.bucketize(rank, r.chunk_ends, right=True)
@@ -104,7 +110,7 @@ class VocabHead:
         """Adds the next chunk of the vocabulary; returns the new value (a lower bound, or the loss when complete)."""
         r, c = self.r, self.done
         w, bias = r.chunk_weights[c]
-        z = self.x @ w.T
+        z = self.x @ w.to(self.x.device).T
         if bias is not None:
             z = z + bias
         z = r.adapter.softcap(z.float())
@@ -122,57 +128,93 @@ class VocabHead:
 class Replayer:
     """The calibration rows in batches, with what the model passes to its layers, ready to be replayed with
     any set of blocks removed, and the loss head (``VocabHead``) split into chunks of the vocabulary that
-    double in size from ``head_chunk`` tokens (0: one chunk). Counts the work done: blocks run, complete loss
-    heads, and head work in full-vocabulary equivalents."""
+    double in size from ``head_chunk`` tokens up to ``HEAD_BLOCK`` (0: blocks of ``HEAD_BLOCK`` in vocabulary
+    order). Counts the work done: blocks run, complete loss heads, and head work in full-vocabulary
+    equivalents.
+
+    Where the blocks run is the runtime's business (``secateurs.runtime``): a resident model's layers are used
+    as they are (moved between GPUs when split by a device map); an onloaded model (``--max-memory``) reads a
+    layer when a block of it runs, keeps the last layers (every replay ends with them) on the device while the
+    budget allows, keeps the head chunks within a share of the budget (the rest in files), and lets the state
+    cache spill pinned states (``StateCache.spill``). The operations and their inputs are the same on every
+    path, so losses are bitwise the same with and without a budget."""
 
     def __init__(self, model, adapter: Adapter, rows: torch.Tensor, batch_size: int = 1, head_chunk: int = 4096):
         self.model, self.adapter = model, adapter
         self.layers = adapter.layers()
+        self.ol = onloader_of(model)
+        self.spill = self.ol.spill if self.ol is not None else None
         self.n_pos = len(BLOCK_KINDS) * len(self.layers)
-        self.batches, self.emb, self.kwargs = [], [], []
-        mass = 0
-        for i in range(0, rows.shape[0], batch_size):
-            ids = rows[i : i + batch_size]
-            cap = capture(model, adapter, ids)
-            self.batches.append(ids)
-            self.emb.append(cap.hidden[0])
-            self.kwargs.append(cap.kwargs)
-            if head_chunk:
-                mass = mass + adapter.logits(cap.hidden[-1]).float().softmax(-1).sum((0, 1))
+        self.batches = batches_of(rows, batch_size)
+        self.emb, self.kwargs, finals = capture_batches(model, self.batches, finals=bool(head_chunk))
+        mass = vocab_mass(model, finals, len(self.batches)) if head_chunk else None
+        if finals is not None:
+            finals.close()
         self.tokens = rows.shape[0] * (rows.shape[1] - 1)
-        self._chunk_vocab(mass, head_chunk)
+        self._state_share = None
+        if self.ol is not None:  # the budget left: a quarter for head chunks, a quarter for layers, half for states
+            for e in self.emb:
+                self.ol.budget.take(e.numel() * e.element_size())
+            room = self.ol.budget.free()
+            self._chunk_vocab(mass, head_chunk, room // 4)
+            self.ol.pin_layers(range(len(self.layers) - 1, -1, -1), room // 4)
+            self._state_share = self.ol.budget.free()
+        else:
+            self._chunk_vocab(mass, head_chunk)
         self.blocks_run = 0
         self.heads_run = 0
         self.head_work = 0.0
 
-    def _chunk_vocab(self, mass, first: int) -> None:
+    def state_budget(self, requested: int) -> int:
+        """Bytes the state cache may hold in memory: as requested, within the budget of an onloaded model."""
+        return requested if self._state_share is None else min(requested, self._state_share)
+
+    def _chunk_vocab(self, mass, first: int, resident_bytes: int = 0) -> None:
         head = self.adapter.lm_head()
-        self.vocab = v = head.weight.shape[0]
-        dev = head.weight.device
-        order = torch.argsort(mass, descending=True, stable=True) if 0 < first < v else torch.arange(v, device=dev)
+        self.vocab = v = self.ol.vocab if self.ol is not None else head.weight.shape[0]
+        dev = self.ol.device if self.ol is not None else head.weight.device
+        ordered = mass is not None and 0 < first < v
+        order = torch.argsort(mass.to(dev), descending=True, stable=True) if ordered else torch.arange(v, device=dev)
         self.rank = torch.empty_like(order)
         self.rank[order] = torch.arange(v, device=dev)
-        ends, size = [], first if 0 < first < v else v
+        ends, size = [], min(first, HEAD_BLOCK) if ordered else HEAD_BLOCK
         while not ends or ends[-1] < v:
             ends.append(min(v, (ends[-1] if ends else 0) + size))
-            size *= 2
+            size = min(2 * size, HEAD_BLOCK)
         starts = [0] + ends[:-1]
         self.chunk_ends, self.chunk_starts = torch.tensor(ends, device=dev), torch.tensor(starts, device=dev)
-        if len(ends) == 1:
+        if self.ol is not None:
+            self.chunk_weights = _FileChunks(self.ol, [order[a:e] for a, e in zip(starts, ends)], resident_bytes)
+        elif len(ends) == 1:
             self.chunk_weights = [(head.weight, head.bias)]
+        elif not ordered:
+            self.chunk_weights = [(head.weight[a:e], None if head.bias is None else head.bias[a:e]) for a, e in zip(starts, ends)]
         else:
             self.chunk_weights = [(head.weight[order[a:e]], None if head.bias is None else head.bias[order[a:e]])
                                   for a, e in zip(starts, ends)]
 
-    def run(self, b: int, h: torch.Tensor, start: int, removed: frozenset, save: Callable | None = None) -> torch.Tensor:
+    def target_rows(self, tgt: torch.Tensor):
+        """(weight rows, bias rows or None) of the output head for the token ids ``tgt``."""
+        if self.ol is not None:
+            return self.ol.head_rows(tgt)
+        head = self.adapter.lm_head()
+        tgt = tgt.to(head.weight.device)
+        return head.weight[tgt], None if head.bias is None else head.bias[tgt]
+
+    def run(self, b: int, h, start: int, removed: frozenset, save: Callable | None = None) -> torch.Tensor:
         """Runs batch ``b`` from the state ``h`` entering position ``start`` to the end, skipping ``removed``;
-        ``save(pos, h)`` (if given) sees the state entering every later position."""
+        ``save(pos, h)`` (if given) sees the state entering every later position. ``h`` may be a state the
+        cache spilled (``runtime.onload.Kept``)."""
+        if isinstance(h, Kept):
+            h = h.get()
         for pos in range(start, self.n_pos):
             if save is not None and pos > start:
                 save(pos, h)
             if pos not in removed:
                 layer, kind = Block.at(pos)
-                h = run_branch(self.adapter, self.layers[layer], kind, h, self.kwargs[b][layer])
+                module = self.ol.layer(layer) if self.ol is not None else self.layers[layer]
+                h, kw = to_module_device(module, h, self.kwargs[b][layer])
+                h = run_branch(self.adapter, module, kind, h, kw)
                 self.blocks_run += 1
         return h
 
@@ -187,15 +229,49 @@ class Replayer:
         return head.value
 
 
+class _FileChunks:
+    """The head chunks of an onloaded model: gathered once from the checkpoint in chunk order, the first ones
+    kept on the device within ``resident_bytes``, the rest in files (``runtime.onload.SpillStore``)."""
+
+    def __init__(self, ol, rows: list, resident_bytes: int):
+        self.kept, used = [], 0
+        for idx in rows:
+            w, bias = ol.head_rows(idx)
+            n = w.numel() * w.element_size() + (0 if bias is None else bias.numel() * bias.element_size())
+            tiers = ("device", "cpu", "disk") if used + n <= resident_bytes else ("cpu", "disk")
+            pair = [None if t is None else ol.spill.keep(t, tiers) for t in (w, bias)]
+            if pair[0] is None or (bias is not None and pair[1] is None):
+                raise UserError("the output head does not fit the budget nor the disk budget for spilled files; "
+                                "raise --max-memory (disk=SIZE)")
+            used += n if pair[0].tier == "device" else 0
+            self.kept.append(pair)
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    def __getitem__(self, c: int):
+        w, bias = self.kept[c]
+        return w.get(), None if bias is None else bias.get()
+
+
+def _nbytes(h) -> int:
+    return h.numel() * h.element_size() if isinstance(h, torch.Tensor) else 0
+
+
 @dataclass
 class StateCache:
     """Hidden states entering block positions, keyed by (batch, position, removed positions before it).
-    Pinned entries (the current model's states) are never evicted; others go oldest first over budget."""
+    Pinned entries (the current model's states) are never evicted; others go oldest first over budget.
+    With ``spill`` (an onloaded model's ``SpillStore``), pinned states beyond the budget go to the next tier
+    (CPU memory below a GPU, then files); when even that is full they are not kept, and a candidate starts
+    from an earlier kept state (``latest``) and recomputes the same states, bitwise."""
 
     budget_bytes: int
-    entries: dict = field(default_factory=dict)  # key -> tensor (insertion order = age)
+    entries: dict = field(default_factory=dict)  # key -> tensor or spilled state (insertion order = age)
     pinned: set = field(default_factory=set)
     used: int = 0
+    spill: object | None = None
+    spilled: set = field(default_factory=set)
 
     @staticmethod
     def key(b: int, pos: int, removed) -> tuple:
@@ -206,11 +282,17 @@ class StateCache:
             if pin:
                 self.pinned.add(key)
             return
-        size = h.numel() * h.element_size()
-        if not pin and self.used + size > self.budget_bytes:
+        size = _nbytes(h)
+        if self.used + size > self.budget_bytes and (not pin or self.spill is not None):
             self._evict(size)
             if self.used + size > self.budget_bytes:
-                return
+                if not pin:
+                    return
+                h = self.spill.keep(h, ("cpu", "disk"))
+                if h is None:
+                    return
+                self.spilled.add(key)
+                size = 0
         self.entries[key] = h
         self.used += size
         if pin:
@@ -225,8 +307,11 @@ class StateCache:
 
     def _drop(self, k) -> None:
         h = self.entries.pop(k)
-        self.used -= h.numel() * h.element_size()
+        self.used -= _nbytes(h)
         self.pinned.discard(k)
+        if k in self.spilled:
+            self.spilled.discard(k)
+            h.release()
 
     def latest(self, b: int, removed: frozenset, upto: int):
         """The cached state of batch ``b`` under ``removed`` at the latest position <= ``upto``."""
@@ -287,7 +372,7 @@ def greedy_search(replayer: Replayer, spec: ModelSpec, s: SearchSettings, state_
     state = _load_state(state_path, spec, s.fingerprint()) or {
         "format": ORDER_FORMAT, "method": method, "dims": spec.as_dict(), "search": s.fingerprint(),
         "tokens": replayer.tokens, "dense": None, "steps": [], "last_losses": {}}
-    cache = StateCache(s.cache_mb << 20)
+    cache = StateCache(replayer.state_budget(s.cache_mb << 20), spill=replayer.spill)
 
     removed = frozenset(p for st in state["steps"] for p in parse_units(st["removed"]))
     if state["dense"] is None:
@@ -425,16 +510,3 @@ def plan_from_order(spec: ModelSpec, steps: list[dict], target_ratio: float | No
         k = min(n_steps, len(steps))
     blocks = [Block.at(p) for st in steps[:k] for p in parse_units(st["removed"])]
     return PruningPlan.from_removed_blocks(spec, blocks, method), k
-
-
-def search_model(model, dtype: str):
-    """The model the search runs: itself, or a bfloat16 copy (``dtype`` auto = bfloat16 on a GPU)."""
-    device = next(model.parameters()).device
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-    want = getattr(torch, dtype)
-    if next(model.parameters()).dtype == want:
-        return model
-    import copy
-
-    return copy.deepcopy(model).to(want)
