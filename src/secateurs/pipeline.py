@@ -140,6 +140,8 @@ def run_prune(s: PruneSettings, out: str | Path, overwrite: bool = False, progre
     torch.manual_seed(s.seed)
     model, tok = load_model(s.model, device=s.device, dtype=s.dtype, progress=progress, max_memory=max_memory,
                             spill_dir=None if dry_run else work / "spill", workload=(batch, seqlen))
+    if hasattr(cfg, "check_placement"):  # e.g. tell --speedup needs the whole model in memory
+        cfg.check_placement(onloader_of(model) is not None)
     adapter = get_adapter(model)
     spec = adapter.spec()
     dense_config = _plain_config(model.config)

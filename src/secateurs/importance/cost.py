@@ -198,8 +198,10 @@ def measure_costs(model, spec: ModelSpec, prompt_len: int = 256, reps: int = 5, 
 
 
 def load_or_measure(model, spec: ModelSpec, prompt_len: int = 256, reps: int = 5, seed: int = 0,
-                    refresh: bool = False, log=None, clock: str = "wall") -> tuple[CostModel, str]:
-    """The cached cost model of this device and model, measured on first use. Returns (model, cache path)."""
+                    refresh: bool = False, log=None, clock: str = "wall", measure: bool = True) -> tuple[CostModel | None, str]:
+    """The cached cost model of this device and model, measured on first use. Returns (model, cache path);
+    with ``measure=False`` (a model that runs layer by layer cannot be timed whole) the model is None when
+    nothing is cached."""
     device = input_device(model)
     path = cache_dir() / "costs" / f"{device_name(device)}-{model_key(model, spec, prompt_len, reps, clock)}.json"
     if path.exists() and not refresh:
@@ -207,6 +209,8 @@ def load_or_measure(model, spec: ModelSpec, prompt_len: int = 256, reps: int = 5
             return CostModel(**json.loads(path.read_text())), str(path)
         except (json.JSONDecodeError, TypeError):
             pass  # unreadable cache: measure again
+    if not measure:
+        return None, str(path)
     cm = measure_costs(model, spec, prompt_len, reps, seed, log, clock)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(asdict(cm), indent=1))

@@ -23,7 +23,7 @@ from ..eval.perplexity import perplexity
 from ..importance.sequential import sequential_plan
 from ..importance.width import (MaskedPlan, collect_stats, head_scores, layer_plan_at_rate, mean_rate_for_ratio,
                                 wanda_column_scores)
-from ..runtime import input_device
+from ..runtime import input_device, onloader_of
 from ..runtime.passes import layer_weights
 from ..search.evolution import EvolutionConfig, SearchSpace, evolve
 from ..search.proposers import make_proposer
@@ -67,6 +67,9 @@ class MaskedFitness:
 
     def __init__(self, ctx: PruneContext, rows: torch.Tensor, batch_size: int):
         self.ctx, self.rows, self.batch_size = ctx, rows, batch_size
+        ol = onloader_of(ctx.model)
+        if ol is not None:  # every fitness evaluation runs all layers: keep as many as the budget allows
+            ol.pin_layers(range(ctx.spec.n_layers), ol.budget.free() // 2)
         stats = collect_stats(ctx.model, ctx.adapter, ctx.calib, batch_size)
         ad = ctx.adapter
         self.heads, self.channels = [], []

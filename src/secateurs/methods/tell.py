@@ -31,6 +31,7 @@ from ..importance.width import (compensation_bias, flap_column_scores, head_scor
 from ..models.base import BLOCK_KINDS, Block, ModelSpec, all_blocks, head_indices
 from ..models.loading import cache_dir
 from ..plan import PruningPlan, check_ratio
+from ..runtime import onloader_of
 from ..runtime.passes import layer_weights, parameter_tensors
 from ..search.assign import assign_ratios, load_weights
 from . import PruneContext, register_method
@@ -53,6 +54,12 @@ class TellConfig:
     speedup_rounds: int = field(default=2, metadata={"help": "re-assignments after a measured speedup misses the target"})
     speedup_tolerance: float = field(default=0.03, metadata={"help": "relative miss of the measured speedup that is accepted"})
     refresh_costs: bool = field(default=False, metadata={"help": "measure the unit costs again instead of using the cache"})
+
+    def check_placement(self, onloaded: bool) -> None:
+        """--speedup needs the whole model in memory (called by the pipeline once the model is placed)."""
+        if onloaded and self.speedup is not None:
+            raise UserError("tell --speedup times the whole model and its pruned probes, which a layer-by-layer model "
+                            "(--max-memory) cannot hold; use --ratio, or drop --max-memory")
 
     def check_budget(self, ratio) -> None:
         """Exactly one budget, and every option in range (called by the pipeline before any work)."""
@@ -159,15 +166,21 @@ class Prepared:
 
     importance: list
     ws: WidthScores
-    costs: CostModel
+    costs: CostModel | None  # None: a layer-by-layer model with no cached cost model (--ratio only)
     cost_path: str
 
 
 def prepare(ctx: PruneContext, cfg: TellConfig) -> Prepared:
     log = print if ctx.progress else (lambda *a: None)
+    onloaded = onloader_of(ctx.model) is not None
+    cfg.check_placement(onloaded)
     importance, stats = calibrate(ctx, cfg)
     costs, cost_path = load_or_measure(ctx.model, ctx.spec, cfg.latency_len, cfg.latency_reps, ctx.seed,
-                                       refresh=cfg.refresh_costs, log=log, clock=cfg.latency_clock)
+                                       refresh=cfg.refresh_costs, log=log, clock=cfg.latency_clock,
+                                       measure=not onloaded)
+    if costs is None:
+        log("tell: the model runs layer by layer: unit costs are not measured (none cached for it); "
+            "the plan (--ratio) does not depend on them")
     return Prepared(importance, width_scores(ctx, stats), costs, cost_path)
 
 
@@ -221,16 +234,17 @@ def tell(ctx: PruneContext, cfg: TellConfig) -> PruningPlan:
         blocks.append({
             "block": Block(i, kind).name, "layer": i, "kind": kind, "params": spec.block_params(i, kind),
             "importance": importance[b], "load_weight": weights[b],
-            "cost_ms_whole": costs.block_ms(spec, i, kind),
+            "cost_ms_whole": costs.block_ms(spec, i, kind) if costs is not None else None,
             "ratio_assigned": r, "units_removed": removed,
             "action": "removed" if r >= 1.0 else ("narrowed" if removed > 0 else "kept"),
         })
     ctx.record(
         blocks=blocks,
         budget={"ratio": ctx.ratio, "speedup": cfg.speedup},
-        predicted_speedup=costs.speedup(spec, plan),
+        predicted_speedup=costs.speedup(spec, plan) if costs is not None else None,
         speedup_rounds=rounds,
-        cost_model={"path": prep.cost_path, "device": costs.device, "prompt_len": costs.prompt_len, "clock": costs.clock,
-                    "dense_ms": costs.dense_ms, "ms_per_param": costs.ms_per_param, "adjusted": costs.adjusted},
+        cost_model=None if costs is None else {
+            "path": prep.cost_path, "device": costs.device, "prompt_len": costs.prompt_len, "clock": costs.clock,
+            "dense_ms": costs.dense_ms, "ms_per_param": costs.ms_per_param, "adjusted": costs.adjusted},
     )
     return plan

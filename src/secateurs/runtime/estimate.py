@@ -14,7 +14,8 @@ What is counted (bytes, working dtype unless said):
   input statistics, the greedy search's cached states, the reordered copy of the output head, ...
 
 The smallest budget for layer-by-layer work (``min_budget``) is the resident rest plus the largest streamed
-unit (a decoder layer, or one head block) plus one batch's working set.
+unit (a decoder layer, or one head block) plus one batch's working set (``reserve_bytes``), plus one batch's
+hidden states kept between layers.
 """
 from __future__ import annotations
 
@@ -99,9 +100,15 @@ def working_bytes(s: ModelSizes, batch: int, seqlen: int) -> int:
     return states + max(attn, mlp, head)
 
 
-def min_budget(s: ModelSizes, batch: int, seqlen: int) -> int:
-    """The smallest device budget for layer-by-layer work: resident parts + one streamed unit + one batch."""
+def reserve_bytes(s: ModelSizes, batch: int, seqlen: int) -> int:
+    """What layer-by-layer work sets aside: resident parts + one streamed unit + one batch's working set."""
     return s.other_bytes + s.unit_bytes + working_bytes(s, batch, seqlen)
+
+
+def min_budget(s: ModelSizes, batch: int, seqlen: int) -> int:
+    """The smallest device budget for layer-by-layer work: the reserve plus one batch's hidden states kept
+    between layers (the other batches' states may go to files)."""
+    return reserve_bytes(s, batch, seqlen) + hidden_bytes(s, batch, seqlen)
 
 
 def hidden_bytes(s: ModelSizes, rows: int, seqlen: int) -> int:

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from ..errors import UserError
-from .estimate import min_budget, model_sizes, working_bytes
+from .estimate import min_budget, model_sizes, reserve_bytes, working_bytes
 from .onload import Onloader, build_skeleton, materialize, resolve_keys
 from .placement import Budget, format_size, parse_max_memory
 from .precision import check_device, checkpoint_dtype, dtype_name, resolve_dtype
@@ -55,7 +55,7 @@ def budget_check(sizes, budget: Budget, workload, what: str = "this model") -> N
     if budget.device_bytes < floor:
         raise UserError(
             f"--max-memory: {format_size(budget.device_bytes)} on {budget.device} is smaller than one layer of {what} "
-            f"needs; the smallest budget that works is {format_size(floor)} (the largest layer or head block "
+            f"needs; the smallest budget that works is {format_size(floor, up=True)} (the largest layer or head block "
             f"{format_size(sizes.unit_bytes)}, one batch of {batch} x {seqlen} tokens "
             f"{format_size(working_bytes(sizes, batch, seqlen))}, resident norms {format_size(sizes.other_bytes)})")
 
@@ -126,7 +126,7 @@ def place(folder: str, config, dtype=None, device="cpu", max_memory=None, spill_
 
 
 def _onload(skel, source, dev, dt, budget, sizes, workload, mm):
-    ol = Onloader(skel, source, dev, dt, budget, reserve=min_budget(sizes, *workload))
+    ol = Onloader(skel, source, dev, dt, budget, reserve=reserve_bytes(sizes, *workload))
     skel.secateurs_placement = {"mode": "onload", "device": str(dev), "dtype": dtype_name(dt), "max_memory": mm,
                                 "budget_bytes": budget.device_bytes, "reserve_bytes": ol.reserve}
     return ol

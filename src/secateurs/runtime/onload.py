@@ -183,9 +183,10 @@ class HiddenStore:
         k = self.spill.keep(t)
         if k is None:
             b_ = self.spill.budget
+            disk = (f"{format_size(b_.free('disk'))} for spilled files" if b_.spill_dir is not None
+                    else "no folder for spilled files")
             raise UserError(f"the calibration states do not fit: {format_size(b_.free('device'))} free on the device "
-                            f"and {format_size(b_.free('disk'))} for spilled files; raise --max-memory (disk=SIZE for "
-                            "spilled files) or use fewer calibration rows")
+                            f"and {disk}; raise --max-memory (disk=SIZE for spilled files) or use fewer calibration rows")
         self.items[b] = k
 
     def get(self, b: int) -> torch.Tensor:
@@ -369,7 +370,7 @@ class Onloader:
         def stop(mod, args):
             raise _Stop
 
-        handle = self.adapter.final_norm().register_forward_pre_hook(stop)
+        handle = self.adapter.final_norm().register_forward_pre_hook(stop, prepend=True)  # before any other hook
         try:
             decoder(inputs_embeds=emb, use_cache=False)
         except _Stop:

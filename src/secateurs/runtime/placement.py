@@ -74,11 +74,15 @@ def parse_max_memory(text: str | None) -> dict[str, int] | None:
     return out
 
 
-def format_size(n: float) -> str:
+def format_size(n: float, up: bool = False) -> str:
+    """``n`` bytes in binary units with two decimals (``up``: rounded up, for sizes that must suffice)."""
+    import math
+
     for unit, k in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= k:
-            return f"{n / k:.2f} {unit}"
-    return f"{int(n)} B"
+            v = math.ceil(n / k * 100) / 100 if up else n / k
+            return f"{v:.2f} {unit}"
+    return f"{int(math.ceil(n))} B"
 
 
 def device_key(device) -> str:

@@ -34,7 +34,10 @@ def run_greedy(ctx: PruneContext, cfg: SearchOptions, candidates, method: str, t
     s = SearchSettings(candidates, target_ratio, max_steps, cfg.exact_reference, cfg.cache_mb)
     with torch.inference_mode():  # in the model's working dtype (--dtype), wherever the runtime placed it
         replayer = Replayer(ctx.model, ctx.adapter, ctx.calib, cfg.batch_size)
-        state = greedy_search(replayer, ctx.spec, s, ctx.workdir / ORDER_FILE, method, ctx.progress)
+        try:
+            state = greedy_search(replayer, ctx.spec, s, ctx.workdir / ORDER_FILE, method, ctx.progress)
+        finally:
+            replayer.close()
     steps = state["steps"]
     full = sum(st["evaluations_full"] for st in steps)
     abandoned = sum(st["evaluations_abandoned"] for st in steps)

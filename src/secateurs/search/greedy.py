@@ -165,6 +165,15 @@ class Replayer:
         self.heads_run = 0
         self.head_work = 0.0
 
+    def close(self) -> None:
+        """Gives back what an onloaded model's replay holds in its budget (head chunks, pinned layers)."""
+        if self.ol is not None:
+            if isinstance(self.chunk_weights, _FileChunks):
+                self.chunk_weights.close()
+            self.ol.unpin_all()
+            for e in self.emb:
+                self.ol.budget.give(e.numel() * e.element_size())
+
     def state_budget(self, requested: int) -> int:
         """Bytes the state cache may hold in memory: as requested, within the budget of an onloaded model."""
         return requested if self._state_share is None else min(requested, self._state_share)
@@ -231,18 +240,22 @@ class Replayer:
 
 class _FileChunks:
     """The head chunks of an onloaded model: gathered once from the checkpoint in chunk order, the first ones
-    kept on the device within ``resident_bytes``, the rest in files (``runtime.onload.SpillStore``)."""
+    kept on the device within ``resident_bytes``, the rest in files of their own (``runtime.onload.SpillStore``:
+    one contiguous read per chunk) or, without room for those, gathered from the checkpoint again when used."""
 
     def __init__(self, ol, rows: list, resident_bytes: int):
-        self.kept, used = [], 0
+        self.ol, self.kept, used = ol, [], 0
         for idx in rows:
             w, bias = ol.head_rows(idx)
             n = w.numel() * w.element_size() + (0 if bias is None else bias.numel() * bias.element_size())
             tiers = ("device", "cpu", "disk") if used + n <= resident_bytes else ("cpu", "disk")
             pair = [None if t is None else ol.spill.keep(t, tiers) for t in (w, bias)]
             if pair[0] is None or (bias is not None and pair[1] is None):
-                raise UserError("the output head does not fit the budget nor the disk budget for spilled files; "
-                                "raise --max-memory (disk=SIZE)")
+                for k in pair:
+                    if k is not None:
+                        k.release()
+                self.kept.append(idx.cpu())
+                continue
             used += n if pair[0].tier == "device" else 0
             self.kept.append(pair)
 
@@ -250,8 +263,19 @@ class _FileChunks:
         return len(self.kept)
 
     def __getitem__(self, c: int):
-        w, bias = self.kept[c]
+        k = self.kept[c]
+        if isinstance(k, torch.Tensor):
+            return self.ol.head_rows(k)
+        w, bias = k
         return w.get(), None if bias is None else bias.get()
+
+    def close(self) -> None:
+        for k in self.kept:
+            if not isinstance(k, torch.Tensor):
+                for h in k:
+                    if h is not None:
+                        h.release()
+        self.kept.clear()
 
 
 def _nbytes(h) -> int:
