@@ -317,3 +317,25 @@ def test_dtype_the_device_cannot_run(monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "linear", broken)
     with pytest.raises(UserError, match="--dtype float16 cannot run on cpu"):
         precision.check_dtype_runs(torch.float16, "cpu")
+
+
+def test_eval_and_apply_with_budget(tok_folder, tmp_path):
+    """`eval` of a pruned folder and `apply` of a plan, layer by layer: the same perplexity, the same folder."""
+    _prune(tok_folder, tmp_path / "p", "--method", "blockpruner", "--steps", "2")
+    sizes = model_sizes(_load(tok_folder))
+    budget = str(min_budget(sizes, 4, 32) + 2**20)
+    evals = []
+    for extra in ([], ["--max-memory", budget]):
+        js = tmp_path / f"e{len(evals)}.json"
+        assert main(["eval", str(tmp_path / "p"), "--ppl", "wiki:test", "--rows", "3", "--seqlen", "32", "--quiet",
+                     "--json", str(js), *extra]) == 0
+        evals.append(json.loads(js.read_text()))
+    assert evals[0]["ppl"] == evals[1]["ppl"] and evals[1]["settings"]["placement"]["mode"] == "onload"
+    for tag, extra in (("a", []), ("b", ["--max-memory", budget])):
+        assert main(["apply", str(tmp_path / "p"), str(tok_folder), "--out", str(tmp_path / tag), "--seqlen", "32",
+                     "--eval-rows", "2", "--quiet", *extra]) == 0
+    ra, rb = (json.loads((tmp_path / t / "result.json").read_text()) for t in "ab")
+    assert rb["settings"]["placement"]["mode"] == "onload" and ra["ppl_test_after"] == rb["ppl_test_after"]
+    ta, tb = _tensors(tmp_path / "a"), _tensors(tmp_path / "b")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert all(torch.equal(v, _tensors(tmp_path / "p")[k]) for k, v in ta.items())

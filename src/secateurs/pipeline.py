@@ -21,7 +21,7 @@ from .export.checkpoint import _plain_config, load_pruned, write_pruned
 from .methods import PruneContext, get_method, make_config
 from .models import get_adapter, load_model
 from .plan import atomic_write_text, check_ratio
-from .runtime import model_dtype
+from .runtime import input_device, model_dtype
 from .surgery import apply_plan
 
 PPL_BATCH = 4  # rows per batch of the perplexity measured before and after
@@ -92,24 +92,28 @@ def estimates(s: PruneSettings, method, cfg, model, calib, batch: int, log=print
     ol = onloader_of(model)
     dtype = model_dtype(model)
     sizes = model_sizes(model, dtype)
-    place = getattr(model, "secateurs_placement", {})
-    dev = torch.device(place.get("device", s.device))
-    peak = estimate_peak(sizes, s.method, calib.shape[0], calib.shape[1], batch, dev.type,
-                         ol.budget.device_bytes if ol is not None else None, asdict(cfg))
+    dev = input_device(model)
+    b = ol.budget if ol is not None else None
+    peak = estimate_peak(sizes, s.method, calib.shape[0], calib.shape[1], batch, str(dev),
+                         b.device_bytes if b else None, asdict(cfg), b.cpu_bytes if b else None,
+                         b.disk_bytes if b else None)
     spec = get_adapter(model).spec()
     n, rows, what = evaluations(cfg, spec, s.ratio, calib.shape[0])
+    if ol is None:  # a first pass warms up kernels and allocator (an onloaded pass pays its reads every time)
+        row_nll(model, calib[:batch], batch)
     t0 = time.perf_counter()
     row_nll(model, calib[:batch], batch)
     per_batch = time.perf_counter() - t0
     per_eval = per_batch * -(-rows // batch)
     total = n * per_eval
-    where = ", ".join(f"{k} {format_size(v)}" for k, v in peak.per_place.items() if v)
+    where = ", ".join(f"{k} {format_size(v)}" for k, v in peak.per_place.items() if v) or "-"
     log(f"secateurs: estimated peak memory: {where} ({'layer by layer' if peak.onload else 'whole model'} in "
         f"{str(dtype).replace('torch.', '')}; weights {format_size(sizes.weights)})")
     log(f"secateurs: estimated search time: {n} x {format_duration(per_eval)} = {format_duration(total)} "
         f"({what}; one evaluation = {-(-rows // batch)} batches of {batch} x {calib.shape[1]} tokens, "
         f"{per_batch:.2f} s per batch timed on {dev})")
-    return {"peak_bytes": peak.per_place, "method_state_bytes": peak.state, "weights_bytes": sizes.weights,
+    return {"peak_bytes": peak.per_place, "method_state_bytes": {h.what: h.nbytes for h in peak.held},
+            "weights_bytes": sizes.weights,
             "onload": peak.onload, "evaluations": n, "rows_per_evaluation": rows, "what": what,
             "seconds_per_batch": per_batch, "seconds_per_evaluation": per_eval, "search_seconds": total}
 
@@ -197,6 +201,7 @@ def run_prune(s: PruneSettings, out: str | Path, overwrite: bool = False, progre
         # then read back at its pruned shapes (layer by layer too) for the measurement after pruning
         write_pruned(model, tok, plan, dense_config, work)
         model, _ = load_pruned(work, dtype=s.dtype, device=s.device, max_memory=max_memory, spill_dir=work / "spill",
+                               tokenizer=False,
                                workload=(batch, seqlen))
     else:
         apply_plan(model, plan, spec)

@@ -85,7 +85,7 @@ def _run(args, where, spill):
     def result_text(folder):  # the pruned model measured: in memory, or read back layer by layer from the folder
         pruned = model
         if streamed:
-            pruned, _ = load_pruned(folder, dtype=where["dtype"], device=device, max_memory=where["max_memory"],
+            pruned, _ = load_pruned(folder, dtype=where["dtype"], device=device, max_memory=where["max_memory"], tokenizer=False,
                                     spill_dir=spill, workload=workload)
         result["ppl_test_after"] = ppl(pruned, "pruned")
         return json.dumps(result, indent=1)

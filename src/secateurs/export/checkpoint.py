@@ -288,11 +288,12 @@ def build_pruned_skeleton(dense_config: dict, plan: PruningPlan, dtype=torch.flo
 
 
 def load_pruned(folder: str | Path, dtype=None, device: str = "cpu", max_memory=None, spill_dir=None, workload=None,
-                log=None):
+                log=None, tokenizer: bool = True):
     """Returns (model, tokenizer) of a folder written by ``save_pruned`` (no code from the folder is run). The
     model is built at its pruned shapes from the start (``build_pruned_skeleton``) and its weights read from
     the folder, whole or layer by layer (``runtime.loading.from_skeleton``); ``dtype`` auto keeps the dtype the
-    folder was saved in on a GPU (``runtime.precision``)."""
+    folder was saved in on a GPU (``runtime.precision``). ``tokenizer=False``: the model alone (the caller has
+    the tokenizer already; a large vocabulary's tokenizer costs hundreds of MB to load again)."""
     from transformers import AutoTokenizer
 
     from ..runtime.loading import from_skeleton, working_dtype
@@ -312,5 +313,6 @@ def load_pruned(folder: str | Path, dtype=None, device: str = "cpu", max_memory=
                           max_memory, spill_dir, workload)
     # the stock config is passed so that the tokenizer does not read config.json (whose auto_map would
     # make transformers ask whether to trust the folder's code)
-    tok = AutoTokenizer.from_pretrained(folder, config=model.config) if (folder / "tokenizer_config.json").exists() else None
+    tok = (AutoTokenizer.from_pretrained(folder, config=model.config)
+           if tokenizer and (folder / "tokenizer_config.json").exists() else None)
     return model, tok

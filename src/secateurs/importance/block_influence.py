@@ -16,7 +16,7 @@ def block_influence(model, adapter: Adapter, rows: torch.Tensor, batch_size: int
     parts = [[None] * -(-rows.shape[0] // batch_size) for _ in range(n)]
 
     def on_layer(l, b, h_in, h_out):
-        parts[l][b] = F.cosine_similarity(h_in.float(), h_out.float(), dim=-1).double().sum().cpu()
+        parts[l][b] = F.cosine_similarity(h_in.float(), h_out.float().to(h_in.device), dim=-1).double().sum().cpu()
 
     layer_pass(model, rows, batch_size, on_layer)
     sums = torch.zeros(n, dtype=torch.float64)

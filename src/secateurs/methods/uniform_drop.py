@@ -10,7 +10,9 @@ from . import PruneContext, register_method
 
 @dataclass
 class UniformDropConfig:
-    pass
+    def evaluations(self, spec, ratio, rows) -> tuple[int, int, str]:
+        """No search and no calibration pass (``runtime.estimate``)."""
+        return 0, rows, "no calibration"
 
 
 @register_method("uniform-drop", "drop whole layers from the last but one backwards (no calibration; a sanity baseline)", UniformDropConfig)

@@ -117,71 +117,115 @@ def hidden_bytes(s: ModelSizes, rows: int, seqlen: int) -> int:
 
 
 # --- what each method keeps ----------------------------------------------------------------------------------
-def method_state(s: ModelSizes, method: str, rows: int, seqlen: int, options: dict | None = None) -> dict:
-    """Bytes a method keeps beyond the weights and one batch's working set, by kind (see the module docstring).
+@dataclass
+class Held:
+    """Something a method keeps for a while: its size, where it lives (``device``, or ``cpu`` whatever the
+    device) and whether it may be dropped and recomputed (the greedy search's cached states)."""
+
+    what: str
+    nbytes: int
+    where: str = "device"
+    recomputable: bool = False
+    spills: bool = True  # beyond the budget: to the next tier (else simply not kept)
+
+
+def method_state(s: ModelSizes, method: str, rows: int, seqlen: int, options: dict | None = None,
+                 onload: bool = False) -> list[Held]:
+    """What a method keeps beyond the weights and one batch's working set (see the module docstring).
     ``options`` are the method's options (cache_mb, te_tokens, fitness_rows...)."""
     o = options or {}
     h = hidden_bytes(s, rows, seqlen)
-    stats = s.n_layers * (s.n_heads * s.head_dim + s.intermediate) * 2 * 8  # float64 sums and sums of squares
+    stats = Held("input statistics (float64)", s.n_layers * (s.n_heads * s.head_dim + s.intermediate) * 2 * 8)
     if method in ("blockpruner", "sleb"):
-        n_pos = 2 * s.n_layers
-        rotary = rows * seqlen * s.head_dim * 2 * 4  # cos and sin per calibration row (float32 at most)
-        return {"embeddings of the calibration rows": h + rotary,
-                "reordered output head (chunk copies)": s.vocab * s.hidden * s.itemsize,
-                "current states at every block position (pinned)": n_pos * h,
-                "other cached states (--cache-mb)": int(o.get("cache_mb", 1024)) << 20}
-    if method in ("wanda-sp", "self-pruner"):
-        return {"hidden states of the calibration rows (in and out of a layer)": 2 * h, "input statistics": stats}
+        batch = int(o.get("batch_size", 1))
+        n_batches = -(-rows // batch)
+        # cos and sin of the rotary embedding per batch (float32 at most); shared by all batches when onloaded
+        rotary = (1 if onload else n_batches) * batch * seqlen * s.head_dim * 2 * 4
+        return [Held("embeddings of the calibration rows and layer arguments", h + rotary),
+                Held("output head reordered in chunks", s.vocab * s.hidden * s.itemsize),
+                Held("current states at every block position", 2 * s.n_layers * h, recomputable=True),
+                Held("other cached states (--cache-mb)", int(o.get("cache_mb", 1024)) << 20, recomputable=True,
+                     spills=False)]
+    if method == "wanda-sp":
+        return [Held("hidden states of the calibration rows", h), stats]
+    if method == "self-pruner":
+        fit = hidden_bytes(s, min(int(o.get("fitness_rows", 4)), rows), seqlen)
+        return [Held("hidden states of the calibration rows (final wanda-sp pass)", h), stats,
+                Held("hidden states of the fitness rows", fit if onload else 0)]
     if method == "tell":
         tokens = min(int(o.get("te_tokens", 8192)), rows * (seqlen - 1))
-        return {"residual streams at every block boundary (float32)": (2 * s.n_layers + 1) * tokens * s.hidden * 4,
-                "input statistics": stats}
-    if method == "flap":
-        return {"input statistics": stats}
-    if method == "shortgpt":
-        return {}
-    return {}
+        return [Held("residual streams at every block boundary (float32, CPU)",
+                     (2 * s.n_layers + 1) * tokens * s.hidden * 4, where="cpu"), stats]
+    if method in ("flap", "shortgpt", "uniform-drop"):
+        return [stats] if method == "flap" else []
+    return []
 
 
 @dataclass
 class PeakEstimate:
-    """Peak memory of a run, per place (``device``: where it computes; ``cpu`` below a GPU; ``disk``: spilled)."""
+    """Peak memory of a run, by place: the compute device (its name), ``cpu`` (below a GPU), ``disk`` (spilled
+    files) and ``recomputed`` (cached states that found no room and are computed again)."""
 
     onload: bool
-    weights_resident: int
+    weights: int
     working: int
-    state: dict
+    held: list
     per_place: dict
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def estimate_peak(s: ModelSizes, method: str, rows: int, seqlen: int, batch_size: int, device_type: str = "cpu",
-                  budget: int | None = None, options: dict | None = None) -> PeakEstimate:
-    """Peak memory of ``prune --method METHOD`` with this calibration. ``budget`` (bytes on the compute device):
-    None = everything resident (today's fast path); else layer-by-layer, the method's state kept within the
-    budget and the rest on the next tier (CPU memory under a GPU, else disk; the greedy search recomputes
-    cached states it has no room for instead)."""
+def estimate_peak(s: ModelSizes, method: str, rows: int, seqlen: int, batch_size: int, device: str = "cpu",
+                  budget: int | None = None, options: dict | None = None, cpu_budget: int | None = None,
+                  disk_budget: int | None = None) -> PeakEstimate:
+    """Peak memory of ``prune --method METHOD`` with this calibration on ``device`` (``cpu``, ``cuda:0``).
+    ``budget`` (bytes on the compute device): None = everything resident (the fast path); else layer by layer:
+    the reserve (``reserve_bytes``), then what the method keeps within the rest of the budget, the remainder on
+    the next tier (CPU memory below a GPU while ``cpu_budget`` allows: first the weights, which are else read
+    from the checkpoint; then files while ``disk_budget`` allows), cached states that find no room anywhere
+    recomputed; ``does not fit`` is what must be kept and found no room. As ``runtime.placement.Budget`` does."""
+    from .placement import device_key
+
+    dev = device_key(device)
+    gpu = dev != "cpu"
     work = working_bytes(s, batch_size, seqlen)
-    state = method_state(s, method, rows, seqlen, options)
-    kept = sum(state.values())
+    held = method_state(s, method, rows, seqlen, {"batch_size": batch_size, **(options or {})}, onload=budget is not None)
+    on_cpu = sum(x.nbytes for x in held if x.where == "cpu")
     if budget is None:
-        # perplexity before and after: one batch at a time (batch-major), no states kept between batches
-        return PeakEstimate(False, s.weights, work, state, {"device": s.weights + work + kept})
-    floor = min_budget(s, batch_size, seqlen)
-    room = max(0, budget - floor)
-    if method in ("blockpruner", "sleb"):
-        # the cache of other states is bounded by the room; pinned states beyond it spill, then are recomputed
-        state = dict(state)
-        state["other cached states (--cache-mb)"] = min(state["other cached states (--cache-mb)"], room // 2)
-        kept = sum(state.values())
-    on_device = floor + min(kept, room)
-    below = max(0, kept - room)
-    per = {"device": on_device, ("cpu" if device_type == "cuda" else "disk"): below}
-    if device_type == "cuda":
-        per["cpu"] = per.get("cpu", 0) + s.weights  # the weights wait in CPU memory (or are read from disk)
-    return PeakEstimate(True, s.other_bytes + s.unit_bytes, work, state, per)
+        per = {dev: s.weights + work + sum(x.nbytes for x in held if x.where == "device")}
+        if on_cpu:
+            per["cpu"] = per.get("cpu", 0) + on_cpu
+        return PeakEstimate(False, s.weights, work, held, per)
+    room = max(0, budget - reserve_bytes(s, batch_size, seqlen))
+    kept = sum(x.nbytes for x in held if x.where == "device" and not x.recomputable)
+    cache = sum(x.nbytes for x in held if x.where == "device" and x.recomputable and x.spills)
+    optional = sum(x.nbytes for x in held if x.where == "device" and not x.spills)
+    on_dev = min(kept, room)
+    spill = kept - on_dev
+    cache_dev = min(cache, room - on_dev)
+    cache_left = cache - cache_dev
+    optional_dev = min(optional, (room - on_dev - cache_dev) // 2)  # the replay gives its state cache half the rest
+    per = {dev: reserve_bytes(s, batch_size, seqlen) + on_dev + cache_dev + optional_dev}
+    rest_kept, rest_cache = spill, cache_left
+    if gpu:  # the weights wait in CPU memory while it has room (else they are read from the checkpoint on disk)
+        cpu_free = cpu_budget if cpu_budget is not None else s.weights + spill + cache_left
+        w_cpu = min(s.weights, cpu_free)
+        cpu_free -= w_cpu
+        k = min(rest_kept, cpu_free)
+        c = min(rest_cache, cpu_free - k)
+        rest_kept, rest_cache = rest_kept - k, rest_cache - c
+        per["cpu"] = w_cpu + k + c + on_cpu
+    else:
+        per["cpu"] = per.pop(dev) + on_cpu
+    disk_free = disk_budget if disk_budget is not None else rest_kept + rest_cache
+    k = min(rest_kept, disk_free)
+    c = min(rest_cache, disk_free - k)
+    per["disk"] = k + c
+    per["recomputed"] = rest_cache - c
+    if rest_kept - k:
+        per["does not fit"] = rest_kept - k
+    return PeakEstimate(True, s.weights, work, held, per)
 
 
 # --- time ------------------------------------------------------------------------------------------------------

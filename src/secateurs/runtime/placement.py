@@ -105,6 +105,7 @@ class Budget:
     @classmethod
     def from_max_memory(cls, max_memory: dict, device, spill_dir: Path | None) -> "Budget":
         device = torch.device(device)
+        return_freed_memory()
         key = device_key(device)
         if key not in max_memory:
             if device.type == "cuda":
@@ -132,6 +133,22 @@ class Budget:
 
     def give(self, n: int, tier: str = "device") -> None:
         self.used[tier] = max(0, self.used[tier] - n)
+
+
+def return_freed_memory() -> None:
+    """Under a budget, large CPU allocations are mapped and unmapped one by one (glibc ``mallopt``: a fixed 1 MiB
+    mmap threshold, no dynamic raise), so that memory freed after a layer or a head block goes back to the
+    system instead of staying in the heap, where fragmentation would keep the process's resident size above
+    what is alive. A no-op where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 # --- where a model is ------------------------------------------------------------------------------------
