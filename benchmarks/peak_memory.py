@@ -4,7 +4,8 @@ Every run is a fresh process (``python -m secateurs prune ...``); its peak resid
 wrapper process from ``getrusage(RUSAGE_CHILDREN)`` (the largest RSS the child reached, file-backed pages
 included). The budget is a quarter of the model's float32 size (``--budget-fraction``). For each method the
 unbudgeted and budgeted runs are compared: the plan (``plan.json`` layers), the removed blocks, the saved weights
-(bitwise) and the perplexities must be identical; the goal is a budgeted peak of at most 40% of the unbudgeted.
+(bitwise), the perplexities and, for a search, every step's loss (``order.json``) must be identical; the goal is a
+budgeted peak of at most 40% of the unbudgeted.
 
     python benchmarks/peak_memory.py --model gemma3-270m --nsamples 4 --seqlen 256 --eval-rows 4 \\
         --json benchmarks/results/peak_memory_gemma3-270m.json --md benchmarks/results/peak_memory_gemma3-270m.md
@@ -105,12 +106,16 @@ def main():
                             "wall_s": r["wall_s"], "placement": res.get("placement"), "removed_blocks": res["removed_blocks"],
                             "ratio": res["ratio_achieved"], "ppl_calib_after": res["ppl_calib_after"],
                             "ppl_test_after": res["ppl_test_after"], "estimates": res.get("estimates"),
-                            "plan_layers": json.loads((out / "plan.json").read_text())["layers"]}
+                            "plan_layers": json.loads((out / "plan.json").read_text())["layers"],
+                            "order": [(st["removed"], st["loss"]) for st in json.loads((out / "order.json").read_text())["steps"]]
+                            if (out / "order.json").exists() else None}
                 print(f"  peak RSS {got[tag]['peak_rss_mb']:.0f} MB, {r['wall_s']:.0f} s", flush=True)
             u, b = got["unbudgeted"], got["budgeted"]
             same = {"plan": u["plan_layers"] == b["plan_layers"], "removed_blocks": u["removed_blocks"] == b["removed_blocks"],
                     "weights": same_weights(work / f"{method}-unbudgeted", work / f"{method}-budgeted"),
                     "perplexities": (u["ppl_calib_after"], u["ppl_test_after"]) == (b["ppl_calib_after"], b["ppl_test_after"])}
+            if u["order"] is not None:
+                same["search order and losses (bitwise)"] = u["order"] == b["order"]
             for g in (u, b):
                 del g["plan_layers"]
             ratio = b["peak_rss_mb"] / u["peak_rss_mb"]

@@ -282,16 +282,21 @@ class Onloader:
         return _param_bytes(self.layers[i], self.dtype)
 
     def _materialize(self, module: nn.Module) -> None:
-        cache = self.cpu_cache if self.device.type == "cuda" else None
-        if cache is not None:
+        tensors = None
+        if self.device.type == "cuda":  # read layers stay in CPU memory while its budget allows
+            tensors = {}
             for mod in module.modules():
                 for pn, p in mod._parameters.items():
-                    key = self.keys.get((id(mod), pn))
-                    if p is not None and p.device.type == "meta" and key not in cache:
+                    if p is None or p.device.type != "meta":
+                        continue
+                    key = self.keys[id(mod), pn]
+                    t = self.cpu_cache.get(key)
+                    if t is None:
                         t = self.source.read(key).to(self.dtype)
                         if self.budget.take(t.numel() * t.element_size(), "cpu"):
-                            cache[key] = t
-        materialize(module, self.source, self.keys, self.dtype, self.device, cache)
+                            self.cpu_cache[key] = t
+                    tensors[key] = t
+        materialize(module, self.source, self.keys, self.dtype, self.device, tensors)
 
     def layer(self, i: int) -> nn.Module:
         """Decoder layer ``i`` with its weights on the device (pinned, or in the one streamed slot)."""
