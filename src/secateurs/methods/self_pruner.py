@@ -22,10 +22,10 @@ from ..errors import UserError
 from ..eval.perplexity import perplexity
 from ..importance.sequential import sequential_plan
 from ..importance.width import (MaskedPlan, collect_stats, head_scores, layer_plan_at_rate, mean_rate_for_ratio,
-                                output_projections, wanda_column_scores)
+                                output_projections, wanda_column_scores, width_reach)
 from ..search.evolution import EvolutionConfig, SearchSpace, evolve
 from ..search.proposers import make_proposer
-from ..plan import PruningPlan, check_ratio_reached
+from ..plan import PruningPlan
 from . import PruneContext, register_method
 
 
@@ -87,7 +87,8 @@ def check(cfg: SelfPrunerConfig, ctx: PruneContext) -> None:
 
 
 @register_method("self-pruner", "evolutionary search of per-layer wanda-sp rates, operators performed by an LLM "
-                 "(openai endpoint, local model) or classically", SelfPrunerConfig)
+                 "(openai endpoint, local model) or classically", SelfPrunerConfig,
+                 reach=lambda spec, cfg: width_reach(spec, cfg.rate_max))
 def self_pruner(ctx: PruneContext, cfg: SelfPrunerConfig) -> PruningPlan:
     check(cfg, ctx)
     spec = ctx.spec
@@ -100,7 +101,6 @@ def self_pruner(ctx: PruneContext, cfg: SelfPrunerConfig) -> PruningPlan:
     log = print if ctx.progress else None
     result = evolve(space, fitness, proposer, evo, ctx.workdir / "search.jsonl", log=log)
     plan = sequential_plan(ctx, result.best.rates, cfg.batch_size, "self-pruner")
-    check_ratio_reached(plan, spec, ctx.ratio)
     ctx.record(rates=result.best.rates, mean_rate=space.mean, best_fitness=result.best.fitness,
                uniform_fitness=result.uniform.fitness, fitness_evaluations=result.evaluations,
                fitness_evaluations_this_run=result.new_evaluations, search_wall_s=result.wall_s,
