@@ -122,7 +122,7 @@ def run_prune(s: PruneSettings, out: str | Path, overwrite: bool = False, progre
         return r
 
     before = _cached(work / "dense.json", lambda: measure("dense"))
-    log(f"secateurs: {s.model}: {spec.total_params:,} params, calib ppl {before['ppl_calib']:.3f}"
+    log(f"secateurs: {s.model}: {spec.total_params:,} params, calib ppl ({rows_label(*calib.shape)}) {before['ppl_calib']:.3f}"
         + (f", {s.eval} ppl ({rows_label(*test.shape)}) {before['ppl_test']:.3f}" if test is not None else ""))
 
     ctx = PruneContext(model, tok, adapter, spec, calib, s.ratio, s.seed, work, progress)
