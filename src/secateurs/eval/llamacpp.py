@@ -126,9 +126,10 @@ def read_info(path: str | Path) -> GGUFInfo:
         size = p.stat().st_size
         end = max((t.data_offset + int(t.n_bytes) for t in r.tensors), default=0)
     except Exception as e:  # noqa: BLE001 - the reader fails with many error types on damaged files
-        raise UserError(f"{path} is a damaged GGUF file ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'unreadable'}); {hint}") from e
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}" if str(e) else type(e).__name__
+        raise UserError(f"{path} is a damaged or truncated GGUF file ({why}); {hint}") from e
     if end > size or not r.tensors:
-        raise UserError(f"{path} is a truncated GGUF file ({size:,} bytes, its tensors need {end:,}); {hint}")
+        raise UserError(f"{path} is a damaged or truncated GGUF file ({size:,} bytes, its tensors need {end:,}); {hint}")
     arch = str(_field(r, "general.architecture", "?"))
     ft = int(_field(r, "general.file_type", -1))
     shapes = {t.name: [int(x) for x in t.shape] for t in r.tensors}

@@ -332,8 +332,9 @@ def _to_file_dtype(name: str, t: torch.Tensor, ftype: str):
     return gguf.quants.quantize(a, gguf.GGMLQuantizationType.BF16), gguf.GGMLQuantizationType.BF16
 
 
-def write_file(layout: Layout, config, vocab, path: Path, ftype: str, meta: dict) -> int:
-    """Writes the GGUF at ``path`` (f32/f16/bf16); returns the number of tensors."""
+def write_file(layout: Layout, config, vocab, path: Path, ftype: str, meta: dict, tensors: bool = True) -> int:
+    """Writes the GGUF at ``path`` (f32/f16/bf16); returns the number of tensors (``tensors=False``: metadata
+    only, which llama.cpp loads with ``vocab_only`` to check the tokenizer)."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), layout.arch)
@@ -346,9 +347,9 @@ def write_file(layout: Layout, config, vocab, path: Path, ftype: str, meta: dict
         if k != "name":
             w.add_string(f"secateurs.{k}", v if isinstance(v, str) else json.dumps(v))
     n = 0
-    tensors = list(layout.top.items()) + list(extra.items())
-    tensors += [(f"blk.{i}.{name}", t) for i, b in enumerate(layout.blocks) for name, t in b.tensors.items()]
-    for name, t in tensors:
+    items = list(layout.top.items()) + list(extra.items())
+    items += [(f"blk.{i}.{name}", t) for i, b in enumerate(layout.blocks) for name, t in b.tensors.items()]
+    for name, t in items if tensors else []:
         a, raw = _to_file_dtype(name, t, ftype)
         if raw is None:
             w.add_tensor(name, a)

@@ -69,6 +69,8 @@ class Vocab:
     scores: list[float] | None = None
     special: object = None  # gguf.SpecialVocab
     n_vocab: int = 0
+    add_bos: bool = False  # whether the Hugging Face tokenizer puts BOS first / EOS last (written explicitly:
+    add_eos: bool = False  # llama.cpp's defaults differ by tokenizer kind)
 
     def write(self, w) -> None:
         w.add_tokenizer_model(self.model)
@@ -82,12 +84,15 @@ class Vocab:
             w.add_token_scores(self.scores)
         if self.model == "llama":
             w.add_add_space_prefix(False)  # tokenizer.json decides: a Prepend/Metaspace normalizer is refused below
+        w.add_add_bos_token(self.add_bos)
+        w.add_add_eos_token(self.add_eos)
+        self.special.add_special_token = {k: v for k, v in self.special.add_special_token.items() if k not in ("bos", "eos")}
         self.special.add_to_gguf(w, quiet=True)
 
     def describe(self) -> dict:
         d = {"model": self.model, "pre": self.pre, "tokens": len(self.tokens) or self.n_vocab}
         if self.special is not None:
-            d.update(special_ids=self.special.special_token_ids, add=self.special.add_special_token,
+            d.update(special_ids=self.special.special_token_ids, add_bos=self.add_bos, add_eos=self.add_eos,
                      chat_template=self.special.chat_template is not None)
         return d
 
@@ -133,6 +138,9 @@ def vocab_for(tokenizer, n_vocab: int) -> Vocab:
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         special = gguf.SpecialVocab(tmp, load_merges=not byte_fallback, n_vocab=n_vocab)
+    plain, full = tokenizer("a", add_special_tokens=False).input_ids, tokenizer("a").input_ids
+    adds = {"add_bos": full[:1] != plain[:1] and full[0] == tokenizer.bos_token_id,
+            "add_eos": full[-1:] != plain[-1:] and full[-1] == tokenizer.eos_token_id}
     if byte_fallback:
         norm = json.dumps(tj.get("normalizer"))
         if '"Prepend"' in norm or tj.get("pre_tokenizer", {}) and "Metaspace" in json.dumps(tj["pre_tokenizer"]):
@@ -148,9 +156,9 @@ def vocab_for(tokenizer, n_vocab: int) -> Vocab:
                 scores.append(-float(rank[t]) if t in rank else -float(len(rank) + i))
             else:
                 scores.append(0.0 if ty == TT.BYTE else -1000.0)
-        return Vocab("llama", None, tokens, [int(t) for t in types], scores, special, n_vocab)
+        return Vocab("llama", None, tokens, [int(t) for t in types], scores, special, n_vocab, **adds)
     sig = _signature(tj.get("pre_tokenizer"))
     if sig not in PRE_TOKENIZERS:
         raise UserError(f"GGUF export: this tokenizer's pre-tokenizer {sig} has no known llama.cpp equivalent "
                         f"(known: GPT-2 byte-level, SmolLM, Llama 3, Qwen2); a wrong one would change tokenization")
-    return Vocab("gpt2", PRE_TOKENIZERS[sig], tokens, [int(t) for t in types], None, special, n_vocab)
+    return Vocab("gpt2", PRE_TOKENIZERS[sig], tokens, [int(t) for t in types], None, special, n_vocab, **adds)
