@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: OMP_NUM_THREADS, else all cores)")
+    p.add_argument("--flash-attn", action="store_true", help="llama.cpp's flash attention (bench-fa-<type>.json)")
     p.add_argument("--work", default=str(ROOT / "runs" / "gguf-speed"), help="run folders and GGUF files")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--rebench", action="store_true", help="measure every pair again")
@@ -98,12 +99,13 @@ def main(argv=None) -> int:
         for t in types:
             gg = folder / f"model-{t}.gguf"
             export(str(folder), gg, t)
-            bj = folder / f"bench-{t}.json"
+            bj = folder / f"bench-{'fa-' if a.flash_attn else ''}{t}.json"
             if a.rebench or not bj.exists():
                 print(f"gguf_speed: {lab} {t}: measuring ({time.time() - t0:.0f}s elapsed)", flush=True)
                 cli(["bench", str(gg), "--against", str(work / f"dense-{t}.gguf"), "--prompt-len", str(a.prompt_len),
                      "--decode-tokens", str(a.decode_tokens), "--reps", str(a.reps), "--warmup", str(a.warmup),
-                     "--seed", str(a.seed), "--quiet", *threads, "--json", str(bj)], log)
+                     "--seed", str(a.seed), "--quiet", *threads, *(["--flash-attn"] if a.flash_attn else []),
+                     "--json", str(bj)], log)
             b = json.loads(bj.read_text())
             rows.append({"method": lab, "type": t, "ratio": result["ratio_achieved"], "arch": b["arch"],
                          "removed": result["removed_blocks"], "bench": b})
@@ -113,7 +115,7 @@ def main(argv=None) -> int:
     out = {"command": "PYTHONPATH=src python benchmarks/gguf_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "settings": vars(a), "machine_before": before, "machine_after": after, "seconds": time.time() - t0,
            "rows": rows}
-    stem = results / f"gguf-speed-{a.model}"
+    stem = results / f"gguf-speed-{a.model}{'-fa' if a.flash_attn else ''}"
     stem.with_suffix(".json").write_text(json.dumps(out, indent=1))
     write_table(out, stem.with_suffix(".md"))
     print(f"gguf_speed: wrote {stem}.md and .json ({time.time() - t0:.0f}s)")
@@ -131,7 +133,8 @@ def write_table(out: dict, path: Path) -> None:
         "",
         f"- Plans: ratio {a['ratio']} (papers' definition), calibration `{a['calib']}` {a['nsamples']} rows of "
         f"{a['seqlen']} tokens, seed {a['seed']}.",
-        f"- llama.cpp (llama-cpp-python), CPU, {s0.get('threads', '?')} threads, batch 1: prompt = one batch of "
+        f"- llama.cpp (llama-cpp-python), CPU, threads: {s0.get('threads', '?')}, flash attention "
+        f"{'on' if a['flash_attn'] else 'off'}, batch 1: prompt = one batch of "
         f"{a['prompt_len']} random tokens from an empty cache; generation = {a['decode_tokens']} greedy tokens after it. "
         f"Dense and pruned alternate in one process, {a['warmup']} warm-up rounds dropped, medians of {a['reps']}.",
         "- Ideal speedup: dense FLOPs / pruned FLOPs from the plan's sizes (matmuls and attention; the export's zero "

@@ -22,6 +22,8 @@ def register(sub):
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.add_argument("--threads", type=positive_int, default=None, help="llama.cpp threads for .gguf files, the same for "
                    "both (default: OMP_NUM_THREADS, else all cores)")
+    p.add_argument("--flash-attn", action="store_true", help="llama.cpp's flash attention for .gguf files (off by "
+                   "default, as in llama-cpp-python)")
     add_common(p)
     p.set_defaults(func=run)
 
@@ -44,7 +46,7 @@ def run(args):
     engine = same_engine(args.model, args.against)
     device = args.device if engine.name != "torch" else device_of(args)
     out = engine.bench(args.model, args.against, asdict(s), device=device, threads=args.threads,
-                       memory=not args.no_memory, progress=not args.quiet)
+                       memory=not args.no_memory, progress=not args.quiet, flash_attn=args.flash_attn)
     out["versions"] = versions()
     a = out.get("against")
     rows = [("prompt tokens/s", "prompt_tokens_per_s", ".1f")] if "prompt_tokens_per_s" in out else []
@@ -61,6 +63,7 @@ def run(args):
         print(f"speedup (measured / ideal from FLOPs): prefill {sp['prefill']:.2f}x / {ideal['prefill']:.2f}x, "
               f"decode {sp['decode']:.2f}x / {ideal['decode']:.2f}x")
     where = out["settings"]["device"] + (f", llama.cpp {out['gguf_type']}, {out['settings']['threads']} threads"
+                                         + (", flash attention" if out["settings"]["flash_attn"] else "")
                                          if out["settings"].get("engine") == "llama.cpp" else "")
     print(f"(batch 1, prompt {s.prompt_len}, {s.decode_tokens} decode tokens, medians of {s.reps} rounds after "
           f"{s.warmup} warm-up, {where})")

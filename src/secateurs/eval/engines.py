@@ -20,7 +20,7 @@ class Engine:
     name: str
     accepts: Callable[[str], bool]
     open: Callable  # (ref, seqlen, device, threads, progress) -> handle with rows / perplexity / settings
-    bench: Callable  # (ref, against, settings: dict, device, threads, memory, progress) -> dict
+    bench: Callable  # (ref, against, settings: dict, device, threads, memory, progress, flash_attn) -> dict
 
 
 _ENGINES: list[Engine] = []
@@ -57,12 +57,12 @@ def _open_llamacpp(ref, seqlen, device=None, threads=None, progress=True):
     return llamacpp.Handle(ref, seqlen, threads)
 
 
-def _bench_llamacpp(ref, against, s: dict, device=None, threads=None, memory=True, progress=False):
+def _bench_llamacpp(ref, against, s: dict, device=None, threads=None, memory=True, progress=False, flash_attn=False):
     from . import llamacpp
 
     if device not in (None, "cpu"):
         raise UserError(f"GGUF files run in llama.cpp on the CPU here (got --device {device})")
-    settings = llamacpp.LlamaBenchSettings(**s, threads=threads or 0)
+    settings = llamacpp.LlamaBenchSettings(**s, threads=threads or 0, flash_attn=flash_attn)
     return llamacpp.bench(ref, against, settings, memory=memory, progress=progress)
 
 
@@ -98,9 +98,11 @@ def _open_torch(ref, seqlen=None, device="cpu", threads=None, progress=True):
     return TorchHandle(ref, device or "cpu", progress)
 
 
-def _bench_torch(ref, against, s: dict, device="cpu", threads=None, memory=True, progress=False):
+def _bench_torch(ref, against, s: dict, device="cpu", threads=None, memory=True, progress=False, flash_attn=False):
     from .bench import BenchSettings, bench
 
+    if threads or flash_attn:
+        raise UserError("--threads and --flash-attn apply to .gguf files (llama.cpp); PyTorch follows OMP_NUM_THREADS")
     return bench(ref, against, BenchSettings(**s), device=device or "cpu", memory=memory, progress=progress)
 
 

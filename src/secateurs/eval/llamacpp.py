@@ -170,9 +170,11 @@ def needs_bos(info: GGUFInfo) -> bool:
 
 # --- running ------------------------------------------------------------------------------------------------
 def open_model(path: str | Path, n_ctx: int, threads: int | None = None, logits_all: bool = False,
-               n_batch: int | None = None, kv_f32: bool = False):
+               n_batch: int | None = None, kv_f32: bool = False, flash_attn: bool = False):
     """A ``llama_cpp.Llama`` for a checked GGUF file (llama.cpp's own messages are kept off the terminal).
-    The KV cache is llama.cpp's default f16 unless ``kv_f32`` (the tests' exact comparisons)."""
+    The KV cache is llama.cpp's default f16 unless ``kv_f32`` (the tests' exact comparisons). Flash attention
+    is off unless asked for (llama-cpp-python's default; without it llama.cpp sizes every layer's V cache for the
+    widest layer, attention-free layers included)."""
     lc = binding()
     read_info(path)
     threads = threads or default_threads()
@@ -181,7 +183,8 @@ def open_model(path: str | Path, n_ctx: int, threads: int | None = None, logits_
         try:
             kv = {"type_k": lc.GGML_TYPE_F32, "type_v": lc.GGML_TYPE_F32} if kv_f32 else {}
             return lc.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
-                            n_threads=threads, n_threads_batch=threads, logits_all=logits_all, verbose=False, **kv)
+                            n_threads=threads, n_threads_batch=threads, logits_all=logits_all,
+                            flash_attn=flash_attn, verbose=False, **kv)
         except (ValueError, RuntimeError) as e:
             err = e
     detail = next((ln for ln in reversed(log) if "error" in ln.lower() or "failed" in ln.lower()), str(err))
@@ -300,6 +303,7 @@ def flops(info: GGUFInfo, prompt_len: int) -> tuple[int, int]:
 @dataclass
 class LlamaBenchSettings(BenchSettings):
     threads: int = 0  # 0 = default_threads()
+    flash_attn: bool = False
 
 
 def _prompt(n_vocab: int, n: int, seed: int) -> list[int]:
@@ -308,7 +312,8 @@ def _prompt(n_vocab: int, n: int, seed: int) -> list[int]:
 
 
 def _open_for_bench(path: str, s: LlamaBenchSettings):
-    return open_model(path, n_ctx=s.prompt_len + s.decode_tokens + 8, threads=s.threads, n_batch=s.prompt_len)
+    return open_model(path, n_ctx=s.prompt_len + s.decode_tokens + 8, threads=s.threads, n_batch=s.prompt_len,
+                      flash_attn=s.flash_attn)
 
 
 def time_round(llm, prompt: list[int], n_gen: int) -> tuple[float, float]:
