@@ -20,7 +20,7 @@ from .eval.perplexity import perplexity
 from .export.checkpoint import _plain_config, write_pruned
 from .methods import PruneContext, get_method, make_config
 from .models import get_adapter, load_model
-from .plan import atomic_write_text
+from .plan import atomic_write_text, check_ratio
 from .surgery import apply_plan
 
 
@@ -47,11 +47,6 @@ def versions() -> dict:
     from . import __version__
 
     return {"secateurs": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
-
-
-def check_ratio(ratio) -> None:
-    if ratio is None or not (0.0 < ratio < 1.0):
-        raise UserError(f"--ratio must be a number strictly between 0 and 1 (got {ratio})")
 
 
 def check_out(out: Path, overwrite: bool) -> None:
@@ -144,7 +139,7 @@ def run_prune(s: PruneSettings, out: str | Path, overwrite: bool = False, progre
         "ppl_test_after": after.get("ppl_test"),
         "search_seconds": search_seconds,
         "ppl_evaluations": ctx.ppl_evaluations,
-        "removed_blocks": [f"{k}{i}" for i, k in plan.removed_blocks()],
+        "removed_blocks": [b.name for b in plan.removed_blocks()],
         "versions": versions(),
     }
     if ctx.extra:
