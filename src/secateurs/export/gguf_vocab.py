@@ -161,4 +161,12 @@ def vocab_for(tokenizer, n_vocab: int) -> Vocab:
     if sig not in PRE_TOKENIZERS:
         raise UserError(f"GGUF export: this tokenizer's pre-tokenizer {sig} has no known llama.cpp equivalent "
                         f"(known: GPT-2 byte-level, SmolLM, Llama 3, Qwen2); a wrong one would change tokenization")
-    return Vocab("gpt2", PRE_TOKENIZERS[sig], tokens, [int(t) for t in types], None, special, n_vocab, **adds)
+    pre = PRE_TOKENIZERS[sig]
+    if pre == "gpt-2" and not getattr(tokenizer, "clean_up_tokenization_spaces", False) \
+            and not any(len(t) > 1 and re.search("[0-9]", t) for t in m["vocab"]):
+        # llama.cpp's "gpt-2" also cleans up spaces when decoding (" ." -> "."), which this tokenizer does not;
+        # "smollm" is the same regex with digits split one by one first (a no-op for a vocabulary in which no
+        # token joins a digit to anything) and no clean-up: the case of the SmolLM2 tokenizer that transformers
+        # builds from its GGUF, which loses the digit splitting of the original tokenizer.json
+        pre = "smollm"
+    return Vocab("gpt2", pre, tokens, [int(t) for t in types], None, special, n_vocab, **adds)
