@@ -39,6 +39,8 @@ class PruneSettings:
     eval_seqlen: int = HELD_OUT_SEQLEN
     device: str = "cpu"
     options: dict = field(default_factory=dict)  # method-specific options
+    export: str = ""  # "gguf": also write OUT/model.gguf for llama.cpp (secateurs.export.gguf)
+    export_type: str = "f32"
 
 
 def versions() -> dict:
@@ -92,6 +94,10 @@ def run_prune(s: PruneSettings, out: str | Path, overwrite: bool = False, progre
     if hasattr(cfg, "check_budget"):  # methods with their own budget (e.g. tell's --speedup) check it up front
         cfg.check_budget(s.ratio)
     check_out(out, overwrite)
+    if s.export:
+        from .export.gguf import check_request
+
+        check_request(s.export, s.export_type, str(out / "model.gguf"), True)
     torch.manual_seed(s.seed)
     model, tok = load_model(s.model, device=s.device, progress=progress)
     adapter = get_adapter(model)
@@ -166,12 +172,25 @@ def run_prune(s: PruneSettings, out: str | Path, overwrite: bool = False, progre
     if ctx.extra:
         result["method_details"] = ctx.extra
     write_pruned(model, tok, plan, dense_config, work)
+    refused = None
+    if s.export:  # a plan llama.cpp cannot hold still leaves the pruned folder, then exits with the reason
+        from .export.gguf import export_model
+
+        try:
+            result["gguf"] = export_model(s.model, str(work / "model.gguf"), s.export_type, progress=progress,
+                                    model=model, tokenizer=tok)
+            result["gguf"]["file"] = "model.gguf"
+        except UserError as e:
+            refused = e
+            result["gguf"] = {"refused": str(e)}
     atomic_write_text(work / "result.json", json.dumps(result, indent=1))
     (work / "settings.json").unlink()
     (work / "dense.json").unlink()
     if out.exists():
         shutil.rmtree(out)
     work.rename(out)
+    if refused is not None:
+        raise UserError(f"pruned model written to {out}, but no GGUF: {refused}")
     result["_model"] = model  # in-process callers (the demo) may keep using the pruned model
     result["_tokenizer"] = tok
     return result
