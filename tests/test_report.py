@@ -140,3 +140,5 @@ def test_result_format_and_rows(tmp_path, spec, capsys):
     (new / "result.json").write_text(json.dumps({**result, "format": "secateurs-result/9"}))
     assert main(["report", str(new), "--out", str(tmp_path / "rep2")]) == 2
     assert "has format 'secateurs-result/9'; this secateurs reads 'secateurs-result/1'" in capsys.readouterr().err
+    assert main(["explain", str(new)]) == 2  # explain reads result.json too
+    assert "has format 'secateurs-result/9'" in capsys.readouterr().err
