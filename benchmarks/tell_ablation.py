@@ -50,6 +50,7 @@ def render(data: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['assignment']} | {r['ratio']:.4f} | {r['ppl']:.2f} | {r['predicted_speedup']:.3f} | "
               f"{r['measured_speedup']:.3f} | {r['attn_blocks_removed']} | {r['mlp_blocks_removed']} |" for r in data["rows"]]
+    lines += [""] + [f"Note: {n}" for n in data.get("notes", [])]
     lines += ["", f"Raw numbers: `tell-ablation-{data['model']}.json` (this folder); the page is made from them "
               f"(`python benchmarks/tell_ablation.py --render benchmarks/results/tell-ablation-{data['model']}.json`)."]
     return "\n".join(lines) + "\n"
@@ -131,6 +132,8 @@ def main(argv=None) -> int:
             "versions": versions(), "load_average": list(os.getloadavg())}
     out = ROOT / "benchmarks" / "results" / f"tell-ablation-{a.model}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():  # notes written into the raw file by hand stay with it
+        data["notes"] = json.loads(out.read_text()).get("notes", [])
     out.write_text(json.dumps(data, indent=1) + "\n")
     out.with_suffix(".md").write_text(render(data))
     print(f"ablation: wrote {out} and {out.with_suffix('.md').name}", flush=True)
