@@ -66,6 +66,12 @@ def test_prune_eval_load_round_trip(tmp_path):
     assert "ppl" in r.stdout and "(2 rows of 512, 1022 tokens)" in r.stdout and not BAR.search(r.stderr)
     e2 = json.loads((tmp_path / "e2.json").read_text())["ppl"]["wiki:test"]
     assert e2["ppl"] == pytest.approx(res["ppl_test_after"], rel=1e-5)
+    # apply: the same held-out rows by default, named where it prints them; a versioned result.json
+    r = cli("apply", str(out / "plan.json"), "smollm2-135m", "--out", str(tmp_path / "again"), "--eval-rows", "2", "--quiet")
+    assert "wiki:test ppl (2 rows of 512)" in r.stdout and not BAR.search(r.stderr)
+    again = json.loads((tmp_path / "again" / "result.json").read_text())
+    assert again["format"] == "secateurs-result/1" and (again["eval_rows"], again["eval_seqlen"]) == (2, 512)
+    assert again["ppl_test_after"] == pytest.approx(res["ppl_test_after"], rel=1e-5)
 
 
 @pytest.mark.parametrize("args, message", [

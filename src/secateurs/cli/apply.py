@@ -80,5 +80,5 @@ def run(args):
     }
     kind = save_pruned(model, tok, plan, dense_config, out, extra={"result.json": json.dumps(result, indent=1)})
     print(f"applied {plan_path(args.plan)}: ratio {result['ratio_achieved']:.4f}, params {spec.total_params:,} -> "
-          f"{result['params_after']:,}" + (f", {args.eval} ppl {before:.3f} -> {after:.3f}" if test is not None else "")
+          f"{result['params_after']:,}" + (f", {held_out_label(result)} {before:.3f} -> {after:.3f}" if test is not None else "")
           + f"; saved as {kind} to {out}")
