@@ -1,0 +1,318 @@
+"""``secateurs heal`` on tiny random models (a small byte-level BPE tokenizer trained on wiki:calib, so that the
+vocabulary stays small): healing lowers the distillation loss on held-out rows, the merged folder computes what
+the adapter model computed, it loads with plain transformers and keeps the source's shapes and plan, a job
+killed with SIGKILL and rerun ends with bitwise the same weights, and bad input gets one line, exit 2 and
+nothing written. One test on the real SmolLM2 (slow)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from secateurs.cli import main
+from secateurs.export.checkpoint import _plain_config, load_pruned, save_pruned
+from secateurs.models import get_adapter
+from secateurs.plan import PruningPlan
+from secateurs.surgery import apply_plan
+
+VOCAB = 384
+# small and quick: rows of 64 tokens, 4 per step; held-out perplexity on 2 rows of 64
+SMALL = ["--seqlen", "64", "--batch-rows", "4", "--eval-rows", "2", "--eval-seqlen", "64", "--quiet"]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """A byte-level BPE tokenizer of 384 tokens trained on wiki:calib paragraphs."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from secateurs.data import load_texts
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(load_texts("wiki")[:300], trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    folder = tmp_path_factory.mktemp("tok")
+    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>").save_pretrained(folder)
+    return folder
+
+
+def uneven_plan(spec) -> PruningPlan:
+    """Every kind of change: a removed attention block, fewer heads and channels, a removed MLP block, a bias."""
+    plan = PruningPlan.dense(spec)
+    plan.layers[0].attn = False
+    plan.layers[1].heads = [0, 2]
+    plan.layers[1].channels = list(range(0, spec.intermediate, 2))
+    plan.layers[2].mlp = False
+    plan.layers[3].mlp_bias = [0.05] * spec.hidden
+    return plan
+
+
+def make_pruned(root: Path, tokenizer_dir: Path, arch: str = "llama", plan_fn=uneven_plan) -> Path:
+    """root/dense (a plain model folder) and root/pruned (pruned from it, result.json naming it)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+    def model():  # larger weights than the default initialisation: peaked next-token distributions
+        return tiny_model(arch, vocab_size=VOCAB, initializer_range=0.25)
+
+    dense = model()
+    dense.save_pretrained(root / "dense")
+    tok.save_pretrained(root / "dense")
+    spec = get_adapter(dense).spec()
+    plan = plan_fn(spec)
+    result = {"method": "hand-made", "model": str(root / "dense"), "ratio_achieved": plan.ratio(spec)}
+    save_pruned(apply_plan(model(), plan), tok, plan, _plain_config(dense.config), root / "pruned",
+                extra={"result.json": json.dumps(result)})
+    return root / "pruned"
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory, tokenizer_dir):
+    return make_pruned(tmp_path_factory.mktemp("heal"), tokenizer_dir)
+
+
+def heal(*args) -> int:
+    return main(["heal", *map(str, args)])
+
+
+def held_out_kd(model, teacher, rows) -> float:
+    from secateurs.heal.loss import kd_topk
+
+    with torch.no_grad():
+        t = torch.log_softmax(teacher(rows).logits[:, :-1].float(), -1).topk(64, -1)
+        return float(kd_topk(model(rows).logits[:, :-1], t.indices, t.values))
+
+
+def test_heal_lowers_held_out_kd_and_keeps_the_folder(pruned, tmp_path, tokenizer_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from secateurs.data import eval_rows
+    from secateurs.models import load_model
+
+    out = tmp_path / "healed"
+    assert heal(pruned, "--out", out, "--tokens", "20k", "--lr", "3e-3", *SMALL) == 0
+    assert not (tmp_path / "healed.partial").exists()
+    before, tok = load_pruned(pruned)
+    after, _ = load_pruned(out)
+    teacher, _ = load_model(str(pruned.parent / "dense"))
+    rows = eval_rows(tok, before, "wiki:test", 64, 8)  # held out: never in the heal data
+    kd0, kd1 = held_out_kd(before, teacher, rows), held_out_kd(after, teacher, rows)
+    assert kd1 < 0.8 * kd0, (kd0, kd1)
+    # same shapes, same plan (byte for byte), same export kind; only the adapted weights changed
+    sd0, sd1 = before.state_dict(), after.state_dict()
+    assert {k: v.shape for k, v in sd0.items()} == {k: v.shape for k, v in sd1.items()}
+    assert (out / "plan.json").read_bytes() == (pruned / "plan.json").read_bytes()
+    assert json.loads((out / "secateurs.json").read_text()) == json.loads((pruned / "secateurs.json").read_text())
+    for k in sd0:
+        changed = not torch.equal(sd0[k], sd1[k])
+        assert changed == (k.endswith("proj.weight")), k  # LoRA targets only: norms, embeddings and biases as they were
+    # the record
+    rec = json.loads((out / "heal.json").read_text())
+    assert rec["tokens_seen"] >= 20_000 and rec["steps"] == len(rec["loss_curve"])
+    assert rec["settings"]["loss"] == "kd" and rec["teacher"] == str(pruned.parent / "dense")
+    assert rec["data"]["overlap_check"]["overlaps_reported"] == {"boolq": rec["data"]["overlap_check"]["units"]}
+    assert len(rec["data"]["fingerprint"]) == 64 and rec["versions"]["peft"]
+    res = json.loads((out / "result.json").read_text())
+    assert res["method"] == "hand-made+heal" and res["ppl_test_after"] == rec["eval"]["ppl_healed"]
+    assert res["ppl_test_after"] < res["ppl_test_pruned"]
+    # the adapter model before merging computes what the merged folder computes
+    from peft import PeftModel
+
+    adapted = PeftModel.from_pretrained(load_pruned(pruned)[0], out / "heal_adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(rows).logits, after(rows).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_healed_folder_loads_without_secateurs(pruned, tmp_path):
+    """The folder loads with plain transformers in a process where secateurs cannot be imported."""
+    from test_export import run_child
+
+    out = tmp_path / "healed"
+    assert heal(pruned, "--out", out, "--tokens", "512", "--loss", "lm", *SMALL) == 0
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    job = {"dir": str(out), "remote": True, "ids": ids.tolist(), "new": 4, "out": str(tmp_path / "child.pt")}
+    run_child([job], tmp_path)
+    child = torch.load(tmp_path / "child.pt")
+    model, _ = load_pruned(out)
+    with torch.no_grad():
+        torch.testing.assert_close(child["logits"], model(ids).logits, atol=1e-5, rtol=1e-5)
+    assert child["class"] == "SecateursForCausalLM"
+
+
+def test_full_fine_tuning_trains_biases_and_keeps_shapes(pruned, tmp_path):
+    out = tmp_path / "full"
+    assert heal(pruned, "--out", out, "--tokens", "1024", "--full", "--lr", "1e-3", *SMALL) == 0
+    before, after = load_pruned(pruned)[0].state_dict(), load_pruned(out)[0].state_dict()
+    assert {k: v.shape for k, v in before.items()} == {k: v.shape for k, v in after.items()}
+    assert not torch.equal(before["model.layers.3.mlp.down_proj.bias"], after["model.layers.3.mlp.down_proj.bias"])
+    assert not (out / "heal_adapter").exists()
+    assert json.loads((out / "heal.json").read_text())["adapters"] == "full"
+
+
+def _cli(args, env_extra=None, **kw):
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    env.update(env_extra or {})
+    return subprocess.Popen([sys.executable, "-m", "secateurs", "heal", *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_resume_after_sigkill_gives_identical_weights(pruned, tmp_path):
+    from safetensors.torch import load_file
+
+    args = ["--tokens", "12k", "--checkpoint-minutes", "0", "--eval", "", *SMALL]  # 47 steps, state saved each step
+    straight = tmp_path / "straight"
+    r = _cli([pruned, "--out", straight, *args])
+    assert r.wait(timeout=600) == 0, r.stderr.read()[-2000:]
+
+    out = tmp_path / "resumed"
+    state = tmp_path / "resumed.partial" / "state.pt"
+    p = _cli([pruned, "--out", out, *args])
+    t0 = time.time()
+    while True:  # kill once a few steps are saved
+        if state.exists() and torch.load(state, weights_only=False)["step"] >= 5:
+            break
+        assert p.poll() is None, "the run ended before it could be killed: " + p.stderr.read()[-2000:]
+        assert time.time() - t0 < 300
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not out.exists()
+    step = torch.load(state, weights_only=False)["step"]
+    assert 5 <= step < 47
+    r = _cli([pruned, "--out", out, *args])
+    assert r.wait(timeout=600) == 0, r.stderr.read()[-2000:]
+    a, b = load_file(straight / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = (json.loads((d / "heal.json").read_text()) for d in (straight, out))
+    assert ra["loss_curve"] == rb["loss_curve"] and ra["data"]["fingerprint"] == rb["data"]["fingerprint"]
+
+
+def test_heal_data_file_and_teacher_override(pruned, tmp_path):
+    from secateurs.data import load_texts
+
+    data = tmp_path / "mine.txt"
+    data.write_text("\n\n".join(load_texts("wiki")[:60]))
+    moved = tmp_path / "teacher"
+    os.rename(pruned.parent / "dense", moved)
+    try:
+        assert heal(pruned, "--out", tmp_path / "o1", "--data", data, "--tokens", "256", *SMALL) == 2  # teacher gone
+        assert heal(pruned, "--out", tmp_path / "o1", "--data", data, "--tokens", "256", "--teacher", moved, *SMALL) == 0
+    finally:
+        os.rename(moved, pruned.parent / "dense")
+    rec = json.loads((tmp_path / "o1" / "heal.json").read_text())
+    assert rec["teacher"] == str(moved) and rec["data"]["name"] == str(data)
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, tokenizer_dir, pruned):
+    root = tmp_path_factory.mktemp("bad")
+    no_plan = root / "no-plan"
+    no_plan.mkdir()
+    (no_plan / "secateurs.json").write_text((pruned / "secateurs.json").read_text())
+    (no_plan / "config.json").write_text((pruned / "config.json").read_text())
+    (root / "narrow").mkdir()
+    narrow = make_pruned(root / "narrow", tokenizer_dir, plan_fn=_narrow)
+    test_text = root / "test.txt"
+    from secateurs.data import load_texts
+
+    test_text.write_text("some text of my own, long enough to count as a paragraph\n\n" + load_texts("wiki:test")[3])
+    full = root / "full-out"
+    full.mkdir()
+    (full / "x").write_text("keep me")
+    return {"no_plan": no_plan, "dense": pruned.parent / "dense", "narrow": narrow, "test_text": test_text, "full": full}
+
+
+def _narrow(spec):
+    plan = PruningPlan.dense(spec)
+    plan.layers[2].channels = list(range(6))  # gate/up/down of layer 2 are 6 channels wide
+    return plan
+
+
+@pytest.mark.parametrize("case, extra, message", [
+    ("no_plan", [], "has no plan.json"),
+    ("dense", [], "has no plan.json: a model folder without a plan (a dense model?)"),
+    ("embedded", [], "is a dense model, not a pruned folder"),
+    ("few_tokens", ["--tokens", "10M"], "more than --max-epochs 1 pass(es)"),
+    ("rank", ["--lora-rank", "8"], "--lora-rank 8 is larger than the width of"),
+    ("out_exists", [], "exists and is not empty"),
+    ("held_out", ["--data", "wiki:test"], "held-out evaluation text"),
+    ("held_out_file", [], "shares 1 paragraph(s) with the held-out wiki:test text"),
+    ("loss", ["--temperature", "0"], "--temperature must be a positive number"),
+])
+def test_bad_input_one_line_exit_2_nothing_written(bad_inputs, pruned, tmp_path, capsys, case, extra, message):
+    src = {"no_plan": bad_inputs["no_plan"], "dense": bad_inputs["dense"], "embedded": "smollm2-135m",
+           "rank": bad_inputs["narrow"]}.get(case, pruned)
+    out = bad_inputs["full"] if case == "out_exists" else tmp_path / "out"
+    if case == "held_out_file":
+        extra = ["--data", bad_inputs["test_text"]]
+    before = sorted(os.listdir(tmp_path))
+    assert heal(src, "--out", out, *extra, *SMALL) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("secateurs: error:") and message in err and "\n" not in err, err
+    assert sorted(os.listdir(tmp_path)) == before  # neither the output nor a .partial folder
+    if case == "out_exists":
+        assert os.listdir(out) == ["x"]
+
+
+def test_resume_refuses_other_settings(pruned, tmp_path, capsys):
+    work = tmp_path / "o.partial"
+    work.mkdir()
+    (work / "settings.json").write_text("{}")
+    assert heal(pruned, "--out", tmp_path / "o", "--tokens", "256", *SMALL) == 2
+    assert "holds an unfinished heal with other settings" in capsys.readouterr().err
+
+
+def test_kd_topk_is_the_coarsened_kl():
+    """With k = V - 1 the rest bucket is a single token: the coarsened KL is the full KL."""
+    from secateurs.heal.loss import kd_topk
+
+    g = torch.Generator().manual_seed(0)
+    t, s = torch.randn(2, 3, 10, generator=g) * 2, torch.randn(2, 3, 10, generator=g) * 2
+    full = (t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1).mean()
+    top = t.log_softmax(-1).topk(9, -1)
+    torch.testing.assert_close(kd_topk(s, top.indices, top.values), full)
+    top3 = t.log_softmax(-1).topk(3, -1)
+    assert 0 < kd_topk(s, top3.indices, top3.values) <= full + 1e-6
+    assert float(kd_topk(t, top3.indices, top3.values)) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_heal_real_smollm2_a_few_steps(tmp_path):
+    """The real model: a flap-pruned SmolLM2 healed for 8 steps of 2 x 128 tokens lowers its held-out KD loss."""
+    out = tmp_path / "flap"
+    assert main(["prune", "smollm2-135m", "--method", "flap", "--ratio", "0.2", "--nsamples", "4", "--seqlen", "128",
+                 "--eval", "", "--quiet", "--out", str(out)]) == 0
+    healed = tmp_path / "healed"
+    assert heal(out, "--out", healed, "--tokens", "2048", "--seqlen", "128", "--batch-rows", "2", "--eval-rows", "4",
+                "--eval-seqlen", "128", "--quiet") == 0
+    rec = json.loads((healed / "heal.json").read_text())
+    assert rec["eval"]["ppl_healed"] < rec["eval"]["ppl_pruned"]
+    curve = [v for _, v in rec["loss_curve"]]
+    assert sum(curve[-3:]) < sum(curve[:3])
+
+
+def test_shared_teacher_cache_is_reused_and_keyed(pruned, tmp_path, capsys):
+    import numpy as np
+
+    cache = tmp_path / "cache"
+    assert heal(pruned, "--out", tmp_path / "a", "--tokens", "1024", "--teacher-cache", cache, *SMALL) == 0
+    first = np.load(cache / "done.npy").sum()
+    assert first == 4 * 4  # 4 steps of 4 rows, each row once (one pass)
+    assert heal(pruned, "--out", tmp_path / "b", "--tokens", "2048", "--teacher-cache", cache, *SMALL) == 0
+    assert first < np.load(cache / "done.npy").sum() <= 32
+    assert json.loads((tmp_path / "b" / "heal.json").read_text())["teacher_cache"] == str(cache)
+    assert heal(pruned, "--out", tmp_path / "c", "--tokens", "1024", "--topk", "8", "--teacher-cache", cache, *SMALL) == 2
+    assert "was made with other settings (topk differ)" in capsys.readouterr().err
+    assert not (tmp_path / "c.partial").exists()
