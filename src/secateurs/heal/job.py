@@ -170,9 +170,10 @@ def _times(work: Path) -> dict:
     return json.loads(f.read_text()) if f.exists() else {}
 
 
-def _add_time(work: Path, key: str, seconds: float) -> None:
+def _add_time(work: Path, key: str, amount: float) -> None:
+    """Adds to a running total kept in times.json (seconds by phase, and teacher rows computed)."""
     t = _times(work)
-    t[key] = t.get(key, 0.0) + seconds
+    t[key] = t.get(key, 0) + amount
     atomic_write_text(work / "times.json", json.dumps(t))
 
 
@@ -214,9 +215,12 @@ def _teacher_phase(inp: Inputs, work: Path, cache, progress: bool, log) -> None:
         f"({len(inp.used) - len(todo)} already in {cache.folder})")
     teacher, _ = load_model(inp.src.teacher, device=s.device, progress=progress)
     _cached(work, "dense.json", lambda: {"ppl": _ppl(teacher, inp.eval_rows, progress, f"{s.eval} ppl (dense)")})
-    t0 = time.time()
-    cache.fill(teacher, inp.pool, inp.used, s.temperature, s.batch_rows, progress)
-    _add_time(work, "teacher", time.time() - t0)
+
+    def count(rows, seconds):
+        _add_time(work, "teacher", seconds)
+        _add_time(work, "teacher_rows", rows)
+
+    cache.fill(teacher, inp.pool, inp.used, s.temperature, s.batch_rows, progress, on_batch=count)
     del teacher
     gc.collect()
 
@@ -385,6 +389,8 @@ def run_heal(s: HealSettings, out: str | Path, overwrite: bool = False, progress
         "loss_curve": trained["curve"],
         "seconds": {"teacher": times.get("teacher", 0.0), "train": trained["seconds"], "eval": times.get("eval", 0.0)},
         "train_tokens_per_second": tokens_seen / trained["seconds"] if trained["seconds"] else None,
+        "teacher_rows_computed": times.get("teacher_rows", 0),
+        "teacher_tokens_per_second": (times.get("teacher_rows", 0) * s.seqlen / times["teacher"]) if times.get("teacher") else None,
         "export": kind,
         "versions": versions() | {"peft": _peft_version()},
     }

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -74,8 +75,10 @@ class TeacherCache:
         os.replace(tmp, self.folder / "done.npy")
 
     @torch.inference_mode()
-    def fill(self, model, pool: torch.Tensor, rows: list[int], temperature: float, batch: int, progress: bool = True) -> None:
-        """Runs ``model`` over the pool rows among ``rows`` not yet computed."""
+    def fill(self, model, pool: torch.Tensor, rows: list[int], temperature: float, batch: int, progress: bool = True,
+             on_batch=None) -> None:
+        """Runs ``model`` over the pool rows among ``rows`` not yet computed; ``on_batch(rows, seconds)`` is
+        called after each batch is on disk."""
         todo = self.missing(rows)
         if not todo:
             return
@@ -86,6 +89,7 @@ class TeacherCache:
         bar = progress_bar(total=len(rows) * seqlen, desc="teacher top-k", enabled=progress, unit="tok",
                            unit_scale=True, initial=(len(rows) - len(todo)) * seqlen)
         for i in range(0, len(todo), batch):
+            t0 = time.time()
             part = todo[i : i + batch]
             logits = model(input_ids=pool[part].to(device), use_cache=False).logits[:, :-1].float()
             val, ind = torch.log_softmax(logits / temperature, dim=-1).topk(self.shape[2], dim=-1)
@@ -96,6 +100,8 @@ class TeacherCache:
             logp_map.flush()
             done[part] = 1
             self._mark(done)
+            if on_batch is not None:
+                on_batch(len(part), time.time() - t0)
             bar.update(len(part) * seqlen)
         bar.close()
         del idx_map, logp_map
