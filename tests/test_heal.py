@@ -168,7 +168,22 @@ def _cli(args, env_extra=None, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-def test_resume_after_sigkill_gives_identical_weights(pruned, tmp_path):
+def _stop_at(args, state: Path, min_step: int, sig) -> tuple[int, int]:
+    """Starts a heal, sends ``sig`` once ``state`` holds at least ``min_step`` steps; (exit code, saved step)."""
+    p = _cli(args)
+    t0 = time.time()
+    while not (state.exists() and torch.load(state, weights_only=False)["step"] >= min_step):
+        assert p.poll() is None, "the run ended before it could be stopped: " + p.stderr.read()[-2000:]
+        assert time.time() - t0 < 300
+        time.sleep(0.05)
+    p.send_signal(sig)
+    rc = p.wait(timeout=300)
+    return rc, torch.load(state, weights_only=False)["step"]
+
+
+def test_resume_after_ctrl_c_and_sigkill_gives_identical_weights(pruned, tmp_path):
+    """Ctrl-C saves after the step in flight (exit 130); SIGKILL loses what followed the last save; each rerun
+    of the same command continues, and the end is bitwise the uninterrupted run's."""
     from safetensors.torch import load_file
 
     args = ["--tokens", "12k", "--checkpoint-minutes", "0", "--eval", "", *SMALL]  # 47 steps, state saved each step
@@ -178,19 +193,10 @@ def test_resume_after_sigkill_gives_identical_weights(pruned, tmp_path):
 
     out = tmp_path / "resumed"
     state = tmp_path / "resumed.partial" / "state.pt"
-    p = _cli([pruned, "--out", out, *args])
-    t0 = time.time()
-    while True:  # kill once a few steps are saved
-        if state.exists() and torch.load(state, weights_only=False)["step"] >= 5:
-            break
-        assert p.poll() is None, "the run ended before it could be killed: " + p.stderr.read()[-2000:]
-        assert time.time() - t0 < 300
-        time.sleep(0.05)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    assert not out.exists()
-    step = torch.load(state, weights_only=False)["step"]
-    assert 5 <= step < 47
+    rc, first = _stop_at([pruned, "--out", out, *args], state, 3, signal.SIGINT)
+    assert rc == 130 and 3 <= first < 47 and not out.exists()
+    rc, second = _stop_at([pruned, "--out", out, *args], state, first + 3, signal.SIGKILL)
+    assert rc == -signal.SIGKILL and first + 3 <= second < 47 and not out.exists()
     r = _cli([pruned, "--out", out, *args])
     assert r.wait(timeout=600) == 0, r.stderr.read()[-2000:]
     a, b = load_file(straight / "model.safetensors"), load_file(out / "model.safetensors")
@@ -289,18 +295,22 @@ def test_kd_topk_is_the_coarsened_kl():
 
 
 @pytest.mark.slow
-def test_heal_real_smollm2_a_few_steps(tmp_path):
-    """The real model: a flap-pruned SmolLM2 healed for 8 steps of 2 x 128 tokens lowers its held-out KD loss."""
+def test_heal_real_smollm2_lowers_held_out_kd(tmp_path, smollm):
+    """The real model: SmolLM2 pruned by FLAP to 20%, healed on 4k tokens, is closer to the dense model on
+    held-out wiki:test rows."""
+    from secateurs.data import eval_rows
+
     out = tmp_path / "flap"
     assert main(["prune", "smollm2-135m", "--method", "flap", "--ratio", "0.2", "--nsamples", "4", "--seqlen", "128",
                  "--eval", "", "--quiet", "--out", str(out)]) == 0
     healed = tmp_path / "healed"
-    assert heal(out, "--out", healed, "--tokens", "2048", "--seqlen", "128", "--batch-rows", "2", "--eval-rows", "4",
-                "--eval-seqlen", "128", "--quiet") == 0
+    assert heal(out, "--out", healed, "--tokens", "4096", "--seqlen", "128", "--lr", "1e-3", "--eval", "", "--quiet") == 0
+    dense, tok = smollm
+    rows = eval_rows(tok, dense, "wiki:test", 128, 4)
+    kd0, kd1 = (held_out_kd(load_pruned(d)[0], dense, rows) for d in (out, healed))
+    assert kd1 < 0.9 * kd0, (kd0, kd1)
     rec = json.loads((healed / "heal.json").read_text())
-    assert rec["eval"]["ppl_healed"] < rec["eval"]["ppl_pruned"]
-    curve = [v for _, v in rec["loss_curve"]]
-    assert sum(curve[-3:]) < sum(curve[:3])
+    assert rec["teacher"] == "smollm2-135m" and rec["steps"] == 16 and rec["export"] == "custom"
 
 
 def test_shared_teacher_cache_is_reused_and_keyed(pruned, tmp_path, capsys):

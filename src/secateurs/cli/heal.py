@@ -39,7 +39,7 @@ def register(sub):
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-4 with LoRA, 5e-5 with --full)")
     p.add_argument("--warmup", type=float, default=d.warmup, help=f"fraction of steps with linear warm-up (default {d.warmup})")
     p.add_argument("--min-lr", type=float, default=d.min_lr, help=f"cosine decay ends at this fraction of the peak (default {d.min_lr})")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="fixes the row order and the LoRA initialisation (default 0)")
     p.add_argument("--seqlen", type=positive_int, default=d.seqlen, help=f"tokens per training row (default {d.seqlen})")
     p.add_argument("--batch-rows", type=positive_int, default=d.batch_rows, help=f"rows per step (default {d.batch_rows})")
     p.add_argument("--topk", type=positive_int, default=d.topk, help=f"teacher tokens kept per position (default {d.topk})")
