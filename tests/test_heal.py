@@ -83,6 +83,16 @@ def pruned(tmp_path_factory, tokenizer_dir):
     return make_pruned(tmp_path_factory.mktemp("heal"), tokenizer_dir)
 
 
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """200 wiki:calib paragraphs (about 60k tokens of the small tokenizer): quicker to read than all of wiki."""
+    from secateurs.data import load_texts
+
+    path = tmp_path_factory.mktemp("data") / "wiki-200.txt"
+    path.write_text("\n\n".join(load_texts("wiki")[:200]))
+    return path
+
+
 def heal(*args) -> int:
     return main(["heal", *map(str, args)])
 
@@ -135,12 +145,32 @@ def test_heal_lowers_held_out_kd_and_keeps_the_folder(pruned, tmp_path, tokenize
         torch.testing.assert_close(adapted(rows).logits, after(rows).logits, atol=1e-4, rtol=1e-4)
 
 
-def test_healed_folder_loads_without_secateurs(pruned, tmp_path):
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3", "gemma3_text"])
+def test_other_architectures_heal_and_merge_exactly(arch, tmp_path, tokenizer_dir, small_data):
+    """Every architecture: healing changes the adapted weights only, and the merged folder computes what the
+    adapter model computed (Qwen2's q/k/v biases and Gemma's BOS rows and norms included)."""
+    from peft import PeftModel
+
+    src = make_pruned(tmp_path, tokenizer_dir, arch)
+    out = tmp_path / "healed"
+    assert heal(src, "--out", out, "--tokens", "1024", "--lr", "3e-3", "--data", small_data, "--eval", "", *SMALL) == 0
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
+    before, after = load_pruned(src)[0], load_pruned(out)[0]
+    adapted = PeftModel.from_pretrained(load_pruned(src)[0], out / "heal_adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(ids).logits, after(ids).logits, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(before(ids).logits, after(ids).logits)
+    sd0, sd1 = before.state_dict(), after.state_dict()
+    assert {k: v.shape for k, v in sd0.items()} == {k: v.shape for k, v in sd1.items()}
+    assert all(torch.equal(sd0[k], sd1[k]) for k in sd0 if not k.endswith("proj.weight"))
+
+
+def test_healed_folder_loads_without_secateurs(pruned, tmp_path, small_data):
     """The folder loads with plain transformers in a process where secateurs cannot be imported."""
     from test_export import run_child
 
     out = tmp_path / "healed"
-    assert heal(pruned, "--out", out, "--tokens", "512", "--loss", "lm", *SMALL) == 0
+    assert heal(pruned, "--out", out, "--tokens", "512", "--loss", "lm", "--data", small_data, "--eval", "", *SMALL) == 0
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
     job = {"dir": str(out), "remote": True, "ids": ids.tolist(), "new": 4, "out": str(tmp_path / "child.pt")}
     run_child([job], tmp_path)
@@ -151,9 +181,9 @@ def test_healed_folder_loads_without_secateurs(pruned, tmp_path):
     assert child["class"] == "SecateursForCausalLM"
 
 
-def test_full_fine_tuning_trains_biases_and_keeps_shapes(pruned, tmp_path):
+def test_full_fine_tuning_trains_biases_and_keeps_shapes(pruned, tmp_path, small_data):
     out = tmp_path / "full"
-    assert heal(pruned, "--out", out, "--tokens", "1024", "--full", "--lr", "1e-3", *SMALL) == 0
+    assert heal(pruned, "--out", out, "--tokens", "1024", "--full", "--lr", "1e-3", "--data", small_data, "--eval", "", *SMALL) == 0
     before, after = load_pruned(pruned)[0].state_dict(), load_pruned(out)[0].state_dict()
     assert {k: v.shape for k, v in before.items()} == {k: v.shape for k, v in after.items()}
     assert not torch.equal(before["model.layers.3.mlp.down_proj.bias"], after["model.layers.3.mlp.down_proj.bias"])
@@ -181,12 +211,12 @@ def _stop_at(args, state: Path, min_step: int, sig) -> tuple[int, int]:
     return rc, torch.load(state, weights_only=False)["step"]
 
 
-def test_resume_after_ctrl_c_and_sigkill_gives_identical_weights(pruned, tmp_path):
+def test_resume_after_ctrl_c_and_sigkill_gives_identical_weights(pruned, tmp_path, small_data):
     """Ctrl-C saves after the step in flight (exit 130); SIGKILL loses what followed the last save; each rerun
     of the same command continues, and the end is bitwise the uninterrupted run's."""
     from safetensors.torch import load_file
 
-    args = ["--tokens", "12k", "--checkpoint-minutes", "0", "--eval", "", *SMALL]  # 47 steps, state saved each step
+    args = ["--tokens", "12k", "--data", small_data, "--checkpoint-minutes", "0", "--eval", "", *SMALL]  # 47 steps
     straight = tmp_path / "straight"
     r = _cli([pruned, "--out", straight, *args])
     assert r.wait(timeout=600) == 0, r.stderr.read()[-2000:]
@@ -250,6 +280,7 @@ def _narrow(spec):
     ("no_plan", [], "has no plan.json"),
     ("dense", [], "has no plan.json: a model folder without a plan (a dense model?)"),
     ("embedded", [], "is a dense model, not a pruned folder"),
+    ("missing", [], "is not a folder; give a folder written by `secateurs prune` or `secateurs apply`"),
     ("few_tokens", ["--tokens", "10M"], "more than --max-epochs 1 pass(es)"),
     ("rank", ["--lora-rank", "8"], "--lora-rank 8 is larger than the width of"),
     ("out_exists", [], "exists and is not empty"),
@@ -259,7 +290,7 @@ def _narrow(spec):
 ])
 def test_bad_input_one_line_exit_2_nothing_written(bad_inputs, pruned, tmp_path, capsys, case, extra, message):
     src = {"no_plan": bad_inputs["no_plan"], "dense": bad_inputs["dense"], "embedded": "smollm2-135m",
-           "rank": bad_inputs["narrow"]}.get(case, pruned)
+           "missing": "runs/no-such-folder", "rank": bad_inputs["narrow"]}.get(case, pruned)
     out = bad_inputs["full"] if case == "out_exists" else tmp_path / "out"
     if case == "held_out_file":
         extra = ["--data", bad_inputs["test_text"]]
@@ -272,11 +303,11 @@ def test_bad_input_one_line_exit_2_nothing_written(bad_inputs, pruned, tmp_path,
         assert os.listdir(out) == ["x"]
 
 
-def test_resume_refuses_other_settings(pruned, tmp_path, capsys):
+def test_resume_refuses_other_settings(pruned, tmp_path, capsys, small_data):
     work = tmp_path / "o.partial"
     work.mkdir()
     (work / "settings.json").write_text("{}")
-    assert heal(pruned, "--out", tmp_path / "o", "--tokens", "256", *SMALL) == 2
+    assert heal(pruned, "--out", tmp_path / "o", "--tokens", "256", "--data", small_data, *SMALL) == 2
     assert "holds an unfinished heal with other settings" in capsys.readouterr().err
 
 
@@ -313,16 +344,17 @@ def test_heal_real_smollm2_lowers_held_out_kd(tmp_path, smollm):
     assert rec["teacher"] == "smollm2-135m" and rec["steps"] == 16 and rec["export"] == "custom"
 
 
-def test_shared_teacher_cache_is_reused_and_keyed(pruned, tmp_path, capsys):
+def test_shared_teacher_cache_is_reused_and_keyed(pruned, tmp_path, capsys, small_data):
     import numpy as np
 
     cache = tmp_path / "cache"
-    assert heal(pruned, "--out", tmp_path / "a", "--tokens", "1024", "--teacher-cache", cache, *SMALL) == 0
+    small = ["--data", small_data, "--eval", "", *SMALL]
+    assert heal(pruned, "--out", tmp_path / "a", "--tokens", "1024", "--teacher-cache", cache, *small) == 0
     first = np.load(cache / "done.npy").sum()
     assert first == 4 * 4  # 4 steps of 4 rows, each row once (one pass)
-    assert heal(pruned, "--out", tmp_path / "b", "--tokens", "2048", "--teacher-cache", cache, *SMALL) == 0
+    assert heal(pruned, "--out", tmp_path / "b", "--tokens", "2048", "--teacher-cache", cache, *small) == 0
     assert first < np.load(cache / "done.npy").sum() <= 32
     assert json.loads((tmp_path / "b" / "heal.json").read_text())["teacher_cache"] == str(cache)
-    assert heal(pruned, "--out", tmp_path / "c", "--tokens", "1024", "--topk", "8", "--teacher-cache", cache, *SMALL) == 2
+    assert heal(pruned, "--out", tmp_path / "c", "--tokens", "1024", "--topk", "8", "--teacher-cache", cache, *small) == 2
     assert "was made with other settings (topk differ)" in capsys.readouterr().err
     assert not (tmp_path / "c.partial").exists()

@@ -65,9 +65,9 @@ def inspect_source(folder: str, teacher: str | None = None) -> Source:
     if not p.is_dir():
         from ..models.loading import EMBEDDED
 
-        if folder in EMBEDDED or (not p.exists() and folder.count("/") == 1):
+        if folder in EMBEDDED:
             raise UserError(f"{folder} is a dense model, not a pruned folder: prune it first (`secateurs prune`), then heal the result")
-        raise UserError(f"{folder} is not a folder; {hint}")
+        raise UserError(f"{folder} is not a folder; {hint} (a Hugging Face id names a dense model: prune it first)")
     has = {n: (p / n).exists() for n in ("plan.json", "secateurs.json", "config.json")}
     if not has["plan.json"]:
         what = "a model folder without a plan (a dense model?)" if has["config.json"] else "not a pruned model folder"
