@@ -25,12 +25,12 @@ def test_replay_equals_model_and_surgery(arch):
         h = cap.hidden[0]
         for i, layer in enumerate(ad.layers()):
             h = run_layer(ad, layer, h, cap.kwargs[i])
-        torch.testing.assert_close(nll_from_hidden(model, ad, h, IDS), row_nll(model, IDS), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(nll_from_hidden(ad, h, IDS), row_nll(model, IDS), atol=1e-4, rtol=1e-5)
         # skip attention of layer 1 and the MLP of layer 2 in the replay
         h = cap.hidden[0]
         for i, layer in enumerate(ad.layers()):
             h = run_layer(ad, layer, h, cap.kwargs[i], attn=i != 1, mlp=i != 2)
-        replay = nll_from_hidden(model, ad, h, IDS)
+        replay = nll_from_hidden(ad, h, IDS)
     pruned = apply_plan(copy.deepcopy(model), PruningPlan.from_removed_blocks(ad.spec(), [(1, "attn"), (2, "mlp")]))
     with torch.no_grad():
         torch.testing.assert_close(replay, row_nll(pruned, IDS), atol=1e-4, rtol=1e-5)

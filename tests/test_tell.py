@@ -10,13 +10,13 @@ import torch
 from conftest import tiny_model
 from secateurs.errors import UserError
 from secateurs.importance.activations import capture
-from secateurs.importance.cost import (CostModel, KINDS, load_or_measure, measured_speedup, probe_plan,
-                                       removed_params)
+from secateurs.importance.cost import CostModel, load_or_measure, measured_speedup, probe_plan
 from secateurs.importance.interaction import block_importance, collect_streams, gaussian_cmi, whiten
 from secateurs.methods import PruneContext
-from secateurs.methods.tell import TellConfig, blocks_of, tell
+from secateurs.methods.tell import TellConfig, tell
 from secateurs.models import get_adapter
-from secateurs.plan import PruningPlan
+from secateurs.models.base import all_blocks
+from secateurs.plan import UNIT_KINDS, PruningPlan, removed_params
 from secateurs.search.assign import assign_ratios, load_weights
 from secateurs.surgery import apply_plan
 
@@ -169,7 +169,7 @@ def test_assignment_with_a_quantized_budget_and_impossible_target():
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
 def test_removed_params_account_for_the_plan(arch):
     spec = get_adapter(tiny_model(arch)).spec()
-    for kind in KINDS:
+    for kind in UNIT_KINDS:
         plan = probe_plan(spec, kind)
         plan.validate(spec)
         removed = sum(v for i, lp in enumerate(plan.layers) for v in removed_params(spec, i, lp).values())
@@ -199,10 +199,10 @@ def test_cost_benchmark_runs_floors_and_caches(tmp_path, monkeypatch):
     spec = get_adapter(model).spec()
     cm, path = load_or_measure(model, spec, prompt_len=16, reps=1)
     assert path.startswith(str(tmp_path / "costs")) and json.loads(open(path).read())["prompt_len"] == 16
-    assert set(cm.ms_per_param) == set(KINDS) and all(v >= 0 for v in cm.ms_per_param.values())
+    assert set(cm.ms_per_param) == set(UNIT_KINDS) and all(v >= 0 for v in cm.ms_per_param.values())
     assert cm.ms_per_param["attn_block"] >= cm.ms_per_param["attn_width"]
     assert cm.ms_per_param["mlp_block"] >= cm.ms_per_param["mlp_width"]
-    assert all(len(cm.raw[k]["pairs"]) == 1 for k in KINDS)
+    assert all(len(cm.raw[k]["pairs"]) == 1 for k in UNIT_KINDS)
     again, path2 = load_or_measure(model, spec, prompt_len=16, reps=1)
     assert path2 == path and again == cm  # read from the cache (the same numbers), not measured again
     m = measured_speedup(model, probe_plan(spec, "mlp_block"), spec, prompt_len=16, reps=1)
@@ -227,8 +227,8 @@ def test_tell_ratio_end_to_end(arch, tmp_path, monkeypatch):
     biggest = max(spec.attn_block_params + spec.mlp_block_params) / spec.total_params
     assert 0.3 - 1e-9 <= plan.ratio(spec) <= 0.3 + biggest
     blocks = ctx.extra["blocks"]
-    assert [(b["layer"], b["kind"]) for b in blocks] == blocks_of(spec)
-    for b, (i, kind) in zip(blocks, blocks_of(spec)):
+    assert [(b["layer"], b["kind"]) for b in blocks] == all_blocks(spec.n_layers)
+    for b, (i, kind) in zip(blocks, all_blocks(spec.n_layers)):
         assert (b["ratio_assigned"] >= 1.0) == (not getattr(plan.layers[i], kind))
         assert b["action"] in ("removed", "narrowed", "kept")
     narrowed = [lp for lp in plan.layers if lp.mlp and lp.channels is not None]
@@ -266,7 +266,7 @@ def test_tell_speedup_records_measured_rounds(tmp_path, monkeypatch):
     monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
     ctx = _ctx(tiny_model("llama"), tmp_path, None)
     layer_params = sum(ctx.spec.attn_block_params + ctx.spec.mlp_block_params)
-    fixed = CostModel("test", 16, 100.0, {k: 90.0 / layer_params for k in KINDS})  # layers: 90% of the time
+    fixed = CostModel("test", 16, 100.0, {k: 90.0 / layer_params for k in UNIT_KINDS})  # layers: 90% of the time
     monkeypatch.setattr(tell_mod, "load_or_measure", lambda *a, **k: (fixed, "fixed"))
     cfg = TellConfig(speedup=1.2, te_rank=4, latency_len=16, latency_reps=1, speedup_rounds=1)
     plan = tell(ctx, cfg)

@@ -14,8 +14,8 @@ import torch
 from conftest import ARCHS, tiny_model
 from secateurs.errors import UserError
 from secateurs.eval.perplexity import row_nll
-from secateurs.importance.width import (MaskedPlan, collect_stats, head_scores, layer_plan_at_rate, layer_width_params, max_rate,
-                                        valid_head_counts, wanda_column_scores)
+from secateurs.importance.width import (MaskedPlan, collect_stats, head_scores, layer_plan_at_rate, layer_plan_at_rates,
+                                        layer_width_params, max_rate, valid_head_counts, wanda_column_scores)
 from secateurs.methods import PruneContext, get_method, make_config
 from secateurs.models import get_adapter
 from secateurs.plan import LayerPlan, PruningPlan
@@ -45,6 +45,35 @@ def test_rate_rule(n_kv):
         assert abs(removed - rate * layer_width_params(spec)) <= spec.channel_params / 2 + 1e-6
         n_h = len(lp.kept_heads(spec))
         assert n_h == min(valid_head_counts(spec), key=lambda c: (abs(c - (1 - rate) * spec.n_heads), c))
+
+
+@pytest.mark.parametrize("n_kv", [1, 2, 4])
+def test_rate_rule_per_block(n_kv):
+    """One rate per block (tell): the heads by the rule at the attention block's rate, the channels absorb the
+    head rounding so the layer removes its budget to within half a channel (unless the head rounding alone
+    exceeds it); next to a removed block the other block is pruned at its own rate."""
+    spec = get_adapter(tiny_model("llama", num_key_value_heads=n_kv)).spec()
+    mlp_width = spec.intermediate * spec.channel_params
+    attn_width = layer_width_params(spec) - mlp_width
+    g = torch.Generator().manual_seed(0)
+    for r_attn, r_mlp in [(0.1, 0.3), (0.3, 0.1), (0.6, 0.2), (0.05, 0.05), (None, 0.4), (0.4, None)]:
+        lp = layer_plan_at_rates(spec, r_attn, r_mlp, torch.rand(spec.n_heads, generator=g),
+                                 torch.rand(spec.intermediate, generator=g))
+        plan = PruningPlan([lp] + [LayerPlan() for _ in range(spec.n_layers - 1)], spec.as_dict())
+        plan.validate(spec)
+        assert (lp.attn, lp.mlp) == (r_attn is not None, r_mlp is not None)
+        removed = spec.total_params - plan.params(spec)
+        if r_attn is not None:
+            n_h = len(lp.kept_heads(spec))
+            assert n_h == min(valid_head_counts(spec), key=lambda c: (abs(c - (1 - r_attn) * spec.n_heads), c))
+        if r_attn is not None and r_mlp is not None:
+            budget = r_attn * attn_width + r_mlp * mlp_width
+            if lp.channels is None:  # the head rounding alone went past the layer's budget: no channel goes
+                assert removed > budget
+            else:
+                assert abs(removed - budget) <= spec.channel_params / 2 + 1e-6
+        elif r_mlp is not None:
+            assert len(lp.kept_channels(spec)) == round((1 - r_mlp) * spec.intermediate)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

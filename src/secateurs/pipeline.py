@@ -20,7 +20,7 @@ from .eval.perplexity import perplexity
 from .export.checkpoint import _plain_config, write_pruned
 from .methods import PruneContext, get_method, make_config
 from .models import get_adapter, load_model
-from .plan import atomic_write_text
+from .plan import atomic_write_text, check_ratio
 from .surgery import apply_plan
 
 
@@ -37,6 +37,8 @@ class PruneSettings:
     eval_rows: int = 16
     device: str = "cpu"
     options: dict = field(default_factory=dict)  # method-specific options
+    export: str = ""  # "gguf": also write OUT/model.gguf for llama.cpp (secateurs.export.gguf)
+    export_type: str = "f32"
 
 
 def versions() -> dict:
@@ -45,11 +47,6 @@ def versions() -> dict:
     from . import __version__
 
     return {"secateurs": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
-
-
-def check_ratio(ratio) -> None:
-    if ratio is None or not (0.0 < ratio < 1.0):
-        raise UserError(f"--ratio must be a number strictly between 0 and 1 (got {ratio})")
 
 
 def check_out(out: Path, overwrite: bool) -> None:
@@ -91,6 +88,10 @@ def run_prune(s: PruneSettings, out: str | Path, overwrite: bool = False, progre
     if hasattr(cfg, "check_budget"):  # methods with their own budget (e.g. tell's --speedup) check it up front
         cfg.check_budget(s.ratio)
     check_out(out, overwrite)
+    if s.export:
+        from .export.gguf import check_request
+
+        check_request(s.export, s.export_type, str(out / "model.gguf"), True)
     torch.manual_seed(s.seed)
     model, tok = load_model(s.model, device=s.device, progress=progress)
     adapter = get_adapter(model)
@@ -145,18 +146,31 @@ def run_prune(s: PruneSettings, out: str | Path, overwrite: bool = False, progre
         "ppl_test_after": after.get("ppl_test"),
         "search_seconds": search_seconds,
         "ppl_evaluations": ctx.ppl_evaluations,
-        "removed_blocks": [f"{k}{i}" for i, k in plan.removed_blocks()],
+        "removed_blocks": [b.name for b in plan.removed_blocks()],
         "versions": versions(),
     }
     if ctx.extra:
         result["method_details"] = ctx.extra
     write_pruned(model, tok, plan, dense_config, work)
+    refused = None
+    if s.export:  # a plan llama.cpp cannot hold still leaves the pruned folder, then exits with the reason
+        from .export.gguf import export_model
+
+        try:
+            result["gguf"] = export_model(s.model, str(work / "model.gguf"), s.export_type, progress=progress,
+                                    model=model, tokenizer=tok)
+            result["gguf"]["file"] = "model.gguf"
+        except UserError as e:
+            refused = e
+            result["gguf"] = {"refused": str(e)}
     atomic_write_text(work / "result.json", json.dumps(result, indent=1))
     (work / "settings.json").unlink()
     (work / "dense.json").unlink()
     if out.exists():
         shutil.rmtree(out)
     work.rename(out)
+    if refused is not None:
+        raise UserError(f"pruned model written to {out}, but no GGUF: {refused}")
     result["_model"] = model  # in-process callers (the demo) may keep using the pruned model
     result["_tokenizer"] = tok
     return result

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import UserError
-from .models.base import ModelSpec
+from .models.base import Block, ModelSpec, all_blocks
 
 FORMAT = "secateurs-plan/1"
 
@@ -75,29 +75,15 @@ class PruningPlan:
         """Parameters of the model after this plan (papers' definition: everything, tied weights once)."""
         total = spec.total_params
         for i, lp in enumerate(self.layers):
-            if not lp.attn:
-                total -= spec.attn_block_params[i]
-            else:
-                total -= (spec.n_heads - len(lp.kept_heads(spec))) * spec.q_head_params
-                total -= (spec.n_kv - len(lp.kept_kv(spec))) * spec.kv_head_params
-                if lp.attn_bias and not spec.o_has_bias:
-                    total += spec.hidden
-            if not lp.mlp:
-                total -= spec.mlp_block_params[i]
-            else:
-                total -= (spec.intermediate - len(lp.kept_channels(spec))) * spec.channel_params
-                if lp.mlp_bias and not spec.down_has_bias:
-                    total += spec.hidden
+            total -= sum(removed_params(spec, i, lp).values())
+            total += added_params(spec, lp)
         return total
 
     def ratio(self, spec: ModelSpec) -> float:
         return 1.0 - self.params(spec) / spec.total_params
 
-    def removed_blocks(self) -> list[tuple[int, str]]:
-        out = []
-        for i, lp in enumerate(self.layers):
-            out += [(i, k) for k in ("attn", "mlp") if not getattr(lp, k)]
-        return out
+    def removed_blocks(self) -> list[Block]:
+        return [b for b in all_blocks(len(self.layers)) if not getattr(self.layers[b.layer], b.kind)]
 
     def kept_fraction(self, spec: ModelSpec) -> list[dict]:
         """Per layer, the kept fraction of attention heads and MLP channels (0 for a removed block)."""
@@ -173,6 +159,53 @@ class PruningPlan:
         except json.JSONDecodeError as e:
             raise UserError(f"plan file {path} is not valid JSON ({e.msg} at line {e.lineno})") from e
         return cls.from_dict(d)
+
+
+# --- parameter accounting by unit kind (the plan's size and the cost model's predictions both use it) -------
+UNIT_KINDS = ("attn_width", "mlp_width", "attn_block", "mlp_block")
+
+
+def removed_params(spec: ModelSpec, i: int, lp: LayerPlan) -> dict:
+    """Parameters layer ``i``'s plan removes, by unit kind: a removed block counts whole; in a kept block, its
+    removed query heads, the key/value heads whose groups emptied, and its removed channels."""
+    out = {}
+    if not lp.attn:
+        out["attn_block"] = spec.block_params(i, "attn")
+    else:
+        out["attn_width"] = ((spec.n_heads - len(lp.kept_heads(spec))) * spec.q_head_params
+                             + (spec.n_kv - len(lp.kept_kv(spec))) * spec.kv_head_params)
+    if not lp.mlp:
+        out["mlp_block"] = spec.block_params(i, "mlp")
+    else:
+        out["mlp_width"] = (spec.intermediate - len(lp.kept_channels(spec))) * spec.channel_params
+    return out
+
+
+def added_params(spec: ModelSpec, lp: LayerPlan) -> int:
+    """Parameters a layer plan adds: a bias for an output projection that gets compensation and had none."""
+    attn = lp.attn and bool(lp.attn_bias) and not spec.o_has_bias
+    mlp = lp.mlp and bool(lp.mlp_bias) and not spec.down_has_bias
+    return (int(attn) + int(mlp)) * spec.hidden
+
+
+# --- ratio checks ----------------------------------------------------------------------------------------
+def check_ratio(ratio, name: str = "--ratio") -> float:
+    """The one check of a target parameter ratio (a number, or its text): strictly between 0 and 1. Returns it
+    as a float; anything else is a UserError that says what was given and what is accepted."""
+    try:
+        v = float(ratio)
+    except (TypeError, ValueError):
+        v = None
+    if v is None or not 0.0 < v < 1.0:
+        raise UserError(f"{name} must be a number strictly between 0 and 1 (got {ratio!r})")
+    return v
+
+
+def check_ratio_reached(plan: PruningPlan, spec: ModelSpec, target: float, tol: float = 0.005) -> None:
+    """Bug guard of the methods that solve for a ratio (their rules land well within ``tol``)."""
+    got = plan.ratio(spec)
+    if abs(got - target) > tol:
+        raise RuntimeError(f"plan ratio {got:.4f} misses the target {target:.4f} by more than {tol}")
 
 
 def _check_indices(idx: list, n: int, what: str) -> None:

@@ -1,21 +1,21 @@
 """Applying a plan physically: removed blocks are gone, kept heads/channels are sliced into smaller tensors.
 
-- Heads: rows of q (by query head), k and v (by key/value head), columns of o; ``num_key_value_groups`` of the
-  attention module is set to the layer's new query-per-KV count.
-- Channels: rows of gate and up, columns of down.
+- Heads: rows of q (by query head), k and v (by key/value head), columns of o; the adapter then updates the
+  attention module's own size attributes (``resize_attn``: the query-per-KV count).
+- Channels: rows of gate and up, columns of down (``resize_mlp``).
 - Bias compensation: added to the output projection (a bias-free projection gets a bias).
 - A layer with both blocks removed is deleted from the layer list; a layer with one block removed becomes a
   ``PartialLayer`` that keeps the surviving branch's modules under their original names (so state-dict keys
   stay those of the stock architecture) and runs ``h + post(module(pre(h)))`` for it alone.
-- Attention ``layer_idx`` values (their KV-cache slots), ``config.num_hidden_layers`` and ``config.layer_types``
-  are renumbered to the layers that remain.
+- The adapter installs the remaining layers (``set_layers``): attention ``layer_idx`` values (their KV-cache
+  slots), ``config.num_hidden_layers`` and ``config.layer_types`` are renumbered to the layers that remain.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .models.base import Adapter, Branch, branch_forward, get_adapter
+from .models.base import Adapter, Branch, branch_forward, get_adapter, head_indices
 from .plan import LayerPlan, PruningPlan
 
 
@@ -66,27 +66,23 @@ def _slice_linear(lin: nn.Linear, rows=None, cols=None, add_bias: torch.Tensor |
     return new
 
 
-def _head_rows(heads: list[int], head_dim: int) -> list[int]:
-    return [h * head_dim + j for h in heads for j in range(head_dim)]
-
-
 def narrow_layer(adapter: Adapter, layer: nn.Module, lp: LayerPlan, spec) -> None:
     """Slices heads and channels of one layer in place and adds bias compensation."""
     hd = spec.head_dim
     if lp.attn and (lp.heads is not None or lp.attn_bias):
         attn = adapter.block(layer, "attn")
         heads, kv = lp.kept_heads(spec), lp.kept_kv(spec)
-        cur_heads = attn.q_proj.weight.shape[0] // hd
+        cur_heads = getattr(attn, adapter.q).weight.shape[0] // hd
         if cur_heads != spec.n_heads and lp.heads is not None:
             raise ValueError("narrow_layer applies to a dense layer only")
         bias = torch.tensor(lp.attn_bias) if lp.attn_bias else None
-        rows_q = _head_rows(heads, hd) if lp.heads is not None else None
-        rows_kv = _head_rows(kv, hd) if lp.heads is not None else None
+        rows_q = head_indices(heads, hd) if lp.heads is not None else None
+        rows_kv = head_indices(kv, hd) if lp.heads is not None else None
         setattr(attn, adapter.q, _slice_linear(getattr(attn, adapter.q), rows=rows_q))
         setattr(attn, adapter.k, _slice_linear(getattr(attn, adapter.k), rows=rows_kv))
         setattr(attn, adapter.v, _slice_linear(getattr(attn, adapter.v), rows=rows_kv))
         setattr(attn, adapter.o, _slice_linear(getattr(attn, adapter.o), cols=rows_q, add_bias=bias))
-        attn.num_key_value_groups = len(heads) // len(kv)
+        adapter.resize_attn(attn, len(heads), len(kv))
     if lp.mlp and (lp.channels is not None or lp.mlp_bias):
         mlp = adapter.block(layer, "mlp")
         ch = lp.channels
@@ -94,8 +90,7 @@ def narrow_layer(adapter: Adapter, layer: nn.Module, lp: LayerPlan, spec) -> Non
         setattr(mlp, adapter.gate, _slice_linear(getattr(mlp, adapter.gate), rows=ch))
         setattr(mlp, adapter.up, _slice_linear(getattr(mlp, adapter.up), rows=ch))
         setattr(mlp, adapter.down, _slice_linear(getattr(mlp, adapter.down), cols=ch, add_bias=bias))
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = len(lp.kept_channels(spec))
+        adapter.resize_mlp(mlp, len(lp.kept_channels(spec)))
 
 
 @torch.no_grad()
@@ -107,30 +102,17 @@ def apply_plan(model: nn.Module, plan: PruningPlan, spec=None) -> nn.Module:
     layers = adapter.layers()
     if len(layers) != spec.n_layers:
         raise ValueError("apply_plan needs the dense model (its layer count differs from the plan's)")
-    config = model.config
-    layer_types = list(getattr(config, "layer_types", None) or [])
-    new_layers, new_types = [], []
+    new_layers, kept = [], []
     for i, (layer, lp) in enumerate(zip(layers, plan.layers)):
         if not lp.attn and not lp.mlp:
             continue
         narrow_layer(adapter, layer, lp, spec)
-        new_idx = len(new_layers)
         if lp.attn and lp.mlp:
             new_layers.append(layer)
         else:
             kind = "attn" if lp.attn else "mlp"
-            new_layers.append(PartialLayer(layer, adapter.branch(kind), kind, new_idx, spec.head_dim))
-        if layer_types:
-            new_types.append(layer_types[i])
-    for idx, layer in enumerate(new_layers):
-        if hasattr(layer, "layer_idx"):
-            layer.layer_idx = idx
-        attn = getattr(layer, adapter.attn_branch.module, None)
-        if attn is not None and hasattr(attn, "layer_idx"):
-            attn.layer_idx = idx
-    adapter.decoder().layers = nn.ModuleList(new_layers)
-    config.num_hidden_layers = len(new_layers)
-    if layer_types:
-        config.layer_types = new_types
+            new_layers.append(PartialLayer(layer, adapter.branch(kind), kind, len(new_layers), spec.head_dim))
+        kept.append(i)
+    adapter.set_layers(new_layers, kept)
     model.secateurs_plan = plan
     return model

@@ -62,10 +62,9 @@ def positive_int(text: str) -> int:
 
 
 def ratio_arg(text: str) -> float:
+    from ..plan import check_ratio
+
     try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}")
-    if not 0.0 < v < 1.0:
-        raise argparse.ArgumentTypeError(f"a ratio must be strictly between 0 and 1, got {v}")
-    return v
+        return check_ratio(text, "a ratio")
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

@@ -65,7 +65,7 @@ def run(args):
         "eval_set": args.eval or None,
         "ppl_test_before": before,
         "ppl_test_after": after,
-        "removed_blocks": [f"{k}{i}" for i, k in plan.removed_blocks()],
+        "removed_blocks": [b.name for b in plan.removed_blocks()],
         "applied": True,
         "versions": versions(),
     }

@@ -43,7 +43,7 @@ def capture(model: nn.Module, adapter: Adapter, ids: torch.Tensor) -> Captured:
 
     for i, layer in enumerate(layers):
         handles.append(layer.register_forward_pre_hook(pre(i), with_kwargs=True))
-    handles.append(adapter.decoder().norm.register_forward_pre_hook(lambda m, a: hidden.__setitem__(len(layers), a[0])))
+    handles.append(adapter.final_norm().register_forward_pre_hook(lambda m, a: hidden.__setitem__(len(layers), a[0])))
     try:
         model(input_ids=ids.to(next(model.parameters()).device), use_cache=False)
     finally:
@@ -65,19 +65,9 @@ def run_layer(adapter: Adapter, layer: nn.Module, h: torch.Tensor, kwargs: dict,
     return h
 
 
-def softcap(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
-    """The model's final logit soft-capping (Gemma 2 style ``cap * tanh(z / cap)``), if it has one."""
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
-
-
-def logits_from_hidden(model: nn.Module, adapter: Adapter, h: torch.Tensor) -> torch.Tensor:
-    return softcap(model, model.lm_head(adapter.decoder().norm(h)))
-
-
-def nll_from_hidden(model: nn.Module, adapter: Adapter, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def nll_from_hidden(adapter: Adapter, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Summed next-token NLL per row (float64 [batch]) from the hidden states after the last layer."""
-    logits = logits_from_hidden(model, adapter, h)[:, :-1].float()
+    logits = adapter.logits(h)[:, :-1].float()
     ids = ids.to(logits.device)
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
     return nll.view(ids.shape[0], -1).sum(1).double()

@@ -36,11 +36,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..eval.bench import prompt_ids, time_prefill
-from ..models.base import ModelSpec
+from ..models.base import BLOCK_KINDS, ModelSpec
 from ..models.loading import cache_dir
-from ..plan import LayerPlan, PruningPlan, atomic_write_text, select_heads
-
-KINDS = ("attn_width", "mlp_width", "attn_block", "mlp_block")
+from ..plan import UNIT_KINDS, PruningPlan, atomic_write_text, removed_params, select_heads
 
 
 @dataclass
@@ -68,23 +66,7 @@ class CostModel:
 
     def block_ms(self, spec: ModelSpec, layer: int, kind: str) -> float:
         """Milliseconds saved by removing one whole block."""
-        params = spec.attn_block_params[layer] if kind == "attn" else spec.mlp_block_params[layer]
-        return self.ms_per_param[f"{kind}_block"] * params
-
-
-def removed_params(spec: ModelSpec, i: int, lp: LayerPlan) -> dict:
-    """Parameters a layer plan removes, by unit kind (bias compensation is ignored: it costs one vector add)."""
-    out = {}
-    if not lp.attn:
-        out["attn_block"] = spec.attn_block_params[i]
-    else:
-        out["attn_width"] = ((spec.n_heads - len(lp.kept_heads(spec))) * spec.q_head_params
-                             + (spec.n_kv - len(lp.kept_kv(spec))) * spec.kv_head_params)
-    if not lp.mlp:
-        out["mlp_block"] = spec.mlp_block_params[i]
-    else:
-        out["mlp_width"] = (spec.intermediate - len(lp.kept_channels(spec))) * spec.channel_params
-    return out
+        return self.ms_per_param[f"{kind}_block"] * spec.block_params(layer, kind)
 
 
 def probe_plan(spec: ModelSpec, kind: str) -> PruningPlan:
@@ -184,7 +166,7 @@ def measure_costs(model, spec: ModelSpec, prompt_len: int = 256, reps: int = 5, 
 
     device = next(model.parameters()).device
     raw, dense_times = {}, []
-    for kind in KINDS:
+    for kind in UNIT_KINDS:
         plan = probe_plan(spec, kind)
         pruned = apply_plan(copy.deepcopy(model), plan, spec)
         pairs = paired_latency(model, pruned, prompt_len, reps, seed, clock)
@@ -196,13 +178,13 @@ def measure_costs(model, spec: ModelSpec, prompt_len: int = 256, reps: int = 5, 
         if log:
             log(f"tell: cost of {kind}: {saved:.2f} ms saved for {params:,} params removed")
     per, adjusted = {}, []
-    for kind in KINDS:
+    for kind in UNIT_KINDS:
         c = raw[kind]["saved_ms"] / raw[kind]["params"]
         if c < 0:
             adjusted.append(f"{kind}: measured {c:.3g} ms/param floored at 0")
             c = 0.0
         per[kind] = c
-    for kind in ("attn", "mlp"):
+    for kind in BLOCK_KINDS:
         if per[f"{kind}_block"] < per[f"{kind}_width"]:
             adjusted.append(f"{kind}_block: measured {per[f'{kind}_block']:.3g} ms/param below {kind}_width, floored at it")
             per[f"{kind}_block"] = per[f"{kind}_width"]

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models.base import Adapter
+from ..models.base import Adapter, all_blocks
 from ..progress import progress_bar
 
 
@@ -92,18 +92,18 @@ def collect_streams(model: nn.Module, adapter: Adapter, rows: torch.Tensor, batc
                     skip_first: int = 1, max_tokens: int | None = 8192, seed: int = 0,
                     progress: bool = False) -> list[torch.Tensor]:
     """The residual stream at every block boundary over all calibration tokens (positions ``>= skip_first``):
-    ``streams[2l]`` enters layer ``l``'s attention block, ``streams[2l+1]`` its MLP block, ``streams[2L]`` is
+    ``streams[b.pos]`` enters block ``b`` (``models.base.Block``: attn 0, mlp 0, attn 1, ...), the last one is
     the stream after the last layer. Each is float32 [tokens, hidden] on the CPU.
 
     ``max_tokens`` bounds memory: the same seeded subset of positions is kept in every row (and every stream),
     about ``max_tokens / rows`` of them; ``None`` keeps all.
 
-    Read with forward pre-hooks on each layer, on the norm that opens each MLP branch, and on the final norm,
-    during ordinary forward passes (so other hooks, e.g. ``InputStats``, may watch the same passes).
+    Read with forward pre-hooks on the norm that opens each branch and on the final norm, during ordinary
+    forward passes (so other hooks, e.g. ``InputStats``, may watch the same passes).
     """
     layers = adapter.layers()
-    n_layers = len(layers)
-    chunks: list[list[torch.Tensor]] = [[] for _ in range(2 * n_layers + 1)]
+    blocks = all_blocks(len(layers))
+    chunks: list[list[torch.Tensor]] = [[] for _ in range(len(blocks) + 1)]
     pos = torch.arange(skip_first, rows.shape[1])
     if max_tokens and rows.shape[0] * len(pos) > max_tokens:
         per_row = max(1, -(-max_tokens // rows.shape[0]))
@@ -111,16 +111,16 @@ def collect_streams(model: nn.Module, adapter: Adapter, rows: torch.Tensor, batc
         pos = pos[pick.sort().values]
 
     def keep(j):
-        def hook(mod, args, kw=None):
-            h = args[0] if args else kw["hidden_states"]
+        def hook(mod, args):
+            h = args[0]
             chunks[j].append(h[:, pos.to(h.device)].reshape(-1, h.shape[-1]).float().cpu())
         return hook
 
     handles = []
-    for i, layer in enumerate(layers):
-        handles.append(layer.register_forward_pre_hook(keep(2 * i), with_kwargs=True))
-        handles.append(getattr(layer, adapter.mlp_branch.pre_norm).register_forward_pre_hook(keep(2 * i + 1)))
-    handles.append(adapter.decoder().norm.register_forward_pre_hook(keep(2 * n_layers)))
+    for b in blocks:
+        norm = getattr(layers[b.layer], adapter.branch(b.kind).pre_norm)
+        handles.append(norm.register_forward_pre_hook(keep(b.pos)))
+    handles.append(adapter.final_norm().register_forward_pre_hook(keep(len(blocks))))
     device = next(model.parameters()).device
     try:
         for s in progress_bar(range(0, rows.shape[0], batch_size), desc="tell: calibration", enabled=progress):

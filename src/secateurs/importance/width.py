@@ -11,9 +11,11 @@ projection when columns go: ``b += W[:, removed] @ mean(X[removed])``.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ..models.base import Adapter
+from ..models.base import Adapter, head_indices
 from .activations import InputStats
 
 
@@ -61,17 +63,28 @@ def compensation_bias(weight: torch.Tensor, mean: torch.Tensor, kept_columns) ->
     return [float(x) for x in b.cpu()]
 
 
-def head_columns(heads, head_dim: int) -> list[int]:
-    return [h * head_dim + j for h in heads for j in range(head_dim)]
-
-
-# --- per-layer rates: how a rate becomes a layer's kept heads and channels ----------------------------------
+# --- rates: how rates become kept heads and channels (the one rule of wanda-sp, Self-Pruner and tell) ---------
 #
-# A layer's prunable width = its query heads, key/value heads and MLP channels (norms are not pruned). A rate
-# ``r`` removes the fraction ``r`` of those parameters: the head count is the valid GQA count (every kept KV
-# group keeps the same number of query heads) nearest to ``(1 - r) * n_heads`` (at least one head), and the
-# channel count absorbs the rounding, so the layer's removed parameters are ``r * width`` to within half a
-# channel (at least one channel is kept).
+# A rate ``r`` asks to remove the fraction ``r`` of some units' parameters. A layer gets one rate per block
+# (tell: its attention and MLP blocks' assigned ratios; wanda-sp and Self-Pruner: the layer's rate for both):
+# - heads: the valid GQA count (``valid_head_counts``: every kept key/value group keeps the same number of
+#   query heads) nearest to ``(1 - r_attn) * n_heads``, ties to the smaller, at least one (``kept_heads_at``);
+# - channels: the count nearest to ``(1 - r) * intermediate``, at least one (``kept_channels_at``), at the rate
+#   ``r`` that brings the layer's removed width parameters (query heads, key/value heads, channels; norms are not
+#   pruned) to ``r_attn * attention width + r_mlp * MLP width``: the channels absorb the head rounding, so a
+#   layer's removed parameters are its budget to within half a channel, unless the head rounding alone goes
+#   past the budget (then no channel goes). When the attention block is removed whole, ``r = r_mlp``.
+
+
+def kept_heads_at(spec, rate: float) -> int:
+    """Query heads an attention block keeps at ``rate`` (the rule above)."""
+    target = (1.0 - rate) * spec.n_heads
+    return min(valid_head_counts(spec), key=lambda c: (abs(c - target), c))
+
+
+def kept_channels_at(spec, rate: float) -> int:
+    """MLP channels an MLP block keeps at ``rate`` (the rule above)."""
+    return min(max(math.ceil((1.0 - rate) * spec.intermediate - 0.5), 1), spec.intermediate)
 
 
 def layer_width_params(spec) -> int:
@@ -105,25 +118,31 @@ def max_rate(spec) -> float:
     return 1.0 - keep / layer_width_params(spec)
 
 
-def layer_plan_at_rate(spec, rate: float, head_score, channel_score):
-    """The LayerPlan that keeps the best-scoring heads and channels of a layer at ``rate`` (see above)."""
-    from ..plan import LayerPlan, select_heads
+def layer_plan_at_rates(spec, attn_rate: float | None, mlp_rate: float | None, head_score, channel_score):
+    """The LayerPlan of the rule above: the best-scoring heads and channels of a layer at one rate per block
+    (``None``: that block is removed whole)."""
+    from ..plan import LayerPlan, removed_params, select_heads
 
+    lp = LayerPlan(attn=attn_rate is not None, mlp=mlp_rate is not None)
+    if lp.attn and attn_rate > 0:
+        heads = select_heads(head_score, kept_heads_at(spec, attn_rate), spec.n_kv)
+        lp.heads = heads if len(heads) < spec.n_heads else None
+    if lp.mlp:
+        mlp_width = spec.intermediate * spec.channel_params
+        rate = mlp_rate
+        if lp.attn:  # the layer index matters only for removed blocks
+            attn_width = layer_width_params(spec) - mlp_width
+            rate = (attn_rate * attn_width + mlp_rate * mlp_width - removed_params(spec, 0, lp)["attn_width"]) / mlp_width
+        n_keep = kept_channels_at(spec, rate)
+        if n_keep < spec.intermediate:
+            lp.channels = sorted(torch.as_tensor(channel_score).argsort(descending=True)[:n_keep].tolist())
+    return lp
+
+
+def layer_plan_at_rate(spec, rate: float, head_score, channel_score):
+    """The LayerPlan of a layer at the layer rate ``rate`` (both blocks at ``rate``, clipped to [0, 1])."""
     rate = min(max(float(rate), 0.0), 1.0)
-    if rate <= 0.0:
-        return LayerPlan()
-    target = (1.0 - rate) * spec.n_heads
-    n_heads = min(valid_head_counts(spec), key=lambda c: (abs(c - target), c))
-    heads = select_heads(head_score, n_heads, spec.n_kv)
-    kv = len({h // spec.group_size for h in heads})
-    attn_removed = (spec.n_heads - len(heads)) * spec.q_head_params + (spec.n_kv - kv) * spec.kv_head_params
-    n_remove = round((rate * layer_width_params(spec) - attn_removed) / spec.channel_params)
-    n_remove = min(max(n_remove, 0), spec.intermediate - 1)
-    channels = sorted(torch.as_tensor(channel_score).argsort(descending=True)[: spec.intermediate - n_remove].tolist())
-    return LayerPlan(
-        heads=None if len(heads) == spec.n_heads else heads,
-        channels=None if n_remove == 0 else channels,
-    )
+    return layer_plan_at_rates(spec, rate, rate, head_score, channel_score)
 
 
 def standardize(x: torch.Tensor) -> torch.Tensor:
@@ -154,7 +173,7 @@ class MaskedPlan:
             kept_h = set(lp.kept_heads(self.spec))
             gone_h = [h for h in range(self.spec.n_heads) if h not in kept_h]
             kept_c = set(lp.kept_channels(self.spec))
-            for lin, cols in ((o, head_columns(gone_h, hd)), (down, [c for c in range(self.spec.intermediate) if c not in kept_c])):
+            for lin, cols in ((o, head_indices(gone_h, hd)), (down, [c for c in range(self.spec.intermediate) if c not in kept_c])):
                 if cols:
                     idx = torch.as_tensor(cols, dtype=torch.long, device=lin.weight.device)
                     self._saved.append((lin, idx, lin.weight.index_select(1, idx)))

@@ -1,31 +1,18 @@
 """blockpruner: BlockPruner (Zhong et al., 2024). Greedy removal of attention and MLP blocks by calibration
 perplexity, re-scored after every removal; the whole removal order is saved (``order.json``), so a plan for
-any other ratio comes from it without searching again (``--from-order``). Engine: ``search.greedy``."""
+any other ratio comes from it without searching again (``--from-order``). Engine: ``search.greedy``, run by
+``search.depth``."""
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from ..errors import UserError
 from ..plan import PruningPlan
-from ..search.greedy import (Replayer, SearchSettings, block_candidates, greedy_search, plan_from_order,
-                             search_model)
+from ..search.depth import SearchOptions, run_greedy
+from ..search.greedy import ORDER_FORMAT, block_candidates, plan_from_order
 from . import PruneContext, register_method
-
-ORDER_FILE = "order.json"
-
-
-@dataclass
-class SearchOptions:
-    """Options shared by the greedy searches (blockpruner, sleb)."""
-
-    exact_reference: bool = field(default=False, metadata={"help": "run the straightforward search (every candidate through the whole model): slow, same result"})
-    batch_size: int = field(default=1, metadata={"help": "calibration rows per forward pass; smaller batches let bad candidates be abandoned earlier"})
-    cache_mb: int = field(default=1024, metadata={"help": "memory for cached hidden states of the fast search, MiB"})
-    dtype: str = field(default="auto", metadata={"help": "search precision (auto = bfloat16 on a GPU, else float32)", "choices": ["auto", "float32", "bfloat16"]})
 
 
 @dataclass
@@ -35,28 +22,6 @@ class BlockPrunerConfig(SearchOptions):
     from_order: str | None = field(default=None, metadata={"help": "take the plan from a saved order.json instead of searching"})
 
 
-def run_greedy(ctx: PruneContext, cfg: SearchOptions, candidates, method: str, target_ratio, max_steps) -> dict:
-    """Runs (or resumes) the greedy search in ``ctx.workdir/order.json``; records counts in result.json."""
-    if cfg.batch_size < 1 or cfg.cache_mb < 0:
-        raise UserError("--batch-size must be >= 1 and --cache-mb >= 0")
-    s = SearchSettings(candidates, target_ratio, max_steps, cfg.exact_reference, cfg.cache_mb)
-    model = search_model(ctx.model, cfg.dtype)
-    from ..models import get_adapter
-
-    with torch.inference_mode():
-        replayer = Replayer(model, get_adapter(model), ctx.calib, cfg.batch_size)
-        state = greedy_search(replayer, ctx.spec, s, ctx.workdir / ORDER_FILE, method, ctx.progress)
-    steps = state["steps"]
-    full = sum(st["evaluations_full"] for st in steps)
-    abandoned = sum(st["evaluations_abandoned"] for st in steps)
-    ctx.count_ppl(full + abandoned)
-    ctx.record(search="exact" if cfg.exact_reference else "fast", evaluations_full=full,
-               evaluations_abandoned=abandoned, blocks_run=sum(st["blocks_run"] for st in steps),
-               order_file=ORDER_FILE, calib_ppl_dense=state["dense"]["ppl"],
-               order=[{k: st[k] for k in ("removed", "ppl", "ratio")} for st in steps])
-    return state
-
-
 def load_order(path: str, ctx: PruneContext) -> dict:
     try:
         state = json.loads(Path(path).read_text())
@@ -64,8 +29,6 @@ def load_order(path: str, ctx: PruneContext) -> dict:
         raise UserError(f"cannot read order file {path}: {e.strerror}") from e
     except json.JSONDecodeError as e:
         raise UserError(f"order file {path} is not valid JSON ({e.msg} at line {e.lineno})") from e
-    from ..search.greedy import ORDER_FORMAT
-
     if not isinstance(state, dict) or state.get("format") != ORDER_FORMAT or not isinstance(state.get("steps"), list):
         raise UserError(f"{path} is not a secateurs removal order (expected \"format\": \"{ORDER_FORMAT}\" and steps)")
     if state.get("dims") != ctx.spec.as_dict():

@@ -18,11 +18,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import UserError
-from ..importance.width import (collect_stats, compensation_bias, flap_column_scores, head_columns,
-                                output_projections, standardize)
-from ..plan import LayerPlan, PruningPlan, select_heads
+from ..importance.width import collect_stats, compensation_bias, flap_column_scores, output_projections, standardize
+from ..models.base import head_indices
+from ..plan import LayerPlan, PruningPlan, check_ratio_reached, select_heads
 from . import PruneContext, register_method
-from .wanda_sp import check_ratio_reached
 
 
 @dataclass
@@ -90,7 +89,7 @@ def add_compensation(ctx: PruneContext, plan: PruningPlan, stats) -> None:
     for i, lp in enumerate(plan.layers):
         if lp.heads is not None:
             lp.attn_bias = compensation_bias(projs[f"attn.{i}"].weight, stats.mean(f"attn.{i}"),
-                                             head_columns(lp.heads, spec.head_dim))
+                                             head_indices(lp.heads, spec.head_dim))
         if lp.channels is not None:
             lp.mlp_bias = compensation_bias(projs[f"mlp.{i}"].weight, stats.mean(f"mlp.{i}"), lp.channels)
 

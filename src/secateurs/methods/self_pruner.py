@@ -20,13 +20,13 @@ import torch
 
 from ..errors import UserError
 from ..eval.perplexity import perplexity
+from ..importance.sequential import sequential_plan
 from ..importance.width import (MaskedPlan, collect_stats, head_scores, layer_plan_at_rate, mean_rate_for_ratio,
                                 output_projections, wanda_column_scores)
 from ..search.evolution import EvolutionConfig, SearchSpace, evolve
 from ..search.proposers import make_proposer
-from ..plan import PruningPlan
+from ..plan import PruningPlan, check_ratio_reached
 from . import PruneContext, register_method
-from .wanda_sp import check_ratio_reached, sequential_plan
 
 
 @dataclass

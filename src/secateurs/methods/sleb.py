@@ -1,15 +1,15 @@
 """sleb: SLEB (Song et al., 2024). Greedy removal of whole layers by calibration perplexity, re-scored after
 every removal, until the parameter ratio is reached. The first and last layers are kept by default (they are
 the ones whose removal breaks a model; ``--no-keep-ends`` makes them candidates too). Same engine and
-options as blockpruner (``search.greedy``), with a layer (both blocks) as the candidate."""
+options as blockpruner (``search.greedy``, ``search.depth``), with a layer (both blocks) as the candidate."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from ..plan import PruningPlan
+from ..search.depth import SearchOptions, run_greedy
 from ..search.greedy import layer_candidates, plan_from_order
 from . import PruneContext, register_method
-from .blockpruner import SearchOptions, run_greedy
 
 
 @dataclass

@@ -8,7 +8,8 @@ ICML 2025, "Let LLM Tell What to Prune and How Much to Prune"; see docs/tell.md)
 3. Per-block ratios (``search/assign.py``): the least informative blocks take the most load; the budget is the
    parameter ratio (``--ratio``) or the predicted prefill speedup (``--speedup``); a block whose ratio reaches
    ``--block-threshold`` is removed whole.
-4. Inside a kept block: the lowest-FLAP heads / channels go, with FLAP's bias compensation.
+4. Inside a kept block: the lowest-FLAP heads / channels go, as many as the rate rule of the width methods
+   says (``importance/width.py``), with FLAP's bias compensation.
 5. With ``--speedup``, the plan's prefill speedup is then measured on a pruned copy; if it is off by more than
    ``--speedup-tolerance``, the cost-model target is rescaled by target/measured and the ratios assigned again
    (``--speedup-rounds`` times at most). Every round is recorded.
@@ -25,10 +26,11 @@ from ..errors import UserError
 from ..importance.activations import InputStats
 from ..importance.cost import CostModel, load_or_measure, measured_speedup
 from ..importance.interaction import block_importance, collect_streams
-from ..importance.width import compensation_bias, flap_column_scores, head_columns, head_scores, output_projections
-from ..models.base import ModelSpec
+from ..importance.width import (compensation_bias, flap_column_scores, head_scores, layer_plan_at_rates,
+                                output_projections)
+from ..models.base import BLOCK_KINDS, Block, ModelSpec, all_blocks, head_indices
 from ..models.loading import cache_dir
-from ..plan import PruningPlan, select_heads
+from ..plan import PruningPlan, check_ratio
 from ..search.assign import assign_ratios, load_weights
 from . import PruneContext, register_method
 
@@ -57,8 +59,8 @@ class TellConfig:
             raise UserError("tell needs exactly one budget: --ratio R (0 < R < 1) or --speedup S (S > 1)")
         if self.speedup is not None and not self.speedup > 1.0:
             raise UserError(f"--speedup must be greater than 1 (got {self.speedup})")
-        if ratio is not None and not 0.0 < ratio < 1.0:
-            raise UserError(f"--ratio must be strictly between 0 and 1 (got {ratio})")
+        if ratio is not None:
+            check_ratio(ratio)
         if not 0.0 < self.block_threshold <= 1.0:
             raise UserError(f"--block-threshold must be in (0, 1] (got {self.block_threshold})")
         if min(self.te_rank, self.te_tokens, self.latency_reps) < 1 or self.latency_len < 2 or self.speedup_rounds < 0:
@@ -66,14 +68,6 @@ class TellConfig:
                             "--speedup-rounds >= 0")
         if not self.te_noise > 0 or self.temperature < 0 or not self.speedup_tolerance >= 0:
             raise UserError("--te-noise must be > 0, --temperature and --speedup-tolerance >= 0")
-
-
-BLOCK_KINDS = ("attn", "mlp")
-
-
-def blocks_of(spec: ModelSpec) -> list[tuple[int, str]]:
-    """Block order used everywhere in tell: attn 0, mlp 0, attn 1, mlp 1, ..."""
-    return [(i, k) for i in range(spec.n_layers) for k in BLOCK_KINDS]
 
 
 @dataclass
@@ -94,31 +88,24 @@ def width_scores(ctx: PruneContext, stats: InputStats) -> WidthScores:
 
 
 def build_plan(ctx: PruneContext, ratios: list[float], ws: WidthScores, compensate: bool) -> PruningPlan:
-    """The plan of per-block ratios: 1.0 removes the block; otherwise the best-scoring heads / channels are kept
-    (``round((1 - r) * n)`` of them; heads by the GQA rule of ``select_heads``). ``compensate=False`` puts
-    zero placeholders where compensation biases go (same parameter count, no computation)."""
+    """The plan of per-block ratios (in ``all_blocks`` order): 1.0 removes the block; otherwise the best-scoring
+    heads / channels are kept, as many as the rate rule says (``layer_plan_at_rates``, importance/width.py).
+    ``compensate=False`` puts zero placeholders where compensation biases go (same parameter count, no
+    computation)."""
     spec, ad = ctx.spec, ctx.adapter
     plan = PruningPlan.dense(spec, "tell")
     zeros = [0.0] * spec.hidden
     layers = ad.layers()
-    for (i, kind), r in zip(blocks_of(spec), ratios):
-        lp = plan.layers[i]
-        if r >= 1.0:
-            setattr(lp, kind, False)
-            continue
-        if kind == "attn":
-            keep = select_heads(ws.heads[i], round((1 - r) * spec.n_heads), spec.n_kv)
-            if len(keep) < spec.n_heads:
-                lp.heads = keep
-                lp.attn_bias = zeros if not compensate else compensation_bias(
-                    ad.proj(layers[i], ad.o).weight, ws.stats.mean(f"attn.{i}"), head_columns(keep, spec.head_dim))
-        else:
-            n = max(1, round((1 - r) * spec.intermediate))
-            if n < spec.intermediate:
-                order = sorted(range(spec.intermediate), key=lambda c: -ws.channels[i][c])
-                lp.channels = sorted(order[:n])
-                lp.mlp_bias = zeros if not compensate else compensation_bias(
-                    ad.proj(layers[i], ad.down).weight, ws.stats.mean(f"mlp.{i}"), lp.channels)
+    for i in range(spec.n_layers):
+        r_attn, r_mlp = (ratios[Block(i, k).pos] for k in BLOCK_KINDS)
+        lp = plan.layers[i] = layer_plan_at_rates(spec, r_attn if r_attn < 1.0 else None,
+                                                  r_mlp if r_mlp < 1.0 else None, ws.heads[i], ws.channels[i])
+        if lp.heads is not None:
+            lp.attn_bias = zeros if not compensate else compensation_bias(
+                ad.proj(layers[i], ad.o).weight, ws.stats.mean(f"attn.{i}"), head_indices(lp.heads, spec.head_dim))
+        if lp.channels is not None:
+            lp.mlp_bias = zeros if not compensate else compensation_bias(
+                ad.proj(layers[i], ad.down).weight, ws.stats.mean(f"mlp.{i}"), lp.channels)
     return plan
 
 
@@ -161,10 +148,6 @@ def calibrate(ctx: PruneContext, cfg: TellConfig) -> tuple[list[float], InputSta
     return importance, st
 
 
-def _block_params(spec: ModelSpec, i: int, kind: str) -> int:
-    return spec.attn_block_params[i] if kind == "attn" else spec.mlp_block_params[i]
-
-
 @dataclass
 class Prepared:
     """What tell measures once per model and calibration: importance, width scores, unit costs."""
@@ -184,7 +167,7 @@ def prepare(ctx: PruneContext, cfg: TellConfig) -> Prepared:
 
 
 def weights_for(spec: ModelSpec, importance: list, cfg: TellConfig) -> list[float]:
-    groups = [k for _, k in blocks_of(spec)] if cfg.normalize == "kind" else None
+    groups = [b.kind for b in all_blocks(spec.n_layers)] if cfg.normalize == "kind" else None
     return load_weights(importance, cfg.assign, cfg.temperature, groups)
 
 
@@ -228,10 +211,10 @@ def tell(ctx: PruneContext, cfg: TellConfig) -> PruningPlan:
     costs, importance = prep.costs, prep.importance
     kept = plan.kept_fraction(spec)
     blocks = []
-    for b, ((i, kind), r) in enumerate(zip(blocks_of(spec), ratios)):
+    for b, ((i, kind), r) in enumerate(zip(all_blocks(spec.n_layers), ratios)):
         removed = 1.0 - kept[i][kind]
         blocks.append({
-            "block": f"{kind}{i}", "layer": i, "kind": kind, "params": _block_params(spec, i, kind),
+            "block": Block(i, kind).name, "layer": i, "kind": kind, "params": spec.block_params(i, kind),
             "importance": importance[b], "load_weight": weights[b],
             "cost_ms_whole": costs.block_ms(spec, i, kind),
             "ratio_assigned": r, "units_removed": removed,

@@ -1,22 +1,18 @@
 """wanda-sp: structured Wanda. Heads and MLP channels are scored by ``mean_r |W_rj| * ||X_j||_2`` on the input
 columns of ``o_proj`` / ``down_proj`` (importance/width.py); every layer loses the lowest-scoring units at its
 rate (a uniform rate solved from the target ratio, or a given rate per layer). Layers are pruned in order and
-each is calibrated on the outputs of the layers before it *as pruned* (the pruned layers are simulated by
-masking, see ``MaskedPlan``; the model stays dense until the pipeline applies the plan)."""
+each is calibrated on the outputs of the layers before it *as pruned* (``importance/sequential.py``; the model
+stays dense until the pipeline applies the plan)."""
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from ..errors import UserError
-from ..importance.activations import InputStats, capture, run_layer
-from ..importance.width import (MaskedPlan, head_scores, layer_plan_at_rate, max_rate, mean_rate_for_ratio,
-                                wanda_column_scores)
-from ..plan import PruningPlan
-from ..progress import progress_bar
+from ..importance.sequential import sequential_plan
+from ..importance.width import max_rate, mean_rate_for_ratio
+from ..plan import PruningPlan, check_ratio_reached
 from . import PruneContext, register_method
 
 
@@ -43,43 +39,6 @@ def parse_rates(text: str, spec) -> list[float]:
     if len(rates) != spec.n_layers or not all(0.0 <= r <= hi for r in rates):
         raise UserError(f"--rates: expected {spec.n_layers} numbers in [0, {hi:.3f}] (got {len(rates)}: {rates[:4]}...)")
     return rates
-
-
-def layer_inputs(ctx: PruneContext, batch_size: int):
-    """Per calibration batch: the hidden states entering layer 0 and the keyword arguments of every layer."""
-    out = []
-    for i in range(0, ctx.calib.shape[0], batch_size):
-        cap = capture(ctx.model, ctx.adapter, ctx.calib[i : i + batch_size])
-        out.append((cap.hidden[0], cap.kwargs))
-    return out
-
-
-@torch.no_grad()
-def sequential_plan(ctx: PruneContext, rates: list[float], batch_size: int = 4, method: str = "wanda-sp") -> PruningPlan:
-    """Wanda-sp at the given per-layer rates, layer by layer on the outputs of the already pruned layers."""
-    ad, spec = ctx.adapter, ctx.spec
-    plan = PruningPlan.dense(spec, method)
-    batches = layer_inputs(ctx, batch_size)
-    hidden = [h for h, _ in batches]
-    layers = ad.layers()
-    for i in progress_bar(range(spec.n_layers), desc="wanda-sp layers", enabled=ctx.progress):
-        layer = layers[i]
-        o, down = ad.proj(layer, ad.o), ad.proj(layer, ad.down)
-        with InputStats({"o": o, "down": down}) as st:
-            for h, (_, kw) in zip(hidden, batches):
-                run_layer(ad, layer, h, kw[i])
-        heads = head_scores(wanda_column_scores(o.weight, st.l2("o")), spec.head_dim)
-        channels = wanda_column_scores(down.weight, st.l2("down"))
-        plan.layers[i] = layer_plan_at_rate(spec, rates[i], heads.cpu(), channels.cpu())
-        with MaskedPlan(ad, spec, {i: plan.layers[i]}):
-            hidden = [run_layer(ad, layer, h, kw[i]) for h, (_, kw) in zip(hidden, batches)]
-    return plan
-
-
-def check_ratio_reached(plan: PruningPlan, spec, target: float, tol: float = 0.005) -> None:
-    got = plan.ratio(spec)
-    if abs(got - target) > tol:  # the rate rule keeps every layer within half a channel: this is a bug guard
-        raise RuntimeError(f"width plan ratio {got:.4f} misses the target {target:.4f} by more than {tol}")
 
 
 @register_method("wanda-sp", "structured Wanda: lowest |W|*||X|| heads and channels per layer, uniform or given "

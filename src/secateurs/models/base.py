@@ -1,15 +1,67 @@
-"""What every architecture adapter provides, and the derived sizes of a model (computed in one place).
+"""What every architecture adapter provides, the derived sizes of a model (computed in one place), and the
+block vocabulary (``Block``: a layer's attention or MLP branch, its position in the forward order, its name).
 
 An adapter hides where an architecture keeps its layers, its two residual branches (attention and MLP, each
-with the norms that belong to it), its heads and its MLP channels. Adapters are chosen by
-``config.model_type``, never by model name.
+with the norms that belong to it), its heads, its MLP channels, the final norm and the output head, and what
+a module records of its own size. Nothing outside the adapters names a module of the model, so a new
+architecture is one adapter file. Adapters are chosen by ``config.model_type``, never by model name.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
+
+# --- blocks: the two residual branches of a decoder layer, in forward order ----------------------------------
+BLOCK_KINDS = ("attn", "mlp")
+
+
+class Block(NamedTuple):
+    """One residual branch of one layer. Its *position* in the forward order is ``2 * layer + kind index``
+    (attn 0 = 0, mlp 0 = 1, attn 1 = 2, ...); its name is ``attn3`` / ``mlp3``."""
+
+    layer: int
+    kind: str  # one of BLOCK_KINDS
+
+    @property
+    def pos(self) -> int:
+        return len(BLOCK_KINDS) * self.layer + BLOCK_KINDS.index(self.kind)
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}{self.layer}"
+
+    @classmethod
+    def at(cls, pos: int) -> "Block":
+        return cls(pos // len(BLOCK_KINDS), BLOCK_KINDS[pos % len(BLOCK_KINDS)])
+
+    @classmethod
+    def parse(cls, name: str) -> "Block":
+        """``attn3`` -> Block(3, 'attn'); raises UserError for anything else."""
+        for kind in BLOCK_KINDS:
+            if name.startswith(kind) and name[len(kind):].isdigit():
+                return cls(int(name[len(kind):]), kind)
+        from ..errors import UserError
+
+        raise UserError(f"not a block name: {name!r} (expected {' or '.join(k + 'N' for k in BLOCK_KINDS)})")
+
+
+def all_blocks(n_layers: int) -> list[Block]:
+    """Every block in forward order: attn 0, mlp 0, attn 1, mlp 1, ..."""
+    return [Block(i, k) for i in range(n_layers) for k in BLOCK_KINDS]
+
+
+def layer_positions(layer: int) -> tuple[int, ...]:
+    """Positions of both blocks of a layer."""
+    return tuple(Block(layer, k).pos for k in BLOCK_KINDS)
+
+
+def head_indices(heads, head_dim: int) -> list[int]:
+    """The rows of q/k/v (and columns of o) that the given heads own: head ``h`` owns ``head_dim`` consecutive
+    ones from ``h * head_dim``."""
+    return [h * head_dim + j for h in heads for j in range(head_dim)]
 
 
 @dataclass(frozen=True)
@@ -49,6 +101,10 @@ class ModelSpec:
     @property
     def group_size(self) -> int:
         return self.n_heads // self.n_kv
+
+    def block_params(self, layer: int, kind: str) -> int:
+        """Parameters of one whole block (its module and its norms)."""
+        return (self.attn_block_params if kind == "attn" else self.mlp_block_params)[layer]
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("model_type", "n_layers", "hidden", "n_heads", "n_kv", "head_dim", "intermediate")}
@@ -92,6 +148,37 @@ class Adapter:
     def layers(self) -> nn.ModuleList:
         return self.decoder().layers
 
+    def final_norm(self) -> nn.Module:
+        """The norm between the last layer and the output head."""
+        return self.decoder().norm
+
+    def lm_head(self) -> nn.Linear:
+        return self.model.lm_head
+
+    def softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        """The model's final logit soft-capping (Gemma 2 style ``cap * tanh(z / cap)``), if it has one."""
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The model's logits from the hidden states after the last layer."""
+        return self.softcap(self.lm_head()(self.final_norm()(h)))
+
+    def set_layers(self, layers: list[nn.Module], kept: list[int]) -> None:
+        """Installs ``layers`` (what remains of the dense layers ``kept``, in order) and renumbers what refers to
+        layers: ``layer_idx`` of every layer and attention module (their KV-cache slots),
+        ``config.num_hidden_layers`` and ``config.layer_types``."""
+        for idx, layer in enumerate(layers):
+            if hasattr(layer, "layer_idx"):
+                layer.layer_idx = idx
+            attn = getattr(layer, self.attn_branch.module, None)
+            if attn is not None and hasattr(attn, "layer_idx"):
+                attn.layer_idx = idx
+        self.decoder().layers = nn.ModuleList(layers)
+        self.config.num_hidden_layers = len(layers)
+        if getattr(self.config, "layer_types", None):
+            self.config.layer_types = [self.config.layer_types[i] for i in kept]
+
     def branch(self, kind: str) -> Branch:
         return {"attn": self.attn_branch, "mlp": self.mlp_branch}[kind]
 
@@ -101,6 +188,16 @@ class Adapter:
     def proj(self, layer: nn.Module, name: str) -> nn.Linear:
         kind = "attn" if name in (self.q, self.k, self.v, self.o) else "mlp"
         return getattr(self.block(layer, kind), name)
+
+    # --- after surgery: the modules' own size attributes -----------------------------------------------
+    def resize_attn(self, attn: nn.Module, n_heads: int, n_kv: int) -> None:
+        """Sets what the attention module reads of its own size once its projections keep ``n_heads`` query and
+        ``n_kv`` key/value heads (the stock code repeats every KV head ``num_key_value_groups`` times)."""
+        attn.num_key_value_groups = n_heads // n_kv
+
+    def resize_mlp(self, mlp: nn.Module, n_channels: int) -> None:
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = n_channels
 
     # --- sizes -----------------------------------------------------------------------------------------
     def head_dim(self) -> int:

@@ -1,13 +1,13 @@
 """Greedy block removal by calibration loss: the search engine of BlockPruner and SLEB.
 
-A *block* is one residual branch of a layer, the attention block ``A_l`` or the MLP block ``M_l``; its
-*position* in the forward order is ``2l`` (attention) or ``2l + 1`` (MLP). A *candidate* is a group of blocks
-removed together: one block for BlockPruner, both blocks of a layer for SLEB. Each step removes, among the
-remaining candidates, the one whose removal (on top of everything removed so far) gives the lowest summed
-calibration NLL; ties go to the lowest candidate index. The loss of a removal set is computed by replaying
-the model block by block from the captured embeddings (``importance.activations``), one batch of rows at a
-time; a batch's loss is the float64 sum of its rows' NLL and a candidate's loss is ``math.fsum`` of its
-batch losses. Replaying equals running the physically pruned model (tested in ``test_activations``).
+A *block* (``models.base.Block``) is one residual branch of a layer, the attention block ``A_l`` or the MLP
+block ``M_l``; its *position* in the forward order is ``2l`` (attention) or ``2l + 1`` (MLP). A *candidate* is
+a group of blocks removed together: one block for BlockPruner, both blocks of a layer for SLEB. Each step
+removes, among the remaining candidates, the one whose removal (on top of everything removed so far) gives the
+lowest summed calibration NLL; ties go to the lowest candidate index. The loss of a removal set is computed by
+replaying the model block by block from the captured embeddings (``importance.activations``), one batch of
+rows at a time; a batch's loss is the float64 sum of its rows' NLL and a candidate's loss is ``math.fsum`` of
+its batch losses. Replaying equals running the physically pruned model (tested in ``test_activations``).
 
 Two implementations give the same removal order bit for bit:
 
@@ -46,44 +46,28 @@ from typing import Callable
 import torch
 
 from ..errors import UserError
-from ..importance.activations import capture, logits_from_hidden, run_branch, softcap
-from ..models.base import Adapter, ModelSpec
+from ..importance.activations import capture, run_branch
+from ..models.base import BLOCK_KINDS, Adapter, Block, ModelSpec, all_blocks, layer_positions
 from ..plan import PruningPlan, atomic_write_text
 from ..progress import progress_bar
 
 ORDER_FORMAT = "secateurs-order/1"
-KINDS = ("attn", "mlp")
-
-
-def block_name(pos: int) -> str:
-    return f"{KINDS[pos % 2]}{pos // 2}"
-
-
-def block_of(pos: int) -> tuple[int, str]:
-    return pos // 2, KINDS[pos % 2]
-
-
-def parse_block(name: str) -> int:
-    for i, kind in enumerate(KINDS):
-        if name.startswith(kind) and name[len(kind):].isdigit():
-            return 2 * int(name[len(kind):]) + i
-    raise UserError(f"not a block name: {name!r} (expected attnN or mlpN)")
 
 
 def block_candidates(n_layers: int, blocks: str) -> list[tuple[int, ...]]:
     """BlockPruner candidates: every attention and/or MLP block (``blocks`` = mix, attn or mlp)."""
-    kinds = {"mix": (0, 1), "attn": (0,), "mlp": (1,)}[blocks]
-    return [(2 * l + k,) for l in range(n_layers) for k in kinds]
+    kinds = BLOCK_KINDS if blocks == "mix" else (blocks,)
+    return [(b.pos,) for b in all_blocks(n_layers) if b.kind in kinds]
 
 
 def layer_candidates(n_layers: int, keep_ends: bool) -> list[tuple[int, ...]]:
     """SLEB candidates: whole layers (both blocks), the first and last kept when ``keep_ends``."""
     layers = range(1, n_layers - 1) if keep_ends else range(n_layers)
-    return [(2 * l, 2 * l + 1) for l in layers]
+    return [layer_positions(l) for l in layers]
 
 
 def removal_ratio(spec: ModelSpec, removed: list[int]) -> float:
-    return PruningPlan.from_removed_blocks(spec, [block_of(p) for p in removed]).ratio(spec)
+    return PruningPlan.from_removed_blocks(spec, [Block.at(p) for p in removed]).ratio(spec)
 
 
 class VocabHead:
@@ -97,14 +81,14 @@ class VocabHead:
 
     def __init__(self, r: "Replayer", b: int, h: torch.Tensor):
         self.r = r
-        x = r.adapter.decoder().norm(h)[:, :-1]
+        x = r.adapter.final_norm()(h)[:, :-1]
         self.x = x.reshape(-1, x.shape[-1])
         tgt = r.batches[b][:, 1:].reshape(-1).to(x.device)
-        head = r.model.lm_head
+        head = r.adapter.lm_head()
         z_t = (self.x.float() * head.weight[tgt].float()).sum(-1)
         if head.bias is not None:
             z_t = z_t + head.bias[tgt].float()
-        self.z_t = softcap(r.model, z_t)
+        self.z_t = r.adapter.softcap(z_t)
         rank = r.rank[tgt]  # where each target sits in the chunk order
         self.t_chunk = torch.bucketize(rank, r.chunk_ends, right=True)
         self.t_local = rank - r.chunk_starts[self.t_chunk]
@@ -123,7 +107,7 @@ class VocabHead:
         z = self.x @ w.T
         if bias is not None:
             z = z + bias
-        z = softcap(r.model, z.float())
+        z = r.adapter.softcap(z.float())
         mine = (self.t_chunk == c).nonzero().squeeze(-1)
         z[mine, self.t_local[mine]] = -math.inf  # the target's own logit is z_t
         self.lse = torch.logaddexp(self.lse, torch.logsumexp(z, -1))
@@ -144,7 +128,7 @@ class Replayer:
     def __init__(self, model, adapter: Adapter, rows: torch.Tensor, batch_size: int = 1, head_chunk: int = 4096):
         self.model, self.adapter = model, adapter
         self.layers = adapter.layers()
-        self.n_pos = 2 * len(self.layers)
+        self.n_pos = len(BLOCK_KINDS) * len(self.layers)
         self.batches, self.emb, self.kwargs = [], [], []
         mass = 0
         for i in range(0, rows.shape[0], batch_size):
@@ -154,7 +138,7 @@ class Replayer:
             self.emb.append(cap.hidden[0])
             self.kwargs.append(cap.kwargs)
             if head_chunk:
-                mass = mass + logits_from_hidden(model, adapter, cap.hidden[-1]).float().softmax(-1).sum((0, 1))
+                mass = mass + adapter.logits(cap.hidden[-1]).float().softmax(-1).sum((0, 1))
         self.tokens = rows.shape[0] * (rows.shape[1] - 1)
         self._chunk_vocab(mass, head_chunk)
         self.blocks_run = 0
@@ -162,7 +146,7 @@ class Replayer:
         self.head_work = 0.0
 
     def _chunk_vocab(self, mass, first: int) -> None:
-        head = self.model.lm_head
+        head = self.adapter.lm_head()
         self.vocab = v = head.weight.shape[0]
         dev = head.weight.device
         order = torch.argsort(mass, descending=True, stable=True) if 0 < first < v else torch.arange(v, device=dev)
@@ -187,7 +171,7 @@ class Replayer:
             if save is not None and pos > start:
                 save(pos, h)
             if pos not in removed:
-                layer, kind = block_of(pos)
+                layer, kind = Block.at(pos)
                 h = run_branch(self.adapter, self.layers[layer], kind, h, self.kwargs[b][layer])
                 self.blocks_run += 1
         return h
@@ -272,13 +256,14 @@ class SearchSettings:
     # by the last step's losses, and this many leading the current step
 
     def fingerprint(self) -> dict:
-        return {"candidates": [[block_name(p) for p in c] for c in self.candidates]}
+        return {"candidates": [[Block.at(p).name for p in c] for c in self.candidates]}
 
 
 def _candidate_label(c: tuple[int, ...]) -> str:
-    if len(c) == 2 and c[0] % 2 == 0 and c[1] == c[0] + 1:
-        return f"layer{c[0] // 2}"
-    return "+".join(block_name(p) for p in c)
+    layer = Block.at(c[0]).layer
+    if c == layer_positions(layer):
+        return f"layer{layer}"
+    return "+".join(Block.at(p).name for p in c)
 
 
 def _load_state(path: Path | None, spec: ModelSpec, fingerprint: dict) -> dict | None:
@@ -327,7 +312,7 @@ def greedy_search(replayer: Replayer, spec: ModelSpec, s: SearchSettings, state_
         removed = removed | frozenset(best)
         state["steps"].append({
             "removed": _candidate_label(best),
-            "blocks": [block_name(p) for p in best],
+            "blocks": [Block.at(p).name for p in best],
             "loss": step["loss"],
             "ppl": math.exp(step["loss"] / replayer.tokens),
             "ratio": removal_ratio(spec, sorted(removed)),
@@ -349,9 +334,8 @@ def greedy_search(replayer: Replayer, spec: ModelSpec, s: SearchSettings, state_
 
 def parse_units(label: str) -> list[int]:
     if label.startswith("layer") and label[5:].isdigit():
-        l = int(label[5:])
-        return [2 * l, 2 * l + 1]
-    return [parse_block(x) for x in label.split("+")]
+        return list(layer_positions(int(label[5:])))
+    return [Block.parse(x).pos for x in label.split("+")]
 
 
 def _step_exact(r: Replayer, s: SearchSettings, cache, removed, remaining, last, progress, n) -> dict:
@@ -439,7 +423,7 @@ def plan_from_order(spec: ModelSpec, steps: list[dict], target_ratio: float | No
             raise UserError(f"the removal order reaches ratio {have:.4f} in {len(steps)} steps, short of the target {target_ratio}")
     else:
         k = min(n_steps, len(steps))
-    blocks = [block_of(p) for st in steps[:k] for p in parse_units(st["removed"])]
+    blocks = [Block.at(p) for st in steps[:k] for p in parse_units(st["removed"])]
     return PruningPlan.from_removed_blocks(spec, blocks, method), k
 
 

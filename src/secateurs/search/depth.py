@@ -1,0 +1,47 @@
+"""What the greedy block searches (blockpruner, sleb) share on top of ``search.greedy``: their options and the
+run of a search inside a prune job (resumable from ``order.json`` in the run folder)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..errors import UserError
+from ..models import get_adapter
+from .greedy import Replayer, SearchSettings, greedy_search, search_model
+
+if TYPE_CHECKING:
+    from ..methods import PruneContext
+
+ORDER_FILE = "order.json"
+
+
+@dataclass
+class SearchOptions:
+    """Options shared by the greedy searches (blockpruner, sleb)."""
+
+    exact_reference: bool = field(default=False, metadata={"help": "run the straightforward search (every candidate through the whole model): slow, same result"})
+    batch_size: int = field(default=1, metadata={"help": "calibration rows per forward pass; smaller batches let bad candidates be abandoned earlier"})
+    cache_mb: int = field(default=1024, metadata={"help": "memory for cached hidden states of the fast search, MiB"})
+    dtype: str = field(default="auto", metadata={"help": "search precision (auto = bfloat16 on a GPU, else float32)", "choices": ["auto", "float32", "bfloat16"]})
+
+
+def run_greedy(ctx: PruneContext, cfg: SearchOptions, candidates, method: str, target_ratio, max_steps) -> dict:
+    """Runs (or resumes) the greedy search in ``ctx.workdir/order.json``; records counts in result.json."""
+    if cfg.batch_size < 1 or cfg.cache_mb < 0:
+        raise UserError("--batch-size must be >= 1 and --cache-mb >= 0")
+    s = SearchSettings(candidates, target_ratio, max_steps, cfg.exact_reference, cfg.cache_mb)
+    model = search_model(ctx.model, cfg.dtype)
+    with torch.inference_mode():
+        replayer = Replayer(model, get_adapter(model), ctx.calib, cfg.batch_size)
+        state = greedy_search(replayer, ctx.spec, s, ctx.workdir / ORDER_FILE, method, ctx.progress)
+    steps = state["steps"]
+    full = sum(st["evaluations_full"] for st in steps)
+    abandoned = sum(st["evaluations_abandoned"] for st in steps)
+    ctx.count_ppl(full + abandoned)
+    ctx.record(search="exact" if cfg.exact_reference else "fast", evaluations_full=full,
+               evaluations_abandoned=abandoned, blocks_run=sum(st["blocks_run"] for st in steps),
+               order_file=ORDER_FILE, calib_ppl_dense=state["dense"]["ppl"],
+               order=[{k: st[k] for k in ("removed", "ppl", "ratio")} for st in steps])
+    return state
