@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import tiny_bpe_tokenizer, tiny_model
 from secateurs.cli import main
 from secateurs.export.checkpoint import _plain_config, load_pruned, save_pruned
 from secateurs.models import get_adapter
@@ -31,31 +31,17 @@ SMALL = ["--seqlen", "64", "--batch-rows", "4", "--eval-rows", "2", "--eval-seql
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
     """A byte-level BPE tokenizer of 384 tokens trained on wiki:calib paragraphs."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from secateurs.data import load_texts
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(load_texts("wiki")[:300], trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
     folder = tmp_path_factory.mktemp("tok")
-    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>").save_pretrained(folder)
+    tiny_bpe_tokenizer(VOCAB, ["<s>", "</s>"], bos="<s>", eos="</s>").save_pretrained(folder)
     return folder
 
 
 def uneven_plan(spec) -> PruningPlan:
-    """Every kind of change: a removed attention block, fewer heads and channels, a removed MLP block, a bias."""
-    plan = PruningPlan.dense(spec)
-    plan.layers[0].attn = False
-    plan.layers[1].heads = [0, 2]
-    plan.layers[1].channels = list(range(0, spec.intermediate, 2))
-    plan.layers[2].mlp = False
-    plan.layers[3].mlp_bias = [0.05] * spec.hidden
-    return plan
+    """Every kind of change (test_export's uneven plan): a removed attention block, fewer heads and channels, a
+    removed MLP block, bias compensation on layer 3's attention output."""
+    from test_export import plans
+
+    return plans(spec)["uneven"][0]
 
 
 def make_pruned(root: Path, tokenizer_dir: Path, arch: str = "llama", plan_fn=uneven_plan) -> Path:
@@ -186,7 +172,7 @@ def test_full_fine_tuning_trains_biases_and_keeps_shapes(pruned, tmp_path, small
     assert heal(pruned, "--out", out, "--tokens", "1024", "--full", "--lr", "1e-3", "--data", small_data, "--eval", "", *SMALL) == 0
     before, after = load_pruned(pruned)[0].state_dict(), load_pruned(out)[0].state_dict()
     assert {k: v.shape for k, v in before.items()} == {k: v.shape for k, v in after.items()}
-    assert not torch.equal(before["model.layers.3.mlp.down_proj.bias"], after["model.layers.3.mlp.down_proj.bias"])
+    assert not torch.equal(before["model.layers.3.self_attn.o_proj.bias"], after["model.layers.3.self_attn.o_proj.bias"])
     assert not (out / "heal_adapter").exists()
     assert json.loads((out / "heal.json").read_text())["adapters"] == "full"
 
