@@ -44,7 +44,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--methods", default=f"flap,blockpruner[from-order={ORDER}],sleb",
-                   help="comma-separated; NAME[opt=value,...] passes prune options (default: %(default)s)")
+                   help="comma-separated; NAME[opt=value,...] passes prune options, budgets=50k;500k replaces "
+                        "--budgets for that method (default: %(default)s)")
     p.add_argument("--ratio", type=float, default=0.25)
     p.add_argument("--nsamples", type=int, default=16, help="pruning calibration rows (the trade-off's)")
     p.add_argument("--seqlen", type=int, default=256, help="pruning calibration row length")
@@ -89,13 +90,14 @@ def main(argv=None) -> int:
         name, opts = parse_method(spec)
         lab = label(name, {k: v for k, v in opts.items() if k == "as"} or {})
         pruned = work / lab
-        extra = [x for k, v in opts.items() if k != "as" for x in (f"--{k}", v)]
+        extra = [x for k, v in opts.items() if k not in ("as", "budgets") for x in (f"--{k}", v)]
         run(["prune", a.model, "--method", name, "--ratio", str(a.ratio), "--nsamples", str(a.nsamples),
              "--seqlen", str(a.seqlen), "--eval", "", "--quiet", *extra, "--out", str(pruned), "--overwrite"],
             pruned / "result.json")
         ev = evaluate(str(pruned), pruned)
         state["rows"].append(row(lab, None, None, pruned, ev))
-        jobs = [(b, "kd") for b in budgets] + [(b, "lm") for b in lm_at]
+        own = [b for b in opts.pop("budgets").split(";") if b] if "budgets" in opts else budgets
+        jobs = [(b, "kd") for b in own] + [(b, "lm") for b in lm_at]
         for b, loss in sorted(jobs, key=lambda j: (budget_value(j[0]), j[1])):
             out = work / f"{lab}-{loss}-{b}"
             run(["heal", str(pruned), "--out", str(out), "--tokens", b, "--loss", loss, "--max-epochs", str(a.max_epochs),
@@ -116,7 +118,7 @@ def row(method: str, budget: str | None, loss: str | None, folder: Path, ev: dic
         h = json.loads((folder / "heal.json").read_text())
         r.update(tokens=h["tokens_seen"], steps=h["steps"], passes=h["data"]["passes"], rows_used=h["data"]["rows_used"],
                  seqlen=h["data"]["seqlen"], train_s=h["seconds"]["train"], teacher_s=h["seconds"]["teacher"],
-                 teacher_rows=h["teacher_rows_computed"],
+                 teacher_rows=h["teacher_rows_computed"], threads=h.get("threads"),
                  train_tok_s=h["train_tokens_per_second"])
     return r
 
@@ -152,7 +154,8 @@ def write(a, state, commands, results: Path, elapsed: float) -> None:
              f"- Dense: ppl {dense['ppl']['wiki:test']['ppl']:.2f}, zero-shot mean {fmt(dense_zs, '.4f')}.",
              "- gap closed = (log ppl_pruned - log ppl_healed) / (log ppl_pruned - log ppl_dense); time alone = training "
              "time + the teacher time of the rows the run uses (at the teacher rate measured in these runs).",
-             f"- Machine: the 2-core CPU of this project, one thread per process. Also running: {a.note}.", "",
+             f"- Machine: the 2-core CPU of this project; torch threads of the heal runs: "
+             f"{sorted({r.get('threads') for r in rows if r.get('threads')}) or '-'}. Also running: {a.note}.", "",
              "| method | loss | budget | tokens | passes | time alone s | train tok/s | wiki:test ppl | gap closed | "
              "zero-shot mean (SE) | change vs pruned |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -391,6 +391,7 @@ def run_heal(s: HealSettings, out: str | Path, overwrite: bool = False, progress
         "train_tokens_per_second": tokens_seen / trained["seconds"] if trained["seconds"] else None,
         "teacher_rows_computed": times.get("teacher_rows", 0),
         "teacher_tokens_per_second": (times.get("teacher_rows", 0) * s.seqlen / times["teacher"]) if times.get("teacher") else None,
+        "threads": torch.get_num_threads(),
         "export": kind,
         "versions": versions() | {"peft": _peft_version()},
     }
