@@ -270,6 +270,7 @@ def _narrow(spec):
     ("few_tokens", ["--tokens", "10M"], "more than --max-epochs 1 pass(es)"),
     ("rank", ["--lora-rank", "8"], "--lora-rank 8 is larger than the width of"),
     ("out_exists", [], "exists and is not empty"),
+    ("out_is_source", ["--overwrite"], "is the folder being healed"),
     ("held_out", ["--data", "wiki:test"], "held-out evaluation text"),
     ("held_out_file", [], "shares 1 paragraph(s) with the held-out wiki:test text"),
     ("loss", ["--temperature", "0"], "--temperature must be a positive number"),
@@ -277,7 +278,7 @@ def _narrow(spec):
 def test_bad_input_one_line_exit_2_nothing_written(bad_inputs, pruned, tmp_path, capsys, case, extra, message):
     src = {"no_plan": bad_inputs["no_plan"], "dense": bad_inputs["dense"], "embedded": "smollm2-135m",
            "missing": "runs/no-such-folder", "rank": bad_inputs["narrow"]}.get(case, pruned)
-    out = bad_inputs["full"] if case == "out_exists" else tmp_path / "out"
+    out = {"out_exists": bad_inputs["full"], "out_is_source": pruned}.get(case, tmp_path / "out")
     if case == "held_out_file":
         extra = ["--data", bad_inputs["test_text"]]
     before = sorted(os.listdir(tmp_path))

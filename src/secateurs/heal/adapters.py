@@ -8,6 +8,8 @@ are merged into the weights (``merge_and_unload``), so the model has exactly the
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -48,7 +50,9 @@ def add_lora(model, rank: int, alpha: float, seed: int):
     cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none",
                      target_modules=sorted(set(target_names(model))))
     torch.manual_seed(seed)
-    return get_peft_model(model, cfg)
+    with warnings.catch_warnings():  # transformers' deprecation notice for a name peft still reads
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        return get_peft_model(model, cfg)
 
 
 def trainable(model) -> dict[str, nn.Parameter]:

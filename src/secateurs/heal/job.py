@@ -335,6 +335,8 @@ def run_heal(s: HealSettings, out: str | Path, overwrite: bool = False, progress
 
     out = Path(out)
     s = s.resolved()
+    if out.resolve() == Path(s.source).resolve():
+        raise UserError(f"--out {out} is the folder being healed; write the healed model to another folder")
     check_out(out, overwrite)
     inp = check_inputs(s)
     settings = asdict(s) | {"data_fingerprint": inp.fingerprint}
