@@ -54,15 +54,15 @@ def register(sub):
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     add_common(p)
     g = p.add_argument_group("worker pool (Ray; methods that search candidates: blockpruner, sleb, self-pruner)")
-    g.add_argument("--workers", type=positive_int, default=None,
+    g.add_argument("--workers", type=positive_int, default=None, metavar="N",
                    help="evaluate the search's candidates on N Ray workers, each holding a replica of the model "
                         "(same result as one process)")
-    g.add_argument("--ray-address", default=None,
+    g.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="join this Ray cluster (HOST:PORT, ray://HOST:PORT or auto) instead of starting one here: "
                         "the way to use several machines")
-    g.add_argument("--threads-per-worker", type=positive_int, default=None,
+    g.add_argument("--threads-per-worker", type=positive_int, default=None, metavar="T",
                    help="CPU threads (and CPUs reserved) per worker (default: the most that places every worker)")
-    g.add_argument("--gpus-per-worker", type=float, default=None,
+    g.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
                    help="GPUs per worker with --device cuda (default 1; 0.5 puts two workers on one GPU)")
     p.set_defaults(func=run, _method_fields=_method_options(p))
 
