@@ -40,6 +40,8 @@ class PruneSettings:
     eval_rows: int = 16
     device: str = "cpu"
     options: dict = field(default_factory=dict)  # method-specific options
+    export: str = ""  # "gguf": also write OUT/model.gguf for llama.cpp (secateurs.export.gguf)
+    export_type: str = "f32"
 
 
 def versions() -> dict:
@@ -88,6 +90,10 @@ def _run_prune(s: PruneSettings, out: Path, overwrite: bool, progress: bool, log
     if hasattr(cfg, "check_budget"):  # methods with their own budget (e.g. tell's --speedup) check it up front
         cfg.check_budget(s.ratio)
     check_out(out, overwrite)
+    if s.export:
+        from .export.gguf import check_request
+
+        check_request(s.export, s.export_type, str(out / "model.gguf"), True)
     t_pool = time.time()  # Ray connected and placement checked before anything is loaded or written
     workers = stack.enter_context(_open_pool(pool, s, method)) if pool is not None else None
     t_pool = time.time() - t_pool
@@ -163,12 +169,25 @@ def _run_prune(s: PruneSettings, out: Path, overwrite: bool, progress: bool, log
     if workers is not None:
         result["workers"] = workers.summary() | {"ray_start_seconds": t_pool}
     write_pruned(model, tok, plan, dense_config, work)
+    refused = None
+    if s.export:  # a plan llama.cpp cannot hold still leaves the pruned folder, then exits with the reason
+        from .export.gguf import export_model
+
+        try:
+            result["gguf"] = export_model(s.model, str(work / "model.gguf"), s.export_type, progress=progress,
+                                    model=model, tokenizer=tok)
+            result["gguf"]["file"] = "model.gguf"
+        except UserError as e:
+            refused = e
+            result["gguf"] = {"refused": str(e)}
     atomic_write_text(work / "result.json", json.dumps(result, indent=1))
     (work / "settings.json").unlink()
     (work / "dense.json").unlink()
     if out.exists():
         shutil.rmtree(out)
     work.rename(out)
+    if refused is not None:
+        raise UserError(f"pruned model written to {out}, but no GGUF: {refused}")
     result["_model"] = model  # in-process callers (the demo) may keep using the pruned model
     result["_tokenizer"] = tok
     return result

@@ -52,6 +52,8 @@ def register(sub):
     p.add_argument("--eval-rows", type=int, default=16, help="rows of the held-out set (default 16)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--export", default="", choices=["", "gguf"], help="also write OUT/model.gguf for llama.cpp")
+    p.add_argument("--export-type", default="f32", help="tensor type of the GGUF: f32, f16, bf16, q8_0, q4_k_m (default f32)")
     add_common(p)
     g = p.add_argument_group("worker pool (Ray; methods that search candidates: blockpruner, sleb, self-pruner)")
     g.add_argument("--workers", type=positive_int, default=None, metavar="N",
@@ -80,13 +82,15 @@ def run(args):
     options = {k: getattr(args, k) for k in own if getattr(args, k) is not None}
     s = PruneSettings(model=args.model, method=args.method, ratio=args.ratio, calib=args.calib,
                       nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, eval=args.eval,
-                      eval_rows=args.eval_rows, device=device_of(args), options=options)
+                      eval_rows=args.eval_rows, device=device_of(args), options=options, export=args.export,
+                      export_type=args.export_type)
     r = run_prune(s, args.out, overwrite=args.overwrite, progress=not args.quiet, pool=_pool_settings(args))
     print(f"{r['method']}: ratio {r['ratio_achieved']:.4f} (target {r['ratio_target']}), "
           f"params {r['params_before']:,} -> {r['params_after']:,}, "
           f"calib ppl {r['ppl_calib_before']:.3f} -> {r['ppl_calib_after']:.3f}"
           + (f", {r['eval_set']} ppl {r['ppl_test_before']:.3f} -> {r['ppl_test_after']:.3f}" if r['eval_set'] else "")
-          + f"; search {r['search_seconds']:.1f}s; written to {args.out}")
+          + f"; search {r['search_seconds']:.1f}s; written to {args.out}"
+          + (f" (GGUF: model.gguf, {r['gguf']['type']}, architecture {r['gguf']['arch']})" if "gguf" in r else ""))
 
 
 def _pool_settings(args):
