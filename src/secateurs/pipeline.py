@@ -70,7 +70,7 @@ def run_prune(s: PruneSettings, out: str | Path, overwrite: bool = False, progre
     """The prune job; ``pool`` (``--workers``) runs the method's candidate evaluations on Ray workers. It does
     not change the result, so it is not part of the settings a resumed run must repeat."""
     with ExitStack() as stack:
-        return _run_prune(s, Path(out), overwrite, progress, log, pool, stack)
+        return _run_prune(s, out, overwrite, progress, log, pool, stack)
 
 
 def _open_pool(pool: PoolSettings, s: PruneSettings, method) -> WorkerPool:
@@ -82,7 +82,8 @@ def _open_pool(pool: PoolSettings, s: PruneSettings, method) -> WorkerPool:
     return WorkerPool(pool, partial(replica_loader, s.model, device=s.device)).open()
 
 
-def _run_prune(s: PruneSettings, out: Path, overwrite: bool, progress: bool, log, pool, stack: ExitStack) -> dict:
+def _run_prune(s: PruneSettings, out: str | Path, overwrite: bool, progress: bool, log, pool, stack: ExitStack) -> dict:
+    out = Path(out)
     method = get_method(s.method)
     cfg = make_config(method, s.options)
     if method.needs_ratio or s.ratio is not None:

@@ -95,6 +95,10 @@ class _Replica:
         return getattr(self.obj, method)(*args)
 
     def release(self) -> None:
+        """Frees the search's object (after its ``close()``, if it has one) and with it the replica."""
+        close = getattr(self.obj, "close", None)
+        if close is not None:
+            close()
         self.obj = None
 
 
