@@ -57,6 +57,23 @@ def check_out(out: Path, overwrite: bool) -> None:
         raise UserError(f"output folder {out} exists and is not empty; choose another --out or pass --overwrite")
 
 
+def open_work(out: Path, settings: dict, overwrite: bool, log=print, what: str = "run") -> Path:
+    """``OUT.partial/`` for a job with these settings: resumed when it holds the same settings, refused (or,
+    with ``overwrite``, discarded) when it holds others; the settings are written there."""
+    work = out.with_name(out.name + ".partial")
+    if work.exists():
+        old = json.loads((work / "settings.json").read_text()) if (work / "settings.json").exists() else None
+        if old != json.loads(json.dumps(settings)):
+            if not overwrite:
+                raise UserError(f"{work} holds an unfinished {what} with other settings; delete it or pass --overwrite")
+            shutil.rmtree(work)
+        else:
+            log(f"secateurs: resuming the unfinished {what} in {work}")
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(work / "settings.json", json.dumps(settings, indent=1))
+    return work
+
+
 def _cached(path: Path, compute):
     if path.exists():
         return json.loads(path.read_text())
@@ -108,17 +125,7 @@ def _run_prune(s: PruneSettings, out: str | Path, overwrite: bool, progress: boo
 
     # inputs are all valid: only now is anything written
     settings = asdict(s) | {"options": asdict(cfg)}
-    work = out.with_name(out.name + ".partial")
-    if work.exists():
-        old = json.loads((work / "settings.json").read_text()) if (work / "settings.json").exists() else None
-        if old != json.loads(json.dumps(settings)):
-            if not overwrite:
-                raise UserError(f"{work} holds an unfinished run with other settings; delete it or pass --overwrite")
-            shutil.rmtree(work)
-        else:
-            log(f"secateurs: resuming the unfinished run in {work}")
-    work.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(work / "settings.json", json.dumps(settings, indent=1))
+    work = open_work(out, settings, overwrite, log)
 
     def measure(tag):
         r = {"ppl_calib": perplexity(model, calib, progress=progress, desc=f"calib ppl ({tag})").ppl}
