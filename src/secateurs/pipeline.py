@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,6 +24,7 @@ from .methods import PruneContext, check_reach, get_method, make_config, run_met
 from .models import get_adapter, load_model
 from .plan import atomic_write_text, check_ratio
 from .result import FORMAT as RESULT_FORMAT
+from .runtime.pool import PoolSettings, WorkerPool, replica_loader
 from .surgery import apply_plan
 
 
@@ -56,6 +59,23 @@ def check_out(out: Path, overwrite: bool) -> None:
         raise UserError(f"output folder {out} exists and is not empty; choose another --out or pass --overwrite")
 
 
+def open_work(out: Path, settings: dict, overwrite: bool, log=print, what: str = "run") -> Path:
+    """``OUT.partial/`` for a job with these settings: resumed when it holds the same settings, refused (or,
+    with ``overwrite``, discarded) when it holds others; the settings are written there."""
+    work = out.with_name(out.name + ".partial")
+    if work.exists():
+        old = json.loads((work / "settings.json").read_text()) if (work / "settings.json").exists() else None
+        if old != json.loads(json.dumps(settings)):
+            if not overwrite:
+                raise UserError(f"{work} holds an unfinished {what} with other settings; delete it or pass --overwrite")
+            shutil.rmtree(work)
+        else:
+            log(f"secateurs: resuming the unfinished {what} in {work}")
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(work / "settings.json", json.dumps(settings, indent=1))
+    return work
+
+
 def _cached(path: Path, compute):
     if path.exists():
         return json.loads(path.read_text())
@@ -85,7 +105,24 @@ def _spent_before(work: Path) -> float:
     return spent
 
 
-def run_prune(s: PruneSettings, out: str | Path, overwrite: bool = False, progress: bool = True, log=print) -> dict:
+def run_prune(s: PruneSettings, out: str | Path, overwrite: bool = False, progress: bool = True, log=print,
+              pool: PoolSettings | None = None) -> dict:
+    """The prune job; ``pool`` (``--workers``) runs the method's candidate evaluations on Ray workers. It does
+    not change the result, so it is not part of the settings a resumed run must repeat."""
+    with ExitStack() as stack:
+        return _run_prune(s, out, overwrite, progress, log, pool, stack)
+
+
+def _open_pool(pool: PoolSettings, s: PruneSettings, method) -> WorkerPool:
+    if not method.parallel:
+        from .methods import all_methods
+
+        names = ", ".join(m.name for m in all_methods().values() if m.parallel)
+        raise UserError(f"--workers applies to the methods that search candidates ({names}), not {s.method}")
+    return WorkerPool(pool, partial(replica_loader, s.model, device=s.device)).open()
+
+
+def _run_prune(s: PruneSettings, out: str | Path, overwrite: bool, progress: bool, log, pool, stack: ExitStack) -> dict:
     out = Path(out)
     method = get_method(s.method)
     cfg = make_config(method, s.options)
@@ -98,6 +135,9 @@ def run_prune(s: PruneSettings, out: str | Path, overwrite: bool = False, progre
         from .export.gguf import check_request
 
         check_request(s.export, s.export_type, str(out / "model.gguf"), True)
+    t_pool = time.time()  # Ray connected and placement checked before anything is loaded or written
+    workers = stack.enter_context(_open_pool(pool, s, method)) if pool is not None else None
+    t_pool = time.time() - t_pool
     torch.manual_seed(s.seed)
     model, tok = load_model(s.model, device=s.device, progress=progress)
     adapter = get_adapter(model)
@@ -109,17 +149,7 @@ def run_prune(s: PruneSettings, out: str | Path, overwrite: bool = False, progre
 
     # inputs are all valid: only now is anything written
     settings = asdict(s) | {"options": asdict(cfg)}
-    work = out.with_name(out.name + ".partial")
-    if work.exists():
-        old = json.loads((work / "settings.json").read_text()) if (work / "settings.json").exists() else None
-        if old != json.loads(json.dumps(settings)):
-            if not overwrite:
-                raise UserError(f"{work} holds an unfinished run with other settings; delete it or pass --overwrite")
-            shutil.rmtree(work)
-        else:
-            log(f"secateurs: resuming the unfinished run in {work}")
-    work.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(work / "settings.json", json.dumps(settings, indent=1))
+    work = open_work(out, settings, overwrite, log)
 
     def measure(tag):
         r = {"ppl_calib": perplexity(model, calib, progress=progress, desc=f"calib ppl ({tag})").ppl}
@@ -131,7 +161,7 @@ def run_prune(s: PruneSettings, out: str | Path, overwrite: bool = False, progre
     log(f"secateurs: {s.model}: {spec.total_params:,} params, calib ppl ({rows_label(*calib.shape)}) {before['ppl_calib']:.3f}"
         + (f", {s.eval} ppl ({rows_label(*test.shape)}) {before['ppl_test']:.3f}" if test is not None else ""))
 
-    ctx = PruneContext(model, tok, adapter, spec, calib, s.ratio, s.seed, work, progress)
+    ctx = PruneContext(model, tok, adapter, spec, calib, s.ratio, s.seed, work, progress, pool=workers)
     spent_file = work / SPENT
     spent = _spent_before(work)
     t0 = time.time()
@@ -171,6 +201,8 @@ def run_prune(s: PruneSettings, out: str | Path, overwrite: bool = False, progre
     }
     if ctx.extra:
         result["method_details"] = ctx.extra
+    if workers is not None:
+        result["workers"] = workers.summary() | {"ray_start_seconds": t_pool}
     write_pruned(model, tok, plan, dense_config, work)
     refused = None
     if s.export:  # a plan llama.cpp cannot hold still leaves the pruned folder, then exits with the reason

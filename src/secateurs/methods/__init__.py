@@ -34,6 +34,7 @@ class PruneContext:
     progress: bool = True
     ppl_evaluations: int = 0
     extra: dict | None = None  # results a method wants recorded in result.json (e.g. per-block scores)
+    pool: Any = None  # runtime.pool.WorkerPool (--workers) for methods registered with parallel=True, else None
 
     def count_ppl(self, n: int = 1) -> None:
         self.ppl_evaluations += n
@@ -51,6 +52,7 @@ class MethodSpec:
     needs_ratio: bool = True
     ratio_rule: RatioRule = WIDTH  # how the plan meets --ratio (plan.RatioRule); checked by run_method
     reach: Callable[[ModelSpec, Any], float | None] | None = None  # (spec, cfg) -> the largest ratio it can reach
+    parallel: bool = False  # evaluates candidates on a worker pool when given one (--workers)
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -58,11 +60,12 @@ _LOADED = False
 
 
 def register_method(name: str, summary: str, config_cls: type, needs_ratio: bool = True, ratio_rule: RatioRule = WIDTH,
-                    reach=None):
+                    reach=None, parallel: bool = False):
     """``ratio_rule``: how the method meets a target ratio (the tolerance it promises); ``reach(spec, cfg)``: the
-    largest ratio it can reach on a model (None where it cannot tell before it runs), checked before any work."""
+    largest ratio it can reach on a model (None where it cannot tell before it runs), checked before any work;
+    ``parallel``: it evaluates candidates on a worker pool when given one (--workers)."""
     def deco(fn):
-        _REGISTRY[name] = MethodSpec(name, summary, config_cls, fn, needs_ratio, ratio_rule, reach)
+        _REGISTRY[name] = MethodSpec(name, summary, config_cls, fn, needs_ratio, ratio_rule, reach, parallel)
         return fn
 
     return deco

@@ -37,7 +37,7 @@ def load_order(path: str, ctx: PruneContext) -> dict:
 
 
 @register_method("blockpruner", "BlockPruner: greedy removal of attention/MLP blocks by calibration perplexity (saves the whole order)",
-                 BlockPrunerConfig, needs_ratio=False, ratio_rule=RatioRule("blocks"),
+                 BlockPrunerConfig, needs_ratio=False, ratio_rule=RatioRule("blocks"), parallel=True,
                  reach=lambda spec, cfg: None if cfg.from_order else reach(spec, block_candidates(spec.n_layers, cfg.blocks)))
 def blockpruner(ctx: PruneContext, cfg: BlockPrunerConfig) -> PruningPlan:
     if cfg.steps is not None and cfg.steps < 1:

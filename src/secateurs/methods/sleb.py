@@ -18,7 +18,8 @@ class SlebConfig(SearchOptions):
 
 
 @register_method("sleb", "SLEB: greedy whole-layer removal by calibration perplexity (first and last layers kept)", SlebConfig,
-                 ratio_rule=RatioRule("layers"), reach=lambda spec, cfg: reach(spec, layer_candidates(spec.n_layers, cfg.keep_ends)))
+                 ratio_rule=RatioRule("layers"), parallel=True,
+                 reach=lambda spec, cfg: reach(spec, layer_candidates(spec.n_layers, cfg.keep_ends)))
 def sleb(ctx: PruneContext, cfg: SlebConfig) -> PruningPlan:
     cands = layer_candidates(ctx.spec.n_layers, cfg.keep_ends)
     state = run_greedy(ctx, cfg, cands, "sleb", ctx.ratio, None)
