@@ -157,7 +157,9 @@ def test_width_plans_and_fitness_same_with_budget(folders, arch, tmp_path):
         a = _run(method, _ctx(res, ROWS, tmp_path / f"a-{method}"), **opts)
         b = _run(method, _ctx(lazy, ROWS, tmp_path / f"b-{method}"), **opts)
         assert a.to_dict()["layers"] == b.to_dict()["layers"], method
-    fr, fl = MaskedFitness(_ctx(res, ROWS, tmp_path), ROWS[:2], 2), MaskedFitness(_ctx(lazy, ROWS, tmp_path), ROWS[:2], 2)
+    sr, sl = MaskedFitness.scores(_ctx(res, ROWS, tmp_path), 2), MaskedFitness.scores(_ctx(lazy, ROWS, tmp_path), 2)
+    assert all(torch.equal(x, y) for a, b in zip(sr, sl) for x, y in zip(a, b))
+    fr, fl = MaskedFitness(res, sr, ROWS[:2], 2), MaskedFitness(lazy, sl, ROWS[:2], 2)
     for rates in ([0.2] * 4, [0.0, 0.5, 0.1, 0.3]):
         assert fr(rates) == fl(rates)
 

@@ -9,19 +9,23 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from .data import calib_rows, eval_rows
 from .errors import UserError
-from .eval.perplexity import perplexity
+from .eval.perplexity import HELD_OUT_ROWS, HELD_OUT_SEQLEN, perplexity, rows_label
 from .export.checkpoint import _plain_config, load_pruned, write_pruned
-from .methods import PruneContext, get_method, make_config
+from .methods import PruneContext, check_reach, get_method, make_config, run_method
 from .models import get_adapter, load_model
 from .plan import atomic_write_text, check_ratio
+from .result import FORMAT as RESULT_FORMAT
 from .runtime import input_device, model_dtype
+from .runtime.pool import PoolSettings, WorkerPool, replica_loader
 from .surgery import apply_plan
 
 PPL_BATCH = 4  # rows per batch of the perplexity measured before and after
@@ -37,9 +41,12 @@ class PruneSettings:
     seqlen: int | None = None
     seed: int = 0
     eval: str = "wiki:test"  # held-out perplexity measured before and after ('' to skip)
-    eval_rows: int = 16
+    eval_rows: int = HELD_OUT_ROWS  # rows of eval_seqlen tokens: the same defaults as `secateurs eval`
+    eval_seqlen: int = HELD_OUT_SEQLEN
     device: str = "cpu"
     options: dict = field(default_factory=dict)  # method-specific options
+    export: str = ""  # "gguf": also write OUT/model.gguf for llama.cpp (secateurs.export.gguf)
+    export_type: str = "f32"
     dtype: str = "auto"  # working precision (runtime.precision)
     max_memory: str | None = None  # --max-memory (runtime.placement)
 
@@ -73,6 +80,23 @@ def check_out(out: Path, overwrite: bool) -> None:
         raise UserError(f"output folder {out} exists and is not empty; choose another --out or pass --overwrite")
 
 
+def open_work(out: Path, settings: dict, overwrite: bool, log=print, what: str = "run") -> Path:
+    """``OUT.partial/`` for a job with these settings: resumed when it holds the same settings, refused (or,
+    with ``overwrite``, discarded) when it holds others; the settings are written there."""
+    work = out.with_name(out.name + ".partial")
+    if work.exists():
+        old = json.loads((work / "settings.json").read_text()) if (work / "settings.json").exists() else None
+        if old != json.loads(json.dumps(settings)):
+            if not overwrite:
+                raise UserError(f"{work} holds an unfinished {what} with other settings; delete it or pass --overwrite")
+            shutil.rmtree(work)
+        else:
+            log(f"secateurs: resuming the unfinished {what} in {work}")
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(work / "settings.json", json.dumps(settings, indent=1))
+    return work
+
+
 def _cached(path: Path, compute):
     if path.exists():
         return json.loads(path.read_text())
@@ -81,10 +105,11 @@ def _cached(path: Path, compute):
     return value
 
 
-def estimates(s: PruneSettings, method, cfg, model, calib, batch: int, log=print) -> dict:
+def estimates(s: PruneSettings, method, cfg, model, calib, batch: int, log=print, workers: int | None = None) -> dict:
     """Estimated peak memory per device and search time (``runtime.estimate``), printed and returned: the
     number of evaluations the method will run times one evaluation (one calibration batch timed through the
-    model, times the batches of an evaluation)."""
+    model, times the batches of an evaluation), divided among ``workers`` (``--workers``) for the methods that
+    run their evaluations on the pool."""
     from .runtime.estimate import estimate_peak, evaluations, format_duration, model_sizes
     from .runtime.placement import format_size, onloader_of
     from .runtime.passes import row_nll
@@ -106,21 +131,70 @@ def estimates(s: PruneSettings, method, cfg, model, calib, batch: int, log=print
     per_batch = time.perf_counter() - t0
     per_eval = per_batch * -(-rows // batch)
     total = n * per_eval
+    share = workers if workers and method.parallel else 1
+    total /= share
     where = ", ".join(f"{k} {format_size(v)}" for k, v in peak.per_place.items() if v) or "-"
     log(f"secateurs: estimated peak memory: {where} ({'layer by layer' if peak.onload else 'whole model'} in "
         f"{str(dtype).replace('torch.', '')}; weights {format_size(sizes.weights)})")
-    log(f"secateurs: estimated search time: {n} x {format_duration(per_eval)} = {format_duration(total)} "
-        f"({what}; one evaluation = {-(-rows // batch)} batches of {batch} x {calib.shape[1]} tokens, "
-        f"{per_batch:.2f} s per batch timed on {dev})")
+    if share > 1:
+        log(f"secateurs: each of the {share} workers holds its own replica of the model: the figures above per worker "
+            f"and once more for this process")
+    log(f"secateurs: estimated search time: {n} x {format_duration(per_eval)}" + (f" / {share} workers" if share > 1 else "")
+        + f" = {format_duration(total)} ({what}; one evaluation = {-(-rows // batch)} batches of {batch} x "
+        f"{calib.shape[1]} tokens, {per_batch:.2f} s per batch timed on {dev})")
     return {"peak_bytes": peak.per_place, "method_state_bytes": {h.what: h.nbytes for h in peak.held},
             "weights_bytes": sizes.weights,
             "onload": peak.onload, "evaluations": n, "rows_per_evaluation": rows, "what": what,
-            "seconds_per_batch": per_batch, "seconds_per_evaluation": per_eval, "search_seconds": total}
+            "seconds_per_batch": per_batch, "seconds_per_evaluation": per_eval, "workers": share, "search_seconds": total}
+
+
+SPENT = "search_seconds.json"
+BOOKKEEPING = ("settings.json", "dense.json", SPENT)
+
+
+def _spent_before(work: Path) -> float:
+    """Search seconds of earlier, interrupted runs in ``work``. A run stopped by an exception (Ctrl-C) recorded
+    its time; a killed one left only when it started (``running_since``): it is counted up to its last saved
+    state (the newest file a method wrote in ``work``), the time whose work is kept."""
+    path = work / SPENT
+    if not path.exists():
+        return 0.0
+    d = json.loads(path.read_text())
+    if not isinstance(d, dict):  # written by an older version: the seconds alone
+        return float(d)
+    spent = float(d.get("seconds", 0.0))
+    if "running_since" in d:
+        saved = [f.stat().st_mtime for f in work.rglob("*") if f.is_file() and f.name not in BOOKKEEPING]
+        spent += max(0.0, max(saved, default=d["running_since"]) - d["running_since"])
+    return spent
 
 
 def run_prune(s: PruneSettings, out: str | Path, overwrite: bool = False, progress: bool = True, log=print,
-              dry_run: bool = False) -> dict:
-    """The prune job (module docstring). ``dry_run``: load, print the estimates, write nothing."""
+              pool: PoolSettings | None = None, dry_run: bool = False) -> dict:
+    """The prune job; ``pool`` (``--workers``) runs the method's candidate evaluations on Ray workers. It does
+    not change the result, so it is not part of the settings a resumed run must repeat. ``dry_run``: load,
+    print the estimates, write nothing (no pool is started)."""
+    with ExitStack() as stack:
+        return _run_prune(s, out, overwrite, progress, log, pool, stack, dry_run)
+
+
+def _check_pool(s: PruneSettings, method) -> None:
+    if not method.parallel:
+        from .methods import all_methods
+
+        names = ", ".join(m.name for m in all_methods().values() if m.parallel)
+        raise UserError(f"--workers applies to the methods that search candidates ({names}), not {s.method}")
+
+
+def _open_pool(pool: PoolSettings, s: PruneSettings, max_memory, workload) -> WorkerPool:
+    """The pool; each worker loads its replica as this process does: same dtype and budget (its own spill
+    folder, ``replica_loader``)."""
+    return WorkerPool(pool, partial(replica_loader, s.model, device=s.device, dtype=s.dtype, max_memory=max_memory,
+                                    workload=workload)).open()
+
+
+def _run_prune(s: PruneSettings, out: str | Path, overwrite: bool, progress: bool, log, pool, stack: ExitStack,
+               dry_run: bool) -> dict:
     from .runtime.placement import onloader_of, parse_max_memory
     from .runtime.precision import check_device
 
@@ -131,44 +205,53 @@ def run_prune(s: PruneSettings, out: str | Path, overwrite: bool = False, progre
         check_ratio(s.ratio)
     if hasattr(cfg, "check_budget"):  # methods with their own budget (e.g. tell's --speedup) check it up front
         cfg.check_budget(s.ratio)
-    dev = check_device(s.device)
+    dev = check_device(s.device, present=pool is None)  # a pool checks its own placement when it opens
     max_memory = parse_max_memory(s.max_memory)
     if not dry_run:
         check_out(out, overwrite)
+    if s.export:
+        from .export.gguf import check_request
+
+        check_request(s.export, s.export_type, str(out / "model.gguf"), True)
+    if pool is not None:
+        _check_pool(s, method)
     nsamples, seqlen, calib_source = calibration_defaults(s, cfg, dev.type)
     if calib_source != "given":
         log(f"secateurs: calibration {nsamples} rows x {seqlen} tokens ({calib_source}; --nsamples/--seqlen to change)")
     s = replace(s, nsamples=nsamples, seqlen=seqlen)
     batch = max(getattr(cfg, "batch_size", 1), PPL_BATCH)
     work = out.with_name(out.name + ".partial")
+    t_pool = time.time()  # Ray connected and placement checked before anything is loaded or written
+    workers = (stack.enter_context(_open_pool(pool, s, max_memory, (batch, seqlen)))
+               if pool is not None and not dry_run else None)
+    t_pool = time.time() - t_pool
+    if pool is not None:
+        check_device(s.device)  # this process loads the model there too
     torch.manual_seed(s.seed)
     model, tok = load_model(s.model, device=s.device, dtype=s.dtype, progress=progress, max_memory=max_memory,
                             spill_dir=None if dry_run else work / "spill", workload=(batch, seqlen))
     if hasattr(cfg, "check_placement"):  # e.g. tell --speedup needs the whole model in memory
         cfg.check_placement(onloader_of(model) is not None)
+    if s.export and onloader_of(model) is not None:
+        raise UserError(f"--export {s.export} converts the pruned model in memory, and under --max-memory {s.max_memory} it "
+                        "runs layer by layer; prune without --export, then `secateurs export OUT --out OUT/model.gguf` "
+                        "on a machine where the pruned model fits")
     adapter = get_adapter(model)
     spec = adapter.spec()
+    check_reach(method, spec, s.ratio, cfg)
     dense_config = _plain_config(model.config)
     calib = calib_rows(tok, model, s.calib, nsamples, seqlen, s.seed)
-    test = eval_rows(tok, model, s.eval, seqlen, s.eval_rows) if s.eval else None
-    est = estimates(s, method, cfg, model, calib, getattr(cfg, "batch_size", PPL_BATCH), log)
+    test = eval_rows(tok, model, s.eval, s.eval_seqlen, s.eval_rows) if s.eval else None
+    est = estimates(s, method, cfg, model, calib, getattr(cfg, "batch_size", PPL_BATCH), log,
+                    workers=pool.workers if pool is not None else None)
     if dry_run:
         return {"dry_run": True, "estimates": est, "calibration": {"nsamples": nsamples, "seqlen": seqlen,
                                                                   "source": calib_source}}
 
     # inputs are all valid: only now is anything written
     settings = asdict(s) | {"options": asdict(cfg)}
-    if work.exists():
-        old = json.loads((work / "settings.json").read_text()) if (work / "settings.json").exists() else None
-        if old != json.loads(json.dumps(settings)):
-            if not overwrite:
-                raise UserError(f"{work} holds an unfinished run with other settings; delete it or pass --overwrite")
-            shutil.rmtree(work)
-        else:
-            log(f"secateurs: resuming the unfinished run in {work}")
-    work.mkdir(parents=True, exist_ok=True)
+    work = open_work(out, settings, overwrite, log)
     shutil.rmtree(work / "spill", ignore_errors=True)  # states spilled by an interrupted run are not reused
-    atomic_write_text(work / "settings.json", json.dumps(settings, indent=1))
 
     def measure(tag):
         r = {"ppl_calib": perplexity(model, calib, PPL_BATCH, progress=progress, desc=f"calib ppl ({tag})").ppl}
@@ -177,18 +260,18 @@ def run_prune(s: PruneSettings, out: str | Path, overwrite: bool = False, progre
         return r
 
     before = _cached(work / "dense.json", lambda: measure("dense"))
-    log(f"secateurs: {s.model}: {spec.total_params:,} params, calib ppl {before['ppl_calib']:.3f}"
-        + (f", {s.eval} ppl {before['ppl_test']:.3f}" if test is not None else ""))
+    log(f"secateurs: {s.model}: {spec.total_params:,} params, calib ppl ({rows_label(*calib.shape)}) {before['ppl_calib']:.3f}"
+        + (f", {s.eval} ppl ({rows_label(*test.shape)}) {before['ppl_test']:.3f}" if test is not None else ""))
 
-    ctx = PruneContext(model, tok, adapter, spec, calib, s.ratio, s.seed, work, progress)
-    # search time accumulates over interrupted runs (a Ctrl-C records the time spent so far)
-    spent_file = work / "search_seconds.json"
-    spent = json.loads(spent_file.read_text()) if spent_file.exists() else 0.0
+    ctx = PruneContext(model, tok, adapter, spec, calib, s.ratio, s.seed, work, progress, pool=workers)
+    spent_file = work / SPENT
+    spent = _spent_before(work)
     t0 = time.time()
+    atomic_write_text(spent_file, json.dumps({"seconds": spent, "running_since": t0}))
     try:
-        plan = method.fn(ctx, cfg)
+        plan = run_method(method, ctx, cfg)
     except BaseException:
-        atomic_write_text(spent_file, json.dumps(spent + time.time() - t0))
+        atomic_write_text(spent_file, json.dumps({"seconds": spent + time.time() - t0}))
         raise
     search_seconds = spent + time.time() - t0
     spent_file.unlink(missing_ok=True)
@@ -208,6 +291,7 @@ def run_prune(s: PruneSettings, out: str | Path, overwrite: bool = False, progre
     after = measure("pruned")
     params_after = plan.params(spec)
     result = {
+        "format": RESULT_FORMAT,
         "method": s.method,
         "model": s.model,
         "settings": settings,
@@ -218,6 +302,8 @@ def run_prune(s: PruneSettings, out: str | Path, overwrite: bool = False, progre
         "ppl_calib_before": before["ppl_calib"],
         "ppl_calib_after": after["ppl_calib"],
         "eval_set": s.eval or None,
+        "eval_rows": test.shape[0] if test is not None else None,
+        "eval_seqlen": s.eval_seqlen if test is not None else None,
         "ppl_test_before": before.get("ppl_test"),
         "ppl_test_after": after.get("ppl_test"),
         "search_seconds": search_seconds,
@@ -230,8 +316,21 @@ def run_prune(s: PruneSettings, out: str | Path, overwrite: bool = False, progre
     }
     if ctx.extra:
         result["method_details"] = ctx.extra
+    if workers is not None:
+        result["workers"] = workers.summary() | {"ray_start_seconds": t_pool}
     if not streamed:
         write_pruned(model, tok, plan, dense_config, work)
+    refused = None
+    if s.export:  # a plan llama.cpp cannot hold still leaves the pruned folder, then exits with the reason
+        from .export.gguf import export_model
+
+        try:
+            result["gguf"] = export_model(s.model, str(work / "model.gguf"), s.export_type, progress=progress,
+                                    model=model, tokenizer=tok)
+            result["gguf"]["file"] = "model.gguf"
+        except UserError as e:
+            refused = e
+            result["gguf"] = {"refused": str(e)}
     atomic_write_text(work / "result.json", json.dumps(result, indent=1))
     (work / "settings.json").unlink()
     (work / "dense.json").unlink()
@@ -239,6 +338,8 @@ def run_prune(s: PruneSettings, out: str | Path, overwrite: bool = False, progre
     if out.exists():
         shutil.rmtree(out)
     work.rename(out)
+    if refused is not None:
+        raise UserError(f"pruned model written to {out}, but no GGUF: {refused}")
     result["_model"] = model  # in-process callers (the demo) may keep using the pruned model
     result["_tokenizer"] = tok
     return result

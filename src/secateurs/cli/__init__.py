@@ -30,6 +30,10 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "quiet", False):
+        from ..progress import quiet
+
+        quiet()
     try:
         return args.func(args) or 0
     except UserError as e:
@@ -40,8 +44,8 @@ def main(argv=None) -> int:
         return 130
 
 
-def add_common(p: argparse.ArgumentParser, max_memory: bool = True) -> None:
-    """The options every model-running command shares: device, precision, memory budget, quiet."""
+def add_placement(p, max_memory: bool = True) -> None:
+    """Where and in what precision the model runs: device, working dtype, memory budget (docs/scale.md)."""
     from ..runtime.precision import DTYPE_CHOICES
 
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
@@ -53,6 +57,15 @@ def add_common(p: argparse.ArgumentParser, max_memory: bool = True) -> None:
                        help="memory budget per device, e.g. cuda:0=20GiB,cpu=30GiB (disk=SIZE bounds spilled files) or "
                             "one size for the CPU such as 8GiB: a model that does not fit runs layer by layer, weights "
                             "read from its safetensors as each layer runs (docs/scale.md)")
+
+
+def add_common(p, max_memory: bool = True, placement: bool = True) -> None:
+    """The options every model-running command shares: device, precision and memory budget (``placement``;
+    without it only --device), quiet."""
+    if placement:
+        add_placement(p, max_memory)
+    else:
+        p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -62,27 +75,37 @@ def device_of(args) -> str:
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def placement_of(args) -> dict:
+def placement_of(args, present: bool = True) -> dict:
     """``device``, ``dtype`` and ``max_memory`` (parsed) from the common options, checked before any work: an
-    unknown device, a dtype the device cannot run or an unreadable budget is a UserError."""
+    unknown device, a dtype the device cannot run or an unreadable budget is a UserError. ``present=False``
+    (a worker pool checks placement itself): the device name alone."""
     from ..runtime.placement import parse_max_memory
     from ..runtime.precision import as_dtype, check_device, check_dtype_runs
 
     device = device_of(args)
-    dev = check_device(device)
-    if args.dtype != "auto":
+    dev = check_device(device, present)
+    if args.dtype != "auto" and present:
         check_dtype_runs(as_dtype(args.dtype), dev)
     return {"device": device, "dtype": args.dtype, "max_memory": parse_max_memory(getattr(args, "max_memory", None))}
 
 
-def positive_int(text: str) -> int:
+def _whole_number(text: str, least: int, note: str = "") -> int:
     try:
         v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {v}")
+    if v < least:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {least}{note}, got {v}")
     return v
+
+
+def positive_int(text: str) -> int:
+    return _whole_number(text, 1)
+
+
+def count_arg(text: str) -> int:
+    """A row count: a whole number >= 0 (0 = all)."""
+    return _whole_number(text, 0, " (0 = all)")
 
 
 def ratio_arg(text: str) -> float:

@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
-from ..plan import PruningPlan
+from ..plan import PruningPlan, RatioRule
 from ..search.depth import SearchOptions, run_greedy
 from ..models.base import Block
 from ..runtime.estimate import greedy_evaluations, steps_for_ratio
-from ..search.greedy import ORDER_FORMAT, block_candidates, plan_from_order
+from ..search.greedy import ORDER_FORMAT, block_candidates, plan_from_order, reach
 from . import PruneContext, register_method
 
 
@@ -49,7 +49,8 @@ def load_order(path: str, ctx: PruneContext) -> dict:
 
 
 @register_method("blockpruner", "BlockPruner: greedy removal of attention/MLP blocks by calibration perplexity (saves the whole order)",
-                 BlockPrunerConfig, needs_ratio=False)
+                 BlockPrunerConfig, needs_ratio=False, ratio_rule=RatioRule("blocks"), parallel=True,
+                 reach=lambda spec, cfg: None if cfg.from_order else reach(spec, block_candidates(spec.n_layers, cfg.blocks)))
 def blockpruner(ctx: PruneContext, cfg: BlockPrunerConfig) -> PruningPlan:
     if cfg.steps is not None and cfg.steps < 1:
         raise UserError(f"--steps must be >= 1 (got {cfg.steps})")

@@ -68,13 +68,16 @@ def resolve_dtype(choice, device, checkpoint: torch.dtype | None) -> torch.dtype
     return torch.float32
 
 
-def check_device(device) -> torch.device:
-    """The device as a torch.device, or a UserError when this machine has no such device."""
+def check_device(device, present: bool = True) -> torch.device:
+    """The device as a torch.device, or a UserError when this machine has no such device (``present=False``:
+    the name alone is checked, e.g. before a worker pool says whether its machines have it)."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise UserError(f"--device {device!r} is not a device name (cpu, cuda, cuda:N)") from e
     if dev.type == "cuda":
+        if not present:
+            return dev
         if not torch.cuda.is_available():
             raise UserError(f"--device {device}: no CUDA device is available on this machine (use --device cpu)")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
