@@ -41,7 +41,7 @@ def build_skeleton(config, dtype: torch.dtype, device) -> nn.Module:
     config.dtype = dtype
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    with torch.no_grad():
+    with torch.no_grad(), torch.device(device):  # buffers computed on ``device``, whatever the caller's default
         for mod in model.modules():
             if any(b is not None for b in mod._buffers.values()):
                 for name, b in mod._buffers.items():
