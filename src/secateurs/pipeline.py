@@ -107,7 +107,7 @@ def run_prune(s: PruneSettings, out: str | Path, overwrite: bool = False, progre
     log(f"secateurs: {s.model}: {spec.total_params:,} params, calib ppl {before['ppl_calib']:.3f}"
         + (f", {s.eval} ppl {before['ppl_test']:.3f}" if test is not None else ""))
 
-    ctx = PruneContext(model, tok, adapter, spec, calib, s.ratio, s.seed, work, progress)
+    ctx = PruneContext(model, tok, adapter, spec, calib, s.ratio, s.seed, work, progress, model_ref=s.model)
     # search time accumulates over interrupted runs (a Ctrl-C records the time spent so far)
     spent_file = work / "search_seconds.json"
     spent = json.loads(spent_file.read_text()) if spent_file.exists() else 0.0

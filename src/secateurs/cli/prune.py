@@ -29,7 +29,7 @@ def _method_options(p):
                 kw["type"] = base[0] if base[0] in (int, float, str) else str
                 if "choices" in f.metadata:
                     kw["choices"] = f.metadata["choices"]
-            group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kw)
+            group.add_argument("--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ()), dest=f.name, **kw)
     return seen
 
 

@@ -34,6 +34,7 @@ class PruneContext:
     progress: bool = True
     ppl_evaluations: int = 0
     extra: dict | None = None  # results a method wants recorded in result.json (e.g. per-block scores)
+    model_ref: str | None = None  # how the user named the model (embedded name, folder, hub id)
 
     def count_ppl(self, n: int = 1) -> None:
         self.ppl_evaluations += n

@@ -115,7 +115,7 @@ class Proposal:
 
     rates: list[float]
     op: str  # init | crossover | mutation
-    source: str  # classic | llm | llm-repaired | fallback
+    source: str  # uniform | classic | llm | llm-repaired | fallback
     parents: list[int] = field(default_factory=list)
     attempts: int = 0
     repairs: list[str] = field(default_factory=list)
@@ -123,6 +123,10 @@ class Proposal:
     tokens: dict = field(default_factory=dict)
     fitness: float | None = None
     cached: bool = False
+    answer: list | None = None  # an LLM's rates as it wrote them (percent), before the projection
+    projected: bool = False  # the projection onto the mean changed the LLM's answer
+    seconds: float = 0.0  # time spent on the LLM's answer (all attempts)
+    endpoint_errors: list[str] = field(default_factory=list)  # an endpoint's failures before it answered
 
 
 @dataclass
@@ -134,6 +138,8 @@ class Selection:
     repairs: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     tokens: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    endpoint_errors: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -245,6 +251,7 @@ def evolve(space: SearchSpace, fitness: Callable[[list[float]], float], proposer
         rec = {
             "gen": gen,
             "proposer": proposer.name,
+            "proposer_model": proposer.describe(),
             "selection": None if selection is None else asdict(selection),
             "proposals": [asdict(p) for p in props],
             "population": [asdict(i) for i in population],
@@ -252,7 +259,9 @@ def evolve(space: SearchSpace, fitness: Callable[[list[float]], float], proposer
             "new_evaluations": sum(not p.cached for p in props),
             "fallbacks": sum(p.source == "fallback" for p in props) + sum(s.source == "fallback" for s in parts),
             "repaired": sum(p.source == "llm-repaired" for p in props) + sum(s.source == "llm-repaired" for s in parts),
+            "projected": sum(p.projected for p in props),
             "tokens": _tokens([p.tokens for p in props] + [s.tokens for s in parts]),
+            "llm_seconds": sum(p.seconds for p in props) + sum(s.seconds for s in parts),
             "wall_s": time.time() - t0,
         }
         with log_path.open("a") as f:
@@ -260,7 +269,8 @@ def evolve(space: SearchSpace, fitness: Callable[[list[float]], float], proposer
         records.append(rec)
         if log:
             log(f"self-pruner: generation {gen}: best fitness {rec['best_fitness']:.4f}, {rec['new_evaluations']} new "
-                f"evaluations, {rec['fallbacks']} fallbacks, {rec['repaired']} repaired, {rec['wall_s']:.1f}s")
+                f"evaluations, {rec['fallbacks']} fallbacks, {rec['repaired']} repaired, {rec['projected']} projected, "
+                f"{rec['wall_s']:.1f}s")
     return _result(space, records, cache, new_evals)
 
 
@@ -275,8 +285,19 @@ def _result(space: SearchSpace, records: list[dict], cache: dict, new_evals: int
         "by_source": {s: sum(p["source"] == s for p in llm) for s in sorted({p["source"] for p in llm})},
         "selections_by_source": {s: sum(x["source"] == s for x in sel) for s in sorted({x["source"] for x in sel})},
         "failed_attempts": sum(len(p["errors"]) for p in llm) + sum(len(x["errors"]) for x in sel),
+        "projected": sum(bool(p.get("projected")) for p in llm),
+        "proposer_model": records[-1].get("proposer_model"),
         "tokens": _tokens(r["tokens"] for r in records),
+        "llm_seconds": sum(r.get("llm_seconds", 0.0) for r in records),
+        "endpoint_errors": sum(len(p.get("endpoint_errors", [])) for p in llm) + sum(len(x.get("endpoint_errors", [])) for x in sel),
         "best_by_generation": [r["best_fitness"] for r in records],
     }
+    asked = [a for a in llm + sel if a["source"] not in ("classic", "uniform")]
+    if asked:  # an LLM proposer's answers (rate vectors and selections): how many were usable as they came
+        stats["llm_answers"] = {
+            "answers": len(asked), "usable": sum(a["source"] != "fallback" for a in asked),
+            "repaired": sum(a["source"] == "llm-repaired" for a in asked), "projected": stats["projected"],
+            "fallback": sum(a["source"] == "fallback" for a in asked),
+            "seconds_per_answer": sum(a.get("seconds", 0.0) for a in asked) / len(asked)}
     return SearchResult(population[0], Individual(uniform, cache[space.key(uniform)]), population, len(cache),
                         new_evals, sum(r["wall_s"] for r in records), stats)
