@@ -191,6 +191,19 @@ def test_full_tiny_self_pruner_classic(tmp_path):
     assert_valid(SearchSpace(spec.n_layers, d["mean_rate"]), d["rates"])
 
 
+@pytest.mark.parametrize("opts,msg", [(dict(proposer="classic", endpoint="http://x/v1"), "--endpoint applies to --proposer openai"),
+                                      (dict(proposer="classic", proposer_model="m.gguf"), "--proposer-model applies"),
+                                      (dict(proposer="local", proposer_model="m.bin"), "GGUF chat model file"),
+                                      (dict(proposer="openai", endpoint_timeout=0), "--endpoint-timeout must be at least 1")])
+def test_option_misuse_is_a_user_error(tmp_path, opts, msg):
+    model = tiny_model("llama")
+    ad = get_adapter(model)
+    ctx = PruneContext(model, None, ad, ad.spec(), torch.zeros(4, 8, dtype=torch.long), 0.3, 0, tmp_path, False)
+    m = get_method("self-pruner")
+    with pytest.raises(UserError, match=msg):
+        m.fn(ctx, make_config(m, opts))
+
+
 class StubHandler(BaseHTTPRequestHandler):
     """An OpenAI-compatible endpoint that replies from a script. An item is the answer's content, or
     ("status", code) for an HTTP error, ("slow", seconds, content) for a late answer, "drop" to close the

@@ -240,7 +240,8 @@ class LLMProposer(Proposer):
             rates, notes = space.repair(decoded)
             clipped = [min(max(r, space.low), space.high) for r in decoded]
             repairs = [n for n in notes if n.startswith("clipped")]
-            p = Proposal(rates, op, "llm-repaired" if repairs else "llm", repairs=repairs, answer=[int(x) if x == int(x) else x for x in got.value],
+            p = Proposal(rates, op, "llm-repaired" if repairs else "llm", repairs=repairs,
+                         answer=[int(x) if x == int(x) else x for x in got.value],
                          projected=space.key(rates) != space.key(clipped))
         p.attempts, p.errors, p.tokens = got.attempts, got.errors, got.tokens
         p.seconds, p.endpoint_errors = got.seconds, got.endpoint_errors
