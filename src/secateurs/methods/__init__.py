@@ -34,6 +34,7 @@ class PruneContext:
     progress: bool = True
     ppl_evaluations: int = 0
     extra: dict | None = None  # results a method wants recorded in result.json (e.g. per-block scores)
+    pool: Any = None  # runtime.pool.WorkerPool (--workers) for methods registered with parallel=True, else None
     model_ref: str | None = None  # how the user named the model (embedded name, folder, hub id)
 
     def count_ppl(self, n: int = 1) -> None:
@@ -50,15 +51,16 @@ class MethodSpec:
     config_cls: type
     fn: Callable[[PruneContext, Any], PruningPlan]
     needs_ratio: bool = True
+    parallel: bool = False  # evaluates candidates on a worker pool when given one (--workers)
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
 _LOADED = False
 
 
-def register_method(name: str, summary: str, config_cls: type, needs_ratio: bool = True):
+def register_method(name: str, summary: str, config_cls: type, needs_ratio: bool = True, parallel: bool = False):
     def deco(fn):
-        _REGISTRY[name] = MethodSpec(name, summary, config_cls, fn, needs_ratio)
+        _REGISTRY[name] = MethodSpec(name, summary, config_cls, fn, needs_ratio, parallel)
         return fn
 
     return deco

@@ -37,7 +37,7 @@ def load_order(path: str, ctx: PruneContext) -> dict:
 
 
 @register_method("blockpruner", "BlockPruner: greedy removal of attention/MLP blocks by calibration perplexity (saves the whole order)",
-                 BlockPrunerConfig, needs_ratio=False)
+                 BlockPrunerConfig, needs_ratio=False, parallel=True)
 def blockpruner(ctx: PruneContext, cfg: BlockPrunerConfig) -> PruningPlan:
     if cfg.steps is not None and cfg.steps < 1:
         raise UserError(f"--steps must be >= 1 (got {cfg.steps})")

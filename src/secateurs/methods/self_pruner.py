@@ -7,7 +7,8 @@ applied by wanda-sp.
   rates by wanda-sp. Cheap by design: the Wanda-sp scores are computed once, in one calibration pass over the
   dense model (one-shot scores, not the layer-by-layer re-calibration), and a candidate is evaluated by
   masking the dense model (``MaskedPlan``: removed columns of o_proj/down_proj zeroed in place and restored
-  afterwards); no copy of the model. The fitness cache is keyed by the rate vector.
+  afterwards); no copy of the model. The fitness cache is keyed by the rate vector. With ``--workers``, each
+  generation's new vectors are scored on the worker pool, every worker masking its own replica.
 - Loop and log: ``secateurs.search.evolution`` (``search.jsonl`` in the run folder; resumable).
 - Operators: ``--proposer classic|local|openai`` (``secateurs.search.proposers``). ``local`` runs a GGUF chat
   model in llama.cpp with grammar-constrained answers; by default the model being pruned proposes for itself
@@ -25,6 +26,7 @@ import torch
 
 from ..errors import UserError
 from ..eval.perplexity import perplexity
+from ..models import get_adapter
 from ..importance.sequential import sequential_plan
 from ..importance.width import (MaskedPlan, collect_stats, head_scores, layer_plan_at_rate, mean_rate_for_ratio,
                                 output_projections, wanda_column_scores)
@@ -104,27 +106,33 @@ def proposer_gguf(cfg: SelfPrunerConfig, ctx: PruneContext, log) -> tuple[Path, 
 
 
 class MaskedFitness:
-    """Perplexity of the dense model masked as wanda-sp at the given rates would prune it (one-shot scores)."""
+    """Perplexity of the dense model masked as wanda-sp at the given rates would prune it (one-shot scores).
+    Built in this process, or on each pool worker from its own replica of the model (``--workers``)."""
 
-    def __init__(self, ctx: PruneContext, rows: torch.Tensor, batch_size: int):
-        self.ctx, self.rows, self.batch_size = ctx, rows, batch_size
+    def __init__(self, model, scores: tuple[list, list], rows: torch.Tensor, batch_size: int):
+        self.model, self.adapter = model, get_adapter(model)
+        self.spec = self.adapter.spec()
+        self.heads, self.channels = scores
+        self.rows, self.batch_size = rows, batch_size
+
+    @staticmethod
+    def scores(ctx: PruneContext, batch_size: int) -> tuple[list, list]:
+        """Per-layer head and channel scores from one calibration pass over the dense model."""
         stats = collect_stats(ctx.model, ctx.adapter, ctx.calib, batch_size)
         projs = output_projections(ctx.adapter)
-        self.heads, self.channels = [], []
+        heads, channels = [], []
         for i in range(ctx.spec.n_layers):
             o, down = projs[f"attn.{i}"], projs[f"mlp.{i}"]
-            self.heads.append(head_scores(wanda_column_scores(o.weight, stats.l2(f"attn.{i}")), ctx.spec.head_dim).cpu())
-            self.channels.append(wanda_column_scores(down.weight, stats.l2(f"mlp.{i}")).cpu())
+            heads.append(head_scores(wanda_column_scores(o.weight, stats.l2(f"attn.{i}")), ctx.spec.head_dim).cpu())
+            channels.append(wanda_column_scores(down.weight, stats.l2(f"mlp.{i}")).cpu())
+        return heads, channels
 
     def plans(self, rates) -> dict:
-        spec = self.ctx.spec
-        return {i: layer_plan_at_rate(spec, r, self.heads[i], self.channels[i]) for i, r in enumerate(rates)}
+        return {i: layer_plan_at_rate(self.spec, r, self.heads[i], self.channels[i]) for i, r in enumerate(rates)}
 
     def __call__(self, rates) -> float:
-        with MaskedPlan(self.ctx.adapter, self.ctx.spec, self.plans(rates)):
-            ppl = perplexity(self.ctx.model, self.rows, self.batch_size).ppl
-        self.ctx.count_ppl(1)
-        return ppl
+        with MaskedPlan(self.adapter, self.spec, self.plans(rates)):
+            return perplexity(self.model, self.rows, self.batch_size).ppl
 
 
 def check(cfg: SelfPrunerConfig, ctx: PruneContext) -> None:
@@ -144,7 +152,7 @@ def check(cfg: SelfPrunerConfig, ctx: PruneContext) -> None:
 
 @register_method("self-pruner", "evolutionary search of per-layer wanda-sp rates, operators performed classically "
                  "or by an LLM (a local GGUF model, by default the model itself; an OpenAI-compatible endpoint)",
-                 SelfPrunerConfig)
+                 SelfPrunerConfig, parallel=True)
 def self_pruner(ctx: PruneContext, cfg: SelfPrunerConfig) -> PruningPlan:
     check(cfg, ctx)
     spec = ctx.spec
@@ -154,17 +162,26 @@ def self_pruner(ctx: PruneContext, cfg: SelfPrunerConfig) -> PruningPlan:
     proposer = make_proposer(cfg.proposer, gguf=gguf, gguf_source=source, endpoint=cfg.endpoint,
                              model=cfg.proposer_model, retries=cfg.llm_retries, temperature=cfg.llm_temperature,
                              max_tokens=cfg.llm_max_tokens, timeout=cfg.endpoint_timeout, wait=cfg.endpoint_wait)
-    fitness = MaskedFitness(ctx, ctx.calib[: cfg.fitness_rows], cfg.batch_size)
+    scores = MaskedFitness.scores(ctx, cfg.batch_size)
+    rows = ctx.calib[: cfg.fitness_rows].clone()
     evo = EvolutionConfig(cfg.population, cfg.generations, cfg.crossover, cfg.mutation, ctx.seed)
-    log_path = ctx.workdir / "search.jsonl"
+    path = ctx.workdir / "search.jsonl"
     try:
-        result = evolve(space, fitness, proposer, evo, log_path, log=log)
+        if ctx.pool is None:
+            result = evolve(space, MaskedFitness(ctx.model, scores, rows, cfg.batch_size), proposer, evo, path, log=log)
+        else:  # each generation's new vectors on the pool, every worker masking its own replica
+            with ctx.pool.start(MaskedFitness, scores, rows, cfg.batch_size, progress=ctx.progress) as workers:
+                def on_pool(vectors):
+                    return workers.map(vectors, "__call__", lambda v: (v,), progress=ctx.progress,
+                                       desc=f"fitness ({len(workers.alive)} workers)")
+                result = evolve(space, None, proposer, evo, path, log=log, fitness_batch=on_pool)
     except EndpointDown as e:
-        done = len(log_path.read_text().splitlines()) if log_path.exists() else 0
-        raise UserError(f"{e}. The search so far is kept ({done} generation(s) in {log_path}): run the same command "
+        done = len(path.read_text().splitlines()) if path.exists() else 0
+        raise UserError(f"{e}. The search so far is kept ({done} generation(s) in {path}): run the same command "
                         "again to resume once the endpoint answers") from e
     finally:
         proposer.close()
+    ctx.count_ppl(result.new_evaluations)
     plan = sequential_plan(ctx, result.best.rates, cfg.batch_size, "self-pruner")
     check_ratio_reached(plan, spec, ctx.ratio)
     ctx.record(rates=result.best.rates, mean_rate=space.mean, best_fitness=result.best.fitness,

@@ -17,7 +17,8 @@ class SlebConfig(SearchOptions):
     keep_ends: bool = field(default=True, metadata={"help": "never remove the first and the last layer"})
 
 
-@register_method("sleb", "SLEB: greedy whole-layer removal by calibration perplexity (first and last layers kept)", SlebConfig)
+@register_method("sleb", "SLEB: greedy whole-layer removal by calibration perplexity (first and last layers kept)", SlebConfig,
+                 parallel=True)
 def sleb(ctx: PruneContext, cfg: SlebConfig) -> PruningPlan:
     cands = layer_candidates(ctx.spec.n_layers, cfg.keep_ends)
     state = run_greedy(ctx, cfg, cands, "sleb", ctx.ratio, None)
