@@ -216,7 +216,8 @@ def main():
                      "llm": "temperature 0.7, top-k 40, retries 2", "model": a.model},
         "ppl_test_dense": ppl_dense, "runs": runs, "pairs": pairs,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average_start": load_start,
-                    "load_average_end": os.getloadavg(), "wall_s": time.time() - t_start},
+                    "load_average_end": os.getloadavg(), "wall_s": time.time() - t_start,
+                    "cpu_s_this_process": time.process_time()},
         "versions": versions(),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

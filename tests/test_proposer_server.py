@@ -79,7 +79,7 @@ def test_prune_with_llama_cpp_server(tmp_path, capsys):
             stop(proc)
     assert proc.returncode is not None
     captured = capsys.readouterr()
-    assert "does not take response_format json_schema" in captured.err
+    assert "refused a request with response_format json_schema" in captured.err
     res = json.loads((out / "result.json").read_text())
     assert abs(res["ratio_achieved"] - 0.2) <= 0.005
     s = res["method_details"]["search"]

@@ -312,7 +312,7 @@ def test_openai_response_format_negotiated_and_model_discovered(stub, tmp_path):
     forms = [s["body"].get("response_format", {}).get("type") for s in StubHandler.seen]
     assert forms == ["json_schema", "json_object", None] and StubHandler.seen[1]["body"]["response_format"]["schema"]
     assert p.describe()["structured_output"] == "none" and p.describe()["model"] == "served-model"
-    assert len(said) == 2 and "does not take response_format json_schema" in said[0]
+    assert len(said) == 2 and "refused a request with response_format json_schema" in said[0]
     StubHandler.script = [("status", 401)]
     with pytest.raises(UserError, match="refused the request: answered HTTP 401"):
         p.mutate(SearchSpace(3, 0.3), [Individual([0.3] * 3, 1.0)], 0, random.Random(0))

@@ -441,7 +441,7 @@ class OpenAIProposer(LLMProposer):
                     **extra), formatted=fmt is not None)
                 break
             except _FormatRefused as e:
-                self.say(f"self-pruner: the endpoint {self.base_url} does not take response_format "
+                self.say(f"self-pruner: the endpoint {self.base_url} refused a request with response_format "
                          f"{STRUCTURED[self.form]} ({e}); trying {STRUCTURED[self.form + 1]}")
                 self.form += 1
         if not r.choices:
