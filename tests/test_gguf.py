@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import tiny_bpe_tokenizer, tiny_model
 from secateurs.cli import main
 from secateurs.export import gguf as gx
 from secateurs.models import get_adapter
@@ -300,18 +300,7 @@ def test_gemma3_tokenizer_in_llama_cpp_equals_hugging_face():
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     """A tiny random llama with a real byte-level BPE tokenizer (trained on wiki text), saved as a folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from secateurs.data import load_texts
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(load_texts("wiki")[:300], trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    tok = tiny_bpe_tokenizer(320, ["<|endoftext|>"], bos="<|endoftext|>", eos="<|endoftext|>")
     folder = tmp_path_factory.mktemp("tiny") / "tiny-llama"
     model = tiny_model("llama", vocab_size=320, bos_token_id=0, eos_token_id=0)
     model.save_pretrained(folder)

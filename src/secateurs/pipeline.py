@@ -18,11 +18,12 @@ import torch
 
 from .data import calib_rows, eval_rows
 from .errors import UserError
-from .eval.perplexity import perplexity
+from .eval.perplexity import HELD_OUT_ROWS, HELD_OUT_SEQLEN, perplexity, rows_label
 from .export.checkpoint import _plain_config, write_pruned
-from .methods import PruneContext, get_method, make_config
+from .methods import PruneContext, check_reach, get_method, make_config, run_method
 from .models import get_adapter, load_model
 from .plan import atomic_write_text, check_ratio
+from .result import FORMAT as RESULT_FORMAT
 from .runtime.pool import PoolSettings, WorkerPool, replica_loader
 from .surgery import apply_plan
 
@@ -37,7 +38,8 @@ class PruneSettings:
     seqlen: int = 512
     seed: int = 0
     eval: str = "wiki:test"  # held-out perplexity measured before and after ('' to skip)
-    eval_rows: int = 16
+    eval_rows: int = HELD_OUT_ROWS  # rows of eval_seqlen tokens: the same defaults as `secateurs eval`
+    eval_seqlen: int = HELD_OUT_SEQLEN
     device: str = "cpu"
     options: dict = field(default_factory=dict)  # method-specific options
     export: str = ""  # "gguf": also write OUT/model.gguf for llama.cpp (secateurs.export.gguf)
@@ -57,12 +59,50 @@ def check_out(out: Path, overwrite: bool) -> None:
         raise UserError(f"output folder {out} exists and is not empty; choose another --out or pass --overwrite")
 
 
+def open_work(out: Path, settings: dict, overwrite: bool, log=print, what: str = "run") -> Path:
+    """``OUT.partial/`` for a job with these settings: resumed when it holds the same settings, refused (or,
+    with ``overwrite``, discarded) when it holds others; the settings are written there."""
+    work = out.with_name(out.name + ".partial")
+    if work.exists():
+        old = json.loads((work / "settings.json").read_text()) if (work / "settings.json").exists() else None
+        if old != json.loads(json.dumps(settings)):
+            if not overwrite:
+                raise UserError(f"{work} holds an unfinished {what} with other settings; delete it or pass --overwrite")
+            shutil.rmtree(work)
+        else:
+            log(f"secateurs: resuming the unfinished {what} in {work}")
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(work / "settings.json", json.dumps(settings, indent=1))
+    return work
+
+
 def _cached(path: Path, compute):
     if path.exists():
         return json.loads(path.read_text())
     value = compute()
     atomic_write_text(path, json.dumps(value))
     return value
+
+
+SPENT = "search_seconds.json"
+BOOKKEEPING = ("settings.json", "dense.json", SPENT)
+
+
+def _spent_before(work: Path) -> float:
+    """Search seconds of earlier, interrupted runs in ``work``. A run stopped by an exception (Ctrl-C) recorded
+    its time; a killed one left only when it started (``running_since``): it is counted up to its last saved
+    state (the newest file a method wrote in ``work``), the time whose work is kept."""
+    path = work / SPENT
+    if not path.exists():
+        return 0.0
+    d = json.loads(path.read_text())
+    if not isinstance(d, dict):  # written by an older version: the seconds alone
+        return float(d)
+    spent = float(d.get("seconds", 0.0))
+    if "running_since" in d:
+        saved = [f.stat().st_mtime for f in work.rglob("*") if f.is_file() and f.name not in BOOKKEEPING]
+        spent += max(0.0, max(saved, default=d["running_since"]) - d["running_since"])
+    return spent
 
 
 def run_prune(s: PruneSettings, out: str | Path, overwrite: bool = False, progress: bool = True, log=print,
@@ -102,23 +142,14 @@ def _run_prune(s: PruneSettings, out: str | Path, overwrite: bool, progress: boo
     model, tok = load_model(s.model, device=s.device, progress=progress)
     adapter = get_adapter(model)
     spec = adapter.spec()
+    check_reach(method, spec, s.ratio, cfg)
     dense_config = _plain_config(model.config)
     calib = calib_rows(tok, model, s.calib, s.nsamples, s.seqlen, s.seed)
-    test = eval_rows(tok, model, s.eval, s.seqlen, s.eval_rows) if s.eval else None
+    test = eval_rows(tok, model, s.eval, s.eval_seqlen, s.eval_rows) if s.eval else None
 
     # inputs are all valid: only now is anything written
     settings = asdict(s) | {"options": asdict(cfg)}
-    work = out.with_name(out.name + ".partial")
-    if work.exists():
-        old = json.loads((work / "settings.json").read_text()) if (work / "settings.json").exists() else None
-        if old != json.loads(json.dumps(settings)):
-            if not overwrite:
-                raise UserError(f"{work} holds an unfinished run with other settings; delete it or pass --overwrite")
-            shutil.rmtree(work)
-        else:
-            log(f"secateurs: resuming the unfinished run in {work}")
-    work.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(work / "settings.json", json.dumps(settings, indent=1))
+    work = open_work(out, settings, overwrite, log)
 
     def measure(tag):
         r = {"ppl_calib": perplexity(model, calib, progress=progress, desc=f"calib ppl ({tag})").ppl}
@@ -127,19 +158,19 @@ def _run_prune(s: PruneSettings, out: str | Path, overwrite: bool, progress: boo
         return r
 
     before = _cached(work / "dense.json", lambda: measure("dense"))
-    log(f"secateurs: {s.model}: {spec.total_params:,} params, calib ppl {before['ppl_calib']:.3f}"
-        + (f", {s.eval} ppl {before['ppl_test']:.3f}" if test is not None else ""))
+    log(f"secateurs: {s.model}: {spec.total_params:,} params, calib ppl ({rows_label(*calib.shape)}) {before['ppl_calib']:.3f}"
+        + (f", {s.eval} ppl ({rows_label(*test.shape)}) {before['ppl_test']:.3f}" if test is not None else ""))
 
     ctx = PruneContext(model, tok, adapter, spec, calib, s.ratio, s.seed, work, progress, pool=workers,
                        model_ref=s.model)
-    # search time accumulates over interrupted runs (a Ctrl-C records the time spent so far)
-    spent_file = work / "search_seconds.json"
-    spent = json.loads(spent_file.read_text()) if spent_file.exists() else 0.0
+    spent_file = work / SPENT
+    spent = _spent_before(work)
     t0 = time.time()
+    atomic_write_text(spent_file, json.dumps({"seconds": spent, "running_since": t0}))
     try:
-        plan = method.fn(ctx, cfg)
+        plan = run_method(method, ctx, cfg)
     except BaseException:
-        atomic_write_text(spent_file, json.dumps(spent + time.time() - t0))
+        atomic_write_text(spent_file, json.dumps({"seconds": spent + time.time() - t0}))
         raise
     search_seconds = spent + time.time() - t0
     spent_file.unlink(missing_ok=True)
@@ -149,6 +180,7 @@ def _run_prune(s: PruneSettings, out: str | Path, overwrite: bool, progress: boo
     after = measure("pruned")
     params_after = plan.params(spec)
     result = {
+        "format": RESULT_FORMAT,
         "method": s.method,
         "model": s.model,
         "settings": settings,
@@ -159,6 +191,8 @@ def _run_prune(s: PruneSettings, out: str | Path, overwrite: bool, progress: boo
         "ppl_calib_before": before["ppl_calib"],
         "ppl_calib_after": after["ppl_calib"],
         "eval_set": s.eval or None,
+        "eval_rows": test.shape[0] if test is not None else None,
+        "eval_seqlen": s.eval_seqlen if test is not None else None,
         "ppl_test_before": before.get("ppl_test"),
         "ppl_test_after": after.get("ppl_test"),
         "search_seconds": search_seconds,

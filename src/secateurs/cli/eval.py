@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import json
 
-from . import add_common, device_of, positive_int
+from . import add_common, count_arg, device_of, positive_int
 
 
 def register(sub):
+    from ..eval.perplexity import HELD_OUT_ROWS, HELD_OUT_SEQLEN
+
     p = sub.add_parser("eval", help="perplexity (and, where available, zero-shot accuracy) of a model")
     p.add_argument("model", help="embedded name, Hugging Face id, model folder, pruned secateurs folder, or a .gguf "
                    "file (run in llama.cpp)")
     p.add_argument("--ppl", default="wiki:test", help="comma-separated text sets (default wiki:test; '' for none)")
-    p.add_argument("--seqlen", type=positive_int, default=512)
-    p.add_argument("--rows", type=int, default=32, help="rows per set (0 = all; default 32)")
+    p.add_argument("--seqlen", type=positive_int, default=HELD_OUT_SEQLEN,
+                   help=f"tokens per perplexity row (default {HELD_OUT_SEQLEN}, as prune's --eval-seqlen)")
+    p.add_argument("--rows", type=count_arg, default=HELD_OUT_ROWS,
+                   help=f"rows per set (0 = all; default {HELD_OUT_ROWS}, as prune's --eval-rows)")
     p.add_argument("--tasks", default="", help="comma-separated zero-shot tasks: piqa, hellaswag, winogrande, arc_easy, "
                    "arc_challenge, boolq, openbookqa (offline data), or hub:NAME for any lm-eval task from the hub")
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N items of each task (a quick look)")
@@ -58,13 +62,14 @@ def run(args):
     for name, rows in rows_by_set.items():
         r = handle.perplexity(rows, batch_size=args.batch_size, progress=not args.quiet, desc=f"{name} ppl")
         out["ppl"][name] = r.as_dict()
-        print(f"{name}: ppl {r.ppl:.3f} ({r.tokens} tokens, {r.rows} rows of {r.seqlen})")
+        print(f"{name}: ppl {r.ppl:.3f} ({r.label}, {r.tokens} tokens)")
     if tasks:
         import lm_eval
 
         from ..eval.zeroshot import zero_shot
 
-        out["tasks"], _ = zero_shot(handle.model, handle.tokenizer, built, limit=args.limit, batch_size=args.batch_size)
+        out["tasks"], _ = zero_shot(handle.model, handle.tokenizer, built, limit=args.limit, batch_size=args.batch_size,
+                                    progress=not args.quiet)
         out["versions"]["lm_eval"] = lm_eval.__version__
         for name, r in out["tasks"].items():
             norm = f"  acc_norm {r['acc_norm']:.4f}" if r["acc_norm"] is not None else ""

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
-from ..plan import PruningPlan
+from ..plan import PruningPlan, RatioRule
 from ..search.depth import SearchOptions, run_greedy
-from ..search.greedy import ORDER_FORMAT, block_candidates, plan_from_order
+from ..search.greedy import ORDER_FORMAT, block_candidates, plan_from_order, reach
 from . import PruneContext, register_method
 
 
@@ -37,7 +37,8 @@ def load_order(path: str, ctx: PruneContext) -> dict:
 
 
 @register_method("blockpruner", "BlockPruner: greedy removal of attention/MLP blocks by calibration perplexity (saves the whole order)",
-                 BlockPrunerConfig, needs_ratio=False, parallel=True)
+                 BlockPrunerConfig, needs_ratio=False, ratio_rule=RatioRule("blocks"), parallel=True,
+                 reach=lambda spec, cfg: None if cfg.from_order else reach(spec, block_candidates(spec.n_layers, cfg.blocks)))
 def blockpruner(ctx: PruneContext, cfg: BlockPrunerConfig) -> PruningPlan:
     if cfg.steps is not None and cfg.steps < 1:
         raise UserError(f"--steps must be >= 1 (got {cfg.steps})")

@@ -29,10 +29,10 @@ from ..eval.perplexity import perplexity
 from ..models import get_adapter
 from ..importance.sequential import sequential_plan
 from ..importance.width import (MaskedPlan, collect_stats, head_scores, layer_plan_at_rate, mean_rate_for_ratio,
-                                output_projections, wanda_column_scores)
+                                output_projections, wanda_column_scores, width_reach)
 from ..search.evolution import EvolutionConfig, SearchSpace, evolve
 from ..search.proposers import EndpointDown, make_proposer
-from ..plan import PruningPlan, check_ratio_reached
+from ..plan import PruningPlan
 from . import PruneContext, register_method
 
 
@@ -152,7 +152,7 @@ def check(cfg: SelfPrunerConfig, ctx: PruneContext) -> None:
 
 @register_method("self-pruner", "evolutionary search of per-layer wanda-sp rates, operators performed classically "
                  "or by an LLM (a local GGUF model, by default the model itself; an OpenAI-compatible endpoint)",
-                 SelfPrunerConfig, parallel=True)
+                 SelfPrunerConfig, parallel=True, reach=lambda spec, cfg: width_reach(spec, cfg.rate_max))
 def self_pruner(ctx: PruneContext, cfg: SelfPrunerConfig) -> PruningPlan:
     check(cfg, ctx)
     spec = ctx.spec
@@ -183,7 +183,6 @@ def self_pruner(ctx: PruneContext, cfg: SelfPrunerConfig) -> PruningPlan:
         proposer.close()
     ctx.count_ppl(result.new_evaluations)
     plan = sequential_plan(ctx, result.best.rates, cfg.batch_size, "self-pruner")
-    check_ratio_reached(plan, spec, ctx.ratio)
     ctx.record(rates=result.best.rates, mean_rate=space.mean, best_fitness=result.best.fitness,
                uniform_fitness=result.uniform.fitness, fitness_evaluations=result.evaluations,
                fitness_evaluations_this_run=result.new_evaluations, search_wall_s=result.wall_s,

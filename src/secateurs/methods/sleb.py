@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..plan import PruningPlan
+from ..plan import PruningPlan, RatioRule
 from ..search.depth import SearchOptions, run_greedy
-from ..search.greedy import layer_candidates, plan_from_order
+from ..search.greedy import layer_candidates, plan_from_order, reach
 from . import PruneContext, register_method
 
 
@@ -18,7 +18,8 @@ class SlebConfig(SearchOptions):
 
 
 @register_method("sleb", "SLEB: greedy whole-layer removal by calibration perplexity (first and last layers kept)", SlebConfig,
-                 parallel=True)
+                 ratio_rule=RatioRule("layers"), parallel=True,
+                 reach=lambda spec, cfg: reach(spec, layer_candidates(spec.n_layers, cfg.keep_ends)))
 def sleb(ctx: PruneContext, cfg: SlebConfig) -> PruningPlan:
     cands = layer_candidates(ctx.spec.n_layers, cfg.keep_ends)
     state = run_greedy(ctx, cfg, cands, "sleb", ctx.ratio, None)

@@ -70,6 +70,11 @@ def removal_ratio(spec: ModelSpec, removed: list[int]) -> float:
     return PruningPlan.from_removed_blocks(spec, [Block.at(p) for p in removed]).ratio(spec)
 
 
+def reach(spec: ModelSpec, candidates: list[tuple[int, ...]]) -> float:
+    """The largest ratio removing ``candidates`` can give: all of them removed."""
+    return removal_ratio(spec, sorted({p for c in candidates for p in c}))
+
+
 class VocabHead:
     """The summed next-token NLL of one batch, computed over the vocabulary chunk by chunk.
 
