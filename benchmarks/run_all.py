@@ -92,6 +92,24 @@ register("tradeoff-gemma3", 180, [
     ["{results}/tradeoff-gemma3-270m.md", "{results}/tradeoff-gemma3-270m.png"],
     "every method at 10-25% on Gemma-3-270M", default=False)
 
+register("self-pruner-claim-20", 35, [
+    "{py} benchmarks/self_pruner_claim.py --out runs/sp-claim --ratios 0.2 --seeds 0 1 2 --results {results}"],
+    ["{results}/self-pruner-claim-smollm2-135m.json", "{results}/self-pruner-claim-smollm2-135m-table.md",
+     "{results}/self-pruner-claim-smollm2-135m.png"],
+    "Self-Pruner: LLM operators (SmolLM2 proposing for itself, llama.cpp + grammar) against classic operators at "
+    "equal fitness evaluations, 20%, 3 seeds; usable-answer rate and seconds per answer of the local proposer",
+    default=False)
+register("self-pruner-claim", 70, [
+    "{py} benchmarks/self_pruner_claim.py --out runs/sp-claim --ratios 0.2 0.4 --seeds 0 1 2 --results {results}"],
+    ["{results}/self-pruner-claim-smollm2-135m.json", "{results}/self-pruner-claim-smollm2-135m-table.md",
+     "{results}/self-pruner-claim-smollm2-135m.png"],
+    "the issue's full claim: 20% and 40%, 3 seeds each (resumes the 20% runs of self-pruner-claim-20 in runs/sp-claim)",
+    default=False)
+register("self-pruner-proposal-time", 25, ["{py} benchmarks/self_pruner_proposal_time.py "
+                                           "--json {results}/self-pruner-proposal-time.json"],
+         ["{results}/self-pruner-proposal-time.json"],
+         "seconds per answer of the local proposer (our grammar sampler against llama-cpp-python's), a timing",
+         default=False)
 
 # --- running ------------------------------------------------------------------------------------------------
 def _fill(text: str, results: str) -> str:

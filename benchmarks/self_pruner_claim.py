@@ -3,6 +3,7 @@ evaluations, on SmolLM2-135M, with the model being pruned as its own proposer (i
 answers under the schemas' grammars).
 
     python benchmarks/self_pruner_claim.py --out runs/sp-claim            # the full comparison (resumable)
+    python benchmarks/self_pruner_claim.py --out runs/sp-claim --report   # summary.md, curves.png again
     python benchmarks/self_pruner_claim.py --out runs/sp-tiny --ratios 0.2 --seeds 0 --population 3 \
         --generations 1 --crossover 1 --mutation 1 --nsamples 2 --seqlen 64 --fitness-rows 1 --eval-rows 2
 
@@ -27,6 +28,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -96,18 +98,46 @@ def table(summary: dict) -> str:
         c, l = p["classic"], p["local"]
         lines.append(f"| {p['ratio']:.0%} | {p['seed']} | {p['budget']} | {c['best_fitness']:.2f} / {l['best_fitness']:.2f} | "
                      f"{c['ppl_test']:.2f} / {l['ppl_test']:.2f} | {c['evaluations']} / {l['evaluations']} |")
-    lines += ["", "| ratio | LLM answers | usable (no fallback) | repaired | projected | fallback | s per answer | "
-              "prompt / completion tokens per answer |", "|---|---|---|---|---|---|---|---|"]
-    for ratio in s["ratios"]:
-        runs = [r for r in summary["runs"] if r["ratio"] == ratio and r["proposer"] == "local"]
-        if not runs:
+    lines += ["", "LLM answers (rate vectors and selections) of the local proposer, per run: usable = no classical "
+              "fallback; retried = a second attempt was needed; projected = rate vectors the mean-rate projection "
+              "changed; repeats = rate vectors already evaluated (no new evaluation). Seconds per answer were "
+              "measured under the load stated in the results file.", "",
+              "| ratio | seed | LLM answers | usable (no fallback) | retried | repaired | projected | repeats | fallback "
+              "| s per answer, median / mean | prompt / completion tokens per answer |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in summary["runs"]:
+        a = r.get("llm_answers")
+        if r["proposer"] != "local" or not a:
             continue
-        tot = {k: sum(r["llm_answers"][k] for r in runs) for k in ("answers", "usable", "repaired", "projected", "fallback")}
-        sec = sum(r["llm_answers"]["seconds_per_answer"] * r["llm_answers"]["answers"] for r in runs) / tot["answers"]
-        tok = {k: sum(r["tokens"][k] for r in runs) / tot["answers"] for k in ("prompt", "completion")}
-        lines.append(f"| {ratio:.0%} | {tot['answers']} | {tot['usable']} ({tot['usable'] / tot['answers']:.1%}) | "
-                     f"{tot['repaired']} | {tot['projected']} | {tot['fallback']} | {sec:.2f} | {tok['prompt']:.0f} / {tok['completion']:.0f} |")
+        n = a["answers"]
+        lines.append(f"| {r['ratio']:.0%} | {r['seed']} | {n} | {a['usable']} ({a['usable'] / n:.1%}) | {a['retried']} | "
+                     f"{a['repaired']} | {a['projected']} | {a['repeats']} | {a['fallback']} | "
+                     f"{a['seconds_per_answer_median']:.1f} / {a['seconds_per_answer']:.1f} | "
+                     f"{r['tokens']['prompt'] / n:.0f} / {r['tokens']['completion'] / n:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def write(summary: dict, out: Path, results: str | None) -> None:
+    """OUT/summary.json, summary.md and curves.png; with ``--results DIR``, copies as DIR/self-pruner-claim-MODEL.*"""
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "summary.md").write_text(table(summary))
+    plot(summary, out / "curves.png")
+    if results:
+        stem = Path(results) / f"self-pruner-claim-{summary['settings']['model']}"
+        for src, suffix in (("summary.json", ".json"), ("summary.md", "-table.md"), ("curves.png", ".png")):
+            shutil.copyfile(out / src, f"{stem}{suffix}")
+    print(table(summary))
+
+
+def report(out: Path, results: str | None, note: str | None = None) -> None:
+    """OUT/summary.md and OUT/curves.png again from OUT/summary.json, each run's answer counts from its log."""
+    from secateurs.search.evolution import llm_answer_stats
+
+    summary = json.loads((out / "summary.json").read_text())
+    if note:
+        summary["note"] = note
+    for r in summary["runs"]:
+        r["llm_answers"] = llm_answer_stats(read_log(out / f"{r['proposer']}-r{r['ratio']:g}-s{r['seed']}" / "search.jsonl"))
+    write(summary, out, results)
 
 
 def main():
@@ -127,7 +157,13 @@ def main():
     p.add_argument("--eval-rows", type=int, default=16, help="wiki:test rows of --seqlen tokens")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default $OMP_NUM_THREADS)")
+    p.add_argument("--results", default=None, help="also copy the summary, table and plot to this folder "
+                   "(benchmarks/results) as self-pruner-claim-MODEL.json, -table.md and .png")
+    p.add_argument("--note", default=None, help="what else ran on the machine (recorded in summary.json)")
+    p.add_argument("--report", action="store_true", help="only rebuild summary.md and curves.png from OUT/summary.json")
     a = p.parse_args()
+    if a.report:
+        return report(Path(a.out), a.results, a.note)
 
     import torch
 
@@ -140,7 +176,7 @@ def main():
     from secateurs.models import get_adapter, load_model
     from secateurs.models.loading import embedded_gguf
     from secateurs.pipeline import versions
-    from secateurs.search.evolution import EvolutionConfig, SearchSpace, evolve
+    from secateurs.search.evolution import EvolutionConfig, SearchSpace, evolve, llm_answer_stats
     from secateurs.search.proposers import ClassicProposer, LlamaCppProposer
     from secateurs.surgery import apply_plan
 
@@ -184,7 +220,7 @@ def main():
                              "evaluations": res.evaluations, "best_fitness": res.best.fitness,
                              "uniform_fitness": res.uniform.fitness, "search_wall_s": res.wall_s,
                              "by_source": res.stats["by_source"], "tokens": res.stats["tokens"],
-                             "llm_answers": res.stats.get("llm_answers"), "proposer_model": res.stats["proposer_model"]})
+                             "llm_answers": llm_answer_stats(recs), "proposer_model": res.stats["proposer_model"]})
             budget = min(len(curve(r)) for r in logs.values())
             pair = {"ratio": ratio, "seed": seed, "budget": budget}
             for name, recs in logs.items():
@@ -214,17 +250,13 @@ def main():
         "settings": {**vars(a), "calibration": "wiki (= wiki:calib), seed 0, the same for every run",
                      "eval": f"wiki:test, {a.eval_rows} rows of {a.seqlen} tokens", "rate_bounds": [0.0, 0.9, 0.01],
                      "llm": "temperature 0.7, top-k 40, retries 2", "model": a.model},
-        "ppl_test_dense": ppl_dense, "runs": runs, "pairs": pairs,
+        "note": a.note, "ppl_test_dense": ppl_dense, "runs": runs, "pairs": pairs,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average_start": load_start,
                     "load_average_end": os.getloadavg(), "wall_s": time.time() - t_start,
                     "cpu_s_this_process": time.process_time()},
         "versions": versions(),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    (out / "summary.md").write_text(table(summary))
-    if len(proposers) > 0:
-        plot(summary, out / "curves.png")
-    print(table(summary))
+    write(summary, out, a.results)
 
 
 if __name__ == "__main__":

@@ -295,8 +295,10 @@ def test_openai_proposer_against_stub(stub, tmp_path, monkeypatch):
     assert StubHandler.seen[4]["body"]["response_format"]["json_schema"]["schema"] == selection_schema(4, 1, 1)
     assert recs[1]["proposer_model"] == {"kind": "openai", "endpoint": stub, "model": "stub-model",
                                          "structured_output": "json_schema"}
-    assert res.stats["llm_answers"] == {"answers": 6, "usable": 5, "repaired": 1, "projected": 1, "fallback": 1,
-                                        "seconds_per_answer": pytest.approx(res.stats["llm_answers"]["seconds_per_answer"])}
+    a = res.stats["llm_answers"]
+    assert a == {"answers": 6, "usable": 5, "repaired": 1, "projected": 1, "fallback": 1,
+                 "seconds_per_answer": pytest.approx(a["seconds_per_answer"]),
+                 "retried": 2, "repeats": 0, "seconds_per_answer_median": pytest.approx(a["seconds_per_answer_median"])}
     assert "sk-test" not in (tmp_path / "search.jsonl").read_text()
 
 
@@ -413,6 +415,7 @@ def test_search_log_records_the_llm(tmp_path):
     assert recs[1]["proposals"][0]["cached"] and recs[0]["llm_seconds"] >= 0
     st = res.stats
     assert st["llm_answers"]["answers"] == 6 and st["llm_answers"]["usable"] == 5 and st["llm_answers"]["fallback"] == 1
+    assert st["llm_answers"]["repeats"] == 1 and st["llm_answers"]["retried"] == 1  # the crossover child was evaluated
     assert st["by_source"] == {"fallback": 1, "llm": 3, "llm-repaired": 1} and st["failed_attempts"] == 3
     assert st["tokens"] == {"prompt": 80, "completion": 40}  # 8 answers of 10 + 5 tokens
     assert "llm_answers" not in evolve(SearchSpace(4, 0.3), quadratic([0.1] * 4), ClassicProposer(),

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -282,6 +283,25 @@ def evolve(space: SearchSpace, fitness: Callable[[list[float]], float] | None, p
     return _result(space, records, cache, new_evals)
 
 
+def llm_answer_stats(records: list[dict]) -> dict | None:
+    """An LLM proposer's answers (rate vectors and selections) in a search log: how many were usable as they came
+    (no fallback), retried, repaired, projected, fell back, or repeated an evaluated vector; seconds per answer.
+    None for a search without LLM answers."""
+    llm = [p for r in records for p in r["proposals"] if p["source"] != "uniform"]
+    asked = [a for a in llm + [r["selection"] for r in records if r["selection"]]
+             if a["source"] not in ("classic", "uniform")]
+    if not asked:
+        return None
+    seconds = [a.get("seconds", 0.0) for a in asked]
+    return {"answers": len(asked), "usable": sum(a["source"] != "fallback" for a in asked),
+            "retried": sum(a.get("attempts", 1) > 1 for a in asked),
+            "repaired": sum(a["source"] == "llm-repaired" for a in asked),
+            "projected": sum(bool(p.get("projected")) for p in llm), "fallback": sum(a["source"] == "fallback" for a in asked),
+            # rate vectors the LLM wrote that (after projection) were already evaluated: they cost no evaluation
+            "repeats": sum(bool(p["cached"]) for p in llm if p["source"] in ("llm", "llm-repaired")),
+            "seconds_per_answer": sum(seconds) / len(asked), "seconds_per_answer_median": statistics.median(seconds)}
+
+
 def _result(space: SearchSpace, records: list[dict], cache: dict, new_evals: int) -> SearchResult:
     population = [Individual(**d) for d in records[-1]["population"]]
     uniform = space.uniform()
@@ -300,12 +320,8 @@ def _result(space: SearchSpace, records: list[dict], cache: dict, new_evals: int
         "endpoint_errors": sum(len(p.get("endpoint_errors", [])) for p in llm) + sum(len(x.get("endpoint_errors", [])) for x in sel),
         "best_by_generation": [r["best_fitness"] for r in records],
     }
-    asked = [a for a in llm + sel if a["source"] not in ("classic", "uniform")]
-    if asked:  # an LLM proposer's answers (rate vectors and selections): how many were usable as they came
-        stats["llm_answers"] = {
-            "answers": len(asked), "usable": sum(a["source"] != "fallback" for a in asked),
-            "repaired": sum(a["source"] == "llm-repaired" for a in asked), "projected": stats["projected"],
-            "fallback": sum(a["source"] == "fallback" for a in asked),
-            "seconds_per_answer": sum(a.get("seconds", 0.0) for a in asked) / len(asked)}
+    answers = llm_answer_stats(records)
+    if answers:
+        stats["llm_answers"] = answers
     return SearchResult(population[0], Individual(uniform, cache[space.key(uniform)]), population, len(cache),
                         new_evals, sum(r["wall_s"] for r in records), stats)
