@@ -3,8 +3,9 @@
 For each method and ratio: ``secateurs prune`` (same calibration for all), ``secateurs eval`` (held-out
 perplexity), then the prefill latency of the pruned model measured alternately with the dense model in this one
 process (``secateurs.importance.cost.paired_latency``: one pass each, warm-up first, median of each side).
-Writes ``RESULTS/tradeoff-<model>.md`` (table and the settings) and ``RESULTS/tradeoff-<model>.png``
-(perplexity against measured speedup, one line per method).
+Writes ``RESULTS/tradeoff-<model>.md`` (table and the settings), ``RESULTS/tradeoff-<model>.png`` (perplexity
+against measured speedup, one line per method) and ``RESULTS/tradeoff-<model>.json`` (the raw rows and settings;
+``--render FILE.json`` redraws the table and plot from it).
 
 Resumable: a run folder that already has ``result.json`` is not pruned again, one with ``eval.json`` not
 evaluated again, one with ``latency.json`` not timed again (``--retime`` times all again, against the dense model
@@ -61,7 +62,7 @@ def cli(args: list[str], log_path: Path) -> None:
         raise RuntimeError(f"command failed ({r.returncode}), see {log_path}: {' '.join(args)}")
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--methods", default="tell,blockpruner,shortgpt,wanda-sp,flap",
@@ -83,7 +84,20 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--retime", action="store_true", help="measure every latency again")
     p.add_argument("--drop-weights", action="store_true", help="delete a run's model.safetensors once measured")
-    a = p.parse_args(argv)
+    p.add_argument("--render", metavar="JSON", help="redraw the table and plot from a results JSON this script wrote")
+    return p
+
+
+def main(argv=None) -> int:
+    a = parser().parse_args(argv)
+    if a.render:
+        data = json.loads(Path(a.render).read_text())
+        a = argparse.Namespace(**{**vars(a), **data["settings"], "render": a.render})
+        stem = Path(a.render).with_suffix("")
+        write_table(a, data["rows"], stem.with_suffix(".md"), data["command"], data.get("notes", ""))
+        plot(data["rows"], stem.with_suffix(".png"), a)
+        print(f"tradeoff: redrew {stem}.md and .png from {a.render}")
+        return 0
 
     sys.path.insert(0, str(ROOT / "src"))
     import torch
@@ -167,11 +181,16 @@ def main(argv=None) -> int:
     return 0
 
 
-def write_table(a, rows, path: Path) -> None:
+def write_table(a, rows, path: Path, command: str | None = None, notes: str = "") -> None:
+    """The markdown table, and beside it the raw rows and settings as JSON (``--render`` redraws from it);
+    ``notes``: markdown kept under the table (and in the JSON)."""
+    command = command or f"PYTHONPATH=src python benchmarks/tradeoff.py {' '.join(sys.argv[1:])}"
+    settings = {k: v for k, v in vars(a).items() if k != "render"}
+    path.with_suffix(".json").write_text(json.dumps({"command": command, "settings": settings, "rows": rows, "notes": notes}, indent=1) + "\n")
     lines = [
         f"# Perplexity against measured prefill speedup: {a.model}",
         "",
-        f"Command: `PYTHONPATH=src python benchmarks/tradeoff.py {' '.join(sys.argv[1:])}`",
+        f"Command: `{command}`",
         "",
         f"- Calibration: `{a.calib}`, {a.nsamples} rows of {a.seqlen} tokens, seed {a.seed} (same for every method).",
         f"- Perplexity: `{a.eval_set}`, first {a.eval_rows} rows of {a.eval_seqlen} tokens (BOS per row where the "
@@ -189,7 +208,7 @@ def write_table(a, rows, path: Path) -> None:
         ms = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
         lines.append(f"| {r['method']} | {r['budget']} | {r['ratio']:.3f} | {r['ppl']:.2f} | {r['speedup']:.3f} | "
                      f"{ms(r['dense_ms'])} | {ms(r['pruned_ms'])} | {r['search_s']:.0f} | {r['removed']} |")
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n" + (f"\n{notes.strip()}\n" if notes.strip() else ""))
 
 
 def plot(rows, path: Path, a) -> None:
