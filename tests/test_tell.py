@@ -297,12 +297,20 @@ def test_cli_rejects_bad_budget_before_loading(tmp_path, capsys):
     assert "greater than 1" in capsys.readouterr().err
 
 
-def test_explain_table(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("assign", ["importance", "response"])
+def test_explain_table(assign, tmp_path, capsys, monkeypatch):
+    """explain prints one row per block: for the response assignment the measured response, the importance
+    (transfer entropy, with --te), the cost, the chosen option and why; then every measured option."""
+    import secateurs.methods.tell as tell_mod
     from secateurs.cli import main
 
     monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
-    ctx = _ctx(tiny_model("llama"), tmp_path, 0.3)
-    plan = tell(ctx, TellConfig(assign="importance", te_rank=4, latency_len=16, latency_reps=1))
+    ctx = _ctx(tiny_model("llama"), tmp_path, None)
+    layer_params = sum(ctx.spec.attn_block_params + ctx.spec.mlp_block_params)
+    fixed = CostModel("test", 16, 100.0, {k: 90.0 / layer_params for k in UNIT_KINDS})
+    monkeypatch.setattr(tell_mod, "load_or_measure", lambda *a, **k: (fixed, "fixed"))
+    plan = tell(ctx, TellConfig(assign=assign, te=True, speedup=1.2, te_rank=4, latency_len=16, latency_reps=1,
+                                speedup_rounds=0))
     run = tmp_path / "run"
     run.mkdir()
     (run / "result.json").write_text(json.dumps({"method": "tell", "model": "tiny", "ratio_achieved": plan.ratio(ctx.spec),
@@ -312,6 +320,14 @@ def test_explain_table(tmp_path, capsys, monkeypatch):
     assert "importance" in out and "cost model" in out
     rows = [line for line in out.splitlines() if line.startswith(("attn", "mlp"))]
     assert len(rows) == 2 * ctx.spec.n_layers
+    if assign == "response":
+        assert "exact knapsack" in out and "price at the margin" in out
+        for b, row in zip(ctx.extra["blocks"], rows):
+            assert row.split()[:2] == [b["block"], f"{b['params']:,}"] and b["option"] in row
+            assert f"{b['importance']:.3f}" in row and f"{b['cost_ms_whole']:.2f}" in row
+            assert f"{b['response_whole']:.4f}" in row and (b["why"] or "") in row
+        listed = [line.split()[0] for line in out.splitlines() if line.startswith("  ") and ": " in line and "@" in line]
+        assert listed == [b["block"] for b in ctx.extra["blocks"]]
     assert main(["explain", str(tmp_path / "missing")]) == 2
     (run / "result.json").write_text(json.dumps({"method": "uniform-drop"}))
     assert main(["explain", str(run)]) == 2
@@ -328,9 +344,9 @@ def test_tell_cli_on_smollm(tmp_path, monkeypatch, capsys):
     (tmp_path / "cache" / "models").symlink_to(cache_dir() / "models")  # real weights, private cost/tell caches
     monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    assert main(["prune", "smollm2-135m", "--method", "tell", "--ratio", "0.25", "--nsamples", "4", "--seqlen", "64",
-                 "--eval", "", "--te-rank", "8", "--latency-len", "32", "--latency-reps", "1", "--quiet",
-                 "--out", str(out)]) == 0
+    assert main(["prune", "smollm2-135m", "--method", "tell", "--assign", "importance", "--ratio", "0.25",
+                 "--nsamples", "4", "--seqlen", "64", "--eval", "", "--te-rank", "8", "--latency-len", "32",
+                 "--latency-reps", "1", "--quiet", "--out", str(out)]) == 0
     result = json.loads((out / "result.json").read_text())
     assert 0.25 <= result["ratio_achieved"] < 0.27
     assert math.isfinite(result["ppl_calib_after"])
