@@ -60,6 +60,8 @@ def main(argv=None) -> int:
     p.add_argument("--latency-reps", type=int, default=3)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="precision of the responses")
     p.add_argument("--te", action="store_true", help="compare with the transfer-entropy signal")
+    p.add_argument("--compensation-layers", default="", help="measure every width option of these layers (comma-"
+                   "separated, or every:K for every K-th layer) with and without bias compensation")
     p.add_argument("--work", default=str(ROOT / "runs" / "tell-response"))
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     a = p.parse_args(argv)
@@ -124,6 +126,7 @@ def main(argv=None) -> int:
             print(f"tell_response: {name} {flag} {value}: ratio {run['ratio']:.3f}, ppl {ppl:.2f}, "
                   f"speedup {run['measured_speedup']}, {seconds:.0f}s", flush=True)
     save()
+    comp = compensation_check(a, model, tok, ad, spec, calib, work) if a.compensation_layers else None
     te = None
     if a.te:
         from secateurs.methods.tell import calibrate
@@ -131,11 +134,48 @@ def main(argv=None) -> int:
         cfg = TellConfig(te=True)
         ctx = PruneContext(model, tok, ad, spec, calib, 0.1, a.seed, work, progress=True)
         te, _ = calibrate(ctx, cfg)
-    write_md(a, runs, dense_ppl, te, spec, Path(a.results) / f"tell-response-{a.model}.md")
+    if comp is not None or te is not None:
+        out_json.write_text(json.dumps({**json.loads(out_json.read_text()), "compensation": comp, "te": te}, indent=1))
+    write_md(a, runs, dense_ppl, te, comp, spec, Path(a.results) / f"tell-response-{a.model}.md")
     return 0
 
 
-def write_md(a, runs, dense_ppl, te, spec, path: Path) -> None:
+def compensation_check(a, model, tok, ad, spec, calib, work) -> list[dict]:
+    """Every width option of the chosen layers, with and without compensation, one block changed on the dense
+    model (the responses come from / go to the same cache as the runs')."""
+    from secateurs.methods import PruneContext
+    from secateurs.methods.tell import ResponseStore, TellConfig, option_plan, width_scores
+    from secateurs.importance.width import collect_stats
+    from secateurs.models.base import Block
+    from secateurs.plan import PruningPlan
+    from secateurs.search.allocate import Option, set_block
+
+    if a.compensation_layers.startswith("every:"):
+        layers = list(range(0, spec.n_layers, int(a.compensation_layers[6:])))
+    else:
+        layers = [int(x) for x in a.compensation_layers.split(",")]
+    cfg = TellConfig(dtype=a.dtype)
+    ctx = PruneContext(model, tok, ad, spec, calib, 0.1, a.seed, work, progress=True)
+    ws = width_scores(ctx, collect_stats(model, ad, calib))
+    levels = cfg.level_list()
+    dense = PruningPlan.dense(spec)
+    variants, labels = {}, {}
+    for layer in layers:
+        for kind in ("attn", "mlp"):
+            pos = Block(layer, kind).pos
+            variants[pos], labels[pos] = [], []
+            for level in levels:
+                for comp in (True, False):
+                    o = Option(level, comp)
+                    variants[pos].append(set_block(dense.layers[layer], kind, option_plan(ctx, ws, layer, kind, o)))
+                    labels[pos].append(o.label(kind))
+    base_loss, losses = ResponseStore(ctx, cfg)(dense, variants, 0)
+    tokens = calib.shape[0] * (calib.shape[1] - 1)
+    return [{"block": Block.at(pos).name, "option": lab, "dloss": (loss - base_loss) / tokens}
+            for pos in variants for lab, loss in zip(labels[pos], losses[pos])]
+
+
+def write_md(a, runs, dense_ppl, te, comp, spec, path: Path) -> None:
     from secateurs.models.base import all_blocks
 
     lines = [f"# tell with measured responses: {a.model}", "",
@@ -150,30 +190,22 @@ def write_md(a, runs, dense_ppl, te, spec, path: Path) -> None:
         pr = "-" if r["predicted_speedup"] is None else f"{r['predicted_speedup']:.3f}"
         lines.append(f"| {r['variant']} | {r['budget'][0]} {r['budget'][1]:g} | {r['ratio']:.3f} | {r['ppl']:.2f} | {sp} | "
                      f"{pr} | {r['evaluations']} ({r['evaluations_measured']}) | {r['seconds']:.0f} | {', '.join(r['removed'])} |")
+    if comp:
+        lines += ["", "## Bias compensation per option", "",
+                  "Loss increase (nats/token) of one block changed on the dense model, with and without FLAP's bias "
+                  f"compensation, over the blocks of layers {a.compensation_layers}:", "",
+                  "| option | mean with | mean without | compensation better in |", "|---|---|---|---|"]
+        by = {}
+        for r in comp:
+            by.setdefault((r["option"].replace(" no-bias", ""), r["block"]), {})[r["option"].endswith("no-bias")] = r["dloss"]
+        for lab in dict.fromkeys(k[0] for k in by):
+            pairs = [v for (l2, _), v in by.items() if l2 == lab]
+            w, wo = [p[False] for p in pairs], [p[True] for p in pairs]
+            lines.append(f"| {lab} | {sum(w) / len(w):+.4f} | {sum(wo) / len(wo):+.4f} | "
+                         f"{sum(x < y for x, y in zip(w, wo))} of {len(w)} blocks |")
     first = next((r for r in runs if r.get("allocation")), None)
     if first:
         st = first["allocation"]["stages"][0]["blocks"]
-        both = next((r for r in runs if r["config"].get("compensation") == "both" and r.get("allocation")), None)
-        if both:
-            lines += ["", "## Bias compensation per option (loss increase, nats/token, one block changed, dense model)", "",
-                      "| option | with | without | compensation better in |", "|---|---|---|---|"]
-            sb = both["allocation"]["stages"][0]["blocks"]
-            for kind in ("attn", "mlp"):
-                labels = sorted({o["option"] for b in sb.values() for o in b["options"]
-                                 if not o["option"].endswith("no-bias") and o["option"] not in ("keep", "remove")}
-                                & {o["option"] for name, b in sb.items() if name.startswith(kind) for o in b["options"]})
-                for lab in labels:
-                    w, wo = [], []
-                    for name, b in sb.items():
-                        if not name.startswith(kind):
-                            continue
-                        opts = {o["option"]: o["dloss"] for o in b["options"]}
-                        if lab in opts and lab + " no-bias" in opts:
-                            w.append(opts[lab])
-                            wo.append(opts[lab + " no-bias"])
-                    if w:
-                        better = sum(x < y for x, y in zip(w, wo))
-                        lines.append(f"| {lab} | {sum(w) / len(w):.4f} | {sum(wo) / len(wo):.4f} | {better} of {len(w)} blocks |")
         if te is not None:
             whole = {name: next(o["dloss"] for o in b["options"] if o["option"] == "remove") for name, b in st.items()}
             lines += ["", "## Transfer entropy against the measured responses", ""]

@@ -52,3 +52,24 @@ def test_knapsack_frontier_stays_small_on_a_tell_sized_instance():
     groups = [[(0.0, 0.0)] + sorted((rng.uniform(0, 30), rng.uniform(0, 50)) for _ in range(6)) for _ in range(60)]
     sol = solve(groups, 400.0)
     assert sol.saving >= 400.0 and max(sol.frontier_sizes) < 1_000_000
+
+
+def test_local_search_improves_the_joint_loss_within_budget():
+    """An interaction the additive model cannot see: groups 0 and 1 hurt much more together. The knapsack takes
+    both (cheapest by the responses); the local search, on the joint loss, swaps one for group 2."""
+    from secateurs.search.allocate import local_search
+
+    rows = [[(0.0, 0.0), (1.0, 1.0)], [(0.0, 0.0), (1.0, 1.0)], [(0.0, 0.0), (1.0, 1.5)]]
+    need = 2.0
+    start = solve(rows, need).choice
+    assert start == [1, 1, 0]
+
+    def joint(ch):
+        return sum(rows[g][j][1] for g, j in enumerate(ch)) + (5.0 if ch[0] and ch[1] else 0.0)
+
+    choice, history = local_search(rows, start, need, joint, budget=4)
+    assert joint(choice) == 2.5 and sum(rows[g][j][0] for g, j in enumerate(choice)) >= need
+    assert 1 < len(history) <= 5 and history[0]["loss"] == 7.0
+    assert [h["loss"] for h in history if h["accepted"]] == sorted((h["loss"] for h in history if h["accepted"]), reverse=True)
+    _, none = local_search(rows, start, need, joint, budget=0)
+    assert len(none) == 1  # budget 0: the start is evaluated, nothing else

@@ -69,7 +69,7 @@ def test_response_assignment_end_to_end(tmp_path, monkeypatch):
     assert d["assign"] == "response" and d["blocks"][0]["importance"] is None  # no transfer entropy computed
     assert d["cost_model"] is None  # a ratio budget: no unit costs timed
     stage = d["allocation"]["stages"][0]
-    assert stage["evaluations"] == d["allocation"]["evaluations_measured"] > 0
+    assert stage["evaluations"] + 1 == d["allocation"]["evaluations_measured"]  # the responses and the base loss
     for b, (i, kind) in zip(d["blocks"], all_blocks(spec.n_layers)):
         assert b["option"] in [o["option"] for o in b["options"]]
         assert (b["option"] == "remove") == (not getattr(plan.layers[i], kind))
@@ -107,8 +107,22 @@ def test_response_default_on_smollm(tmp_path, monkeypatch, capsys):
     d = result["method_details"]
     assert d["assign"] == "response" and d["cost_model"] is None
     assert 0.1 <= result["ratio_achieved"] < 0.1 + 0.01
-    assert d["allocation"]["evaluations_measured"] == 120  # 60 blocks x (one width level + removal)
-    assert result["ppl_evaluations"] == 120
+    assert d["allocation"]["evaluations_measured"] == 121  # 60 blocks x (one width level + removal), the dense loss
+    assert result["ppl_evaluations"] == 121
     capsys.readouterr()
     assert main(["explain", str(out)]) == 0
     assert "mlp29" in capsys.readouterr().out
+
+
+def test_response_assignment_with_local_search(tmp_path, monkeypatch):
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
+    model = tiny_model("llama")
+    ctx = _ctx(model, tmp_path, 0.25)
+    plan = tell(ctx, TellConfig(refine=3))
+    hist = ctx.extra["allocation"]["refine"]
+    assert 1 <= len(hist) <= 4 and hist[0]["accepted"] and not hist[0]["moves"]
+    final = min(h["loss"] for h in hist if h["accepted"])
+    r = Replayer(model, ctx.adapter, ctx.calib, batch_size=6, head_chunk=0)
+    tokens = ctx.calib.shape[0] * (ctx.calib.shape[1] - 1)
+    assert plan_loss(r, ctx.spec, plan) / tokens == pytest.approx(final, rel=1e-6)  # the plan is the best evaluated
+    assert final <= hist[0]["loss"] and plan.ratio(ctx.spec) >= 0.25 - 1e-9

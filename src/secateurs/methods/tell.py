@@ -56,6 +56,7 @@ class TellConfig:
     levels: str = field(default="0.25,0.5,0.75", metadata={"help": "response: fractions of a block's heads / channels its width options remove (comma-separated, each in (0, 1))"})
     compensation: str = field(default="on", metadata={"help": "response: width options with FLAP's bias compensation (on), without (off), or both measured and the better kept", "choices": ["on", "off", "both"]})
     stages: int = field(default=1, metadata={"help": "response: measure, commit part of the knapsack's choice, measure again on top of it; this many times"})
+    refine: int = field(default=0, metadata={"help": "response: evaluations of a local search on the whole plan's calibration loss, from the knapsack's choice (0: none)"})
     batch_size: int = field(default=0, metadata={"help": "response: calibration rows per replayed batch (0: as many as keep the logits under 256 MB)"})
     dtype: str = field(default="auto", metadata={"help": "response: precision of the measurement (auto = bfloat16 on a GPU, else float32; bfloat16 halves the time on a CPU with bf16 instructions)", "choices": ["auto", "float32", "bfloat16"]})
     te: bool = field(default=False, metadata={"help": "also estimate the transfer entropy when the assignment does not use it (recorded, shown by explain)"})
@@ -97,8 +98,8 @@ class TellConfig:
         if self.assign not in ASSIGNMENTS:
             raise UserError(f"--assign must be one of {', '.join(ASSIGNMENTS)} (got {self.assign!r})")
         self.level_list()
-        if self.stages < 1 or self.batch_size < 0:
-            raise UserError("--stages must be >= 1 and --batch-size >= 0")
+        if self.stages < 1 or self.batch_size < 0 or self.refine < 0:
+            raise UserError("--stages must be >= 1, --batch-size and --refine >= 0")
         if not 0.0 < self.block_threshold <= 1.0:
             raise UserError(f"--block-threshold must be in (0, 1] (got {self.block_threshold})")
         if min(self.te_rank, self.te_tokens, self.latency_reps) < 1 or self.latency_len < 2 or self.speedup_rounds < 0:
@@ -283,7 +284,7 @@ class ResponseStore:
         self.dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
         self.model_key = model_key(ctx, what="responses", dtype=self.dtype)
         self._replayer = None
-        self.evaluations = 0  # responses the allocation used
+        self.evaluations = 0  # losses the allocation used (responses, base and whole-plan losses)
         self.measured = 0  # of which measured in this run (the rest came from a cache)
 
     def replayer(self) -> Replayer:
@@ -311,9 +312,10 @@ class ResponseStore:
                 atomic_write_text(path, json.dumps(state))
 
         vkeys = {pos: [self._digest([pos, vars(lp)]) for lp in lps] for pos, lps in variants.items()}
-        self.evaluations += sum(len(v) for v in variants.values())
+        self.evaluations += 1 + sum(len(v) for v in variants.values())
         if state["base_loss"] is None:
             state["base_loss"] = plan_loss(self.replayer(), self.ctx.spec, base)
+            self.measured += 1
             save()
         todo = {pos: [lp for lp, k in zip(lps, vkeys[pos]) if k not in state["losses"]] for pos, lps in variants.items()}
         todo = {pos: lps for pos, lps in todo.items() if lps}
@@ -335,10 +337,11 @@ def response_plan(ctx: PruneContext, cfg: TellConfig, prep: Prepared, store: Res
     log = print if ctx.progress else (lambda *a: None)
     need = goal * spec.total_params / 1e6 if costs is None else costs.dense_ms * (1.0 - 1.0 / goal)
     problem = Problem(spec, lambda layer, kind, o: option_plan(ctx, prep.ws, layer, kind, o), saving_fn(spec, costs),
-                      need, block_options(cfg.level_list(), cfg.compensation), store, ctx.calib.shape[0] * (ctx.calib.shape[1] - 1))
-    out = allocate(problem, cfg.stages, log)
+                      need, block_options(cfg.level_list(), cfg.compensation), store, ctx.calib.shape[0] * (ctx.calib.shape[1] - 1),
+                      joint=lambda plan: store(plan, {}, -1)[0])
+    out = allocate(problem, cfg.stages, log, cfg.refine)
     return out["plan"], {"choice": {Block.at(p).name: o.label(Block.at(p).kind) for p, o in out["choice"].items()},
-                         "stages": out["stages"], "saving_unit": "Mparams" if costs is None else "ms"}
+                         "stages": out["stages"], "refine": out["refine"], "saving_unit": "Mparams" if costs is None else "ms"}
 
 
 def assign_plan(ctx: PruneContext, cfg: TellConfig, prep: Prepared) -> tuple[PruningPlan, list | None, list | None, list, dict | None]:

@@ -91,11 +91,13 @@ class Problem:
     options: list[Option]
     measure: Callable  # (base plan, {pos: [LayerPlan]}, stage) -> (base loss, {pos: [loss]})
     tokens: int  # calibration tokens (losses are reported per token)
+    joint: Callable | None = None  # plan -> its summed calibration loss (the local search's evaluations)
 
 
-def allocate(p: Problem, stages: int = 1, log=None) -> dict:
-    """Runs the stages (module docstring). Returns ``{"plan", "choice" (pos -> Option), "stages": [...]}``; each
-    stage records per block its measured options (label, saving, loss increase per token) and the choice."""
+def allocate(p: Problem, stages: int = 1, log=None, refine: int = 0) -> dict:
+    """Runs the stages (module docstring), then ``refine`` evaluations of the local search (``local_search``).
+    Returns ``{"plan", "choice" (pos -> Option), "stages": [...], "refine": [...]}``; each stage records per
+    block its measured options (label, saving, loss increase per token) and the choice."""
     spec = p.spec
     blocks = all_blocks(spec.n_layers)
     committed = {b.pos: Option(0.0) for b in blocks}
@@ -160,15 +162,70 @@ def allocate(p: Problem, stages: int = 1, log=None) -> dict:
             committed[pos] = o
             base.layers[layer] = set_block(base.layers[layer], kind, lp)
             saved += table[pos][sol.choice[pos]][0]
-    plan = PruningPlan.dense(spec)
-    for b in blocks:
-        o, lp = chosen[b.pos]
-        plan.layers[b.layer] = set_block(plan.layers[b.layer], b.kind, lp)
+    choice = list(sol.choice)
+
+    def plan_of(ch):
+        plan = PruningPlan.dense(spec)
+        for b, j in zip(blocks, ch):
+            lp = variants[b.pos][j - 1] if j else base.layers[b.layer]
+            plan.layers[b.layer] = set_block(plan.layers[b.layer], b.kind, lp)
+        return plan
+
+    history = []
+    if refine and p.joint is not None:
+        rows = [table[b.pos] for b in blocks]
+        choice, history = local_search(rows, choice, max(p.need - done_saving, 0.0),
+                                       lambda ch: p.joint(plan_of(ch)), refine, log)
+        for h in history:
+            h["moves"] = [[blocks[g].name, opts[blocks[g].pos][j].label(blocks[g].kind)] for g, j in h["moves"]]
+            h["loss"] = h["loss"] / p.tokens
+        for b, j in zip(blocks, choice):
+            records[-1]["blocks"][b.name]["chosen"] = opts[b.pos][j].label(b.kind)
     price = lagrange_price(groups, max(p.need - done_saving, 0.0))
-    for b, j in zip(blocks, sol.choice):
+    for b, j in zip(blocks, choice):
         records[-1]["blocks"][b.name]["why"] = why(table[b.pos], j, price, p.tokens)
     records[-1]["price"] = price / p.tokens if price is not None else None
-    return {"plan": plan, "choice": {pos: chosen[pos][0] for pos in chosen}, "stages": records}
+    return {"plan": plan_of(choice), "choice": {b.pos: opts[b.pos][j] for b, j in zip(blocks, choice)},
+            "stages": records, "refine": history}
+
+
+def local_search(rows, choice: list[int], need: float, joint: Callable, budget: int, log=None) -> tuple[list[int], list]:
+    """First-improvement local search on the true (joint) loss, from the knapsack's choice, ``budget`` joint
+    evaluations at most. A move changes one or two blocks' options and keeps the summed saving at least ``need``;
+    moves are tried in the order of their loss change predicted by the responses (``rows[g][j] = (saving, loss
+    increase)``), smallest first: the near-ties of the additive model, where the blocks' interactions decide.
+    Returns the final choice and one record per evaluation."""
+    best = joint(choice)
+    history = [{"moves": [], "loss": best, "accepted": True}]
+    tried = set()
+    while len(history) <= budget:
+        total = sum(rows[g][j][0] for g, j in enumerate(choice))
+        # (saving change, loss change) of every single move
+        singles = [(g, j, rows[g][j][0] - rows[g][choice[g]][0], rows[g][j][1] - rows[g][choice[g]][1])
+                   for g in range(len(rows)) for j in range(len(rows[g])) if j != choice[g]]
+        cands = [(dv, ((g, j),)) for g, j, ds, dv in singles if total + ds >= need]
+        for ga, ja, dsa, dva in singles:
+            if dsa <= 0:
+                continue  # pairs: one block deeper, another shallower
+            for gb, jb, dsb, dvb in singles:
+                if gb != ga and dsb < 0 and total + dsa + dsb >= need:
+                    cands.append((dva + dvb, ((ga, ja), (gb, jb))))
+        cands.sort(key=lambda c: c[0])
+        move = next((m for _, m in cands if (tuple(choice), m) not in tried), None)
+        if move is None:
+            break
+        tried.add((tuple(choice), move))
+        trial = choice.copy()
+        for g, j in move:
+            trial[g] = j
+        loss = joint(trial)
+        accepted = loss < best
+        history.append({"moves": list(move), "loss": loss, "accepted": accepted})
+        if log:
+            log(f"tell: local search {len(history) - 1}/{budget}: loss {loss:.4f} ({'accepted' if accepted else 'rejected'})")
+        if accepted:
+            choice, best = trial, loss
+    return choice, history
 
 
 def lagrange_price(groups, need: float) -> float | None:
