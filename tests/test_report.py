@@ -116,3 +116,29 @@ def test_bad_input(tmp_path, spec, capsys):
     assert "eval.json is not valid JSON" in capsys.readouterr().err
     (tmp_path / "bad" / "eval.json").unlink()
     assert main(["report", str(tmp_path / "bad"), "--out", str(tmp_path / "rep")]) == 0
+
+
+def test_result_format_and_rows(tmp_path, spec, capsys):
+    """result.json carries "format": "secateurs-result/1"; a file without one (written before the format was
+    versioned) is read as version 1, another version is refused. Perplexity columns and axes name their rows."""
+    from secateurs.result import FORMAT
+
+    write_run(tmp_path / "old", spec, "m", 0.2, drop=[2], ppl=30.0)  # no "format": written before versioning
+    new = tmp_path / "new"
+    write_run(new, spec, "m", 0.4, drop=[1, 2], ppl=60.0)
+    result = json.loads((new / "result.json").read_text())
+    (new / "result.json").write_text(json.dumps({**result, "format": FORMAT, "eval_rows": 16, "eval_seqlen": 512}))
+    runs = find_runs([str(tmp_path / "old"), str(new)])
+    assert runs[1].ppl_rows == {"wiki:test": (16, 512)} and runs[0].ppl_rows == {}
+    md = build_report([str(new)], tmp_path / "rep").read_text()
+    assert "ppl wiki:test, 16 rows of 512 (dense → pruned)" in md
+    # an eval.json on other rows replaces the pruned figure; the dense one (other rows) is not shown beside it
+    (new / "eval.json").write_text(json.dumps({"ppl": {"wiki:test": {"ppl": 50.0, "rows": 8, "seqlen": 256}}}))
+    (run,) = find_runs([str(new)])
+    assert run.ppl == {"wiki:test": 50.0} and run.ppl_dense == {} and run.ppl_rows == {"wiki:test": (8, 256)}
+
+    (new / "result.json").write_text(json.dumps({**result, "format": "secateurs-result/9"}))
+    assert main(["report", str(new), "--out", str(tmp_path / "rep2")]) == 2
+    assert "has format 'secateurs-result/9'; this secateurs reads 'secateurs-result/1'" in capsys.readouterr().err
+    assert main(["explain", str(new)]) == 2  # explain reads result.json too
+    assert "has format 'secateurs-result/9'" in capsys.readouterr().err

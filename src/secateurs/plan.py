@@ -201,11 +201,37 @@ def check_ratio(ratio, name: str = "--ratio") -> float:
     return v
 
 
-def check_ratio_reached(plan: PruningPlan, spec: ModelSpec, target: float, tol: float = 0.005) -> None:
-    """Bug guard of the methods that solve for a ratio (their rules land well within ``tol``)."""
+@dataclass(frozen=True)
+class RatioRule:
+    """How a method meets a target ratio (``--ratio``), the tolerance it promises. Methods that remove whole
+    units (``unit``: layers, blocks) land on the first reachable ratio at or above the target: they overshoot
+    by less than one unit. Width methods land within ``tolerance`` of the target, above or below."""
+
+    unit: str | None = None  # whole units removed ("layers", "blocks"); None: width
+    tolerance: float = 0.005
+
+    def describe(self) -> str:
+        if self.unit:
+            return f"the first reachable ratio >= the target (whole {self.unit})"
+        return f"within {self.tolerance} of the target"
+
+    def met(self, achieved: float, target: float) -> bool:
+        if self.unit:
+            return achieved >= target - 1e-12
+        return abs(achieved - target) <= self.tolerance + 1e-12
+
+
+WIDTH = RatioRule()
+
+
+def check_ratio_reached(plan: PruningPlan, spec: ModelSpec, target: float, rule: RatioRule = WIDTH,
+                        method: str = "the method") -> None:
+    """The promise every method keeps: its plan meets ``target`` by its ``rule``; otherwise a UserError that
+    says what was reached (methods that cannot reach a target say so before they search, where they can)."""
     got = plan.ratio(spec)
-    if abs(got - target) > tol:
-        raise RuntimeError(f"plan ratio {got:.4f} misses the target {target:.4f} by more than {tol}")
+    if not rule.met(got, target):
+        raise UserError(f"{method} reached ratio {got:.4f}, which misses the target {target} by its rule "
+                        f"({rule.describe()}); choose another --ratio or another method")
 
 
 def _check_indices(idx: list, n: int, what: str) -> None:

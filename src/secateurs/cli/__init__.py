@@ -30,6 +30,10 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "quiet", False):
+        from ..progress import quiet
+
+        quiet()
     try:
         return args.func(args) or 0
     except UserError as e:
@@ -51,14 +55,23 @@ def device_of(args) -> str:
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def positive_int(text: str) -> int:
+def _whole_number(text: str, least: int, note: str = "") -> int:
     try:
         v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {v}")
+    if v < least:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {least}{note}, got {v}")
     return v
+
+
+def positive_int(text: str) -> int:
+    return _whole_number(text, 1)
+
+
+def count_arg(text: str) -> int:
+    """A row count: a whole number >= 0 (0 = all)."""
+    return _whole_number(text, 0, " (0 = all)")
 
 
 def ratio_arg(text: str) -> float:

@@ -5,17 +5,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import add_common, device_of, positive_int
+from . import add_common, count_arg, device_of, positive_int
 
 
 def register(sub):
+    from ..eval.perplexity import HELD_OUT_ROWS, HELD_OUT_SEQLEN
+
     p = sub.add_parser("apply", help="apply a saved pruning plan to the original model and save the pruned model")
     p.add_argument("plan", help="plan.json, or a pruned folder holding one")
     p.add_argument("model", help="the original (dense) model: embedded name, Hugging Face id or model folder")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--eval", default="wiki:test", help="held-out set measured before and after ('' to skip)")
-    p.add_argument("--eval-rows", type=int, default=16, help="rows of the held-out set (default 16)")
-    p.add_argument("--seqlen", type=positive_int, default=512, help="tokens per row of the held-out set (default 512)")
+    p.add_argument("--eval-rows", type=count_arg, default=HELD_OUT_ROWS,
+                   help=f"rows of the held-out set (0 = all; default {HELD_OUT_ROWS}, as `secateurs eval`)")
+    p.add_argument("--eval-seqlen", "--seqlen", dest="eval_seqlen", type=positive_int, default=HELD_OUT_SEQLEN,
+                   help=f"tokens per row of the held-out set (default {HELD_OUT_SEQLEN}, as `secateurs eval`)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     add_common(p)
     p.set_defaults(func=run)
@@ -33,6 +37,8 @@ def run(args):
     from ..models import get_adapter, load_model
     from ..pipeline import check_out, versions
     from ..plan import PruningPlan
+    from ..result import FORMAT as RESULT_FORMAT
+    from ..result import held_out_label
     from ..surgery import apply_plan
 
     out = Path(args.out)
@@ -43,7 +49,7 @@ def run(args):
     spec = get_adapter(model).spec()
     plan.validate(spec)
     dense_config = _plain_config(model.config)
-    test = eval_rows(tok, model, args.eval, args.seqlen, args.eval_rows) if args.eval else None
+    test = eval_rows(tok, model, args.eval, args.eval_seqlen, args.eval_rows) if args.eval else None
 
     def ppl(tag):
         return perplexity(model, test, progress=not args.quiet, desc=f"{args.eval} ppl ({tag})").ppl if test is not None else None
@@ -53,8 +59,9 @@ def run(args):
     after = ppl("pruned")
     settings = {"model": args.model, "plan": str(plan_path(args.plan)), "plan_method": plan.method,
                 "plan_settings": plan.meta.get("settings"), "eval": args.eval or None, "eval_rows": args.eval_rows,
-                "seqlen": args.seqlen, "device": device}
+                "eval_seqlen": args.eval_seqlen, "device": device}
     result = {
+        "format": RESULT_FORMAT,
         "method": plan.method or "hand-made",
         "model": args.model,
         "settings": settings,
@@ -63,6 +70,8 @@ def run(args):
         "params_before": spec.total_params,
         "params_after": plan.params(spec),
         "eval_set": args.eval or None,
+        "eval_rows": test.shape[0] if test is not None else None,
+        "eval_seqlen": args.eval_seqlen if test is not None else None,
         "ppl_test_before": before,
         "ppl_test_after": after,
         "removed_blocks": [b.name for b in plan.removed_blocks()],
@@ -71,5 +80,5 @@ def run(args):
     }
     kind = save_pruned(model, tok, plan, dense_config, out, extra={"result.json": json.dumps(result, indent=1)})
     print(f"applied {plan_path(args.plan)}: ratio {result['ratio_achieved']:.4f}, params {spec.total_params:,} -> "
-          f"{result['params_after']:,}" + (f", {args.eval} ppl {before:.3f} -> {after:.3f}" if test is not None else "")
+          f"{result['params_after']:,}" + (f", {held_out_label(result)} {before:.3f} -> {after:.3f}" if test is not None else "")
           + f"; saved as {kind} to {out}")

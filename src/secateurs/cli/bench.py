@@ -1,5 +1,6 @@
 """``secateurs bench``: prefill latency, decode throughput, peak memory, parameters and FLOPs of a model,
-optionally side by side with another (see secateurs.eval.bench and docs/evaluation.md)."""
+optionally side by side with another (see secateurs.eval.bench and docs/evaluation.md). ``.gguf`` files are
+measured in llama.cpp (secateurs.eval.llamacpp; docs/gguf.md)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,8 @@ from . import add_common, device_of, positive_int
 
 def register(sub):
     p = sub.add_parser("bench", help="speed and memory of a model, optionally against another (measured side by side)")
-    p.add_argument("model", help="embedded name, Hugging Face id, model folder or pruned secateurs folder")
+    p.add_argument("model", help="embedded name, Hugging Face id, model folder, pruned secateurs folder, or a .gguf "
+                   "file (measured in llama.cpp)")
     p.add_argument("--against", default=None, help="a second model (e.g. the dense one), measured in the same process, alternating")
     p.add_argument("--prompt-len", type=positive_int, default=512, help="prompt tokens (batch 1; default 512)")
     p.add_argument("--decode-tokens", type=positive_int, default=128, help="greedy decode steps with KV cache (default 128)")
@@ -18,6 +20,10 @@ def register(sub):
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.add_argument("--threads", type=positive_int, default=None, help="llama.cpp threads for .gguf files, the same for "
+                   "both (default: OMP_NUM_THREADS, else all cores)")
+    p.add_argument("--flash-attn", action="store_true", help="llama.cpp's flash attention for .gguf files (off by "
+                   "default, as in llama-cpp-python)")
     add_common(p)
     p.set_defaults(func=run)
 
@@ -27,18 +33,24 @@ def _fmt(v, spec: str) -> str:
 
 
 def run(args):
-    from ..eval.bench import BenchSettings, bench
+    from dataclasses import asdict
+
+    from ..eval.bench import BenchSettings
+    from ..eval.engines import same_engine
     from ..pipeline import versions
     from ..plan import atomic_write_text
 
     s = BenchSettings(prompt_len=args.prompt_len, decode_tokens=args.decode_tokens, warmup=args.warmup,
                       reps=args.reps, seed=args.seed)
     s.validate()
-    out = bench(args.model, args.against, s, device=device_of(args), memory=not args.no_memory,
-                progress=not args.quiet)
+    engine = same_engine(args.model, args.against)
+    device = args.device if engine.name != "torch" else device_of(args)
+    out = engine.bench(args.model, args.against, asdict(s), device=device, threads=args.threads,
+                       memory=not args.no_memory, progress=not args.quiet, flash_attn=args.flash_attn)
     out["versions"] = versions()
     a = out.get("against")
-    rows = [("prefill ms", "prefill_ms", ".1f"), ("decode tokens/s", "decode_tokens_per_s", ".1f"),
+    rows = [("prompt tokens/s", "prompt_tokens_per_s", ".1f")] if "prompt_tokens_per_s" in out else []
+    rows += [("prefill ms", "prefill_ms", ".1f"), ("decode tokens/s", "decode_tokens_per_s", ".1f"),
             ("peak memory MB", "peak_memory_mb", ".0f"), ("params", "params", ","),
             ("prefill GFLOPs", "prefill_flops", ".1f")]
     print(f"{'':18}{'model':>16}" + (f"{'against':>16}" if a else ""))
@@ -50,7 +62,10 @@ def run(args):
         sp, ideal = out["speedup"], out["ideal_speedup"]
         print(f"speedup (measured / ideal from FLOPs): prefill {sp['prefill']:.2f}x / {ideal['prefill']:.2f}x, "
               f"decode {sp['decode']:.2f}x / {ideal['decode']:.2f}x")
+    where = out["settings"]["device"] + (f", llama.cpp {out['gguf_type']}, {out['settings']['threads']} threads"
+                                         + (", flash attention" if out["settings"]["flash_attn"] else "")
+                                         if out["settings"].get("engine") == "llama.cpp" else "")
     print(f"(batch 1, prompt {s.prompt_len}, {s.decode_tokens} decode tokens, medians of {s.reps} rounds after "
-          f"{s.warmup} warm-up, {out['settings']['device']})")
+          f"{s.warmup} warm-up, {where})")
     if args.json:
         atomic_write_text(args.json, json.dumps(out, indent=1))

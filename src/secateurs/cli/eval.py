@@ -1,32 +1,38 @@
 """``secateurs eval``: perplexity of a model (dense or pruned) on named text sets, and zero-shot accuracy
-through lm-evaluation-harness (``--tasks``; see secateurs.eval.zeroshot and docs/evaluation.md)."""
+through lm-evaluation-harness (``--tasks``; see secateurs.eval.zeroshot and docs/evaluation.md). A ``.gguf``
+file is evaluated in llama.cpp (secateurs.eval.engines picks the engine from the input)."""
 from __future__ import annotations
 
 import json
 
-from . import add_common, device_of, positive_int
+from . import add_common, count_arg, device_of, positive_int
 
 
 def register(sub):
+    from ..eval.perplexity import HELD_OUT_ROWS, HELD_OUT_SEQLEN
+
     p = sub.add_parser("eval", help="perplexity (and, where available, zero-shot accuracy) of a model")
-    p.add_argument("model", help="embedded name, Hugging Face id, model folder or pruned secateurs folder")
+    p.add_argument("model", help="embedded name, Hugging Face id, model folder, pruned secateurs folder, or a .gguf "
+                   "file (run in llama.cpp)")
     p.add_argument("--ppl", default="wiki:test", help="comma-separated text sets (default wiki:test; '' for none)")
-    p.add_argument("--seqlen", type=positive_int, default=512)
-    p.add_argument("--rows", type=int, default=32, help="rows per set (0 = all; default 32)")
+    p.add_argument("--seqlen", type=positive_int, default=HELD_OUT_SEQLEN,
+                   help=f"tokens per perplexity row (default {HELD_OUT_SEQLEN}, as prune's --eval-seqlen)")
+    p.add_argument("--rows", type=count_arg, default=HELD_OUT_ROWS,
+                   help=f"rows per set (0 = all; default {HELD_OUT_ROWS}, as prune's --eval-rows)")
     p.add_argument("--tasks", default="", help="comma-separated zero-shot tasks: piqa, hellaswag, winogrande, arc_easy, "
                    "arc_challenge, boolq, openbookqa (offline data), or hub:NAME for any lm-eval task from the hub")
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N items of each task (a quick look)")
     p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.add_argument("--threads", type=positive_int, default=None, help="llama.cpp threads for a .gguf (default: "
+                   "OMP_NUM_THREADS, else all cores)")
     add_common(p)
     p.set_defaults(func=run)
 
 
 def run(args):
-    from ..data import eval_rows
     from ..errors import UserError
-    from ..eval.perplexity import perplexity
-    from ..models import load_model
+    from ..eval.engines import engine_for
     from ..pipeline import versions
     from ..plan import atomic_write_text
 
@@ -34,6 +40,9 @@ def run(args):
     if args.rows < 0:
         raise UserError(f"--rows must be 0 (all) or more (got {args.rows})")
     tasks, built = [], {}
+    engine = engine_for(args.model)
+    if args.tasks and engine.name != "torch":
+        raise UserError(f"zero-shot --tasks run in PyTorch; {args.model} is evaluated in {engine.name} (perplexity only)")
     if args.tasks:
         from ..eval.zeroshot import build_tasks, parse_tasks
 
@@ -43,22 +52,24 @@ def run(args):
         raise UserError("--limit applies to zero-shot tasks: give --tasks too")
     if not sets and not tasks:
         raise UserError("nothing to evaluate: give --ppl sets and/or --tasks")
-    model, tok = load_model(args.model, device=device_of(args), progress=not args.quiet)
-    rows_by_set = {name: eval_rows(tok, model, name, args.seqlen, args.rows) for name in sets}  # validate all first
+    device = args.device if engine.name != "torch" else device_of(args)
+    handle = engine.open(args.model, args.seqlen, device=device, threads=args.threads, progress=not args.quiet)
+    rows_by_set = {name: handle.rows(name, args.seqlen, args.rows) for name in sets}  # validate all first
     out = {"model": args.model, "ppl": {},
            "settings": {"ppl": sets, "seqlen": args.seqlen, "rows": args.rows, "batch_size": args.batch_size,
-                        "tasks": tasks, "limit": args.limit, "device": device_of(args)},
+                        "tasks": tasks, "limit": args.limit, "device": device or "cpu", **handle.settings()},
            "versions": versions()}
     for name, rows in rows_by_set.items():
-        r = perplexity(model, rows, batch_size=args.batch_size, progress=not args.quiet, desc=f"{name} ppl")
+        r = handle.perplexity(rows, batch_size=args.batch_size, progress=not args.quiet, desc=f"{name} ppl")
         out["ppl"][name] = r.as_dict()
-        print(f"{name}: ppl {r.ppl:.3f} ({r.tokens} tokens, {r.rows} rows of {r.seqlen})")
+        print(f"{name}: ppl {r.ppl:.3f} ({r.label}, {r.tokens} tokens)")
     if tasks:
         import lm_eval
 
         from ..eval.zeroshot import zero_shot
 
-        out["tasks"], _ = zero_shot(model, tok, built, limit=args.limit, batch_size=args.batch_size)
+        out["tasks"], _ = zero_shot(handle.model, handle.tokenizer, built, limit=args.limit, batch_size=args.batch_size,
+                                    progress=not args.quiet)
         out["versions"]["lm_eval"] = lm_eval.__version__
         for name, r in out["tasks"].items():
             norm = f"  acc_norm {r['acc_norm']:.4f}" if r["acc_norm"] is not None else ""

@@ -22,6 +22,9 @@ def load_result(folder: str | Path) -> dict:
         raise UserError(f"{path} not found: give the output folder of a finished `secateurs prune` run") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    from ..result import check_format
+
+    check_format(result, path)
     if not (result.get("method_details") or {}).get("blocks"):
         raise UserError(f"{path} has no per-block details (method {result.get('method')!r}); "
                         "explain reads runs of methods that record them (tell)")

@@ -1,4 +1,4 @@
-"""``secateurs methods``: the registered methods, one line each."""
+"""``secateurs methods``: the registered methods, one line each, and how each meets a target ratio."""
 
 
 def register(sub):
@@ -13,3 +13,5 @@ def run(args):
     width = max(map(len, methods))
     for name, m in methods.items():
         print(f"{name:<{width}}  {m.summary}")
+        print(f"{'':<{width}}  --ratio R: {m.ratio_rule.describe()}")
+    print("\nOne method's options: secateurs prune --method NAME --help")

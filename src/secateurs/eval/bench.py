@@ -243,18 +243,38 @@ def _peak_memory_cpu_here(ref: str, s: BenchSettings) -> float:
     return (weight_bytes(model) + extra) / 2**20
 
 
-def peak_memory_cpu(ref: str, s: BenchSettings) -> float | None:
-    """MB (see the module docstring), measured in a fresh Python process; None where /proc is missing."""
+def peak_memory_in_fresh_process(module: str, flag: str, ref: str, s) -> float | None:
+    """Runs ``python -m MODULE FLAG REF SETTINGS_JSON`` and returns the number it prints last (MB); None where
+    /proc is missing (no peak-RSS reset)."""
     if not Path("/proc/self/clear_refs").exists():
         return None
-    cmd = [sys.executable, "-m", "secateurs.eval.bench", "--peak-memory-cpu", ref, json.dumps(asdict(s))]
+    cmd = [sys.executable, "-m", module, flag, ref, json.dumps(asdict(s))]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"peak-memory process failed: {r.stderr.strip()[-500:]}")
     return float(r.stdout.strip().splitlines()[-1])
 
 
+def peak_memory_cpu(ref: str, s: BenchSettings) -> float | None:
+    """MB (see the module docstring), measured in a fresh Python process; None where /proc is missing."""
+    return peak_memory_in_fresh_process("secateurs.eval.bench", "--peak-memory-cpu", ref, s)
+
+
 # --- the whole benchmark -----------------------------------------------------------------------------------
+def side_by_side(entries: list[dict]) -> dict:
+    """The measured model's entry (the last); with two entries, the first (``against``) goes under "against"
+    and the measured and ideal (FLOP ratio) speedups are added: above 1 means the measured model is faster."""
+    out = entries[-1]
+    if len(entries) == 2:
+        a = entries[0]
+        out["against"] = a
+        out["speedup"] = {"prefill": a["prefill_ms"] / out["prefill_ms"],
+                          "decode": out["decode_tokens_per_s"] / a["decode_tokens_per_s"]}
+        out["ideal_speedup"] = {"prefill": a["prefill_flops"] / out["prefill_flops"],
+                                "decode": a["decode_flops_per_token"] / out["decode_flops_per_token"]}
+    return out
+
+
 def bench(ref: str, against: str | None = None, s: BenchSettings | None = None, device: str = "cpu",
           memory: bool = True, progress: bool = False) -> dict:
     """Benchmark ``ref`` (and ``against`` in the same process, alternating); the dictionary of ``--json``."""
@@ -279,14 +299,7 @@ def bench(ref: str, against: str | None = None, s: BenchSettings | None = None, 
                         "prefill_flops": prefill_flops(m, s.prompt_len),
                         "decode_flops_per_token": decode_flops(m, s.prompt_len),
                         "runs": {"prefill_ms": t["prefill_ms_runs"], "decode_tokens_per_s": t["decode_tokens_per_s_runs"]}})
-    out = entries[-1]
-    if against:
-        a = entries[0]
-        out["against"] = a
-        out["speedup"] = {"prefill": a["prefill_ms"] / out["prefill_ms"],
-                          "decode": out["decode_tokens_per_s"] / a["decode_tokens_per_s"]}
-        out["ideal_speedup"] = {"prefill": a["prefill_flops"] / out["prefill_flops"],
-                                "decode": a["decode_flops_per_token"] / out["decode_flops_per_token"]}
+    out = side_by_side(entries)
     dev = _device(models[-1])
     out["settings"] = {**asdict(s), "batch_size": 1, "device": str(dev), "dtype": str(next(models[-1].parameters()).dtype),
                        "threads": torch.get_num_threads(), "order": "alternating, against first" if against else "single",

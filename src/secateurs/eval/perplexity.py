@@ -14,6 +14,16 @@ import torch.nn.functional as F
 
 from ..progress import progress_bar
 
+# Held-out perplexity: the row length and row count that ``eval``, ``prune`` and ``apply`` share by default, so
+# that the numbers they print for the same model agree.
+HELD_OUT_SEQLEN = 512
+HELD_OUT_ROWS = 16
+
+
+def rows_label(rows: int, seqlen: int) -> str:
+    """How a perplexity's rows are named wherever one is printed: ``16 rows of 512``."""
+    return f"{rows} row{'s' if rows != 1 else ''} of {seqlen}"
+
 
 @dataclass
 class PPLResult:
@@ -22,6 +32,10 @@ class PPLResult:
     tokens: int  # predicted tokens
     seqlen: int
     rows: int
+
+    @property
+    def label(self) -> str:
+        return rows_label(self.rows, self.seqlen)
 
     def as_dict(self) -> dict:
         return {"ppl": self.ppl, "nll": self.nll, "tokens": self.tokens, "seqlen": self.seqlen, "rows": self.rows}

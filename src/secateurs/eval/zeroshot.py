@@ -167,19 +167,22 @@ def task_summary(results: dict, task: str) -> dict:
 
 
 def zero_shot(model, tokenizer, tasks: list[str] | dict, limit: int | None = None, batch_size: int = 8,
-              log_samples: bool = False) -> tuple[dict, dict]:
+              log_samples: bool = False, progress: bool = True) -> tuple[dict, dict]:
     """Run tasks (names, or the result of ``build_tasks``) on an in-memory model with the harness.
 
     Returns ``(summary, raw)``: ``summary[name] = {"acc", "acc_norm", ..., "n"}`` and the harness's own
-    result dictionary (with per-item samples when ``log_samples``).
+    result dictionary (with per-item samples when ``log_samples``). ``progress=False``: no harness bars.
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
+    from ..progress import harness_output
+
     if not isinstance(tasks, dict):
         tasks = build_tasks(list(tasks))
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    raw = simple_evaluate(model=lm, tasks=list(tasks.values()), limit=limit, log_samples=log_samples,
-                          bootstrap_iters=1000)  # acc is a mean: its standard error is closed-form
+    with harness_output(quiet=not progress):
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        raw = simple_evaluate(model=lm, tasks=list(tasks.values()), limit=limit, log_samples=log_samples,
+                              bootstrap_iters=1000)  # acc is a mean: its standard error is closed-form
     summary = {n: task_summary(raw, t.task_name) for n, t in tasks.items()}
     return summary, raw

@@ -107,9 +107,16 @@ def mean_rate_for_ratio(spec, ratio: float) -> float:
         raise UserError(
             f"ratio {ratio} is out of reach for width pruning of this model: the layers' heads and channels are "
             f"{width / spec.total_params:.1%} of its parameters (the rest is embeddings and norms); "
-            f"the most width pruning can remove is {max_rate(spec) * width / spec.total_params:.3f}"
+            f"the most width pruning can remove is {width_reach(spec):.4f}"
         )
     return rate
+
+
+def width_reach(spec, rate: float | None = None) -> float:
+    """The ratio of the whole model removed when every layer is pruned at ``rate`` (default: the largest rate,
+    ``max_rate``): the most width pruning can remove."""
+    rate = max_rate(spec) if rate is None else min(rate, max_rate(spec))
+    return rate * layer_width_params(spec) * spec.n_layers / spec.total_params
 
 
 def max_rate(spec) -> float:

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import UserError
 from ..models.base import Adapter, ModelSpec
-from ..plan import PruningPlan
+from ..plan import WIDTH, PruningPlan, RatioRule, check_ratio_reached
 
 
 @dataclass
@@ -34,6 +34,7 @@ class PruneContext:
     progress: bool = True
     ppl_evaluations: int = 0
     extra: dict | None = None  # results a method wants recorded in result.json (e.g. per-block scores)
+    pool: Any = None  # runtime.pool.WorkerPool (--workers) for methods registered with parallel=True, else None
 
     def count_ppl(self, n: int = 1) -> None:
         self.ppl_evaluations += n
@@ -49,18 +50,42 @@ class MethodSpec:
     config_cls: type
     fn: Callable[[PruneContext, Any], PruningPlan]
     needs_ratio: bool = True
+    ratio_rule: RatioRule = WIDTH  # how the plan meets --ratio (plan.RatioRule); checked by run_method
+    reach: Callable[[ModelSpec, Any], float | None] | None = None  # (spec, cfg) -> the largest ratio it can reach
+    parallel: bool = False  # evaluates candidates on a worker pool when given one (--workers)
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
 _LOADED = False
 
 
-def register_method(name: str, summary: str, config_cls: type, needs_ratio: bool = True):
+def register_method(name: str, summary: str, config_cls: type, needs_ratio: bool = True, ratio_rule: RatioRule = WIDTH,
+                    reach=None, parallel: bool = False):
+    """``ratio_rule``: how the method meets a target ratio (the tolerance it promises); ``reach(spec, cfg)``: the
+    largest ratio it can reach on a model (None where it cannot tell before it runs), checked before any work;
+    ``parallel``: it evaluates candidates on a worker pool when given one (--workers)."""
     def deco(fn):
-        _REGISTRY[name] = MethodSpec(name, summary, config_cls, fn, needs_ratio)
+        _REGISTRY[name] = MethodSpec(name, summary, config_cls, fn, needs_ratio, ratio_rule, reach, parallel)
         return fn
 
     return deco
+
+
+def check_reach(spec: MethodSpec, model: ModelSpec, ratio: float | None, cfg) -> None:
+    """A UserError, before any work, when the target ratio is beyond what the method can remove on this model."""
+    top = spec.reach(model, cfg) if spec.reach and ratio is not None else None
+    if top is not None and ratio > top + 1e-12:
+        raise UserError(f"target ratio {ratio} is out of reach for {spec.name} on this model: the most it can "
+                        f"remove is {top:.4f}")
+
+
+def run_method(spec: MethodSpec, ctx: PruneContext, cfg) -> PruningPlan:
+    """The method's plan, checked against its promise: with a target ratio, the plan meets it by the method's
+    ``ratio_rule``, or this is a UserError that says what was reached."""
+    plan = spec.fn(ctx, cfg)
+    if ctx.ratio is not None:
+        check_ratio_reached(plan, ctx.spec, ctx.ratio, spec.ratio_rule, spec.name)
+    return plan
 
 
 def _load_all() -> None:

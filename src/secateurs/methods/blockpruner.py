@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import UserError
-from ..plan import PruningPlan
+from ..plan import PruningPlan, RatioRule
 from ..search.depth import SearchOptions, load_order, run_greedy
-from ..search.greedy import block_candidates, plan_from_order
+from ..search.greedy import block_candidates, plan_from_order, reach
 from . import PruneContext, register_method
 
 
@@ -20,7 +20,8 @@ class BlockPrunerConfig(SearchOptions):
 
 
 @register_method("blockpruner", "BlockPruner: greedy removal of attention/MLP blocks by calibration perplexity (saves the whole order)",
-                 BlockPrunerConfig, needs_ratio=False)
+                 BlockPrunerConfig, needs_ratio=False, ratio_rule=RatioRule("blocks"), parallel=True,
+                 reach=lambda spec, cfg: None if cfg.from_order else reach(spec, block_candidates(spec.n_layers, cfg.blocks)))
 def blockpruner(ctx: PruneContext, cfg: BlockPrunerConfig) -> PruningPlan:
     if cfg.steps is not None and cfg.steps < 1:
         raise UserError(f"--steps must be >= 1 (got {cfg.steps})")

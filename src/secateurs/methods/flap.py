@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import UserError
-from ..importance.width import collect_stats, compensation_bias, flap_column_scores, output_projections, standardize
+from ..importance.width import (collect_stats, compensation_bias, flap_column_scores, output_projections, standardize,
+                                width_reach)
 from ..models.base import head_indices
-from ..plan import LayerPlan, PruningPlan, check_ratio_reached, select_heads
+from ..plan import LayerPlan, PruningPlan, select_heads
 from . import PruneContext, register_method
 
 
@@ -95,7 +96,7 @@ def add_compensation(ctx: PruneContext, plan: PruningPlan, stats) -> None:
 
 
 @register_method("flap", "fluctuation scores standardized across layers, one global threshold (adaptive widths), "
-                 "bias compensation", FlapConfig)
+                 "bias compensation", FlapConfig, reach=lambda spec, cfg: width_reach(spec))
 def flap(ctx: PruneContext, cfg: FlapConfig) -> PruningPlan:
     if cfg.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1 (got {cfg.batch_size})")
@@ -104,6 +105,5 @@ def flap(ctx: PruneContext, cfg: FlapConfig) -> PruningPlan:
     plan = threshold_plan(ctx.spec, heads, channels, ctx.ratio)
     if cfg.compensate:
         add_compensation(ctx, plan, stats)
-    check_ratio_reached(plan, ctx.spec, ctx.ratio)
     ctx.record(kept=plan.kept_fraction(ctx.spec))
     return plan

@@ -7,7 +7,8 @@ applied by wanda-sp.
   rates by wanda-sp. Cheap by design: the Wanda-sp scores are computed once, in one calibration pass over the
   dense model (one-shot scores, not the layer-by-layer re-calibration), and a candidate is evaluated by
   masking the dense model (``MaskedPlan``: removed columns of o_proj/down_proj zeroed in place and restored
-  afterwards); no copy of the model. The fitness cache is keyed by the rate vector.
+  afterwards); no copy of the model. The fitness cache is keyed by the rate vector. With ``--workers``, each
+  generation's new vectors are scored on the worker pool, every worker masking its own replica.
 - Loop and log: ``secateurs.search.evolution`` (``search.jsonl`` in the run folder; resumable).
 - Operators: ``--proposer local|openai|classic`` (``secateurs.search.proposers``).
 - The final plan is built by the full sequential wanda-sp at the best rates found.
@@ -20,12 +21,13 @@ import torch
 
 from ..errors import UserError
 from ..eval.perplexity import perplexity
+from ..models import get_adapter
 from ..importance.sequential import sequential_plan
 from ..importance.width import (MaskedPlan, collect_stats, head_scores, layer_plan_at_rate, mean_rate_for_ratio,
-                                output_projections, wanda_column_scores)
+                                output_projections, wanda_column_scores, width_reach)
 from ..search.evolution import EvolutionConfig, SearchSpace, evolve
 from ..search.proposers import make_proposer
-from ..plan import PruningPlan, check_ratio_reached
+from ..plan import PruningPlan
 from . import PruneContext, register_method
 
 
@@ -52,27 +54,33 @@ class SelfPrunerConfig:
 
 
 class MaskedFitness:
-    """Perplexity of the dense model masked as wanda-sp at the given rates would prune it (one-shot scores)."""
+    """Perplexity of the dense model masked as wanda-sp at the given rates would prune it (one-shot scores).
+    Built in this process, or on each pool worker from its own replica of the model (``--workers``)."""
 
-    def __init__(self, ctx: PruneContext, rows: torch.Tensor, batch_size: int):
-        self.ctx, self.rows, self.batch_size = ctx, rows, batch_size
+    def __init__(self, model, scores: tuple[list, list], rows: torch.Tensor, batch_size: int):
+        self.model, self.adapter = model, get_adapter(model)
+        self.spec = self.adapter.spec()
+        self.heads, self.channels = scores
+        self.rows, self.batch_size = rows, batch_size
+
+    @staticmethod
+    def scores(ctx: PruneContext, batch_size: int) -> tuple[list, list]:
+        """Per-layer head and channel scores from one calibration pass over the dense model."""
         stats = collect_stats(ctx.model, ctx.adapter, ctx.calib, batch_size)
         projs = output_projections(ctx.adapter)
-        self.heads, self.channels = [], []
+        heads, channels = [], []
         for i in range(ctx.spec.n_layers):
             o, down = projs[f"attn.{i}"], projs[f"mlp.{i}"]
-            self.heads.append(head_scores(wanda_column_scores(o.weight, stats.l2(f"attn.{i}")), ctx.spec.head_dim).cpu())
-            self.channels.append(wanda_column_scores(down.weight, stats.l2(f"mlp.{i}")).cpu())
+            heads.append(head_scores(wanda_column_scores(o.weight, stats.l2(f"attn.{i}")), ctx.spec.head_dim).cpu())
+            channels.append(wanda_column_scores(down.weight, stats.l2(f"mlp.{i}")).cpu())
+        return heads, channels
 
     def plans(self, rates) -> dict:
-        spec = self.ctx.spec
-        return {i: layer_plan_at_rate(spec, r, self.heads[i], self.channels[i]) for i, r in enumerate(rates)}
+        return {i: layer_plan_at_rate(self.spec, r, self.heads[i], self.channels[i]) for i, r in enumerate(rates)}
 
     def __call__(self, rates) -> float:
-        with MaskedPlan(self.ctx.adapter, self.ctx.spec, self.plans(rates)):
-            ppl = perplexity(self.ctx.model, self.rows, self.batch_size).ppl
-        self.ctx.count_ppl(1)
-        return ppl
+        with MaskedPlan(self.adapter, self.spec, self.plans(rates)):
+            return perplexity(self.model, self.rows, self.batch_size).ppl
 
 
 def check(cfg: SelfPrunerConfig, ctx: PruneContext) -> None:
@@ -87,7 +95,8 @@ def check(cfg: SelfPrunerConfig, ctx: PruneContext) -> None:
 
 
 @register_method("self-pruner", "evolutionary search of per-layer wanda-sp rates, operators performed by an LLM "
-                 "(openai endpoint, local model) or classically", SelfPrunerConfig)
+                 "(openai endpoint, local model) or classically", SelfPrunerConfig, parallel=True,
+                 reach=lambda spec, cfg: width_reach(spec, cfg.rate_max))
 def self_pruner(ctx: PruneContext, cfg: SelfPrunerConfig) -> PruningPlan:
     check(cfg, ctx)
     spec = ctx.spec
@@ -95,12 +104,21 @@ def self_pruner(ctx: PruneContext, cfg: SelfPrunerConfig) -> PruningPlan:
     proposer = make_proposer(cfg.proposer, llm_model=cfg.llm_model, llm_base_url=cfg.llm_base_url,
                              retries=cfg.llm_retries, temperature=cfg.llm_temperature, max_tokens=cfg.llm_max_tokens,
                              device=str(next(ctx.model.parameters()).device))
-    fitness = MaskedFitness(ctx, ctx.calib[: cfg.fitness_rows], cfg.batch_size)
+    scores = MaskedFitness.scores(ctx, cfg.batch_size)
+    rows = ctx.calib[: cfg.fitness_rows].clone()
     evo = EvolutionConfig(cfg.population, cfg.generations, cfg.crossover, cfg.mutation, ctx.seed)
     log = print if ctx.progress else None
-    result = evolve(space, fitness, proposer, evo, ctx.workdir / "search.jsonl", log=log)
+    path = ctx.workdir / "search.jsonl"
+    if ctx.pool is None:
+        result = evolve(space, MaskedFitness(ctx.model, scores, rows, cfg.batch_size), proposer, evo, path, log=log)
+    else:  # each generation's new vectors on the pool, every worker masking its own replica
+        with ctx.pool.start(MaskedFitness, scores, rows, cfg.batch_size, progress=ctx.progress) as workers:
+            def on_pool(vectors):
+                return workers.map(vectors, "__call__", lambda v: (v,), progress=ctx.progress,
+                                   desc=f"fitness ({len(workers.alive)} workers)")
+            result = evolve(space, None, proposer, evo, path, log=log, fitness_batch=on_pool)
+    ctx.count_ppl(result.new_evaluations)
     plan = sequential_plan(ctx, result.best.rates, cfg.batch_size, "self-pruner")
-    check_ratio_reached(plan, spec, ctx.ratio)
     ctx.record(rates=result.best.rates, mean_rate=space.mean, best_fitness=result.best.fitness,
                uniform_fitness=result.uniform.fitness, fitness_evaluations=result.evaluations,
                fitness_evaluations_this_run=result.new_evaluations, search_wall_s=result.wall_s,

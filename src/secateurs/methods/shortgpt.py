@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 from ..errors import UserError
 from ..importance.block_influence import block_influence
-from ..plan import PruningPlan
+from ..plan import PruningPlan, RatioRule
+from ..search.greedy import layer_candidates, reach
 from . import PruneContext, register_method
 
 
@@ -15,7 +16,8 @@ class ShortGPTConfig:
     batch_size: int = field(default=1, metadata={"help": "calibration rows per forward pass"})
 
 
-@register_method("shortgpt", "ShortGPT: remove the whole layers with the lowest Block Influence, in one shot", ShortGPTConfig)
+@register_method("shortgpt", "ShortGPT: remove the whole layers with the lowest Block Influence, in one shot", ShortGPTConfig,
+                 ratio_rule=RatioRule("layers"), reach=lambda spec, cfg: reach(spec, layer_candidates(spec.n_layers, False)))
 def shortgpt(ctx: PruneContext, cfg: ShortGPTConfig) -> PruningPlan:
     bi = block_influence(ctx.model, ctx.adapter, ctx.calib, max(1, cfg.batch_size))
     plan = PruningPlan.dense(ctx.spec, "shortgpt")

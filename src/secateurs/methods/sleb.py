@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..plan import PruningPlan
+from ..plan import PruningPlan, RatioRule
 from ..search.depth import SearchOptions, load_order, run_greedy
-from ..search.greedy import layer_candidates, plan_from_order
+from ..search.greedy import layer_candidates, plan_from_order, reach
 from . import PruneContext, register_method
 
 
@@ -18,7 +18,9 @@ class SlebConfig(SearchOptions):
     keep_ends: bool = field(default=True, metadata={"help": "never remove the first and the last layer"})
 
 
-@register_method("sleb", "SLEB: greedy whole-layer removal by calibration perplexity (first and last layers kept)", SlebConfig)
+@register_method("sleb", "SLEB: greedy whole-layer removal by calibration perplexity (first and last layers kept)", SlebConfig,
+                 ratio_rule=RatioRule("layers"), parallel=True,
+                 reach=lambda spec, cfg: None if cfg.from_order else reach(spec, layer_candidates(spec.n_layers, cfg.keep_ends)))
 def sleb(ctx: PruneContext, cfg: SlebConfig) -> PruningPlan:
     if cfg.from_order:
         state = load_order(cfg.from_order, ctx, "sleb")

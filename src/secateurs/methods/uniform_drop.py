@@ -1,10 +1,13 @@
 """uniform-drop: the simplest depth baseline. Whole layers are dropped from the last but one backwards until
-the parameter ratio is reached. It needs no calibration and exists to prove the pipeline end to end."""
+the parameter ratio is reached (the first and the last layer always stay). It needs no calibration and exists
+to prove the pipeline end to end."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..plan import PruningPlan
+from ..errors import UserError
+from ..plan import PruningPlan, RatioRule
+from ..search.greedy import layer_candidates, reach
 from . import PruneContext, register_method
 
 
@@ -13,11 +16,16 @@ class UniformDropConfig:
     pass
 
 
-@register_method("uniform-drop", "drop whole layers from the last but one backwards (no calibration; a sanity baseline)", UniformDropConfig)
+@register_method("uniform-drop", "drop whole layers from the last but one backwards (no calibration; a sanity baseline)",
+                 UniformDropConfig, ratio_rule=RatioRule("layers"),
+                 reach=lambda spec, cfg: reach(spec, layer_candidates(spec.n_layers, keep_ends=True)))
 def uniform_drop(ctx: PruneContext, cfg: UniformDropConfig) -> PruningPlan:
     plan = PruningPlan.dense(ctx.spec, "uniform-drop")
     for layer in range(ctx.spec.n_layers - 2, 0, -1):
         if plan.ratio(ctx.spec) >= ctx.ratio:
             break
         plan.layers[layer].attn = plan.layers[layer].mlp = False
+    if plan.ratio(ctx.spec) < ctx.ratio:
+        raise UserError(f"target ratio {ctx.ratio} is out of reach for uniform-drop: dropping every layer but the "
+                        f"first and the last gives {plan.ratio(ctx.spec):.4f}")
     return plan

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..importance.sequential import sequential_plan
-from ..importance.width import max_rate, mean_rate_for_ratio
-from ..plan import PruningPlan, check_ratio_reached
+from ..importance.width import max_rate, mean_rate_for_ratio, width_reach
+from ..plan import PruningPlan
 from . import PruneContext, register_method
 
 
@@ -42,7 +42,8 @@ def parse_rates(text: str, spec) -> list[float]:
 
 
 @register_method("wanda-sp", "structured Wanda: lowest |W|*||X|| heads and channels per layer, uniform or given "
-                 "per-layer rates, layers calibrated in order", WandaSpConfig, needs_ratio=False)
+                 "per-layer rates, layers calibrated in order", WandaSpConfig, needs_ratio=False,
+                 reach=lambda spec, cfg: width_reach(spec))
 def wanda_sp(ctx: PruneContext, cfg: WandaSpConfig) -> PruningPlan:
     if (cfg.rates is None) == (ctx.ratio is None):
         raise UserError("wanda-sp needs exactly one of --ratio (uniform rate) and --rates (one rate per layer)")
@@ -53,7 +54,5 @@ def wanda_sp(ctx: PruneContext, cfg: WandaSpConfig) -> PruningPlan:
     else:
         rates = [mean_rate_for_ratio(ctx.spec, ctx.ratio)] * ctx.spec.n_layers
     plan = sequential_plan(ctx, rates, cfg.batch_size)
-    if ctx.ratio is not None:
-        check_ratio_reached(plan, ctx.spec, ctx.ratio)
     ctx.record(rates=rates, kept=plan.kept_fraction(ctx.spec))
     return plan

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..plan import atomic_write_text
 from .figures import pruning_map, vs_ratio, vs_speedup
-from .runs import BENCH, EVAL, Run, find_runs
+from .runs import BENCH, EVAL, Run, find_runs, rows_text
 
 PAGE = "report.md"
 
@@ -28,7 +28,8 @@ def _ppl(v) -> str:
 def _table(runs: list[Run]) -> list[str]:
     sets = sorted({s for r in runs for s in r.ppl})
     kinds = sorted({k for r in runs for k in r.speedup})
-    head = ["run", "model", "method", "ratio target", "ratio", "params after"] + [f"ppl {s} (dense → pruned)" for s in sets]
+    head = ["run", "model", "method", "ratio target", "ratio", "params after"]
+    head += [f"ppl {s}, {rows_text(runs, s)} (dense → pruned)" for s in sets]
     head += ["mean acc"] if any(r.tasks for r in runs) else []
     head += [f"{k} speedup" for k in kinds] + ["removed blocks", "saved as"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -8,7 +8,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter
 
-from .runs import Run
+from .runs import Run, rows_text
 
 DPI = 130
 
@@ -121,7 +121,7 @@ def _mean_acc(r, dense):
 
 
 def ppl_panels(runs):
-    return [(f"perplexity ({s})", _ppl_metric(s), True) for s in sorted({s for r in runs for s in r.ppl})]
+    return [(f"perplexity ({s}, {rows_text(runs, s)})", _ppl_metric(s), True) for s in sorted({s for r in runs for s in r.ppl})]
 
 
 def acc_panels(runs):

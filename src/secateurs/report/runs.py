@@ -15,6 +15,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..models.base import ModelSpec
 from ..plan import PruningPlan
+from ..result import check_format, held_out_rows
 
 RESULT, PLAN, EVAL, BENCH, META = "result.json", "plan.json", "eval.json", "bench.json", "secateurs.json"
 ACCURACY_KEYS = ("acc", "accuracy", "acc_norm", "exact_match")  # first one present is a task's accuracy
@@ -30,6 +31,7 @@ class Run:
     result: dict = field(default_factory=dict)
     ppl: dict = field(default_factory=dict)  # text set -> perplexity after pruning
     ppl_dense: dict = field(default_factory=dict)  # text set -> perplexity of the dense model
+    ppl_rows: dict = field(default_factory=dict)  # text set -> (rows, tokens per row) of its perplexity
     tasks: dict = field(default_factory=dict)  # task -> accuracy after pruning
     speedup: dict = field(default_factory=dict)  # kind (prefill, decode...) -> dense time / pruned time
     kept: list | None = None  # per layer {"attn": fraction, "mlp": fraction}
@@ -74,7 +76,7 @@ def kept_fraction(plan: PruningPlan) -> list[dict]:
 
 
 def read_run(folder: Path) -> Run:
-    result = _read_json(folder / RESULT) if (folder / RESULT).exists() else {}
+    result = check_format(_read_json(folder / RESULT), folder / RESULT) if (folder / RESULT).exists() else {}
     plan = PruningPlan.load(folder / PLAN) if (folder / PLAN).exists() else None
     run = Run(folder=folder, name=folder.name, method=result.get("method") or (plan.method if plan else "") or "?",
               model=str(result.get("model") or "?"), ratio=_number(result.get("ratio_achieved")), result=result,
@@ -85,12 +87,21 @@ def read_run(folder: Path) -> Run:
         for key, target in (("ppl_test_after", run.ppl), ("ppl_test_before", run.ppl_dense)):
             if _number(result.get(key)) is not None:
                 target[result["eval_set"]] = float(result[key])
+        if held_out_rows(result):
+            run.ppl_rows[result["eval_set"]] = held_out_rows(result)
     if (folder / EVAL).exists():
         ev = _read_json(folder / EVAL)
         for name, v in (ev.get("ppl") or {}).items():
             p = _number(v.get("ppl") if isinstance(v, dict) else v)
             if p is not None:
                 run.ppl[name] = p
+                rows = (v.get("rows"), v.get("seqlen")) if isinstance(v, dict) else None
+                rows = rows if rows and all(isinstance(x, int) for x in rows) else None
+                if run.ppl_rows.get(name) != rows:  # the dense figure was measured on other rows: not comparable
+                    run.ppl_dense.pop(name, None)
+                run.ppl_rows.pop(name, None)
+                if rows:
+                    run.ppl_rows[name] = rows
         for task, v in (ev.get("tasks") or {}).items():
             acc = task_accuracy(v)
             if acc is not None:
@@ -100,6 +111,16 @@ def read_run(folder: Path) -> Run:
             if _number(v) is not None:
                 run.speedup[kind] = float(v)
     return run
+
+
+def rows_text(runs: list[Run], name: str) -> str:
+    """The rows of set ``name``'s perplexity across ``runs``: ``16 rows of 512``, or a note that they differ."""
+    from ..eval.perplexity import rows_label
+
+    found = {r.ppl_rows.get(name) for r in runs if name in r.ppl}
+    if len(found) == 1 and None not in found:
+        return rows_label(*found.pop())
+    return "rows differ between runs" if len(found - {None}) > 1 else "rows not recorded"
 
 
 def find_runs(dirs: list[str]) -> list[Run]:

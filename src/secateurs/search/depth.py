@@ -1,5 +1,7 @@
 """What the greedy block searches (blockpruner, sleb) share on top of ``search.greedy``: their options and the
-run of a search inside a prune job (resumable from ``order.json`` in the run folder)."""
+run of a search inside a prune job (resumable from ``order.json`` in the run folder), in this process or on
+the job's worker pool (``--workers``: each worker builds its own ``Replayer`` from its replica of the model
+with ``replayer_for``, as this process would)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +13,7 @@ import torch
 
 from ..errors import UserError
 from ..models import get_adapter
-from .greedy import ORDER_FORMAT, Replayer, SearchSettings, greedy_search, search_model
+from .greedy import ORDER_FORMAT, CandidateScorer, PooledSteps, Replayer, SearchSettings, greedy_search, search_model
 
 if TYPE_CHECKING:
     from ..methods import PruneContext
@@ -30,15 +32,31 @@ class SearchOptions:
     from_order: str | None = field(default=None, metadata={"help": "take the plan from a saved order.json (same method, model and calibration) instead of searching"})
 
 
+def replayer_for(model, calib: torch.Tensor, cfg: SearchOptions) -> Replayer:
+    """The search's replayer of ``model`` on the calibration rows (in the search precision)."""
+    model = search_model(model, cfg.dtype)
+    return Replayer(model, get_adapter(model), calib, cfg.batch_size)
+
+
+def _replica_scorer(model, calib: torch.Tensor, cfg: SearchOptions, s: SearchSettings) -> CandidateScorer:
+    """A pool worker's side of the search (``runtime.pool``: built on the worker's replica of the model)."""
+    with torch.inference_mode():
+        return CandidateScorer(replayer_for(model, calib, cfg), s)
+
+
 def run_greedy(ctx: PruneContext, cfg: SearchOptions, candidates, method: str, target_ratio, max_steps) -> dict:
     """Runs (or resumes) the greedy search in ``ctx.workdir/order.json``; records counts in result.json."""
     if cfg.batch_size < 1 or cfg.cache_mb < 0:
         raise UserError("--batch-size must be >= 1 and --cache-mb >= 0")
     s = SearchSettings(candidates, target_ratio, max_steps, cfg.exact_reference, cfg.cache_mb)
-    model = search_model(ctx.model, cfg.dtype)
-    with torch.inference_mode():
-        replayer = Replayer(model, get_adapter(model), ctx.calib, cfg.batch_size)
-        state = greedy_search(replayer, ctx.spec, s, ctx.workdir / ORDER_FILE, method, ctx.progress)
+    path = ctx.workdir / ORDER_FILE
+    if ctx.pool is not None:
+        with ctx.pool.start(_replica_scorer, ctx.calib, cfg, s, progress=ctx.progress) as workers:
+            steps = PooledSteps(workers, Replayer.count_tokens(ctx.calib), s)
+            state = greedy_search(steps, ctx.spec, s, path, method, ctx.progress)
+    else:
+        with torch.inference_mode():
+            state = greedy_search(replayer_for(ctx.model, ctx.calib, cfg), ctx.spec, s, path, method, ctx.progress)
     steps = state["steps"]
     full = sum(st["evaluations_full"] for st in steps)
     abandoned = sum(st["evaluations_abandoned"] for st in steps)

@@ -7,8 +7,9 @@ evaluates valid vectors.
 
 The loop (``evolve``): an initial population (the uniform vector plus the proposer's vectors), then per
 generation: the proposer selects parents, makes crossover children and mutation children; new vectors are
-evaluated (a fitness cache keyed by the grid vector means no vector is evaluated twice); the survivors are
-the best ``population`` distinct vectors of parents and children. Lower fitness is better.
+evaluated (a fitness cache keyed by the grid vector means no vector is evaluated twice), all of a generation
+in one batch (``fitness_batch``, e.g. on a worker pool; the values come back in the order sent); the
+survivors are the best ``population`` distinct vectors of parents and children. Lower fitness is better.
 
 Every generation appends one JSON line to ``search.jsonl`` (proposals with their source, repairs and
 errors, fitness, wall time, tokens). Started again on the same log, the search restores the fitness cache
@@ -190,8 +191,10 @@ def _read_log(path: Path) -> list[dict]:
     return records
 
 
-def evolve(space: SearchSpace, fitness: Callable[[list[float]], float], proposer, cfg: EvolutionConfig,
-           log_path: str | Path, log: Callable[[str], None] | None = None) -> SearchResult:
+def evolve(space: SearchSpace, fitness: Callable[[list[float]], float] | None, proposer, cfg: EvolutionConfig,
+           log_path: str | Path, log: Callable[[str], None] | None = None,
+           fitness_batch: Callable[[list[list[float]]], list[float]] | None = None) -> SearchResult:
+    """Runs (or resumes) the search; ``fitness`` scores one vector, or ``fitness_batch`` a generation's new ones."""
     if cfg.population < 2 or cfg.generations < 0 or cfg.crossover < 0 or cfg.mutation < 0:
         raise UserError("the search needs --population >= 2, --generations >= 0 and non-negative child counts")
     log_path = Path(log_path)
@@ -204,15 +207,21 @@ def evolve(space: SearchSpace, fitness: Callable[[list[float]], float], proposer
         log(f"self-pruner: resuming the search after generation {records[-1]['gen']} ({len(cache)} vectors evaluated)")
     log_path.write_text("".join(json.dumps(r) + "\n" for r in records))  # drop a torn line
     new_evals = 0
+    batch = fitness_batch or (lambda vectors: [fitness(x) for x in vectors])
 
-    def evaluate(p: Proposal) -> None:
+    def evaluate(props: list[Proposal]) -> None:
         nonlocal new_evals
-        k = space.key(p.rates)
-        p.cached = k in cache
-        if not p.cached:
-            cache[k] = float(fitness(p.rates))
-            new_evals += 1
-        p.fitness = cache[k]
+        fresh = {}  # key -> rates, the vectors not seen before, in proposal order
+        for p in props:
+            k = space.key(p.rates)
+            p.cached = k in cache or k in fresh
+            if not p.cached:
+                fresh[k] = p.rates
+        for k, v in zip(fresh, batch(list(fresh.values())), strict=True):
+            cache[k] = float(v)
+        new_evals += len(fresh)
+        for p in props:
+            p.fitness = cache[space.key(p.rates)]
 
     def survivors(pool: list[Individual]) -> list[Individual]:
         seen, out = set(), []
@@ -238,8 +247,7 @@ def evolve(space: SearchSpace, fitness: Callable[[list[float]], float], proposer
             for i in selection.singles:
                 props.append(proposer.mutate(space, population, i, rng))
                 props[-1].parents = [i]
-        for p in props:
-            evaluate(p)
+        evaluate(props)
         population = survivors(population + [Individual(p.rates, p.fitness) for p in props])
         parts = [selection] if selection else []
         rec = {

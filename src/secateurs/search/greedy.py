@@ -70,6 +70,11 @@ def removal_ratio(spec: ModelSpec, removed: list[int]) -> float:
     return PruningPlan.from_removed_blocks(spec, [Block.at(p) for p in removed]).ratio(spec)
 
 
+def reach(spec: ModelSpec, candidates: list[tuple[int, ...]]) -> float:
+    """The largest ratio removing ``candidates`` can give: all of them removed."""
+    return removal_ratio(spec, sorted({p for c in candidates for p in c}))
+
+
 class VocabHead:
     """The summed next-token NLL of one batch, computed over the vocabulary chunk by chunk.
 
@@ -139,11 +144,16 @@ class Replayer:
             self.kwargs.append(cap.kwargs)
             if head_chunk:
                 mass = mass + adapter.logits(cap.hidden[-1]).float().softmax(-1).sum((0, 1))
-        self.tokens = rows.shape[0] * (rows.shape[1] - 1)
+        self.tokens = self.count_tokens(rows)
         self._chunk_vocab(mass, head_chunk)
         self.blocks_run = 0
         self.heads_run = 0
         self.head_work = 0.0
+
+    @staticmethod
+    def count_tokens(rows: torch.Tensor) -> int:
+        """Predicted tokens of the rows: all but the first of each row."""
+        return rows.shape[0] * (rows.shape[1] - 1)
 
     def _chunk_vocab(self, mass, first: int) -> None:
         head = self.adapter.lm_head()
@@ -275,24 +285,195 @@ def _load_state(path: Path | None, spec: ModelSpec, fingerprint: dict) -> dict |
     return state
 
 
-def greedy_search(replayer: Replayer, spec: ModelSpec, s: SearchSettings, state_path: Path | None = None,
+class CandidateScorer:
+    """One replica's part of a greedy step: evaluates removal candidates on top of the current removal set, in
+    the order given, and returns the complete losses; candidates provably worse than a known complete loss
+    are abandoned (fast search). Keeps the fast search's state cache across steps. One process runs every
+    candidate of a step through one scorer (``LocalSteps``); a worker pool runs one scorer per worker
+    (``PooledSteps``)."""
+
+    def __init__(self, replayer: Replayer, s: SearchSettings):
+        self.r, self.s = replayer, s
+        self.cache = StateCache(s.cache_mb << 20)
+        self.current: frozenset | None = None  # the removal set whose states are pinned in the cache
+
+    def work(self) -> tuple:
+        return self.r.blocks_run, self.r.heads_run, self.r.head_work
+
+    @torch.inference_mode()
+    def dense_loss(self) -> float:
+        r = self.r
+        return math.fsum(r.loss(b, r.run(b, r.emb[b], 0, frozenset())) for b in range(len(r.batches)))
+
+    @torch.inference_mode()
+    def score(self, removed: frozenset, order: list[int], predicted: set[int], known: dict, bar=iter) -> dict:
+        """Evaluates candidates ``order`` (indices into ``s.candidates``) removed on top of ``removed``.
+        ``predicted``: block positions of the step's likely winners (states are saved there); ``known``: complete
+        losses of this step computed elsewhere (a bound, and leaders). Returns ``losses`` (the complete ones,
+        by index), ``abandoned`` (indices) and ``work`` (blocks run, complete heads, head work)."""
+        w0 = self.work()
+        if self.s.exact:
+            r = self.r
+            losses = {i: math.fsum(r.loss(b, r.run(b, r.emb[b], 0, removed | frozenset(self.s.candidates[i])))
+                                   for b in range(len(r.batches))) for i in bar(order)}
+            abandoned = []
+        else:
+            if removed != self.current:
+                self._pin(removed)
+            losses, abandoned = self._fast(removed, order, predicted, known, bar)
+        return {"losses": losses, "abandoned": abandoned, "work": tuple(b - a for a, b in zip(w0, self.work()))}
+
+    def _pin(self, removed: frozenset) -> None:
+        """The current model's states at every position: pinned, shared by all candidates of the step."""
+        r, cache = self.r, self.cache
+        cache.keep_useful(removed)  # drops states no later removal set can use (a block removed since), unpins
+        for b in range(len(r.batches)):
+            start, h = 0, r.emb[b]
+            while start + 1 < r.n_pos and cache.key(b, start + 1, removed) in cache.entries:
+                start += 1
+                h = cache.entries[cache.key(b, start, removed)]
+            for pos in range(start + 1):
+                if cache.key(b, pos, removed) in cache.entries:
+                    cache.pinned.add(cache.key(b, pos, removed))
+            cache.put(cache.key(b, start, removed), h, pin=True)
+            r.run(b, h, start, removed, save=lambda pos, x, b=b: cache.put(cache.key(b, pos, removed), x, pin=True))
+        self.current = removed
+
+    def _fast(self, removed, order, predicted, known, bar) -> tuple[dict, list]:
+        r, s, cache = self.r, self.s, self.cache
+        nb = len(r.batches)
+        inf = float("inf")
+        margin = 1e-5 * r.tokens  # nats: far above float rounding of the bounds, far below candidates' gaps
+        best = min(known, key=lambda j: (known[j], j)) if known else None
+        best_loss = known[best] if known else inf
+        losses, abandoned = {}, []
+        for i in bar(order):
+            cand = s.candidates[i]
+            rem = removed | frozenset(cand)
+            # save states where the likely winners sit: predicted by the last step, and the best of this one so far
+            seen = known | losses
+            leaders = sorted(seen, key=lambda j: (seen[j], j))[: s.watch]
+            watch = sorted(predicted | {min(s.candidates[j]) for j in leaders})
+            heads = []
+
+            def over() -> bool:
+                return math.fsum(hd.value for hd in heads) > best_loss + margin
+
+            for b in range(nb):  # the blocks of every batch, each followed by the first chunk of its head
+                pos, h = cache.latest(b, rem, r.n_pos - 1) or (0, r.emb[b])
+                save = _saver(cache, b, rem, [w for w in watch if w > pos and w not in rem])
+                heads.append(r.head(b, r.run(b, h, pos, rem, save)))
+                heads[-1].advance()
+                if over():
+                    break
+            else:  # then the next chunk of every batch, and so on, until the candidate is dropped or complete
+                while not over() and not all(hd.complete for hd in heads):
+                    for hd in heads:
+                        if not hd.complete:
+                            hd.advance()
+                            if over():
+                                break
+            if len(heads) < nb or not all(hd.complete for hd in heads):
+                abandoned.append(i)
+                continue
+            losses[i] = math.fsum(hd.value for hd in heads)
+            if (losses[i], i) < (best_loss, best if best is not None else inf):
+                best, best_loss = i, losses[i]
+        return losses, abandoned
+
+
+def step_order(s: SearchSettings, remaining: list[int], last: dict) -> tuple[list[int], set[int]]:
+    """The order candidates are tried in (fast search: best-first by their loss at the previous step, abandoned
+    ones last, later blocks first) and the positions of the predicted winners."""
+    if s.exact:
+        return remaining, set()
+    inf = float("inf")
+    order = sorted(remaining, key=lambda i: (last.get(str(i), inf), -min(s.candidates[i]), i))
+    return order, {min(s.candidates[i]) for i in order[: s.watch] if str(i) in last}
+
+
+def merge_step(s: SearchSettings, remaining: list[int], losses: dict, work) -> dict:
+    """The step's decision from all complete losses: the lowest (loss, index); its loss is bitwise the same
+    wherever and in whatever order the candidates were evaluated."""
+    best = min(losses, key=lambda i: (losses[i], i))
+    return {"best": best, "loss": losses[best], "losses": dict(sorted(losses.items())), "full": len(losses),
+            "abandoned": len(remaining) - len(losses), "work": work}
+
+
+class LocalSteps:
+    """The greedy steps in this process: every candidate through one ``CandidateScorer``."""
+
+    def __init__(self, replayer: Replayer, s: SearchSettings):
+        self.s, self.tokens = s, replayer.tokens
+        self.scorer = CandidateScorer(replayer, s)
+
+    def dense_loss(self) -> float:
+        return self.scorer.dense_loss()
+
+    def step(self, removed, remaining, last, progress, n) -> dict:
+        order, predicted = step_order(self.s, remaining, last)
+        desc = f"step {n}" + (" (exact)" if self.s.exact else "")
+        res = self.scorer.score(removed, order, predicted, {},
+                                bar=lambda it: progress_bar(it, desc=desc, enabled=progress))
+        return merge_step(self.s, remaining, res["losses"], res["work"])
+
+
+class PooledSteps:
+    """The greedy steps on a worker pool (``runtime.pool.Workers`` whose workers hold ``CandidateScorer``s).
+
+    The candidates of a step are sent one at a time, best-first, each with the complete losses known so far
+    (their minimum is the abandonment bound, the best few the leaders whose positions get saved states), to
+    the worker that evaluated that candidate at the previous step (its cache holds the candidate's states)
+    when it is alive. Whichever worker evaluates a candidate, a complete loss is bitwise the one this process
+    would compute, an abandoned candidate is worse than a complete one, and ``merge_step`` picks the same
+    winner: the order and the losses are those of ``LocalSteps``. The counts of abandoned candidates and of
+    work done depend on timing."""
+
+    def __init__(self, workers, tokens: int, s: SearchSettings):
+        self.workers, self.tokens, self.s = workers, tokens, s
+        self.owner: dict[int, int] = {}  # candidate -> the worker that evaluated it last
+
+    def dense_loss(self) -> float:
+        return self.workers.call("dense_loss")
+
+    def step(self, removed, remaining, last, progress, n) -> dict:
+        order, predicted = step_order(self.s, remaining, last)
+        losses, work = {}, [0, 0, 0.0]
+
+        def args(i):
+            leaders = sorted(losses, key=lambda j: (losses[j], j))[: max(1, self.s.watch)]
+            return removed, [i], predicted, {j: losses[j] for j in leaders}
+
+        def done(i, w, res):
+            losses.update(res["losses"])
+            self.owner[i] = w
+            for k, x in enumerate(res["work"]):
+                work[k] += x
+
+        self.workers.map(order, "score", args, on_result=done, prefer=self.owner.get, progress=progress,
+                         desc=f"step {n} ({len(self.workers.alive)} workers)" + (" (exact)" if self.s.exact else ""))
+        return merge_step(self.s, remaining, losses, tuple(work))
+
+
+def greedy_search(replayer, spec: ModelSpec, s: SearchSettings, state_path: Path | None = None,
                   method: str = "", progress: bool = False, on_step: Callable | None = None) -> dict:
-    """Runs (or resumes) the greedy removal; returns the state: ``steps`` (one dict per removal) and counts."""
+    """Runs (or resumes) the greedy removal; returns the state: ``steps`` (one dict per removal) and counts.
+    ``replayer``: a ``Replayer`` (the search in this process) or the steps' runner (``PooledSteps``)."""
     if s.target_ratio is None and s.max_steps is None:
         raise ValueError("greedy_search needs a target ratio or a number of steps")
+    runner = LocalSteps(replayer, s) if isinstance(replayer, Replayer) else replayer
     all_pos = sorted(p for c in s.candidates for p in c)
     reach = removal_ratio(spec, all_pos)
     if s.target_ratio is not None and reach < s.target_ratio:
         raise UserError(f"target ratio {s.target_ratio} is out of reach: removing every candidate gives {reach:.4f}")
     state = _load_state(state_path, spec, s.fingerprint()) or {
         "format": ORDER_FORMAT, "method": method, "dims": spec.as_dict(), "search": s.fingerprint(),
-        "tokens": replayer.tokens, "dense": None, "steps": [], "last_losses": {}}
-    cache = StateCache(s.cache_mb << 20)
+        "tokens": runner.tokens, "dense": None, "steps": [], "last_losses": {}}
 
     removed = frozenset(p for st in state["steps"] for p in parse_units(st["removed"]))
     if state["dense"] is None:
-        loss = math.fsum(replayer.loss(b, replayer.run(b, replayer.emb[b], 0, frozenset())) for b in range(len(replayer.batches)))
-        state["dense"] = {"loss": loss, "ppl": math.exp(loss / replayer.tokens)}
+        loss = runner.dense_loss()
+        state["dense"] = {"loss": loss, "ppl": math.exp(loss / runner.tokens)}
 
     def done() -> bool:
         n = len(state["steps"])
@@ -304,24 +485,22 @@ def greedy_search(replayer: Replayer, spec: ModelSpec, s: SearchSettings, state_
 
     while not done():
         t0 = time.time()
-        work0 = (replayer.blocks_run, replayer.heads_run, replayer.head_work)
         remaining = [i for i, c in enumerate(s.candidates) if not set(c) & removed]
-        step = (_step_exact if s.exact else _step_fast)(replayer, s, cache, removed, remaining, state["last_losses"],
-                                                        progress, len(state["steps"]) + 1)
+        step = runner.step(removed, remaining, state["last_losses"], progress, len(state["steps"]) + 1)
         best = s.candidates[step["best"]]
         removed = removed | frozenset(best)
         state["steps"].append({
             "removed": _candidate_label(best),
             "blocks": [Block.at(p).name for p in best],
             "loss": step["loss"],
-            "ppl": math.exp(step["loss"] / replayer.tokens),
+            "ppl": math.exp(step["loss"] / runner.tokens),
             "ratio": removal_ratio(spec, sorted(removed)),
             "candidates": len(remaining),
             "evaluations_full": step["full"],
             "evaluations_abandoned": step["abandoned"],
-            "blocks_run": replayer.blocks_run - work0[0],
-            "heads_run": replayer.heads_run - work0[1],
-            "head_work": replayer.head_work - work0[2],
+            "blocks_run": step["work"][0],
+            "heads_run": step["work"][1],
+            "head_work": step["work"][2],
             "seconds": time.time() - t0,
         })
         state["last_losses"] = {str(i): v for i, v in step["losses"].items()}
@@ -336,69 +515,6 @@ def parse_units(label: str) -> list[int]:
     if label.startswith("layer") and label[5:].isdigit():
         return list(layer_positions(int(label[5:])))
     return [Block.parse(x).pos for x in label.split("+")]
-
-
-def _step_exact(r: Replayer, s: SearchSettings, cache, removed, remaining, last, progress, n) -> dict:
-    losses = {}
-    for i in progress_bar(remaining, desc=f"step {n} (exact)", enabled=progress):
-        rem = removed | frozenset(s.candidates[i])
-        losses[i] = math.fsum(r.loss(b, r.run(b, r.emb[b], 0, rem)) for b in range(len(r.batches)))
-    best = min(remaining, key=lambda i: (losses[i], i))
-    return {"best": best, "loss": losses[best], "losses": losses, "full": len(remaining), "abandoned": 0}
-
-
-def _step_fast(r: Replayer, s: SearchSettings, cache: StateCache, removed, remaining, last, progress, n) -> dict:
-    nb = len(r.batches)
-    # the current model's states at every position: pinned, shared by all candidates
-    for b in range(nb):
-        start, h = 0, r.emb[b]
-        while start + 1 < r.n_pos and cache.key(b, start + 1, removed) in cache.entries:
-            start += 1
-            h = cache.entries[cache.key(b, start, removed)]
-        for pos in range(start + 1):
-            if cache.key(b, pos, removed) in cache.entries:
-                cache.pinned.add(cache.key(b, pos, removed))
-        cache.put(cache.key(b, start, removed), h, pin=True)
-        r.run(b, h, start, removed, save=lambda pos, x, b=b: cache.put(cache.key(b, pos, removed), x, pin=True))
-    inf = float("inf")
-    order = sorted(remaining, key=lambda i: (last.get(str(i), inf), -min(s.candidates[i]), i))
-    predicted = {min(s.candidates[i]) for i in order[: s.watch] if str(i) in last}
-    margin = 1e-5 * r.tokens  # nats: far above float rounding of the bounds, far below candidates' gaps
-    best, best_loss, losses, abandoned = None, inf, {}, 0
-    for i in progress_bar(order, desc=f"step {n}", enabled=progress):
-        cand = s.candidates[i]
-        rem = removed | frozenset(cand)
-        # save states where the likely winners sit: predicted by the last step, and the best of this one so far
-        leaders = sorted(losses, key=lambda j: (losses[j], j))[: s.watch]
-        watch = sorted(predicted | {min(s.candidates[j]) for j in leaders})
-        heads = []
-
-        def over() -> bool:
-            return math.fsum(hd.value for hd in heads) > best_loss + margin
-
-        for b in range(nb):  # the blocks of every batch, each followed by the first chunk of its head
-            pos, h = cache.latest(b, rem, r.n_pos - 1) or (0, r.emb[b])
-            save = _saver(cache, b, rem, [w for w in watch if w > pos and w not in rem])
-            heads.append(r.head(b, r.run(b, h, pos, rem, save)))
-            heads[-1].advance()
-            if over():
-                break
-        else:  # then the next chunk of every batch, and so on, until the candidate is dropped or complete
-            while not over() and not all(hd.complete for hd in heads):
-                for hd in heads:
-                    if not hd.complete:
-                        hd.advance()
-                        if over():
-                            break
-        if len(heads) < nb or not all(hd.complete for hd in heads):
-            abandoned += 1
-            continue
-        losses[i] = math.fsum(hd.value for hd in heads)
-        if (losses[i], i) < (best_loss, best if best is not None else inf):
-            best, best_loss = i, losses[i]
-    cache.keep_useful(removed | frozenset(s.candidates[best]))
-    # abandoned candidates (no loss) rank after every complete one at the next step
-    return {"best": best, "loss": best_loss, "losses": losses, "full": len(losses), "abandoned": abandoned}
 
 
 def _saver(cache: StateCache, b: int, rem: frozenset, positions: list[int]):

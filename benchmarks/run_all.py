@@ -1,0 +1,174 @@
+"""``make bench``: run the benchmarks that fit this machine, one after the other, and write their results files.
+
+    python benchmarks/run_all.py --list              # what is registered, expected minutes, results files
+    python benchmarks/run_all.py                     # the default set (``--list`` marks it and sums its minutes)
+    python benchmarks/run_all.py --only reference,demo
+    python benchmarks/run_all.py --all               # also the long ones
+    python benchmarks/run_all.py --dry-run           # print the commands only
+
+A benchmark is one ``register(...)`` entry below: a name, its expected minutes (a quiet 2-core CPU, one thread
+per process, from the runs recorded in benchmarks/results/), the commands that produce it (run from the
+repository root with this Python, ``PYTHONPATH=src`` and ``OMP_NUM_THREADS=1`` unless set), the results files
+they write, and whether ``make bench`` runs it by default. Benchmarks run one at a time: timings need a quiet
+machine, and each results file says what else was running. Every command is run even when an earlier one
+failed; the exit code is 1 when any failed. ``benchmarks/results/run_all.json`` records what ran, for how long, the exit
+codes and the load average before and after each benchmark.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = "benchmarks/results"
+
+
+@dataclass
+class Benchmark:
+    name: str
+    minutes: float  # expected wall minutes on a quiet 2-core CPU (one thread per process)
+    commands: list  # argument lists; "{py}" is this Python, "{results}" benchmarks/results
+    results: list  # files written, relative to the repository root ("{results}" as above)
+    about: str
+    default: bool = True  # run by `make bench` (without --only / --all)
+    env: dict = field(default_factory=dict)
+
+
+REGISTRY: dict[str, Benchmark] = {}
+
+
+def register(name: str, minutes: float, commands: list, results: list, about: str, default: bool = True, env=None):
+    """Adds a benchmark (one entry; see the module docstring). Commands are strings split like a shell would."""
+    if name in REGISTRY:
+        raise ValueError(f"benchmark {name!r} registered twice")
+    REGISTRY[name] = Benchmark(name, minutes, [shlex.split(c) for c in commands], results, about, default, env or {})
+
+
+# --- the registry: one entry per benchmark ------------------------------------------------------------------
+register("reference", 4, ["{py} benchmarks/reference_figures.py --figures dense,layer28"],
+         ["{results}/reference-smollm2-135m.json", "{results}/reference-smollm2-135m.md"],
+         "the README's reference figures: dense SmolLM2 perplexity (the shared reference setting and the eval "
+         "default) and dropping only layer 28")
+register("demo", 5, ["{py} benchmarks/reference_figures.py --figures demo"],
+         ["{results}/demo-smollm2-135m.json", "{results}/demo-smollm2-135m.md"],
+         "`make demo` from scratch (its pruned folder is deleted first), output recorded as the README quotes it")
+register("width-smollm2", 40, ["bash benchmarks/width_table.sh runs/width",
+                               "{py} benchmarks/width_summary.py collect runs/width --json {results}/width_smollm2.json",
+                               "{py} benchmarks/width_summary.py table {results}/width_smollm2.json"],
+         ["{results}/width_smollm2.json"],
+         "width pruning at 20% / 40%: wanda-sp, flap, self-pruner (classic and local proposer); rows for "
+         "width_smollm2.md", env={"PY": "{py}"})
+register("tell-ablation-smollm2", 15, ["{py} benchmarks/tell_ablation.py --model smollm2-135m --ratio 0.25 "
+                                       "--variants uniform,kind-T1,global-T1,kind-T1-width,kind-T0.5-width"],
+         ["{results}/tell-ablation-smollm2-135m.json", "{results}/tell-ablation-smollm2-135m.md"],
+         "tell's per-block assignment variants at 25% (perplexity, predicted and measured speedup)")
+register("blockpruner-speed-cpu", 27, ["{py} benchmarks/blockpruner_speed.py --nsamples 4 --seqlen 256 --steps 6 "
+                                       "--json {results}/blockpruner_speed_cpu_256_chunked.json"],
+         ["{results}/blockpruner_speed_cpu_256_chunked.json"],
+         "BlockPruner's fast search against the straightforward one, same order required (the README's 2.83x)")
+register("depth-smollm2", 35, ["{py} benchmarks/depth_quality.py smollm2-135m --ratio 0.25 --nsamples 1 --seqlen 128 "
+                               "--rows 8 --prompt 128 --rounds 2"],
+         ["{results}/depth_smollm2-135m.json", "{results}/depth_smollm2-135m.md"],
+         "blockpruner, shortgpt and sleb at 25% on SmolLM2 (small calibration)", default=False)
+register("tradeoff-smollm2", 150, [
+    "{py} benchmarks/tradeoff.py --model smollm2-135m --methods shortgpt,wanda-sp,flap,tell,"
+    "blockpruner[from-order=benchmarks/results/order-smollm2-135m-16x256-fp32.json,as=blockpruner],"
+    "tell[assign=importance,te-target=output,as=tell-importance-output],sleb[ratios=0.25] "
+    "--ratios 0.10,0.15,0.20,0.25 --eval-rows 16 --latency-reps 5 --work runs/tradeoff --results {results}"],
+    ["{results}/tradeoff-smollm2-135m.md", "{results}/tradeoff-smollm2-135m.png"],
+    "every method at 10-25% on SmolLM2: perplexity against measured prefill speedup", default=False)
+register("tradeoff-gemma3", 180, [
+    "{py} benchmarks/tradeoff.py --model gemma3-270m --nsamples 4 --seqlen 256 --methods shortgpt,wanda-sp,flap,tell,"
+    "blockpruner[from-order=benchmarks/results/order-gemma3-270m-4x256-fp32.json,as=blockpruner],sleb[ratios=0.25] "
+    "--ratios 0.10,0.15,0.25 --eval-rows 8 --latency-reps 5 --work runs/tradeoff --results {results}"],
+    ["{results}/tradeoff-gemma3-270m.md", "{results}/tradeoff-gemma3-270m.png"],
+    "every method at 10-25% on Gemma-3-270M", default=False)
+
+
+# --- running ------------------------------------------------------------------------------------------------
+def _fill(text: str, results: str) -> str:
+    return text.replace("{py}", sys.executable).replace("{results}", results)
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def listing(names: list[str]) -> str:
+    lines = [f"{'benchmark':<24}{'minutes':>8}  {'default':<8}results", "-" * 100]
+    for b in REGISTRY.values():
+        lines.append(f"{b.name:<24}{b.minutes:>8g}  {'yes' if b.default else 'no':<8}{', '.join(_fill(r, RESULTS) for r in b.results)}")
+        lines.append(f"{'':<42}{b.about}")
+    chosen = sum(REGISTRY[n].minutes for n in names)
+    lines.append(f"\nselected: {', '.join(names)} (about {chosen:g} minutes on a quiet 2-core CPU)")
+    return "\n".join(lines)
+
+
+def run_one(b: Benchmark, results: str, dry: bool) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.update({k: _fill(v, results) for k, v in b.env.items()})
+    record = {"name": b.name, "expected_minutes": b.minutes, "commands": [], "load_before": load_average()}
+    t0 = time.time()
+    for cmd in b.commands:
+        argv = [_fill(a, results) for a in cmd]
+        print(f"$ {shlex.join(argv)}", flush=True)
+        rc = 0 if dry else subprocess.run(argv, cwd=ROOT, env=env).returncode
+        record["commands"].append({"argv": argv, "rc": rc})
+    record["minutes"] = round((time.time() - t0) / 60, 2)
+    record["load_after"] = load_average()
+    record["missing"] = [r for r in (_fill(x, results) for x in b.results) if not (ROOT / r).exists()]
+    record["ok"] = all(c["rc"] == 0 for c in record["commands"]) and not record["missing"]
+    return record
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    p.add_argument("--only", default=None, help="comma-separated benchmark names")
+    p.add_argument("--all", action="store_true", help="every registered benchmark, the long ones too")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    a = p.parse_args(argv)
+    if a.only:
+        names = [n.strip() for n in a.only.split(",") if n.strip()]
+        unknown = [n for n in names if n not in REGISTRY]
+        if unknown:
+            p.error(f"unknown benchmark(s) {', '.join(unknown)}; registered: {', '.join(REGISTRY)}")
+    else:
+        names = [n for n, b in REGISTRY.items() if a.all or b.default]
+    if a.list:
+        print(listing(names))
+        return 0
+    print(listing(names), flush=True)
+    records = []
+    for n in names:
+        print(f"\n=== {n} (expected about {REGISTRY[n].minutes:g} min) ===", flush=True)
+        records.append(run_one(REGISTRY[n], RESULTS, a.dry_run))
+        r = records[-1]
+        print(f"=== {n}: {'ok' if r['ok'] else 'FAILED'} in {r['minutes']} min"
+              + (f"; missing {', '.join(r['missing'])}" if r["missing"] else ""), flush=True)
+    if not a.dry_run:
+        log = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "benchmarks": records,
+               "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+        path = ROOT / RESULTS / "run_all.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(log, indent=1) + "\n")
+        print(f"\nwrote {path.relative_to(ROOT)}")
+    print("\n" + "\n".join(f"{r['name']:<24}{'ok' if r['ok'] else 'FAILED':<8}{r['minutes']:>8} min" for r in records))
+    return 0 if all(r["ok"] for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Which engine runs a model for ``secateurs eval`` and ``secateurs bench``, chosen once from the input.
+
+- ``llama.cpp``: a ``.gguf`` file (secateurs.eval.llamacpp);
+- ``torch``: anything else (an embedded name, a Hugging Face id or folder, a pruned secateurs folder).
+
+Both give the commands the same things: an opened model with ``rows(set, seqlen, n)`` and
+``perplexity(rows, ...)``, and ``bench(ref, against, ...)`` returning the same keys (prefill, decode, memory,
+FLOPs, speedups). A new engine is one ``register_engine`` call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class Engine:
+    name: str
+    accepts: Callable[[str], bool]
+    open: Callable  # (ref, seqlen, device, threads, progress) -> handle with rows / perplexity / settings
+    bench: Callable  # (ref, against, settings: dict, device, threads, memory, progress, flash_attn) -> dict
+
+
+_ENGINES: list[Engine] = []
+
+
+def register_engine(engine: Engine) -> Engine:
+    _ENGINES.append(engine)
+    return engine
+
+
+def engine_for(ref: str) -> Engine:
+    """The first registered engine that accepts ``ref`` (torch accepts everything, so it comes last)."""
+    return next(e for e in _ENGINES if e.accepts(ref))
+
+
+def same_engine(ref: str, against: str | None) -> Engine:
+    e = engine_for(ref)
+    if against is not None and engine_for(against) is not e:
+        raise UserError(f"{ref} runs in {e.name} and {against} in {engine_for(against).name}: compare two models of the "
+                        f"same kind (two .gguf files for llama.cpp, two models or folders for PyTorch)")
+    return e
+
+
+def _is_gguf(ref: str) -> bool:
+    return str(ref).lower().endswith(".gguf")
+
+
+# --- llama.cpp ------------------------------------------------------------------------------------------------
+def _open_llamacpp(ref, seqlen, device=None, threads=None, progress=True):
+    from . import llamacpp
+
+    if device not in (None, "cpu"):
+        raise UserError(f"GGUF files run in llama.cpp on the CPU here (got --device {device})")
+    return llamacpp.Handle(ref, seqlen, threads)
+
+
+def _bench_llamacpp(ref, against, s: dict, device=None, threads=None, memory=True, progress=False, flash_attn=False):
+    from . import llamacpp
+
+    if device not in (None, "cpu"):
+        raise UserError(f"GGUF files run in llama.cpp on the CPU here (got --device {device})")
+    settings = llamacpp.LlamaBenchSettings(**s, threads=threads or 0, flash_attn=flash_attn)
+    return llamacpp.bench(ref, against, settings, memory=memory, progress=progress)
+
+
+register_engine(Engine("llama.cpp", _is_gguf, _open_llamacpp, _bench_llamacpp))
+
+
+# --- PyTorch (transformers) ---------------------------------------------------------------------------------------
+class TorchHandle:
+    engine = "torch"
+    supports_tasks = True
+
+    def __init__(self, ref, device="cpu", progress=True):
+        from ..models import load_model
+
+        self.device = device
+        self.model, self.tokenizer = load_model(ref, device=device, progress=progress)
+
+    def rows(self, name, seqlen, max_rows):
+        from ..data import eval_rows
+
+        return eval_rows(self.tokenizer, self.model, name, seqlen, max_rows)
+
+    def perplexity(self, rows, batch_size=4, progress=False, desc="perplexity"):
+        from .perplexity import perplexity
+
+        return perplexity(self.model, rows, batch_size=batch_size, progress=progress, desc=desc)
+
+    def settings(self) -> dict:
+        return {"engine": self.engine, "device": self.device}
+
+
+def _open_torch(ref, seqlen=None, device="cpu", threads=None, progress=True):
+    return TorchHandle(ref, device or "cpu", progress)
+
+
+def _bench_torch(ref, against, s: dict, device="cpu", threads=None, memory=True, progress=False, flash_attn=False):
+    from .bench import BenchSettings, bench
+
+    if threads or flash_attn:
+        raise UserError("--threads and --flash-attn apply to .gguf files (llama.cpp); PyTorch follows OMP_NUM_THREADS")
+    return bench(ref, against, BenchSettings(**s), device=device or "cpu", memory=memory, progress=progress)
+
+
+register_engine(Engine("torch", lambda ref: True, _open_torch, _bench_torch))

@@ -1,0 +1,1 @@
+"""Where and how the model runs: the worker pool (``runtime.pool``)."""
