@@ -62,7 +62,7 @@ def test_response_assignment_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
     model = tiny_model("llama")
     ctx = _ctx(model, tmp_path, 0.25)
-    plan = tell(ctx, TellConfig())  # the default: measured responses, one stage, compensation on
+    plan = tell(ctx, TellConfig(assign="response"))  # measured responses, one stage, compensation on
     spec = ctx.spec
     assert plan.ratio(spec) >= 0.25 - 1e-9
     d = ctx.extra
@@ -79,19 +79,19 @@ def test_response_assignment_end_to_end(tmp_path, monkeypatch):
     # the same budget again: every response comes from the cache
     ctx2 = _ctx(model, tmp_path / "again", 0.25)
     (tmp_path / "again").mkdir()
-    assert tell(ctx2, TellConfig()).to_dict() == plan.to_dict()
+    assert tell(ctx2, TellConfig(assign="response")).to_dict() == plan.to_dict()
     assert ctx2.extra["allocation"]["evaluations_measured"] == 0
     # two stages: the second measures on top of the committed half
     ctx3 = _ctx(model, tmp_path / "two", 0.25)
     (tmp_path / "two").mkdir()
-    p3 = tell(ctx3, TellConfig(stages=2))
+    p3 = tell(ctx3, TellConfig(assign="response", stages=2))
     st = ctx3.extra["allocation"]["stages"]
     assert len(st) == 2 and st[1]["committed_saving"] > 0 and p3.ratio(spec) >= 0.25 - 1e-9
 
 
 @pytest.mark.slow
 def test_response_default_on_smollm(tmp_path, monkeypatch, capsys):
-    """The default (measured responses, knapsack) through the CLI on the real model, small settings."""
+    """--assign response (measured responses, knapsack) through the CLI on the real model, small settings."""
     import json as _json
 
     from secateurs.cli import main
@@ -101,7 +101,7 @@ def test_response_default_on_smollm(tmp_path, monkeypatch, capsys):
     (tmp_path / "cache" / "models").symlink_to(cache_dir() / "models")  # real weights, private tell cache
     monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    assert main(["prune", "smollm2-135m", "--method", "tell", "--ratio", "0.1", "--nsamples", "2", "--seqlen", "32",
+    assert main(["prune", "smollm2-135m", "--method", "tell", "--assign", "response", "--ratio", "0.1", "--nsamples", "2", "--seqlen", "32",
                  "--levels", "0.5", "--eval", "", "--quiet", "--out", str(out)]) == 0
     result = _json.loads((out / "result.json").read_text())
     d = result["method_details"]
@@ -118,7 +118,7 @@ def test_response_assignment_with_local_search(tmp_path, monkeypatch):
     monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
     model = tiny_model("llama")
     ctx = _ctx(model, tmp_path, 0.25)
-    plan = tell(ctx, TellConfig(refine=3))
+    plan = tell(ctx, TellConfig(assign="response", refine=3))
     hist = ctx.extra["allocation"]["refine"]
     assert 1 <= len(hist) <= 4 and hist[0]["accepted"] and not hist[0]["moves"]
     final = min(h["loss"] for h in hist if h["accepted"])

@@ -2,25 +2,31 @@
 measured about the model (our design of Yang et al., ICML 2025, "Let LLM Tell What to Prune and How Much to
 Prune"; see docs/tell.md).
 
-Default (``--assign response``):
+Default (``--assign uniform``, the best assignment measured so far): the same ratio in every block; inside a
+block the lowest-FLAP heads / channels go with bias compensation, as many as the width methods' rate rule says
+(``importance/width.py``); the ratio is set by bisection on the budget (``search/assign.py``): the parameter
+ratio, or with ``--speedup`` the speedup predicted from the unit costs measured on this device
+(``importance/cost.py``, cached).
+
+``--assign response``:
 1. Width scores of every head and channel (FLAP fluctuation, one calibration pass) and, with ``--speedup``, the
-   cost of every unit kind measured on this device (``importance/cost.py``, cached).
+   unit costs.
 2. Every block's options (keep; ``--levels`` of its heads or channels removed, the lowest-scoring first, with
    FLAP's bias compensation per ``--compensation``; removed whole), each measured: the calibration loss with that
    one block changed (``importance/response.py``, replayed from the dense model's state at the block).
 3. One option per block, the least summed loss increase whose summed saving meets the budget (parameters for
    ``--ratio``, predicted prefill milliseconds for ``--speedup``): an exact multiple-choice knapsack; with
    ``--stages`` > 1, part of the choice is committed and the responses measured again on top of it
-   (``search/allocate.py``).
+   (``search/allocate.py``); with ``--refine N``, a local search on the whole plan's loss follows.
 
-Other assignments: ``--assign importance``: per-block ratios from transfer entropy (``importance/interaction.py``,
-``search/assign.py``); ``--assign uniform``: the same ratio in every block. Inside a block, the lowest-FLAP heads /
-channels go with bias compensation, as many as the width methods' rate rule says (``importance/width.py``).
+``--assign importance``: per-block ratios from transfer entropy (``importance/interaction.py``,
+``search/assign.py``), the same width rule inside a block.
 
 With ``--speedup``, the plan's prefill speedup is then measured on a pruned copy; if it is off by more than
 ``--speedup-tolerance``, the cost-model target is rescaled by target/measured and the plan chosen again
 (``--speedup-rounds`` times at most). Every round is recorded. Work whose result the options do not use is
-skipped: transfer entropy only for ``--assign importance`` (or ``--te``), unit costs only with ``--speedup``.
+skipped: transfer entropy only for ``--assign importance`` (or ``--te``), unit costs only with ``--speedup``,
+responses only for ``--assign response``.
 """
 from __future__ import annotations
 
@@ -46,18 +52,18 @@ from ..search.assign import assign_ratios, load_weights
 from ..search.greedy import Replayer, search_model
 from . import PruneContext, register_method
 
-ASSIGNMENTS = ("response", "importance", "uniform")
+ASSIGNMENTS = ("uniform", "response", "importance")
 
 
 @dataclass
 class TellConfig:
     speedup: float | None = field(default=None, metadata={"help": "target measured prefill speedup (> 1), instead of --ratio"})
-    assign: str = field(default="response", metadata={"help": "how much in every block: from measured responses and an exact knapsack (response), from transfer entropy (importance), or the same ratio everywhere (uniform); see docs/tell.md", "choices": list(ASSIGNMENTS)})
+    assign: str = field(default="uniform", metadata={"help": "how much in every block: the same ratio everywhere (uniform: the best measured so far), from measured loss responses and an exact knapsack (response: one calibration replay per block option, minutes to hours on a CPU), or from transfer entropy (importance); see docs/tell.md", "choices": list(ASSIGNMENTS)})
     levels: str = field(default="0.25,0.5,0.75", metadata={"help": "response: fractions of a block's heads / channels its width options remove (comma-separated, each in (0, 1))"})
     compensation: str = field(default="on", metadata={"help": "response: width options with FLAP's bias compensation (on), without (off), or both measured and the better kept", "choices": ["on", "off", "both"]})
     stages: int = field(default=1, metadata={"help": "response: measure, commit part of the knapsack's choice, measure again on top of it; this many times"})
     refine: int = field(default=0, metadata={"help": "response: evaluations of a local search on the whole plan's calibration loss, from the knapsack's choice (0: none)"})
-    batch_size: int = field(default=0, metadata={"help": "response: calibration rows per replayed batch (0: as many as keep the logits under 256 MB)"})
+    response_batch: int = field(default=0, metadata={"help": "response: calibration rows per replayed batch (0: as many as keep the float32 logits under 256 MB)"})
     dtype: str = field(default="auto", metadata={"help": "response: precision of the measurement (auto = bfloat16 on a GPU, else float32; bfloat16 halves the time on a CPU with bf16 instructions)", "choices": ["auto", "float32", "bfloat16"]})
     te: bool = field(default=False, metadata={"help": "also estimate the transfer entropy when the assignment does not use it (recorded, shown by explain)"})
     temperature: float = field(default=1.0, metadata={"help": "importance: how strongly load follows (low) importance"})
@@ -98,8 +104,8 @@ class TellConfig:
         if self.assign not in ASSIGNMENTS:
             raise UserError(f"--assign must be one of {', '.join(ASSIGNMENTS)} (got {self.assign!r})")
         self.level_list()
-        if self.stages < 1 or self.batch_size < 0 or self.refine < 0:
-            raise UserError("--stages must be >= 1, --batch-size and --refine >= 0")
+        if self.stages < 1 or self.response_batch < 0 or self.refine < 0:
+            raise UserError("--stages must be >= 1, --response-batch and --refine >= 0")
         if not 0.0 < self.block_threshold <= 1.0:
             raise UserError(f"--block-threshold must be in (0, 1] (got {self.block_threshold})")
         if min(self.te_rank, self.te_tokens, self.latency_reps) < 1 or self.latency_len < 2 or self.speedup_rounds < 0:
@@ -267,8 +273,8 @@ def saving_fn(spec: ModelSpec, costs: CostModel | None):
 
 
 def _rows_per_batch(cfg: TellConfig, ctx: PruneContext) -> int:
-    if cfg.batch_size:
-        return cfg.batch_size
+    if cfg.response_batch:
+        return cfg.response_batch
     vocab = ctx.adapter.lm_head().weight.shape[0]
     return max(1, min(ctx.calib.shape[0], (64 << 20) // (ctx.calib.shape[1] * vocab)))
 
@@ -386,9 +392,9 @@ def assign_plan(ctx: PruneContext, cfg: TellConfig, prep: Prepared) -> tuple[Pru
     return plan, ratios, weights, rounds, record
 
 
-SUMMARY = ("multi-unit pruning: one option per block (keep, narrow heads / channels with bias compensation, "
-           "remove) chosen by an exact knapsack over measured calibration-loss responses under the budget "
-           "(--ratio, or --speedup with measured unit costs); --assign importance: transfer-entropy ratios")
+SUMMARY = ("multi-unit pruning; default: the same ratio in every block (FLAP heads / channels with bias compensation), "
+           "budget --ratio or --speedup (measured unit costs); --assign response: one option per block (keep, narrow, "
+           "remove) by an exact knapsack over measured loss responses; --assign importance: transfer-entropy ratios")
 
 
 @register_method("tell", SUMMARY, TellConfig, needs_ratio=False)
