@@ -26,13 +26,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+R = dict(assign="response")
 VARIANTS = {  # name -> TellConfig fields
-    "on": dict(compensation="on"),
-    "off": dict(compensation="off"),
-    "both": dict(compensation="both"),
-    "stages2": dict(compensation="on", stages=2),
-    "stages3": dict(compensation="on", stages=3),
-    "fine": dict(compensation="on", levels="0.125,0.25,0.375,0.5,0.625,0.75,0.875"),
+    "on": dict(**R, compensation="on"),
+    "off": dict(**R, compensation="off"),
+    "both": dict(**R, compensation="both"),
+    "stages2": dict(**R, compensation="on", stages=2),
+    "stages3": dict(**R, compensation="on", stages=3),
+    "fine": dict(**R, compensation="on", levels="0.125,0.25,0.375,0.5,0.625,0.75,0.875"),
     "uniform": dict(assign="uniform"),
 }
 
@@ -64,9 +65,15 @@ def main(argv=None) -> int:
                    "separated, or every:K for every K-th layer) with and without bias compensation")
     p.add_argument("--work", default=str(ROOT / "runs" / "tell-response"))
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--render", metavar="JSON", help="only write the page of a results JSON (next to it, .md)")
+    p.add_argument("--note", default="", help="with --render: a paragraph for the page (what else was running, ...)")
     a = p.parse_args(argv)
 
     sys.path.insert(0, str(ROOT / "src"))
+    if a.render:
+        path = Path(a.render)
+        write_md(json.loads(path.read_text()), path.with_suffix(".md"), a.note)
+        return 0
     import torch
 
     from secateurs.data import calib_rows, eval_rows
@@ -136,7 +143,7 @@ def main(argv=None) -> int:
         te, _ = calibrate(ctx, cfg)
     if comp is not None or te is not None:
         out_json.write_text(json.dumps({**json.loads(out_json.read_text()), "compensation": comp, "te": te}, indent=1))
-    write_md(a, runs, dense_ppl, te, comp, spec, Path(a.results) / f"tell-response-{a.model}.md")
+    write_md(json.loads(out_json.read_text()), Path(a.results) / f"tell-response-{a.model}.md")
     return 0
 
 
@@ -154,7 +161,7 @@ def compensation_check(a, model, tok, ad, spec, calib, work) -> list[dict]:
         layers = list(range(0, spec.n_layers, int(a.compensation_layers[6:])))
     else:
         layers = [int(x) for x in a.compensation_layers.split(",")]
-    cfg = TellConfig(dtype=a.dtype)
+    cfg = TellConfig(**R, dtype=a.dtype)
     ctx = PruneContext(model, tok, ad, spec, calib, 0.1, a.seed, work, progress=True)
     ws = width_scores(ctx, collect_stats(model, ad, calib))
     levels = cfg.level_list()
@@ -175,25 +182,52 @@ def compensation_check(a, model, tok, ad, spec, calib, work) -> list[dict]:
             for pos in variants for lab, loss in zip(labels[pos], losses[pos])]
 
 
-def write_md(a, runs, dense_ppl, te, comp, spec, path: Path) -> None:
+def write_md(data: dict, path: Path, note: str = "") -> None:
+    """The page of a results JSON (``data``: settings, dense perplexity, runs, command, and the optional
+    compensation and transfer-entropy comparisons)."""
     from secateurs.models.base import all_blocks
 
-    lines = [f"# tell with measured responses: {a.model}", "",
-             f"Command: `PYTHONPATH=src python benchmarks/tell_response.py {' '.join(sys.argv[1:])}`", "",
-             f"Calibration `wiki` {a.nsamples} x {a.seqlen}, seed {a.seed}; `wiki:test` {a.eval_rows} x {a.eval_seqlen} "
-             f"(dense {dense_ppl:.2f}); responses in {a.dtype}; speedup: CPU clock, one thread, prefill 256 tokens, "
-             f"{a.latency_reps} pairs.", "",
-             "| variant | budget | ratio | ppl | measured speedup | predicted | responses (measured) | s | removed |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    st, runs, dense_ppl = data["settings"], data["runs"], data["dense_ppl"]
+    te, comp = data.get("te"), data.get("compensation")
+    lines = [f"# tell with measured responses: {st['model']}", "",
+             f"Command: `{data['command']}`", "",
+             f"Calibration `wiki` {st['nsamples']} x {st['seqlen']}, seed {st['seed']}; `wiki:test` {st['eval_rows']} x "
+             f"{st['eval_seqlen']} (dense {dense_ppl:.2f}); responses in {st['dtype']}; speedup: tell's own check "
+             f"(pruned copy against the dense model, CPU clock, one thread, prefill of 256 random tokens, "
+             f"{st['latency_reps']} pairs; the last round's).", ""]
+    if note:
+        lines += [note, ""]
+    lines += ["| variant | budget | ratio | ppl | measured speedup | predicted | responses (measured) | s | removed |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         sp = "-" if r["measured_speedup"] is None else f"{r['measured_speedup']:.3f}"
         pr = "-" if r["predicted_speedup"] is None else f"{r['predicted_speedup']:.3f}"
         lines.append(f"| {r['variant']} | {r['budget'][0]} {r['budget'][1]:g} | {r['ratio']:.3f} | {r['ppl']:.2f} | {sp} | "
-                     f"{pr} | {r['evaluations']} ({r['evaluations_measured']}) | {r['seconds']:.0f} | {', '.join(r['removed'])} |")
+                     f"{pr} | {r['evaluations']} ({r['evaluations_measured']}) | {r['seconds']:.0f} | "
+                     f"{', '.join(r['removed']) or 'none'} |")
+    for r in runs:
+        if r.get("rounds"):
+            lines += ["", f"Speedup rounds of {r['variant']}, {r['budget'][0]} {r['budget'][1]:g} (cost-model goal -> "
+                          "predicted, measured; dense / pruned ms):", ""]
+            lines += [f"- goal {x['cost_model_goal']:.3f} -> predicted {x['predicted']:.3f}, measured {x['speedup']:.3f} "
+                      f"({x['dense_ms']:.0f} / {x['pruned_ms']:.0f} ms)" for x in r["rounds"]]
+        alloc = r.get("allocation")
+        if alloc:
+            last = alloc["stages"][-1]
+            lines += ["", f"Per block, {r['variant']}, {r['budget'][0]} {r['budget'][1]:g}: the options measured on the "
+                          f"dense model (loss increase in nats/token @ saving in {alloc['saving_unit']}), the knapsack's "
+                          f"choice and why (price at the margin {last.get('price') or 0:.3g} nats/token per "
+                          f"{alloc['saving_unit']}):", "",
+                      "| block | remove whole | chosen | saving | loss increase | why |", "|---|---|---|---|---|---|"]
+            for name, b in last["blocks"].items():
+                opt = next(o for o in b["options"] if o["option"] == b["chosen"])
+                whole = next((o["dloss"] for o in b["options"] if o["option"] == "remove"), None)
+                lines.append(f"| {name} | {'-' if whole is None else f'{whole:+.4f}'} | {b['chosen']} | "
+                             f"{opt['saving']:.2f} | {opt['dloss']:+.4f} | {b.get('why') or ''} |")
     if comp:
         lines += ["", "## Bias compensation per option", "",
                   "Loss increase (nats/token) of one block changed on the dense model, with and without FLAP's bias "
-                  f"compensation, over the blocks of layers {a.compensation_layers}:", "",
+                  "compensation:", "",
                   "| option | mean with | mean without | compensation better in |", "|---|---|---|---|"]
         by = {}
         for r in comp:
@@ -204,20 +238,20 @@ def write_md(a, runs, dense_ppl, te, comp, spec, path: Path) -> None:
             lines.append(f"| {lab} | {sum(w) / len(w):+.4f} | {sum(wo) / len(wo):+.4f} | "
                          f"{sum(x < y for x, y in zip(w, wo))} of {len(w)} blocks |")
     first = next((r for r in runs if r.get("allocation")), None)
-    if first:
-        st = first["allocation"]["stages"][0]["blocks"]
-        if te is not None:
-            whole = {name: next(o["dloss"] for o in b["options"] if o["option"] == "remove") for name, b in st.items()}
-            lines += ["", "## Transfer entropy against the measured responses", ""]
-            for kind in ("attn", "mlp"):
-                names = [b.name for b in all_blocks(spec.n_layers) if b.kind == kind]
-                idx = [i for i, b in enumerate(all_blocks(spec.n_layers)) if b.kind == kind]
-                rho = spearman([te[i] for i in idx], [whole[n] for n in names])
-                lines.append(f"- {kind}: Spearman rank correlation of TE with the loss increase of removing the block "
-                             f"whole: {rho:+.3f} ({len(names)} blocks)")
-            lines += ["", "| block | TE (nats) | remove: loss increase (nats/token) |", "|---|---|---|"]
-            for i, b in enumerate(all_blocks(spec.n_layers)):
-                lines.append(f"| {b.name} | {te[i]:.3f} | {whole[b.name]:.4f} |")
+    if first and te is not None:
+        stage0 = first["allocation"]["stages"][0]["blocks"]
+        n_layers = len(stage0) // 2
+        whole = {name: next(o["dloss"] for o in b["options"] if o["option"] == "remove") for name, b in stage0.items()}
+        lines += ["", "## Transfer entropy against the measured responses", ""]
+        for kind in ("attn", "mlp"):
+            names = [b.name for b in all_blocks(n_layers) if b.kind == kind]
+            idx = [i for i, b in enumerate(all_blocks(n_layers)) if b.kind == kind]
+            rho = spearman([te[i] for i in idx], [whole[n] for n in names])
+            lines.append(f"- {kind}: Spearman rank correlation of TE with the loss increase of removing the block "
+                         f"whole: {rho:+.3f} ({len(names)} blocks)")
+        lines += ["", "| block | TE (nats) | remove: loss increase (nats/token) |", "|---|---|---|"]
+        for i, b in enumerate(all_blocks(n_layers)):
+            lines.append(f"| {b.name} | {te[i]:.3f} | {whole[b.name]:.4f} |")
     path.write_text("\n".join(lines) + "\n")
 
 
