@@ -3,10 +3,10 @@
 For each method and ratio: ``secateurs prune`` (same calibration for all), ``secateurs eval`` (held-out
 perplexity), then the prefill latency of the pruned model measured alternately with the dense model in this one
 process (``secateurs.importance.cost.paired_latency``: one pass each, warm-up first, median of each side).
-Writes ``RESULTS/tradeoff-<model>.json`` (every run's raw numbers: the table and the plot are made from it, and
-``--from-json`` makes them again without running anything), ``RESULTS/tradeoff-<model>.md`` (table, the
-settings, and every method's perplexity at equal measured speedups, ``--at``, interpolated along its curve) and
-``RESULTS/tradeoff-<model>.png`` (perplexity against measured speedup, one line per method).
+Writes ``RESULTS/tradeoff-<model>.md`` (table, the settings, and every method's perplexity at equal measured
+speedups, ``--at``, interpolated along its own curve), ``RESULTS/tradeoff-<model>.png`` (perplexity
+against measured speedup, one line per method) and ``RESULTS/tradeoff-<model>.json`` (the raw rows and settings;
+``--render FILE.json`` redraws the table and plot from it).
 
 Resumable: a run folder that already has ``result.json`` is not pruned again, one with ``eval.json`` not
 evaluated again, one with ``latency.json`` not timed again (``--retime`` times all again, against the dense model
@@ -63,7 +63,7 @@ def cli(args: list[str], log_path: Path) -> None:
         raise RuntimeError(f"command failed ({r.returncode}), see {log_path}: {' '.join(args)}")
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--methods", default="tell,blockpruner,shortgpt,wanda-sp,flap",
@@ -86,15 +86,19 @@ def main(argv=None) -> int:
     p.add_argument("--retime", action="store_true", help="measure every latency again")
     p.add_argument("--drop-weights", action="store_true", help="delete a run's model.safetensors once measured")
     p.add_argument("--at", default="1.15,1.3,1.5", help="speedups at which every method's perplexity is read off its curve")
-    p.add_argument("--from-json", action="store_true", help="only write the table and plot again from RESULTS/tradeoff-<model>.json")
-    a = p.parse_args(argv)
-    results = Path(a.results)
-    if a.from_json:
-        saved = json.loads((results / f"tradeoff-{a.model}.json").read_text())
-        for k, v in saved["settings"].items():
-            if k not in ("from_json", "at", "results"):
-                setattr(a, k, v)
-        write_outputs(a, saved["rows"], results, saved.get("command"))
+    p.add_argument("--render", metavar="JSON", help="redraw the table and plot from a results JSON this script wrote")
+    return p
+
+
+def main(argv=None) -> int:
+    a = parser().parse_args(argv)
+    if a.render:
+        data = json.loads(Path(a.render).read_text())
+        a = argparse.Namespace(**{**vars(a), **data["settings"], "render": a.render})
+        stem = Path(a.render).with_suffix("")
+        write_table(a, data["rows"], stem.with_suffix(".md"), data["command"], data.get("notes", ""))
+        plot(data["rows"], stem.with_suffix(".png"), a)
+        print(f"tradeoff: redrew {stem}.md and .png from {a.render}")
         return 0
 
     sys.path.insert(0, str(ROOT / "src"))
@@ -109,6 +113,7 @@ def main(argv=None) -> int:
     speedups = [float(s) for s in a.speedups.split(",") if s]
     work = Path(a.work) / a.model
     work.mkdir(parents=True, exist_ok=True)
+    results = Path(a.results)
     results.mkdir(parents=True, exist_ok=True)
     log_path = work / "commands.log"
 
@@ -173,18 +178,10 @@ def main(argv=None) -> int:
                      "search_s": result["search_seconds"], "ppl_evaluations": result.get("ppl_evaluations"),
                      "removed": f"{len(result['removed_blocks'])} blocks", "removed_blocks": result["removed_blocks"],
                      "options": opts, "pairs": lat["pairs"], "folder": folder.name})
-        write_outputs(a, rows, results)  # after every run: partial results survive
+        write_table(a, rows, results / f"tradeoff-{a.model}.md")  # after every run: partial results survive
+        plot(rows, results / f"tradeoff-{a.model}.png", a)
     print(f"tradeoff: wrote {results}/tradeoff-{a.model}.md and .png ({time.time() - t_start:.0f}s)", flush=True)
     return 0
-
-
-def write_outputs(a, rows, results: Path, command: str | None = None) -> None:
-    command = command or "PYTHONPATH=src python benchmarks/tradeoff.py " + " ".join(sys.argv[1:])
-    settings = {k: v for k, v in vars(a).items() if k not in ("from_json", "retime")}
-    (results / f"tradeoff-{a.model}.json").write_text(json.dumps({"command": command, "settings": settings, "rows": rows},
-                                                                 indent=1) + "\n")
-    write_table(a, rows, results / f"tradeoff-{a.model}.md", command)
-    plot(rows, results / f"tradeoff-{a.model}.png", a)
 
 
 def at_speedup(points: list[tuple[float, float]], s: float) -> float | None:
@@ -204,7 +201,7 @@ def at_speedup(points: list[tuple[float, float]], s: float) -> float | None:
 
 
 def equal_speed_table(a, rows) -> list[str]:
-    targets = [float(x) for x in str(a.at).split(",") if x]
+    targets = [float(x) for x in str(getattr(a, "at", "1.15,1.3,1.5")).split(",") if x]
     methods = list(dict.fromkeys(r["method"] for r in rows[1:]))
     lines = ["", "## At equal measured speedup", "",
              "Perplexity read off each method's curve (all its runs, sorted by measured speedup) at the speedup of the "
@@ -222,7 +219,12 @@ def equal_speed_table(a, rows) -> list[str]:
     return lines
 
 
-def write_table(a, rows, path: Path, command: str) -> None:
+def write_table(a, rows, path: Path, command: str | None = None, notes: str = "") -> None:
+    """The markdown table, and beside it the raw rows and settings as JSON (``--render`` redraws from it);
+    ``notes``: markdown kept under the table (and in the JSON)."""
+    command = command or f"PYTHONPATH=src python benchmarks/tradeoff.py {' '.join(sys.argv[1:])}"
+    settings = {k: v for k, v in vars(a).items() if k != "render"}
+    path.with_suffix(".json").write_text(json.dumps({"command": command, "settings": settings, "rows": rows, "notes": notes}, indent=1) + "\n")
     lines = [
         f"# Perplexity against measured prefill speedup: {a.model}",
         "",
@@ -245,8 +247,7 @@ def write_table(a, rows, path: Path, command: str) -> None:
         lines.append(f"| {r['method']} | {r['budget']} | {r['ratio']:.3f} | {r['ppl']:.2f} | {r['speedup']:.3f} | "
                      f"{ms(r['dense_ms'])} | {ms(r['pruned_ms'])} | {r['search_s']:.0f} | {r['removed']} |")
     lines += equal_speed_table(a, rows)
-    lines += ["", f"Raw runs: `tradeoff-{a.model}.json` (`--from-json` writes this table and the plot again from it)."]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n" + (f"\n{notes.strip()}\n" if notes.strip() else ""))
 
 
 def plot(rows, path: Path, a) -> None:
