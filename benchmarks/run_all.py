@@ -111,6 +111,21 @@ register("self-pruner-proposal-time", 25, ["{py} benchmarks/self_pruner_proposal
          "seconds per answer of the local proposer (our grammar sampler against llama-cpp-python's), a timing",
          default=False)
 
+register("tell-response-gemma3", 90, [
+    "{py} benchmarks/tell_response.py --model gemma3-270m --nsamples 4 --eval-rows 8 --speedups 1.15,1.3,1.5 "
+    "--variants on --dtype bfloat16 --work runs/tell-response --results {results}"],
+    ["{results}/tell-response-gemma3-270m.json", "{results}/tell-response-gemma3-270m.md"],
+    "tell --assign response at 1.15x / 1.3x / 1.5x on Gemma-3-270M (144 measured responses, about 70 min on one "
+    "busy core, then minutes per budget: the responses are cached; budgets already in the JSON are skipped)",
+    default=False)
+register("tell-response-smollm2", 200, [
+    "{py} benchmarks/tell_response.py --model smollm2-135m --nsamples 16 --eval-rows 16 --speedups 1.15,1.3,1.5 "
+    "--variants on --dtype bfloat16 --work runs/tell-response --results {results}"],
+    ["{results}/tell-response-smollm2-135m.json", "{results}/tell-response-smollm2-135m.md"],
+    "tell --assign response at 1.15x / 1.3x / 1.5x on SmolLM2-135M with the trade-off's calibration (240 measured "
+    "responses at 36-65 s each on one busy core)", default=False)
+
+
 # --- running ------------------------------------------------------------------------------------------------
 def _fill(text: str, results: str) -> str:
     return text.replace("{py}", sys.executable).replace("{results}", results)
