@@ -65,6 +65,8 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=str(ROOT / "runs" / "gguf-speed"), help="run folders and GGUF files")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--rebench", action="store_true", help="measure every pair again")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="prune and export only (safe under load); run again without it on a quiet machine to time")
     a = p.parse_args(argv)
 
     work = Path(a.work) / a.model
@@ -100,6 +102,8 @@ def main(argv=None) -> int:
             gg = folder / f"model-{t}.gguf"
             export(str(folder), gg, t)
             bj = folder / f"bench-{'fa-' if a.flash_attn else ''}{t}.json"
+            if a.prepare_only:
+                continue
             if a.rebench or not bj.exists():
                 print(f"gguf_speed: {lab} {t}: measuring ({time.time() - t0:.0f}s elapsed)", flush=True)
                 cli(["bench", str(gg), "--against", str(work / f"dense-{t}.gguf"), "--prompt-len", str(a.prompt_len),
@@ -111,6 +115,9 @@ def main(argv=None) -> int:
                          "removed": result["removed_blocks"], "bench": b})
             print(f"gguf_speed: {lab} {t}: prompt {b['speedup']['prefill']:.2f}x (ideal {b['ideal_speedup']['prefill']:.2f}x), "
                   f"generation {b['speedup']['decode']:.2f}x (ideal {b['ideal_speedup']['decode']:.2f}x)", flush=True)
+    if a.prepare_only:
+        print(f"gguf_speed: plans and GGUF files ready in {work} ({time.time() - t0:.0f}s); time them without --prepare-only")
+        return 0
     after = machine_state()
     out = {"command": "PYTHONPATH=src python benchmarks/gguf_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "settings": vars(a), "machine_before": before, "machine_after": after, "seconds": time.time() - t0,

@@ -107,6 +107,38 @@ register("dtype-smollm2", 20, ["{py} benchmarks/dtype_quality.py --model smollm2
                                "--md {results}/dtype_smollm2-135m.md"],
          ["{results}/dtype_smollm2-135m.json", "{results}/dtype_smollm2-135m.md"],
          "prune and eval SmolLM2 in float32 and bfloat16 on the CPU: perplexities within 2%, folder half the size")
+register("self-pruner-claim-20", 35, [
+    "{py} benchmarks/self_pruner_claim.py --out runs/sp-claim --ratios 0.2 --seeds 0 1 2 --results {results}"],
+    ["{results}/self-pruner-claim-smollm2-135m.json", "{results}/self-pruner-claim-smollm2-135m-table.md",
+     "{results}/self-pruner-claim-smollm2-135m.png"],
+    "Self-Pruner: LLM operators (SmolLM2 proposing for itself, llama.cpp + grammar) against classic operators at "
+    "equal fitness evaluations, 20%, 3 seeds; usable-answer rate and seconds per answer of the local proposer",
+    default=False)
+register("self-pruner-claim", 70, [
+    "{py} benchmarks/self_pruner_claim.py --out runs/sp-claim --ratios 0.2 0.4 --seeds 0 1 2 --results {results}"],
+    ["{results}/self-pruner-claim-smollm2-135m.json", "{results}/self-pruner-claim-smollm2-135m-table.md",
+     "{results}/self-pruner-claim-smollm2-135m.png"],
+    "the issue's full claim: 20% and 40%, 3 seeds each (resumes the 20% runs of self-pruner-claim-20 in runs/sp-claim)",
+    default=False)
+register("self-pruner-proposal-time", 25, ["{py} benchmarks/self_pruner_proposal_time.py "
+                                           "--json {results}/self-pruner-proposal-time.json"],
+         ["{results}/self-pruner-proposal-time.json"],
+         "seconds per answer of the local proposer (our grammar sampler against llama-cpp-python's), a timing",
+         default=False)
+
+register("tell-response-gemma3", 90, [
+    "{py} benchmarks/tell_response.py --model gemma3-270m --nsamples 4 --eval-rows 8 --speedups 1.15,1.3,1.5 "
+    "--variants on --dtype bfloat16 --work runs/tell-response --results {results}"],
+    ["{results}/tell-response-gemma3-270m.json", "{results}/tell-response-gemma3-270m.md"],
+    "tell --assign response at 1.15x / 1.3x / 1.5x on Gemma-3-270M (144 measured responses, about 70 min on one "
+    "busy core, then minutes per budget: the responses are cached; budgets already in the JSON are skipped)",
+    default=False)
+register("tell-response-smollm2", 200, [
+    "{py} benchmarks/tell_response.py --model smollm2-135m --nsamples 16 --eval-rows 16 --speedups 1.15,1.3,1.5 "
+    "--variants on --dtype bfloat16 --work runs/tell-response --results {results}"],
+    ["{results}/tell-response-smollm2-135m.json", "{results}/tell-response-smollm2-135m.md"],
+    "tell --assign response at 1.15x / 1.3x / 1.5x on SmolLM2-135M with the trade-off's calibration (240 measured "
+    "responses at 36-65 s each on one busy core)", default=False)
 
 
 # --- running ------------------------------------------------------------------------------------------------

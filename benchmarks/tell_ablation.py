@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-VARIANTS = {  # name -> TellConfig fields that differ from the defaults
+VARIANTS = {  # name -> TellConfig fields that differ from the defaults (of the transfer-entropy assignment)
     "uniform": dict(assign="uniform"),
     "kind-T1": dict(assign="importance", normalize="kind", temperature=1.0, block_threshold=0.6),
     "global-T1": dict(assign="importance", normalize="global", temperature=1.0, block_threshold=0.6),
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT / "src"))
     from secateurs.data import calib_rows, eval_rows
     from secateurs.eval.perplexity import perplexity
-    from secateurs.importance.cost import paired_latency
+    from secateurs.importance.cost import load_or_measure, paired_latency
     from secateurs.methods import PruneContext
     from secateurs.methods.tell import TellConfig, assign_plan, prepare
     from secateurs.models import get_adapter, load_model
@@ -92,8 +92,10 @@ def main(argv=None) -> int:
     calib = calib_rows(tok, model, "wiki", a.nsamples, a.seqlen, a.seed)
     test = eval_rows(tok, model, "wiki:test", a.eval_seqlen, a.eval_rows)
     ctx = PruneContext(model, tok, ad, spec, calib, a.ratio, a.seed, work, progress=True)
-    base = TellConfig()
+    base = TellConfig(assign="uniform", te=True)  # transfer entropy computed for every variant to share
     prep = prepare(ctx, base)
+    prep.costs, prep.cost_path = load_or_measure(model, spec, base.latency_len, base.latency_reps, a.seed,
+                                                 clock=base.latency_clock)  # the predicted speedup column
     dense_path = work / f"dense-e{a.eval_rows}x{a.eval_seqlen}.json"
     if not dense_path.exists():
         dense_path.write_text(json.dumps(perplexity(model, test).ppl))
@@ -110,7 +112,7 @@ def main(argv=None) -> int:
             continue
         cfg = dataclasses.replace(base, **VARIANTS[name])
         ctx.progress = False
-        plan, ratios, _, _ = assign_plan(ctx, cfg, prep)
+        plan, ratios, _, _, _ = assign_plan(ctx, cfg, prep)
         pruned = apply_plan(copy.deepcopy(model), plan, spec)
         ppl = perplexity(pruned, test).ppl
         pairs = paired_latency(model, pruned, base.latency_len, base.latency_reps, a.seed, base.latency_clock)

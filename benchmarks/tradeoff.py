@@ -3,8 +3,10 @@
 For each method and ratio: ``secateurs prune`` (same calibration for all), ``secateurs eval`` (held-out
 perplexity), then the prefill latency of the pruned model measured alternately with the dense model in this one
 process (``secateurs.importance.cost.paired_latency``: one pass each, warm-up first, median of each side).
-Writes ``RESULTS/tradeoff-<model>.md`` (table and the settings) and ``RESULTS/tradeoff-<model>.png``
-(perplexity against measured speedup, one line per method).
+Writes ``RESULTS/tradeoff-<model>.md`` (table, the settings, and every method's perplexity at equal measured
+speedups, ``--at``, interpolated along its own curve), ``RESULTS/tradeoff-<model>.png`` (perplexity
+against measured speedup, one line per method) and ``RESULTS/tradeoff-<model>.json`` (the raw rows and settings;
+``--render FILE.json`` redraws the table and plot from it).
 
 Resumable: a run folder that already has ``result.json`` is not pruned again, one with ``eval.json`` not
 evaluated again, one with ``latency.json`` not timed again (``--retime`` times all again, against the dense model
@@ -61,7 +63,7 @@ def cli(args: list[str], log_path: Path) -> None:
         raise RuntimeError(f"command failed ({r.returncode}), see {log_path}: {' '.join(args)}")
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--methods", default="tell,blockpruner,shortgpt,wanda-sp,flap",
@@ -83,7 +85,21 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--retime", action="store_true", help="measure every latency again")
     p.add_argument("--drop-weights", action="store_true", help="delete a run's model.safetensors once measured")
-    a = p.parse_args(argv)
+    p.add_argument("--at", default="1.15,1.3,1.5", help="speedups at which every method's perplexity is read off its curve")
+    p.add_argument("--render", metavar="JSON", help="redraw the table and plot from a results JSON this script wrote")
+    return p
+
+
+def main(argv=None) -> int:
+    a = parser().parse_args(argv)
+    if a.render:
+        data = json.loads(Path(a.render).read_text())
+        a = argparse.Namespace(**{**vars(a), **data["settings"], "render": a.render})
+        stem = Path(a.render).with_suffix("")
+        write_table(a, data["rows"], stem.with_suffix(".md"), data["command"], data.get("notes", ""))
+        plot(data["rows"], stem.with_suffix(".png"), a)
+        print(f"tradeoff: redrew {stem}.md and .png from {a.render}")
+        return 0
 
     sys.path.insert(0, str(ROOT / "src"))
     import torch
@@ -159,19 +175,60 @@ def main(argv=None) -> int:
         print(f"{head}: {a.eval_set} ppl {ppl:.2f}, prefill speedup {lat['speedup']:.3f}", flush=True)
         rows.append({"method": lab, "budget": f"{flag} {value:g}", "ratio": result["ratio_achieved"], "ppl": ppl,
                      "speedup": lat["speedup"], "dense_ms": lat["dense_ms"], "pruned_ms": lat["pruned_ms"],
-                     "search_s": result["search_seconds"],
-                     "removed": f"{len(result['removed_blocks'])} blocks"})
+                     "search_s": result["search_seconds"], "ppl_evaluations": result.get("ppl_evaluations"),
+                     "removed": f"{len(result['removed_blocks'])} blocks", "removed_blocks": result["removed_blocks"],
+                     "options": opts, "pairs": lat["pairs"], "folder": folder.name})
         write_table(a, rows, results / f"tradeoff-{a.model}.md")  # after every run: partial results survive
         plot(rows, results / f"tradeoff-{a.model}.png", a)
     print(f"tradeoff: wrote {results}/tradeoff-{a.model}.md and .png ({time.time() - t_start:.0f}s)", flush=True)
     return 0
 
 
-def write_table(a, rows, path: Path) -> None:
+def at_speedup(points: list[tuple[float, float]], s: float) -> float | None:
+    """Perplexity at speedup ``s`` on a method's curve: linear in log perplexity between the two measured points
+    that bracket ``s`` (nearest in speedup on each side); None when ``s`` is outside the measured range."""
+    import math
+
+    below = [p for p in points if p[0] <= s]
+    above = [p for p in points if p[0] >= s]
+    if not below or not above:
+        return None
+    (x0, y0), (x1, y1) = max(below), min(above)
+    if x1 == x0:
+        return min(y0, y1)
+    t = (s - x0) / (x1 - x0)
+    return math.exp((1 - t) * math.log(y0) + t * math.log(y1))
+
+
+def equal_speed_table(a, rows) -> list[str]:
+    targets = [float(x) for x in str(getattr(a, "at", "1.15,1.3,1.5")).split(",") if x]
+    methods = list(dict.fromkeys(r["method"] for r in rows[1:]))
+    lines = ["", "## At equal measured speedup", "",
+             "Perplexity read off each method's curve (all its runs, sorted by measured speedup) at the speedup of the "
+             "column: linear interpolation of log perplexity between the two runs that bracket it; '-' where the "
+             "method's runs do not reach that far on either side. Best of each column in bold.", "",
+             "| method | " + " | ".join(f"{t:g}x" for t in targets) + " |", "|---|" + "---|" * len(targets)]
+    table = {m: [at_speedup([(r["speedup"], r["ppl"]) for r in rows[1:] if r["method"] == m], t) for t in targets]
+             for m in methods}
+    best = [min((v[i] for v in table.values() if v[i] is not None), default=None) for i in range(len(targets))]
+    for m in methods:
+        cells = []
+        for i, v in enumerate(table[m]):
+            cells.append("-" if v is None else (f"**{v:.1f}**" if v == best[i] else f"{v:.1f}"))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_table(a, rows, path: Path, command: str | None = None, notes: str = "") -> None:
+    """The markdown table, and beside it the raw rows and settings as JSON (``--render`` redraws from it);
+    ``notes``: markdown kept under the table (and in the JSON)."""
+    command = command or f"PYTHONPATH=src python benchmarks/tradeoff.py {' '.join(sys.argv[1:])}"
+    settings = {k: v for k, v in vars(a).items() if k != "render"}
+    path.with_suffix(".json").write_text(json.dumps({"command": command, "settings": settings, "rows": rows, "notes": notes}, indent=1) + "\n")
     lines = [
         f"# Perplexity against measured prefill speedup: {a.model}",
         "",
-        f"Command: `PYTHONPATH=src python benchmarks/tradeoff.py {' '.join(sys.argv[1:])}`",
+        f"Command: `{command}`",
         "",
         f"- Calibration: `{a.calib}`, {a.nsamples} rows of {a.seqlen} tokens, seed {a.seed} (same for every method).",
         f"- Perplexity: `{a.eval_set}`, first {a.eval_rows} rows of {a.eval_seqlen} tokens (BOS per row where the "
@@ -189,7 +246,8 @@ def write_table(a, rows, path: Path) -> None:
         ms = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
         lines.append(f"| {r['method']} | {r['budget']} | {r['ratio']:.3f} | {r['ppl']:.2f} | {r['speedup']:.3f} | "
                      f"{ms(r['dense_ms'])} | {ms(r['pruned_ms'])} | {r['search_s']:.0f} | {r['removed']} |")
-    path.write_text("\n".join(lines) + "\n")
+    lines += equal_speed_table(a, rows)
+    path.write_text("\n".join(lines) + "\n" + (f"\n{notes.strip()}\n" if notes.strip() else ""))
 
 
 def plot(rows, path: Path, a) -> None:

@@ -175,6 +175,13 @@ def test_prune_method_help_shows_only_its_options_with_its_defaults(capsys, monk
         for other in others:
             assert "--" + other.replace("_", "-") not in entries, (name, other)
     assert "no options of its own" in prune_help(capsys, monkeypatch, "--method", "uniform-drop")
+    sp = option_entries(prune_help(capsys, monkeypatch, "--method", "self-pruner"))  # older spellings kept as aliases
+    assert "--llm-model" in sp["--proposer-model"] and "--llm-base-url" in sp["--endpoint"]
+    from secateurs.cli import build_parser
+    from secateurs.cli._options import selected
+
+    args = build_parser().parse_args(["prune", "m", "--method", "self-pruner", "--out", "o", "--llm-model", "x.gguf"])
+    assert selected(args, "self-pruner") == {"proposer_model": "x.gguf"}
 
 
 # --- resume after an interruption ---------------------------------------------------------------------------

@@ -181,6 +181,15 @@ def test_sleb_keeps_ends_and_stops_at_ratio(tmp_path):
     assert 0 not in removed_layers and 5 not in removed_layers
     assert plan.ratio(spec) >= 0.15
     assert removal_ratio(spec, [p for l in removed_layers[:-1] for p in (2 * l, 2 * l + 1)]) < 0.15 or len(removed_layers) == 1
+    # --from-order: a plan of a smaller ratio from the saved order, without searching; another method's order refused
+    ctx2 = _ctx(model, tmp_path / "again", 0.05)
+    small = _prune("sleb", ctx2, from_order=str(tmp_path / "order.json"))
+    order = json.loads((tmp_path / "order.json").read_text())
+    assert ctx2.ppl_evaluations == 0
+    assert [f"layer{l}" for l in sorted({l for l, _ in small.removed_blocks()})] == [order["steps"][0]["removed"]]
+    (tmp_path / "bp.json").write_text(json.dumps({**order, "method": "blockpruner"}))
+    with pytest.raises(UserError, match="order of blockpruner, not of sleb"):
+        _prune("sleb", ctx2, from_order=str(tmp_path / "bp.json"))
 
 
 def test_shortgpt_block_influence(tmp_path):

@@ -388,3 +388,21 @@ def test_bad_input_one_line_exit_2_nothing_left(tiny_folder, tmp_path, capsys):
     one_line_exit_2(capsys, ["export", str(tiny_folder), "--out", str(good)], "exists")
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == ["gemma-pruned", "good.gguf", "junk.gguf", "q.gguf", "text.gguf", "trunc.gguf"], left
+
+
+def test_prune_export_refused_keeps_the_pruned_folder(tmp_path, capsys):
+    """`prune --export gguf` on a plan llama.cpp cannot hold (uneven Gemma 3): the pruned folder is complete and
+    says why there is no GGUF; the command exits 2 with one line; no GGUF file is left behind."""
+    tok = tiny_bpe_tokenizer(320, ["<bos>", "<eos>"], bos="<bos>", eos="<eos>")
+    src = tmp_path / "tiny-gemma"
+    tiny_model("gemma3_text", vocab_size=320, bos_token_id=0, eos_token_id=1).save_pretrained(src)
+    tok.save_pretrained(src)
+    out = tmp_path / "run"
+    capsys.readouterr()
+    one_line_exit_2(capsys, ["prune", str(src), "--method", "blockpruner", "--steps", "1", "--blocks", "mlp",
+                             "--nsamples", "2", "--seqlen", "32", "--eval", "", "--quiet", "--export", "gguf",
+                             "--out", str(out)], f"pruned model written to {out}, but no GGUF", "exportable:")
+    result = json.loads((out / "result.json").read_text())
+    assert "cannot hold this gemma3_text plan" in result["gguf"]["refused"]
+    assert (out / "plan.json").exists() and not list(out.glob("*.gguf"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "tiny-gemma"]

@@ -8,7 +8,8 @@ import random
 import subprocess
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,8 @@ from secateurs.errors import UserError
 from secateurs.methods import PruneContext, get_method, make_config
 from secateurs.models import get_adapter
 from secateurs.search.evolution import EvolutionConfig, Individual, InvalidAnswer, SearchSpace, evolve
-from secateurs.search.proposers import ClassicProposer, LLMProposer, OpenAIProposer, first_json
+from secateurs.search.proposers import (ClassicProposer, EndpointDown, LLMProposer, OpenAIProposer, first_json,
+                                       rates_schema, selection_schema)
 
 SPACE = SearchSpace(6, 0.35, 0.0, 0.9, 0.01)
 
@@ -78,10 +80,11 @@ class Scripted(LLMProposer):
     def __init__(self, answers, **kw):
         super().__init__(**kw)
         self.answers = list(answers)
-        self.prompts = []
+        self.prompts, self.schemas = [], []
 
-    def chat(self, messages, seed, max_tokens, prefix=""):
+    def chat(self, messages, schema, seed, max_tokens):
         self.prompts.append(messages[-1]["content"])
+        self.schemas.append(schema)
         a = self.answers.pop(0)
         if isinstance(a, Exception):
             raise a
@@ -102,10 +105,12 @@ def test_answer_cycle_ok_repaired_retried_fallback():
                        retries=2).mutate(SPACE, POP, 0, rng)
     assert retried.source == "llm" and retried.attempts == 3 and len(retried.errors) == 2
     assert "no JSON" in retried.errors[0] and "expected 6 rates" in retried.errors[1]
-    fb = Scripted(['{"rates": "many"}', RuntimeError("connection refused")], retries=1).mutate(SPACE, POP, 0, rng)
-    assert fb.source == "fallback" and fb.attempts == 2 and "request failed" in fb.errors[1]
+    fb = Scripted(['{"rates": "many"}', InvalidAnswer("the endpoint answered without a choice")], retries=1).mutate(SPACE, POP, 0, rng)
+    assert fb.source == "fallback" and fb.attempts == 2 and "without a choice" in fb.errors[1]
     assert_valid(SPACE, fb.rates)
     assert fb.tokens == {"prompt": 10, "completion": 5}
+    with pytest.raises(RuntimeError):  # a failure that is not an answer's (a bug, llama.cpp) is not hidden by a fallback
+        Scripted([RuntimeError("boom")]).mutate(SPACE, POP, 0, rng)
 
 
 def test_prompts_show_task_constraint_population():
@@ -186,29 +191,59 @@ def test_full_tiny_self_pruner_classic(tmp_path):
     assert_valid(SearchSpace(spec.n_layers, d["mean_rate"]), d["rates"])
 
 
+@pytest.mark.parametrize("opts,msg", [(dict(proposer="classic", endpoint="http://x/v1"), "--endpoint applies to --proposer openai"),
+                                      (dict(proposer="classic", proposer_model="m.gguf"), "--proposer-model applies"),
+                                      (dict(proposer="local", proposer_model="m.bin"), "GGUF chat model file"),
+                                      (dict(proposer="openai", endpoint_timeout=0), "--endpoint-timeout must be at least 1")])
+def test_option_misuse_is_a_user_error(tmp_path, opts, msg):
+    model = tiny_model("llama")
+    ad = get_adapter(model)
+    ctx = PruneContext(model, None, ad, ad.spec(), torch.zeros(4, 8, dtype=torch.long), 0.3, 0, tmp_path, False)
+    m = get_method("self-pruner")
+    with pytest.raises(UserError, match=msg):
+        m.fn(ctx, make_config(m, opts))
+
+
 class StubHandler(BaseHTTPRequestHandler):
-    """An OpenAI-compatible /v1/chat/completions that replies from a script."""
+    """An OpenAI-compatible endpoint that replies from a script. An item is the answer's content, or
+    ("status", code) for an HTTP error, ("slow", seconds, content) for a late answer, "drop" to close the
+    connection without an answer, or ("refuse", form, code) to refuse a request with that response_format."""
 
     script: list = []
     seen: list = []
 
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        StubHandler.seen.append({"auth": self.headers.get("Authorization"), "body": body, "path": self.path})
-        content = StubHandler.script.pop(0) if StubHandler.script else "out of script"
-        if content is None:
-            self.send_response(400)
-            payload = {"error": {"message": "bad request", "type": "invalid_request_error"}}
-        else:
-            self.send_response(200)
-            payload = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                       "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
-                       "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}}
+    def _send(self, code, payload):
         data = json.dumps(payload).encode()
+        self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+    def do_GET(self):
+        self._send(200, {"object": "list", "data": [{"id": "served-model", "object": "model", "owned_by": "me"}]})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        StubHandler.seen.append({"auth": self.headers.get("Authorization"), "body": body, "path": self.path})
+        item = StubHandler.script.pop(0) if StubHandler.script else "out of script"
+        fmt = (body.get("response_format") or {}).get("type")
+        while isinstance(item, tuple) and item[0] == "refuse":
+            if fmt == item[1]:
+                return self._send(item[2], {"error": {"message": f"body.response_format.type: {fmt} not supported", "type": "x"}})
+            item = StubHandler.script.pop(0)
+        if item == "drop":
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
+        if isinstance(item, tuple) and item[0] == "status":
+            return self._send(item[1], {"error": {"message": f"stub error {item[1]}", "type": "server_error"}})
+        if isinstance(item, tuple) and item[0] == "slow":
+            time.sleep(item[1])
+            item = item[2]
+        self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                         "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": item}}],
+                         "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}})
 
     def log_message(self, *a):
         pass
@@ -216,12 +251,14 @@ class StubHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def stub():
-    server = HTTPServer(("127.0.0.1", 0), StubHandler)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), StubHandler)
+    server.daemon_threads = True
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
     StubHandler.script, StubHandler.seen = [], []
     yield f"http://127.0.0.1:{server.server_port}/v1"
     server.shutdown()
+    server.server_close()
 
 
 def test_openai_proposer_against_stub(stub, tmp_path, monkeypatch):
@@ -231,7 +268,7 @@ def test_openai_proposer_against_stub(stub, tmp_path, monkeypatch):
         ['{"rates": [10, 20, 40, 50]}', "Here: [[oops", '{"rates": [20, 30, 40, 30]}',  # init (3)
          '```json\n{"rates": [0, 0, 95, 95]}\n```']
         + ['{"crossover": [[0, 1]], "mutation": [3]}']  # selection of generation 1
-        + ['{"rates": [30, 30, 30]}', None, "not json"]  # crossover: wrong length, HTTP 400, junk: fallback
+        + ['{"rates": [30, 30, 30]}', "{}", "not json"]  # crossover: wrong length, no rates, junk: fallback
         + ['{"rates": [25, 35, 30, 30]}']  # mutation
     )
     p = OpenAIProposer(stub, "stub-model", retries=2)
@@ -241,17 +278,46 @@ def test_openai_proposer_against_stub(stub, tmp_path, monkeypatch):
     init = recs[0]["proposals"]
     assert [x["source"] for x in init] == ["uniform", "llm", "llm", "llm-repaired"]
     assert init[1]["rates"] == [0.1, 0.2, 0.4, 0.5] and init[2]["attempts"] == 2
+    assert [x["projected"] for x in init] == [False, False, False, True] and init[3]["answer"] == [0, 0, 95, 95]
+    assert recs[0]["projected"] == 1 and recs[0]["repaired"] == 1
     gen1 = recs[1]
     assert gen1["selection"]["source"] == "llm" and gen1["selection"]["pairs"] == [[0, 1]]
     cross, mut = gen1["proposals"]
     assert cross["source"] == "fallback" and cross["attempts"] == 3 and len(cross["errors"]) == 3
-    assert "expected 4 rates" in cross["errors"][0] and "request failed" in cross["errors"][1]
+    assert "expected 4 rates" in cross["errors"][0] and "expected a list" in cross["errors"][1]
     assert mut["source"] == "llm" and mut["rates"] == [0.25, 0.35, 0.3, 0.3] and gen1["fallbacks"] == 1
     assert recs[0]["tokens"] == {"prompt": 400, "completion": 80}
     assert res.best.fitness == 0.0 and res.best.rates == [0.1, 0.2, 0.4, 0.5]
     assert all(s["auth"] == "Bearer sk-test-secret-123" and s["path"] == "/v1/chat/completions" for s in StubHandler.seen)
     assert all(s["body"]["model"] == "stub-model" and s["body"]["max_tokens"] <= 400 for s in StubHandler.seen)
+    fmt = StubHandler.seen[0]["body"]["response_format"]  # structured output asked for, with the exact schema
+    assert fmt["type"] == "json_schema" and fmt["json_schema"]["schema"] == rates_schema(space)
+    assert StubHandler.seen[4]["body"]["response_format"]["json_schema"]["schema"] == selection_schema(4, 1, 1)
+    assert recs[1]["proposer_model"] == {"kind": "openai", "endpoint": stub, "model": "stub-model",
+                                         "structured_output": "json_schema"}
+    a = res.stats["llm_answers"]
+    assert a == {"answers": 6, "usable": 5, "repaired": 1, "projected": 1, "fallback": 1,
+                 "seconds_per_answer": pytest.approx(a["seconds_per_answer"]),
+                 "retried": 2, "repeats": 0, "seconds_per_answer_median": pytest.approx(a["seconds_per_answer_median"])}
     assert "sk-test" not in (tmp_path / "search.jsonl").read_text()
+
+
+def test_openai_response_format_negotiated_and_model_discovered(stub, tmp_path):
+    """An endpoint that refuses both structured-output forms (llama-cpp-python's server answers 500 to the OpenAI
+    form) gets plain requests; the answers are still parsed strictly. Without --proposer-model the endpoint's
+    first model is used."""
+    said = []
+    p = OpenAIProposer(stub, None, retries=0, say=said.append)
+    StubHandler.script = [("refuse", "json_schema", 500), ("refuse", "json_object", 422), 'Sure: {"rates": [20, 40, 30]}']
+    got = p.mutate(SearchSpace(3, 0.3), POP[:1] + [Individual([0.3] * 3, 1.0)], 1, random.Random(0))
+    assert got.source == "llm" and got.rates == [0.2, 0.4, 0.3]
+    forms = [s["body"].get("response_format", {}).get("type") for s in StubHandler.seen]
+    assert forms == ["json_schema", "json_object", None] and StubHandler.seen[1]["body"]["response_format"]["schema"]
+    assert p.describe()["structured_output"] == "none" and p.describe()["model"] == "served-model"
+    assert len(said) == 2 and "refused a request with response_format json_schema" in said[0]
+    StubHandler.script = [("status", 401)]
+    with pytest.raises(UserError, match="refused the request: answered HTTP 401"):
+        p.mutate(SearchSpace(3, 0.3), [Individual([0.3] * 3, 1.0)], 0, random.Random(0))
 
 
 def test_openai_proposer_needs_endpoint(monkeypatch):
@@ -261,20 +327,175 @@ def test_openai_proposer_needs_endpoint(monkeypatch):
         OpenAIProposer(None, None)
 
 
-def test_unreachable_endpoint_falls_back(tmp_path):
-    p = OpenAIProposer("http://127.0.0.1:9/v1", "m", retries=0, timeout=2)
-    res = evolve(SearchSpace(3, 0.3), quadratic([0.2, 0.3, 0.4]), p, EvolutionConfig(3, 1, 1, 1, 0), tmp_path / "s.jsonl")
-    assert res.stats["by_source"] == {"fallback": 4} and res.stats["selections_by_source"] == {"fallback": 1}
+def test_endpoint_failures_are_waited_out(stub, tmp_path, monkeypatch):
+    """A slow endpoint (past the timeout), a 500 and a dropped connection: each is reported and retried, and the
+    search goes on with the LLM's answers once the endpoint answers again (no fallback)."""
+    monkeypatch.setattr(OpenAIProposer, "first_delay", 0.1)
+    said = []
+    p = OpenAIProposer(stub, "m", timeout=1, wait=20, retries=0, say=said.append)
+    ok = '{"rates": [20, 30, 40]}'
+    StubHandler.script = [("slow", 3, ok), ("status", 500), "drop", ok, ("status", 503), ok]
+    res = evolve(SearchSpace(3, 0.3), quadratic([0.2, 0.3, 0.4]), p, EvolutionConfig(3, 0, 0, 0, 0), tmp_path / "s.jsonl")
+    rec = json.loads((tmp_path / "s.jsonl").read_text())
+    first, second = rec["proposals"][1:]
+    assert first["source"] == second["source"] == "llm" and res.stats["endpoint_errors"] == 4
+    assert "did not answer within 1 s" in first["endpoint_errors"][0]
+    assert "answered HTTP 500" in first["endpoint_errors"][1]
+    assert "dropped or refused the connection" in first["endpoint_errors"][2]
+    assert "HTTP 503" in second["endpoint_errors"][0]
+    assert len(said) == 4 and all(f"the endpoint {stub}" in m and "trying again" in m for m in said)
+
+
+def test_endpoint_down_stops_and_search_resumes(stub, tmp_path, monkeypatch):
+    """An endpoint down for longer than --endpoint-wait stops the search with a user error; the same search
+    started again once the endpoint is back continues from its log."""
+    monkeypatch.setattr(OpenAIProposer, "first_delay", 0.1)
+    space, cfg, log = SearchSpace(3, 0.3), EvolutionConfig(3, 1, 1, 1, 0), tmp_path / "s.jsonl"
+    p = OpenAIProposer(stub, "m", wait=1, retries=0, say=lambda m: None)
+    StubHandler.script = ['{"rates": [20, 30, 40]}', '{"rates": [40, 30, 20]}'] + [("status", 502)] * 30
+    with pytest.raises(EndpointDown, match=f"the endpoint {stub} answered HTTP 502.*has not answered for"):
+        evolve(space, quadratic([0.2, 0.3, 0.4]), p, cfg, log)
+    assert len(log.read_text().splitlines()) == 1  # the initial population is kept
+    StubHandler.script = ['{"crossover": [[0, 1]], "mutation": [2]}', '{"rates": [20, 35, 35]}', '{"rates": [25, 30, 35]}']
+    res = evolve(space, quadratic([0.2, 0.3, 0.4]), p, cfg, log)
+    recs = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [r["gen"] for r in recs] == [0, 1] and res.new_evaluations == 2
+    assert recs[1]["selection"]["source"] == "llm" and [x["source"] for x in recs[1]["proposals"]] == ["llm", "llm"]
+
+
+def test_projection_is_euclidean_and_recorded():
+    """For rates within the bounds the repair is the Euclidean projection onto {bounds, mean} (KKT: the free
+    rates all move by one constant c, a rate held at a bound would pass it when moved by c), then rounding to the grid; an
+    answer the projection changed is marked, one already on the mean is not."""
+    rng = random.Random(1)
+    fine = SearchSpace(12, 0.4, 0.1, 0.7, 1e-6)
+    for _ in range(50):
+        y = [rng.uniform(0.1, 0.7) for _ in range(12)]
+        x, _ = fine.repair(y)
+        free = [xi - yi for xi, yi in zip(x, y) if 0.1 + 1e-5 < xi < 0.7 - 1e-5]
+        c = sum(free) / len(free)
+        assert all(abs(d - c) < 1e-5 for d in free)
+        assert all(xi - yi >= c - 1e-5 for xi, yi in zip(x, y) if xi <= 0.1 + 1e-5)  # y + c is below the bound
+        assert all(xi - yi <= c + 1e-5 for xi, yi in zip(x, y) if xi >= 0.7 - 1e-5)  # y + c is above it
+        assert abs(sum(x) / 12 - 0.4) < 1e-5
+    same = Scripted(['{"rates": [30, 40, 40, 30, 35, 35]}']).mutate(SPACE, POP, 0, rng)  # mean 35 already
+    assert same.source == "llm" and not same.projected and same.rates == [0.3, 0.4, 0.4, 0.3, 0.35, 0.35]
+    moved = Scripted(['{"rates": [10, 20, 30, 40, 50, 60]}']).mutate(SPACE, POP, 0, rng)  # mean 35: +0
+    assert not moved.projected
+    moved = Scripted(['{"rates": [0, 10, 20, 30, 40, 50]}']).mutate(SPACE, POP, 0, rng)  # mean 25: all +10
+    assert moved.projected and moved.answer == [0, 10, 20, 30, 40, 50] and moved.rates == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+
+
+def test_prompts_have_no_example_answer_and_schemas_are_exact():
+    p = Scripted(['{"crossover": [[0, 1]], "mutation": [2]}', '{"rates": [35, 35, 35, 35, 35, 35]}'])
+    p.select(SPACE, POP, 1, 1, random.Random(0))
+    p.initial(SPACE, 1, random.Random(0))
+    for prompt in p.prompts:  # no numbers to copy beyond the task's own (the old prompt had an example answer)
+        assert "[[0, 1]" not in prompt and "[...]" not in prompt and "for example {" not in prompt
+    assert "they add up to 210" in p.prompts[1] and "(none yet)" in p.prompts[1]
+    sel, rates = p.schemas
+    assert sel == selection_schema(3, 1, 1) and rates == rates_schema(SPACE)
+    items = rates["properties"]["rates"]
+    assert items["minItems"] == items["maxItems"] == 6 and items["items"]["enum"] == list(range(0, 91))
+    pair = sel["properties"]["crossover"]
+    assert pair["minItems"] == pair["maxItems"] == 1 and pair["items"]["items"]["enum"] == [0, 1, 2]
+    assert rates_schema(SearchSpace(4, 0.3, 0.105, 0.5))["properties"]["rates"]["items"]["enum"] == list(range(11, 51))
+
+
+def test_search_log_records_the_llm(tmp_path):
+    """search.jsonl and the stats carry the proposer, its tokens and time, and the counts of repaired,
+    projected and fallback answers."""
+    answers = ['{"rates": [10, 20, 40, 50]}', '{"rates": [0, 0, 95, 95]}', "no", "no", "no",
+               '{"crossover": [[0, 1]], "mutation": [2]}', '{"rates": [10, 20, 40, 50]}', '{"rates": [35, 25, 30, 30]}']
+    p = Scripted(answers, retries=2)
+    res = evolve(SearchSpace(4, 0.3), quadratic([0.1, 0.2, 0.4, 0.5]), p, EvolutionConfig(4, 1, 1, 1, 0), tmp_path / "s.jsonl")
+    recs = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert recs[0]["proposer_model"] == {"kind": "scripted"} and recs[0]["fallbacks"] == 1
+    assert recs[0]["repaired"] == 1 and recs[0]["projected"] == 1 and recs[0]["tokens"] == {"prompt": 50, "completion": 25}
+    assert recs[1]["proposals"][0]["cached"] and recs[0]["llm_seconds"] >= 0
+    st = res.stats
+    assert st["llm_answers"]["answers"] == 6 and st["llm_answers"]["usable"] == 5 and st["llm_answers"]["fallback"] == 1
+    assert st["llm_answers"]["repeats"] == 1 and st["llm_answers"]["retried"] == 1  # the crossover child was evaluated
+    assert st["by_source"] == {"fallback": 1, "llm": 3, "llm-repaired": 1} and st["failed_attempts"] == 3
+    assert st["tokens"] == {"prompt": 80, "completion": 40}  # 8 answers of 10 + 5 tokens
+    assert "llm_answers" not in evolve(SearchSpace(4, 0.3), quadratic([0.1] * 4), ClassicProposer(),
+                                       EvolutionConfig(4, 1, 1, 1, 0), tmp_path / "c.jsonl").stats
+
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by `make setup`")
+
+
+def check_answer(text, schema):
+    """The whole text is one JSON value of the schema's exact shape."""
+    obj = json.loads(text)
+    assert set(obj) == set(schema["properties"])
+    for key, sub in schema["properties"].items():
+        assert len(obj[key]) == sub["minItems"]
+        for v in obj[key]:
+            if sub["items"]["type"] == "array":
+                assert len(v) == 2 and all(x in sub["items"]["items"]["enum"] for x in v)
+            else:
+                assert v in sub["items"]["enum"]
+
+
+@pytest.mark.slow
+def test_grammar_constrained_answers_parse():
+    """Every answer SmolLM2 decodes under a schema's grammar is that schema's JSON, at high temperature too; a
+    prompt evaluated after another (KV prefix reuse) gives the same greedy answer as from scratch."""
+    from secateurs.eval.llamacpp import ChatModel
+    from secateurs.models.loading import embedded_gguf
+
+    m = ChatModel(embedded_gguf("smollm2-135m"), threads=1)
+    ask = lambda text: [{"role": "system", "content": "Answer with JSON."}, {"role": "user", "content": text}]
+    cases = [(rates_schema(SearchSpace(30, 0.253)), "30 pruning rates in percent, mean 25", [0.7, 1.5]),
+             (rates_schema(SearchSpace(7, 0.3, 0.1, 0.6)), "7 numbers", [1.0, 2.0, 3.0]),
+             (selection_schema(8, 3, 2), "Choose parents", [0.7, 2.0]), (selection_schema(5, 0, 2), "Pick two", [1.0])]
+    for schema, text, temps in cases:
+        for seed, t in enumerate(temps):
+            check_answer(m.complete(ask(text), schema, t, seed, 400).text, schema)
+    first = m.complete(ask("7 numbers"), cases[1][0], 0, 0, 100).text
+    m.complete(ask("Choose parents"), cases[2][0], 0.7, 1, 100)
+    assert m.complete(ask("7 numbers"), cases[1][0], 0, 5, 100).text == first
+    m.close()
+
+
+@pytest.mark.slow
+def test_model_without_offline_gguf_is_converted_once(tmp_path, monkeypatch):
+    """A model with no offline GGUF proposes for itself through its q8_0 export, cached by a fingerprint; a
+    random model's answers still have the schema's shape (the grammar holds whatever the logits)."""
+    from transformers import AutoTokenizer
+
+    from secateurs.methods.self_pruner import SelfPrunerConfig, proposer_gguf
+    from secateurs.models.loading import resolve
+    from secateurs.search.proposers import LlamaCppProposer
+
+    tok = AutoTokenizer.from_pretrained(resolve("smollm2-135m", progress=False))
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
+    model = tiny_model("llama", vocab_size=len(tok), max_position_embeddings=4096)
+    ad = get_adapter(model)
+    ctx = PruneContext(model, tok, ad, ad.spec(), None, 0.3, 0, tmp_path, False, model_ref=str(tmp_path / "my-model"))
+    path, source = proposer_gguf(SelfPrunerConfig(proposer="local"), ctx, None)
+    assert path.parent == tmp_path / "cache" / "proposers" and path.name.endswith(".q8_0.gguf") and "converted" in source
+    stamp = path.stat().st_mtime_ns
+    assert proposer_gguf(SelfPrunerConfig(proposer="local"), ctx, None)[0] == path and path.stat().st_mtime_ns == stamp
+    p = LlamaCppProposer(path, threads=1, retries=0)
+    space = SearchSpace(ad.spec().n_layers, 0.3)
+    got = p.mutate(space, [Individual(space.uniform(), 1.0)], 0, random.Random(0))
+    assert got.source == "llm" and len(got.answer) == space.n and p.describe()["chat_template"]
+    p.close()
+    with pytest.raises(UserError, match="GGUF chat model file"):
+        proposer_gguf(SelfPrunerConfig(proposer="local", proposer_model=str(tmp_path / "nope.bin")), ctx, None)
 
 
 @pytest.mark.slow
 def test_real_search_with_local_proposer(tmp_path):
-    """The embedded SmolLM2 proposes rates for pruning SmolLM2 itself: a short real search from the CLI."""
+    """The embedded SmolLM2 proposes rates for pruning SmolLM2 itself (its offline GGUF in llama.cpp, answers
+    under the schemas' grammars): a short real search from the CLI, every answer usable."""
     out = tmp_path / "sp"
     r = subprocess.run([sys.executable, "-m", "secateurs", "prune", "smollm2-135m", "--method", "self-pruner",
                         "--proposer", "local", "--ratio", "0.2", "--population", "3", "--generations", "1",
                         "--crossover", "1", "--mutation", "1", "--nsamples", "2", "--seqlen", "64",
-                        "--fitness-rows", "1", "--llm-retries", "1", "--llm-max-tokens", "120", "--eval", "", "--out", str(out), "--quiet"],
+                        "--fitness-rows", "1", "--llm-retries", "1", "--eval", "", "--out", str(out), "--quiet"],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
     res = json.loads((out / "result.json").read_text())
@@ -282,5 +503,10 @@ def test_real_search_with_local_proposer(tmp_path):
     d = res["method_details"]
     assert d["search"]["proposals"] == 4 and d["search"]["tokens"]["completion"] > 0
     assert set(d["search"]["by_source"]) <= {"llm", "llm-repaired", "fallback"}
+    assert d["search"]["llm_answers"]["usable"] == d["search"]["llm_answers"]["answers"] == 5
+    pm = d["search"]["proposer_model"]
+    assert pm["kind"] == "local" and pm["file"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and "being pruned" in pm["source"]
     recs = [json.loads(x) for x in (out / "search.jsonl").read_text().splitlines()]
     assert len(recs) == 2 and all(p["attempts"] >= 1 for r in recs for p in r["proposals"] if p["source"] != "uniform")
+    assert all(len(p["answer"]) == 30 and all(0 <= v <= 90 for v in p["answer"])
+               for r in recs for p in r["proposals"] if p["source"] == "llm")

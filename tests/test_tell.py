@@ -259,6 +259,49 @@ def test_tell_uniform_assignment_is_width_only(tmp_path, monkeypatch):
     assert len({round(b["ratio_assigned"], 9) for b in ctx.extra["blocks"]}) == 1
 
 
+def test_default_is_uniform_and_skips_work_it_does_not_use(tmp_path, monkeypatch):
+    """The default assignment is uniform (what `secateurs methods` says); it estimates no transfer entropy, measures
+    no responses, and times the unit costs only with --speedup. The skipped functions are counted, not mocked
+    away: each wrapper calls the real one."""
+    import collections
+
+    import secateurs.methods.tell as tell_mod
+    from secateurs.methods import get_method
+
+    assert TellConfig().assign == "uniform"
+    assert get_method("tell").summary.startswith("multi-unit pruning; default: the same ratio in every block")
+    calls = collections.Counter()
+
+    def counted(name, fn):
+        def wrapper(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        monkeypatch.setattr(tell_mod, name, wrapper)
+
+    for name in ("collect_streams", "block_importance", "measure_responses", "plan_loss"):
+        counted(name, getattr(tell_mod, name))
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
+    ctx = _ctx(tiny_model("llama"), tmp_path, 0.2)
+    layer_params = sum(ctx.spec.attn_block_params + ctx.spec.mlp_block_params)
+    fixed = CostModel("test", 16, 100.0, {k: 90.0 / layer_params for k in UNIT_KINDS})
+    counted("load_or_measure", lambda *a, **k: (fixed, "fixed"))
+    plan = tell(ctx, TellConfig())
+    assert ctx.extra["assign"] == "uniform" and not plan.removed_blocks() and plan.ratio(ctx.spec) > 0.19
+    assert ctx.extra["cost_model"] is None and ctx.extra["allocation"] is None
+    assert all(b["importance"] is None and b["cost_ms_whole"] is None for b in ctx.extra["blocks"])
+    assert sum(calls.values()) == 0  # no transfer entropy, no responses, no cost probes
+    (tmp_path / "x").mkdir()
+    tell(_ctx(tiny_model("llama"), tmp_path / "x", None), TellConfig(speedup=1.2, latency_len=16, latency_reps=1,
+                                                                     speedup_rounds=0))
+    assert dict(calls) == {"load_or_measure": 1}  # --speedup needs the unit costs, nothing else
+    (tmp_path / "y").mkdir()
+    tell(_ctx(tiny_model("llama"), tmp_path / "y", 0.2), TellConfig(assign="importance", te_rank=4))
+    assert calls["collect_streams"] == 1 and calls["block_importance"] == 1 and calls["measure_responses"] == 0
+    (tmp_path / "z").mkdir()
+    tell(_ctx(tiny_model("llama"), tmp_path / "z", 0.2), TellConfig(assign="response", levels="0.5"))
+    assert calls["measure_responses"] == 1 and calls["collect_streams"] == 1 and calls["load_or_measure"] == 1
+
+
 def test_tell_speedup_records_measured_rounds(tmp_path, monkeypatch):
     """The speedup budget runs the assign / measure / rescale loop; the timing itself is not asserted."""
     import secateurs.methods.tell as tell_mod
@@ -297,12 +340,20 @@ def test_cli_rejects_bad_budget_before_loading(tmp_path, capsys):
     assert "greater than 1" in capsys.readouterr().err
 
 
-def test_explain_table(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("assign", ["importance", "response", "uniform"])
+def test_explain_table(assign, tmp_path, capsys, monkeypatch):
+    """explain prints one row per block: for the response assignment the measured response, the importance
+    (transfer entropy, with --te), the cost, the chosen option and why; then every measured option."""
+    import secateurs.methods.tell as tell_mod
     from secateurs.cli import main
 
     monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
-    ctx = _ctx(tiny_model("llama"), tmp_path, 0.3)
-    plan = tell(ctx, TellConfig(assign="importance", te_rank=4, latency_len=16, latency_reps=1))
+    ctx = _ctx(tiny_model("llama"), tmp_path, None)
+    layer_params = sum(ctx.spec.attn_block_params + ctx.spec.mlp_block_params)
+    fixed = CostModel("test", 16, 100.0, {k: 90.0 / layer_params for k in UNIT_KINDS})
+    monkeypatch.setattr(tell_mod, "load_or_measure", lambda *a, **k: (fixed, "fixed"))
+    plan = tell(ctx, TellConfig(assign=assign, te=True, speedup=1.2, te_rank=4, latency_len=16, latency_reps=1,
+                                speedup_rounds=0))
     run = tmp_path / "run"
     run.mkdir()
     (run / "result.json").write_text(json.dumps({"method": "tell", "model": "tiny", "ratio_achieved": plan.ratio(ctx.spec),
@@ -312,6 +363,14 @@ def test_explain_table(tmp_path, capsys, monkeypatch):
     assert "importance" in out and "cost model" in out
     rows = [line for line in out.splitlines() if line.startswith(("attn", "mlp"))]
     assert len(rows) == 2 * ctx.spec.n_layers
+    if assign == "response":
+        assert "exact knapsack" in out and "price at the margin" in out
+        for b, row in zip(ctx.extra["blocks"], rows):
+            assert row.split()[:2] == [b["block"], f"{b['params']:,}"] and b["option"] in row
+            assert f"{b['importance']:.3f}" in row and f"{b['cost_ms_whole']:.2f}" in row
+            assert f"{b['response_whole']:.4f}" in row and (b["why"] or "") in row
+        listed = [line.split()[0] for line in out.splitlines() if line.startswith("  ") and ": " in line and "@" in line]
+        assert listed == [b["block"] for b in ctx.extra["blocks"]]
     assert main(["explain", str(tmp_path / "missing")]) == 2
     (run / "result.json").write_text(json.dumps({"method": "uniform-drop"}))
     assert main(["explain", str(run)]) == 2
@@ -328,9 +387,9 @@ def test_tell_cli_on_smollm(tmp_path, monkeypatch, capsys):
     (tmp_path / "cache" / "models").symlink_to(cache_dir() / "models")  # real weights, private cost/tell caches
     monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    assert main(["prune", "smollm2-135m", "--method", "tell", "--ratio", "0.25", "--nsamples", "4", "--seqlen", "64",
-                 "--eval", "", "--te-rank", "8", "--latency-len", "32", "--latency-reps", "1", "--quiet",
-                 "--out", str(out)]) == 0
+    assert main(["prune", "smollm2-135m", "--method", "tell", "--assign", "importance", "--ratio", "0.25",
+                 "--nsamples", "4", "--seqlen", "64", "--eval", "", "--te-rank", "8", "--latency-len", "32",
+                 "--latency-reps", "1", "--quiet", "--out", str(out)]) == 0
     result = json.loads((out / "result.json").read_text())
     assert 0.25 <= result["ratio_achieved"] < 0.27
     assert math.isfinite(result["ppl_calib_after"])

@@ -1,8 +1,8 @@
 """`make demo`: the project at its best on a CPU in a few minutes. SmolLM2-135M is pruned by the method and ratio
 in ``CHOICE`` (the best measured quality per speed so far: benchmarks/results/tradeoff-smollm2-135m.md), then
 measured against the dense model: parameters, held-out perplexity, and prefill and decode speed side by side in
-this process (the pruned folder gets ``bench.json`` like ``secateurs bench --json`` writes), with one greedy
-continuation from each model.
+this process (the pruned folder gets ``bench.json`` like ``secateurs bench --json`` writes), the same inside
+llama.cpp on q8_0 GGUF exports of both (``bench-gguf.json``), with one greedy continuation from each model.
 
 The run is written to runs/demo-<method>-<ratio>/ (resumable); a second ``make demo`` reuses the finished run and
 its speed measurement (delete the folder to redo both).
@@ -20,6 +20,7 @@ CHOICE = dict(method="flap", ratio=0.15)
 # The trade-off's calibration (16 rows of 256 tokens of wiki) and the held-out rows every command uses by default.
 SETTINGS = dict(model="smollm2-135m", calib="wiki", nsamples=16, seqlen=256, seed=0, eval="wiki:test")
 SPEED = dict(prompt_len=256, decode_tokens=32, warmup=1, reps=5, seed=0)
+GGUF_TYPE = "q8_0"  # what a llama.cpp / ollama user would run; both files exported with the same type
 PROMPT = "The capital of France is"
 SAMPLE_TOKENS = 16
 
@@ -75,6 +76,42 @@ def measure_speed(out: Path, model_name: str) -> dict:
     return b
 
 
+def measure_llamacpp(out: Path, model_name: str) -> dict | None:
+    """The same comparison inside llama.cpp: dense and pruned exported to GGUF (``GGUF_TYPE``), prompt and
+    generation speed side by side in one process (``secateurs bench FILE.gguf --against DENSE.gguf``); kept in
+    ``out/bench-gguf.json`` and reused. None (with the reason printed) when llama.cpp is not installed."""
+    from .errors import UserError
+    from .eval.llamacpp import LlamaBenchSettings, bench
+    from .export.gguf import export_model
+    from .pipeline import versions
+    from .plan import atomic_write_text
+
+    path = out / "bench-gguf.json"
+    from .eval.llamacpp import default_threads
+
+    settings = dict(SPEED, type=GGUF_TYPE, threads=default_threads())  # the threads PyTorch's measurement used
+    if path.exists():
+        b = json.loads(path.read_text())
+        if b.get("demo_settings") == settings:
+            print(f"(reusing the llama.cpp measurement in {path})", flush=True)
+            return b
+    files = {"dense": out / f"dense-{GGUF_TYPE}.gguf", "pruned": out / f"model-{GGUF_TYPE}.gguf"}
+    try:
+        for which, ref in (("dense", model_name), ("pruned", str(out))):
+            if not files[which].exists():
+                print(f"exporting the {which} model to GGUF ({GGUF_TYPE}) ...", flush=True)
+                export_model(ref, str(files[which]), GGUF_TYPE, threads=settings["threads"], progress=False)
+        print(f"measuring speed in llama.cpp ({settings['threads']} threads): dense and pruned in turn ...", flush=True)
+        b = bench(str(files["pruned"]), str(files["dense"]),
+                  LlamaBenchSettings(**SPEED, threads=settings["threads"]), memory=False)
+    except UserError as e:  # llama.cpp missing: the PyTorch figures still stand
+        print(f"(llama.cpp measurement skipped: {e})", flush=True)
+        return None
+    b["demo_settings"], b["versions"] = settings, versions()
+    atomic_write_text(path, json.dumps(b, indent=1))
+    return b
+
+
 def main() -> int:
     from .errors import UserError
     from .eval.perplexity import rows_label
@@ -94,6 +131,7 @@ def main() -> int:
     try:
         r = prune_once(out, method, ratio)
         b = measure_speed(out, SETTINGS["model"])
+        g = measure_llamacpp(out, SETTINGS["model"])
         dense, tok = load_model(SETTINGS["model"], progress=False)
         pruned, _ = load_model(str(out), progress=False)
     except UserError as e:
@@ -115,6 +153,12 @@ def main() -> int:
         print(f"{name:<{w}}  {x:>13}  {y:>13}")
     print(f"measured speedup (side by side, medians of {SPEED['reps']} rounds, {b['settings']['device']}): prefill "
           f"{sp['prefill']:.2f}x, decode {sp['decode']:.2f}x (ideal from FLOPs: {ideal['prefill']:.2f}x, {ideal['decode']:.2f}x)")
+    if g is not None:
+        ga, gs = g["against"], g["speedup"]
+        print(f"in llama.cpp ({GGUF_TYPE} GGUF, {g['settings']['threads']} threads, medians of {SPEED['reps']} rounds): prompt "
+              f"{ga['prompt_tokens_per_s']:.0f} -> {g['prompt_tokens_per_s']:.0f} tokens/s ({gs['prefill']:.2f}x), "
+              f"generation {ga['decode_tokens_per_s']:.1f} -> {g['decode_tokens_per_s']:.1f} tokens/s ({gs['decode']:.2f}x); "
+              f"files {ga['file_bytes'] / 2**20:.0f} -> {g['file_bytes'] / 2**20:.0f} MiB")
     print(f"\n{PROMPT!r} ... greedy, {SAMPLE_TOKENS} tokens:\n  dense:  {continuation(dense, tok)}\n"
           f"  pruned: {continuation(pruned, tok)}")
     rise = r["ppl_test_after"] / r["ppl_test_before"] - 1

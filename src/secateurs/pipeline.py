@@ -263,7 +263,8 @@ def _run_prune(s: PruneSettings, out: str | Path, overwrite: bool, progress: boo
     log(f"secateurs: {s.model}: {spec.total_params:,} params, calib ppl ({rows_label(*calib.shape)}) {before['ppl_calib']:.3f}"
         + (f", {s.eval} ppl ({rows_label(*test.shape)}) {before['ppl_test']:.3f}" if test is not None else ""))
 
-    ctx = PruneContext(model, tok, adapter, spec, calib, s.ratio, s.seed, work, progress, pool=workers)
+    ctx = PruneContext(model, tok, adapter, spec, calib, s.ratio, s.seed, work, progress, pool=workers,
+                       model_ref=s.model)
     spent_file = work / SPENT
     spent = _spent_before(work)
     t0 = time.time()

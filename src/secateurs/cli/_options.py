@@ -49,7 +49,7 @@ class Option:
             kw["type"] = self.type
             if "choices" in f.metadata:
                 kw["choices"] = f.metadata["choices"]
-        group.add_argument(self.flag, **kw)
+        group.add_argument(self.flag, *f.metadata.get("aliases", ()), **kw)  # aliases: older spellings
 
 
 def _field_type(config_cls, name: str) -> type:

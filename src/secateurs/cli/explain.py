@@ -1,4 +1,5 @@
-"""``secateurs explain DIR``: the per-block table of a pruned folder (importance, cost, assigned ratio, action)."""
+"""``secateurs explain DIR``: the per-block table of a pruned folder (tell): measured responses, importance, cost,
+the chosen option and why."""
 from __future__ import annotations
 
 import json
@@ -6,7 +7,7 @@ from pathlib import Path
 
 
 def register(sub):
-    p = sub.add_parser("explain", help="per-block importance, cost and assigned ratio of a pruned folder (tell)")
+    p = sub.add_parser("explain", help="per block of a tell run: measured response, importance, cost, chosen option and why")
     p.add_argument("folder", help="output folder of `secateurs prune` (holds result.json)")
     p.set_defaults(func=run)
 
@@ -30,13 +31,17 @@ def load_result(folder: str | Path) -> dict:
     return result
 
 
+def _num(v, fmt: str, width: int) -> str:
+    return f"{'-':>{width}}" if v is None else f"{v:>{width}{fmt}}"
+
+
 def format_table(result: dict) -> str:
     d = result["method_details"]
     lines = [
         f"{result['method']} on {result['model']}: ratio {result['ratio_achieved']:.4f}"
         f" (budget: {', '.join(f'{k} {v}' for k, v in d.get('budget', {}).items() if v is not None) or '?'})",
     ]
-    if "predicted_speedup" in d:
+    if d.get("predicted_speedup") is not None:
         lines[0] += f", predicted prefill speedup {d['predicted_speedup']:.3f}"
     for r in d.get("speedup_rounds", []):
         lines.append(f"  speedup round: cost-model goal {r['cost_model_goal']:.3f}, predicted {r['predicted']:.3f}, "
@@ -46,16 +51,48 @@ def format_table(result: dict) -> str:
         per = ", ".join(f"{k} {v * 1e6:.3f}" for k, v in cm["ms_per_param"].items())
         lines.append(f"  cost model ({cm['device']}, prompt {cm['prompt_len']}, dense {cm['dense_ms']:.1f} ms): "
                      f"ms saved per million params removed: {per}")
+    alloc = d.get("allocation")
+    blocks = d["blocks"]
+    if alloc:
+        unit = alloc["saving_unit"]
+        st = alloc["stages"]
+        lines.append(f"  assignment: measured responses + exact knapsack, {len(st)} stage(s), "
+                     f"{alloc.get('evaluations_measured', '?')} responses measured ({alloc.get('evaluations', '?')} used); "
+                     f"price at the margin {_price(st[-1].get('price'))} nats/token per {unit} saved")
+        head = (f"{'block':<7} {'params':>10} {'importance':>10} {'cost_ms':>7} {'remove':>8}  {'chosen':<16} {'saving':>8} "
+                f"{'dloss':>8}  why")
+        lines += ["", head, "-" * len(head)]
+        for b in blocks:
+            opt = next(o for o in b["options"] if o["option"] == b["option"]) if b["options"] else None
+            lines.append(f"{b['block']:<7} {b['params']:>10,} {_num(b['importance'], '.3f', 10)} "
+                         f"{_num(b['cost_ms_whole'], '.2f', 7)} {_num(b.get('response_whole'), '.4f', 8)}  "
+                         f"{b['option']:<16} {_num(opt and opt['saving'], '.3f', 8)} {_num(opt and opt['dloss'], '.4f', 8)}  "
+                         f"{b.get('why') or ''}")
+        lines += ["", f"measured options of the last stage (option: loss increase in nats/token @ saving in {unit}):"]
+        for b in blocks:
+            lines.append(f"  {b['block']:<7} " + ", ".join(f"{o['option']}: {o['dloss']:+.4f} @ {o['saving']:.3f}"
+                                                         for o in b["options"]))
+        lines.append("")
+        lines.append(f"importance: transfer entropy (nats) to the final stream given the block's input ('-': not "
+                     f"computed, see --te); cost_ms: prefill time saved if removed whole ('-': no --speedup); remove: loss "
+                     f"increase (nats/token) when this block alone is removed from the dense model; chosen: the "
+                     f"knapsack's option, its saving ({unit}) and loss increase in the last stage; why: its marginal "
+                     f"rates against the neighbouring options, and the price the budget pays at the margin")
+        return "\n".join(lines)
     head = f"{'block':<8} {'params':>10} {'importance':>11} {'load':>6} {'cost_ms':>8} {'assigned':>9} {'removed':>8}  action"
     lines += ["", head, "-" * len(head)]
-    for b in d["blocks"]:
-        lines.append(f"{b['block']:<8} {b['params']:>10,} {b['importance']:>11.4f} {b['load_weight']:>6.2f} "
-                     f"{b['cost_ms_whole']:>8.2f} {b['ratio_assigned']:>9.3f} {b['units_removed']:>8.3f}  {b['action']}")
+    for b in blocks:
+        lines.append(f"{b['block']:<8} {b['params']:>10,} {_num(b['importance'], '.4f', 11)} {b['load_weight']:>6.2f} "
+                     f"{_num(b['cost_ms_whole'], '.2f', 8)} {b['ratio_assigned']:>9.3f} {b['units_removed']:>8.3f}  {b['action']}")
     lines.append("")
-    lines.append("importance: transfer entropy (nats) from the block to the final stream given its input; load: "
-                 "relative share of the budget; cost_ms: prefill time saved if removed whole; assigned: block ratio "
-                 "(1 = removed whole); removed: fraction of its heads / channels removed")
+    lines.append("importance: transfer entropy (nats) from the block to the final stream given its input ('-': not "
+                 "computed); load: relative share of the budget; cost_ms: prefill time saved if removed whole; "
+                 "assigned: block ratio (1 = removed whole); removed: fraction of its heads / channels removed")
     return "\n".join(lines)
+
+
+def _price(p) -> str:
+    return "-" if p is None else f"{p:.3g}"
 
 
 def run(args):

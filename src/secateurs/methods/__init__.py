@@ -35,6 +35,7 @@ class PruneContext:
     ppl_evaluations: int = 0
     extra: dict | None = None  # results a method wants recorded in result.json (e.g. per-block scores)
     pool: Any = None  # runtime.pool.WorkerPool (--workers) for methods registered with parallel=True, else None
+    model_ref: str | None = None  # how the user named the model (embedded name, folder, hub id)
 
     def count_ppl(self, n: int = 1) -> None:
         self.ppl_evaluations += n

@@ -4,16 +4,14 @@ any other ratio comes from it without searching again (``--from-order``). Engine
 ``search.depth``."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ..errors import UserError
 from ..plan import PruningPlan, RatioRule
-from ..search.depth import SearchOptions, run_greedy
 from ..models.base import Block
 from ..runtime.estimate import greedy_evaluations, steps_for_ratio
-from ..search.greedy import ORDER_FORMAT, block_candidates, plan_from_order, reach
+from ..search.depth import SearchOptions, load_order, run_greedy
+from ..search.greedy import block_candidates, plan_from_order, reach
 from . import PruneContext, register_method
 
 
@@ -21,7 +19,6 @@ from . import PruneContext, register_method
 class BlockPrunerConfig(SearchOptions):
     blocks: str = field(default="mix", metadata={"help": "candidate blocks: attention and MLP (mix), or only one kind", "choices": ["mix", "attn", "mlp"]})
     steps: int | None = field(default=None, metadata={"help": "search this many removals (the plan: the first K, or the --ratio prefix)"})
-    from_order: str | None = field(default=None, metadata={"help": "take the plan from a saved order.json instead of searching"})
 
     def evaluations(self, spec, ratio, rows) -> tuple[int, int, str]:
         """What the search will run (``runtime.estimate``): candidate evaluations over all calibration rows."""
@@ -34,20 +31,6 @@ class BlockPrunerConfig(SearchOptions):
             "abandons most of them early: an upper bound)")
 
 
-def load_order(path: str, ctx: PruneContext) -> dict:
-    try:
-        state = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise UserError(f"cannot read order file {path}: {e.strerror}") from e
-    except json.JSONDecodeError as e:
-        raise UserError(f"order file {path} is not valid JSON ({e.msg} at line {e.lineno})") from e
-    if not isinstance(state, dict) or state.get("format") != ORDER_FORMAT or not isinstance(state.get("steps"), list):
-        raise UserError(f"{path} is not a secateurs removal order (expected \"format\": \"{ORDER_FORMAT}\" and steps)")
-    if state.get("dims") != ctx.spec.as_dict():
-        raise UserError(f"order file {path} was searched on another model (dims {state.get('dims')}), not {ctx.spec.as_dict()}")
-    return state
-
-
 @register_method("blockpruner", "BlockPruner: greedy removal of attention/MLP blocks by calibration perplexity (saves the whole order)",
                  BlockPrunerConfig, needs_ratio=False, ratio_rule=RatioRule("blocks"), parallel=True,
                  reach=lambda spec, cfg: None if cfg.from_order else reach(spec, block_candidates(spec.n_layers, cfg.blocks)))
@@ -57,8 +40,7 @@ def blockpruner(ctx: PruneContext, cfg: BlockPrunerConfig) -> PruningPlan:
     if cfg.from_order:
         if ctx.ratio is None and cfg.steps is None:
             raise UserError("--from-order needs --ratio R or --steps K to choose the prefix of the order")
-        state = load_order(cfg.from_order, ctx)
-        ctx.record(order_file=str(cfg.from_order), searched=False)
+        state = load_order(cfg.from_order, ctx, "blockpruner")
     else:
         if ctx.ratio is None and cfg.steps is None:
             raise UserError("blockpruner needs --ratio R (0 < R < 1) or --steps K")

@@ -10,12 +10,17 @@ applied by wanda-sp.
   afterwards); no copy of the model. The fitness cache is keyed by the rate vector. With ``--workers``, each
   generation's new vectors are scored on the worker pool, every worker masking its own replica.
 - Loop and log: ``secateurs.search.evolution`` (``search.jsonl`` in the run folder; resumable).
-- Operators: ``--proposer local|openai|classic`` (``secateurs.search.proposers``).
+- Operators: ``--proposer classic|local|openai`` (``secateurs.search.proposers``). ``local`` runs a GGUF chat
+  model in llama.cpp with grammar-constrained answers; by default the model being pruned proposes for itself
+  (``proposer_gguf``): an embedded model's offline GGUF, or else the model converted once to q8_0 by the GGUF
+  export and cached under ``$SECATEURS_CACHE/proposers/`` (keyed by a fingerprint of its weights and tokenizer).
 - The final plan is built by the full sequential wanda-sp at the best rates found.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -25,18 +30,20 @@ from ..models import get_adapter
 from ..importance.sequential import sequential_plan
 from ..importance.width import (MaskedPlan, collect_stats, head_scores, layer_plan_at_rate, mean_rate_for_ratio,
                                 wanda_column_scores, width_reach)
-from ..runtime import input_device, onloader_of
+from ..runtime import onloader_of
 from ..runtime.passes import layer_weights
 from ..search.evolution import EvolutionConfig, SearchSpace, evolve
-from ..search.proposers import make_proposer
+from ..search.proposers import EndpointDown, make_proposer
 from ..plan import PruningPlan
 from . import PruneContext, register_method
 
 
 @dataclass
 class SelfPrunerConfig:
-    proposer: str = field(default="local", metadata={
-        "help": "who performs the evolutionary operators", "choices": ["openai", "local", "classic"]})
+    proposer: str = field(default="classic", metadata={
+        "help": "who performs the evolutionary operators: classic (numeric genetic operators), local (a GGUF model "
+                "in llama.cpp, answers constrained by a grammar), openai (an OpenAI-compatible endpoint)",
+        "choices": ["classic", "local", "openai"]})
     population: int = field(default=30, metadata={"help": "population size"})
     generations: int = field(default=20, metadata={"help": "generations after the initial population"})
     crossover: int = field(default=10, metadata={"help": "crossover children per generation"})
@@ -45,13 +52,20 @@ class SelfPrunerConfig:
     rate_max: float = field(default=0.9, metadata={"help": "highest per-layer rate"})
     rate_step: float = field(default=0.01, metadata={"help": "grid of the per-layer rates"})
     fitness_rows: int = field(default=4, metadata={"help": "calibration rows of the fitness perplexity"})
-    llm_model: str | None = field(default=None, metadata={
-        "help": "local: model name or folder (default smollm2-135m); openai: model id (default $SECATEURS_LLM_MODEL)"})
-    llm_base_url: str | None = field(default=None, metadata={
+    proposer_model: str | None = field(default=None, metadata={
+        "aliases": ["--llm-model"],
+        "help": "local: a GGUF chat model file (default: the model being pruned, its offline GGUF or its cached "
+                "q8_0 conversion); openai: the model id (default $SECATEURS_LLM_MODEL, else the endpoint's first)"})
+    endpoint: str | None = field(default=None, metadata={
+        "aliases": ["--llm-base-url"],
         "help": "openai: endpoint base URL, e.g. http://127.0.0.1:8000/v1 (default $OPENAI_BASE_URL; key from $OPENAI_API_KEY)"})
+    endpoint_timeout: float = field(default=120.0, metadata={"help": "openai: seconds to wait for one answer"})
+    endpoint_wait: float = field(default=600.0, metadata={
+        "help": "openai: how long to keep retrying an endpoint that does not answer before the search stops "
+                "(resumable: run the same command again)"})
     llm_retries: int = field(default=2, metadata={"help": "retries of an unusable LLM answer before the classical operator fills in"})
     llm_temperature: float = field(default=0.7, metadata={"help": "LLM sampling temperature (seeded)"})
-    llm_max_tokens: int = field(default=400, metadata={"help": "upper bound of tokens per LLM answer"})
+    llm_max_tokens: int = field(default=1024, metadata={"help": "upper bound of tokens per LLM answer"})
     batch_size: int = field(default=4, metadata={"help": "calibration rows per forward pass"})
 
     searches = True  # a search: on a CPU the default calibration is small (pipeline.calibration_defaults)
@@ -62,6 +76,44 @@ class SelfPrunerConfig:
         return n, min(self.fitness_rows, rows), (f"at most {n} fitness evaluations (population {self.population}, "
                                                  f"{self.generations} generations of {self.crossover + self.mutation} "
                                                  "children; repeated vectors are not evaluated again)")
+
+
+def fingerprint(model, tokenizer) -> str:
+    """A key of the weights and tokenizer (names, shapes, dtypes and a strided sample of every tensor)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        flat = t.detach().reshape(-1)
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
+    h.update(f"{len(tokenizer)}:{getattr(tokenizer, 'chat_template', None)}".encode())
+    return h.hexdigest()[:20]
+
+
+def proposer_gguf(cfg: SelfPrunerConfig, ctx: PruneContext, log) -> tuple[Path, str]:
+    """(GGUF file, how it was chosen) of the local proposer: ``--proposer-model``, else the model itself."""
+    from ..models.loading import EMBEDDED, cache_dir, embedded_gguf
+
+    if cfg.proposer_model:
+        p = Path(cfg.proposer_model).expanduser()
+        if p.suffix.lower() != ".gguf" or not p.is_file():
+            raise UserError(f"--proposer-model for --proposer local is a GGUF chat model file (got {cfg.proposer_model!r})")
+        return p, "--proposer-model"
+    if ctx.model_ref in EMBEDDED:
+        return embedded_gguf(ctx.model_ref), f"the offline GGUF of {ctx.model_ref} (the model being pruned)"
+    if ctx.tokenizer is None:
+        raise UserError("the model being pruned has no tokenizer to propose with; pass --proposer-model FILE.gguf")
+    from ..export.gguf import export_gguf
+
+    path = cache_dir() / "proposers" / f"{fingerprint(ctx.model, ctx.tokenizer)}.q8_0.gguf"
+    if not path.exists():
+        if log:
+            log(f"self-pruner: converting {ctx.model_ref} to GGUF (q8_0) to propose for itself, once: {path}")
+        try:
+            export_gguf(ctx.model, ctx.tokenizer, path, "q8_0", meta={"name": f"{ctx.model_ref} (secateurs proposer)"})
+        except UserError as e:
+            raise UserError(f"the model being pruned cannot propose for itself ({e}); pass --proposer-model "
+                            "FILE.gguf or --proposer classic") from e
+    return path, f"{ctx.model_ref} (the model being pruned) converted to q8_0"
 
 
 class MaskedFitness:
@@ -105,43 +157,55 @@ class MaskedFitness:
 
 
 def check(cfg: SelfPrunerConfig, ctx: PruneContext) -> None:
-    for name in ("population", "fitness_rows", "batch_size", "llm_max_tokens"):
+    for name in ("population", "fitness_rows", "batch_size", "llm_max_tokens", "endpoint_timeout"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
-    for name in ("generations", "crossover", "mutation", "llm_retries"):
+    for name in ("generations", "crossover", "mutation", "llm_retries", "endpoint_wait"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be 0 or more (got {getattr(cfg, name)})")
+    if cfg.endpoint and cfg.proposer != "openai":
+        raise UserError(f"--endpoint applies to --proposer openai (the proposer is {cfg.proposer})")
+    if cfg.proposer_model and cfg.proposer == "classic":
+        raise UserError("--proposer-model applies to --proposer local or openai (the proposer is classic)")
     if cfg.fitness_rows > ctx.calib.shape[0]:
         raise UserError(f"--fitness-rows {cfg.fitness_rows} exceeds the {ctx.calib.shape[0]} calibration rows (--nsamples)")
 
 
-@register_method("self-pruner", "evolutionary search of per-layer wanda-sp rates, operators performed by an LLM "
-                 "(openai endpoint, local model) or classically", SelfPrunerConfig, parallel=True,
-                 reach=lambda spec, cfg: width_reach(spec, cfg.rate_max))
+@register_method("self-pruner", "evolutionary search of per-layer wanda-sp rates, operators performed classically "
+                 "or by an LLM (a local GGUF model, by default the model itself; an OpenAI-compatible endpoint)",
+                 SelfPrunerConfig, parallel=True, reach=lambda spec, cfg: width_reach(spec, cfg.rate_max))
 def self_pruner(ctx: PruneContext, cfg: SelfPrunerConfig) -> PruningPlan:
     check(cfg, ctx)
     spec = ctx.spec
     space = SearchSpace(spec.n_layers, mean_rate_for_ratio(spec, ctx.ratio), cfg.rate_min, cfg.rate_max, cfg.rate_step)
-    proposer = make_proposer(cfg.proposer, llm_model=cfg.llm_model, llm_base_url=cfg.llm_base_url,
-                             retries=cfg.llm_retries, temperature=cfg.llm_temperature, max_tokens=cfg.llm_max_tokens,
-                             device=str(input_device(ctx.model)))
+    log = print if ctx.progress else None
+    gguf, source = proposer_gguf(cfg, ctx, log) if cfg.proposer == "local" else (None, "")
+    proposer = make_proposer(cfg.proposer, gguf=gguf, gguf_source=source, endpoint=cfg.endpoint,
+                             model=cfg.proposer_model, retries=cfg.llm_retries, temperature=cfg.llm_temperature,
+                             max_tokens=cfg.llm_max_tokens, timeout=cfg.endpoint_timeout, wait=cfg.endpoint_wait)
     scores = MaskedFitness.scores(ctx, cfg.batch_size)
     rows = ctx.calib[: cfg.fitness_rows].clone()
     evo = EvolutionConfig(cfg.population, cfg.generations, cfg.crossover, cfg.mutation, ctx.seed)
-    log = print if ctx.progress else None
     path = ctx.workdir / "search.jsonl"
-    if ctx.pool is None:
-        fitness = MaskedFitness(ctx.model, scores, rows, cfg.batch_size)
-        try:
+    fitness = None
+    try:
+        if ctx.pool is None:
+            fitness = MaskedFitness(ctx.model, scores, rows, cfg.batch_size)
             result = evolve(space, fitness, proposer, evo, path, log=log)
-        finally:
+        else:  # each generation's new vectors on the pool, every worker masking its own replica
+            with ctx.pool.start(MaskedFitness, scores, rows, cfg.batch_size, progress=ctx.progress) as workers:
+                def on_pool(vectors):
+                    return workers.map(vectors, "__call__", lambda v: (v,), progress=ctx.progress,
+                                       desc=f"fitness ({len(workers.alive)} workers)")
+                result = evolve(space, None, proposer, evo, path, log=log, fitness_batch=on_pool)
+    except EndpointDown as e:
+        done = len(path.read_text().splitlines()) if path.exists() else 0
+        raise UserError(f"{e}. The search so far is kept ({done} generation(s) in {path}): run the same command "
+                        "again to resume once the endpoint answers") from e
+    finally:
+        proposer.close()
+        if fitness is not None:
             fitness.close()
-    else:  # each generation's new vectors on the pool, every worker masking its own replica
-        with ctx.pool.start(MaskedFitness, scores, rows, cfg.batch_size, progress=ctx.progress) as workers:
-            def on_pool(vectors):
-                return workers.map(vectors, "__call__", lambda v: (v,), progress=ctx.progress,
-                                   desc=f"fitness ({len(workers.alive)} workers)")
-            result = evolve(space, None, proposer, evo, path, log=log, fitness_batch=on_pool)
     ctx.count_ppl(result.new_evaluations)
     plan = sequential_plan(ctx, result.best.rates, cfg.batch_size, "self-pruner")
     ctx.record(rates=result.best.rates, mean_rate=space.mean, best_fitness=result.best.fitness,

@@ -1,18 +1,32 @@
-"""tell: multi-unit pruning with per-block ratios from the model's own interactions (our design of Yang et al.,
-ICML 2025, "Let LLM Tell What to Prune and How Much to Prune"; see docs/tell.md).
+"""tell: several unit kinds at once (whole blocks, heads, channels), how much in every block decided from what was
+measured about the model (our design of Yang et al., ICML 2025, "Let LLM Tell What to Prune and How Much to
+Prune"; see docs/tell.md).
 
-1. Importance of every block (attention and MLP of every layer): transfer entropy from the block's contribution
-   to the final residual stream given the block's input (``importance/interaction.py``), on calibration data.
-2. Cost of every unit kind (heads, channels, whole attention / MLP blocks) measured on this device
-   (``importance/cost.py``, cached).
-3. Per-block ratios (``search/assign.py``): the least informative blocks take the most load; the budget is the
-   parameter ratio (``--ratio``) or the predicted prefill speedup (``--speedup``); a block whose ratio reaches
-   ``--block-threshold`` is removed whole.
-4. Inside a kept block: the lowest-FLAP heads / channels go, as many as the rate rule of the width methods
-   says (``importance/width.py``), with FLAP's bias compensation.
-5. With ``--speedup``, the plan's prefill speedup is then measured on a pruned copy; if it is off by more than
-   ``--speedup-tolerance``, the cost-model target is rescaled by target/measured and the ratios assigned again
-   (``--speedup-rounds`` times at most). Every round is recorded.
+Default (``--assign uniform``, the best assignment measured so far): the same ratio in every block; inside a
+block the lowest-FLAP heads / channels go with bias compensation, as many as the width methods' rate rule says
+(``importance/width.py``); the ratio is set by bisection on the budget (``search/assign.py``): the parameter
+ratio, or with ``--speedup`` the speedup predicted from the unit costs measured on this device
+(``importance/cost.py``, cached).
+
+``--assign response``:
+1. Width scores of every head and channel (FLAP fluctuation, one calibration pass) and, with ``--speedup``, the
+   unit costs.
+2. Every block's options (keep; ``--levels`` of its heads or channels removed, the lowest-scoring first, with
+   FLAP's bias compensation per ``--compensation``; removed whole), each measured: the calibration loss with that
+   one block changed (``importance/response.py``, replayed from the dense model's state at the block).
+3. One option per block, the least summed loss increase whose summed saving meets the budget (parameters for
+   ``--ratio``, predicted prefill milliseconds for ``--speedup``): an exact multiple-choice knapsack; with
+   ``--stages`` > 1, part of the choice is committed and the responses measured again on top of it
+   (``search/allocate.py``); with ``--refine N``, a local search on the whole plan's loss follows.
+
+``--assign importance``: per-block ratios from transfer entropy (``importance/interaction.py``,
+``search/assign.py``), the same width rule inside a block.
+
+With ``--speedup``, the plan's prefill speedup is then measured on a pruned copy; if it is off by more than
+``--speedup-tolerance``, the cost-model target is rescaled by target/measured and the plan chosen again
+(``--speedup-rounds`` times at most). Every round is recorded. Work whose result the options do not use is
+skipped: transfer entropy only for ``--assign importance`` (or ``--te``), unit costs only with ``--speedup``,
+responses only for ``--assign response``.
 """
 from __future__ import annotations
 
@@ -26,24 +40,36 @@ from ..errors import UserError
 from ..importance.activations import InputStats
 from ..importance.cost import CostModel, load_or_measure, measured_speedup
 from ..importance.interaction import block_importance, collect_streams
-from ..importance.width import (compensation_bias, flap_column_scores, head_scores, layer_plan_at_rates,
-                                output_projections)
+from ..importance.response import measure_responses, plan_loss
+from ..importance.width import (collect_stats, compensation_bias, flap_column_scores, head_scores, kept_channels_at,
+                                kept_heads_at, layer_plan_at_rates, output_projections)
+from ..models import get_adapter
 from ..models.base import BLOCK_KINDS, Block, ModelSpec, all_blocks, head_indices
 from ..models.loading import cache_dir
-from ..plan import PruningPlan, check_ratio
+from ..plan import LayerPlan, PruningPlan, added_params, atomic_write_text, check_ratio, removed_params, select_heads
 from ..runtime import onloader_of
 from ..runtime.passes import layer_weights, parameter_tensors
+from ..search.allocate import Option, Problem, allocate, block_options
 from ..search.assign import assign_ratios, load_weights
+from ..search.greedy import Replayer
 from . import PruneContext, register_method
+
+ASSIGNMENTS = ("uniform", "response", "importance")
 
 
 @dataclass
 class TellConfig:
     speedup: float | None = field(default=None, metadata={"help": "target measured prefill speedup (> 1), instead of --ratio"})
-    assign: str = field(default="uniform", metadata={"help": "per-block ratios from importance, or uniform (won on SmolLM2, see docs/tell.md)", "choices": ["importance", "uniform"]})
-    temperature: float = field(default=1.0, metadata={"help": "how strongly load follows (low) importance"})
-    normalize: str = field(default="kind", metadata={"help": "compare a block's importance with blocks of its own kind, or with all", "choices": ["kind", "global"]})
-    block_threshold: float = field(default=1.0, metadata={"help": "a block whose assigned ratio reaches this is removed whole (1.0: only blocks assigned everything)"})
+    assign: str = field(default="uniform", metadata={"help": "how much in every block: the same ratio everywhere (uniform: the best measured so far), from measured loss responses and an exact knapsack (response: one calibration replay per block option, minutes to hours on a CPU), or from transfer entropy (importance); see docs/tell.md", "choices": list(ASSIGNMENTS)})
+    levels: str = field(default="0.25,0.5,0.75", metadata={"help": "response: fractions of a block's heads / channels its width options remove (comma-separated, each in (0, 1))"})
+    compensation: str = field(default="on", metadata={"help": "response: width options with FLAP's bias compensation (on), without (off), or both measured and the better kept", "choices": ["on", "off", "both"]})
+    stages: int = field(default=1, metadata={"help": "response: measure, commit part of the knapsack's choice, measure again on top of it; this many times"})
+    refine: int = field(default=0, metadata={"help": "response: evaluations of a local search on the whole plan's calibration loss, from the knapsack's choice (0: none)"})
+    response_batch: int = field(default=0, metadata={"help": "response: calibration rows per replayed batch (0: as many as keep the float32 logits under 256 MB)"})
+    te: bool = field(default=False, metadata={"help": "also estimate the transfer entropy when the assignment does not use it (recorded, shown by explain)"})
+    temperature: float = field(default=1.0, metadata={"help": "importance: how strongly load follows (low) importance"})
+    normalize: str = field(default="kind", metadata={"help": "importance: compare a block's importance with blocks of its own kind, or with all", "choices": ["kind", "global"]})
+    block_threshold: float = field(default=1.0, metadata={"help": "importance / uniform: a block whose assigned ratio reaches this is removed whole (1.0: only blocks assigned everything)"})
     te_rank: int = field(default=32, metadata={"help": "principal components per variable in the transfer-entropy estimate"})
     te_noise: float = field(default=0.01, metadata={"help": "observation noise (relative variance) on the target stream"})
     te_target: str = field(default="final", metadata={"help": "stream the information must reach", "choices": ["final", "output"]})
@@ -53,6 +79,7 @@ class TellConfig:
     latency_reps: int = field(default=3, metadata={"help": "alternated dense/pruned passes per timing"})
     speedup_rounds: int = field(default=2, metadata={"help": "re-assignments after a measured speedup misses the target"})
     speedup_tolerance: float = field(default=0.03, metadata={"help": "relative miss of the measured speedup that is accepted"})
+    response_dtype: str = field(default="auto", metadata={"help": "response: precision of the measurement (auto = the working dtype, --dtype; another one measures on a copy of the model in it, not under --max-memory)", "choices": ["auto", "float32", "bfloat16"]})
     refresh_costs: bool = field(default=False, metadata={"help": "measure the unit costs again instead of using the cache"})
 
     def check_placement(self, onloaded: bool) -> None:
@@ -60,6 +87,19 @@ class TellConfig:
         if onloaded and self.speedup is not None:
             raise UserError("tell --speedup times the whole model and its pruned probes, which a layer-by-layer model "
                             "(--max-memory) cannot hold; use --ratio, or drop --max-memory")
+
+    def level_list(self) -> list[float]:
+        try:
+            levels = sorted({float(x) for x in self.levels.split(",") if x.strip()})
+        except ValueError:
+            levels = []
+        if not levels or not all(0.0 < x < 1.0 for x in levels):
+            raise UserError(f"--levels must be comma-separated fractions strictly between 0 and 1 (got {self.levels!r})")
+        return levels
+
+    @property
+    def uses_te(self) -> bool:
+        return self.assign == "importance" or self.te
 
     def check_budget(self, ratio) -> None:
         """Exactly one budget, and every option in range (called by the pipeline before any work)."""
@@ -69,6 +109,11 @@ class TellConfig:
             raise UserError(f"--speedup must be greater than 1 (got {self.speedup})")
         if ratio is not None:
             check_ratio(ratio)
+        if self.assign not in ASSIGNMENTS:
+            raise UserError(f"--assign must be one of {', '.join(ASSIGNMENTS)} (got {self.assign!r})")
+        self.level_list()
+        if self.stages < 1 or self.response_batch < 0 or self.refine < 0:
+            raise UserError("--stages must be >= 1, --response-batch and --refine >= 0")
         if not 0.0 < self.block_threshold <= 1.0:
             raise UserError(f"--block-threshold must be in (0, 1] (got {self.block_threshold})")
         if min(self.te_rank, self.te_tokens, self.latency_reps) < 1 or self.latency_len < 2 or self.speedup_rounds < 0:
@@ -96,38 +141,40 @@ def width_scores(ctx: PruneContext, stats: InputStats) -> WidthScores:
     return WidthScores(heads, channels, stats)
 
 
+def _bias(ctx: PruneContext, ws: WidthScores, layer: int, kind: str, kept) -> list | None:
+    """FLAP's compensation bias of the kept units (the layer's weights read where the runtime keeps them)."""
+    ad, spec = ctx.adapter, ctx.spec
+    with layer_weights(ctx.model, layer) as mod:
+        if kind == "attn":
+            return compensation_bias(ad.proj(mod, ad.o).weight, ws.stats.mean(f"attn.{layer}"), head_indices(kept, spec.head_dim))
+        return compensation_bias(ad.proj(mod, ad.down).weight, ws.stats.mean(f"mlp.{layer}"), kept)
+
+
 def build_plan(ctx: PruneContext, ratios: list[float], ws: WidthScores, compensate: bool) -> PruningPlan:
     """The plan of per-block ratios (in ``all_blocks`` order): 1.0 removes the block; otherwise the best-scoring
     heads / channels are kept, as many as the rate rule says (``layer_plan_at_rates``, importance/width.py).
     ``compensate=False`` puts zero placeholders where compensation biases go (same parameter count, no
     computation)."""
-    spec, ad = ctx.spec, ctx.adapter
+    spec = ctx.spec
     plan = PruningPlan.dense(spec, "tell")
     zeros = [0.0] * spec.hidden
     for i in range(spec.n_layers):
         r_attn, r_mlp = (ratios[Block(i, k).pos] for k in BLOCK_KINDS)
         lp = plan.layers[i] = layer_plan_at_rates(spec, r_attn if r_attn < 1.0 else None,
                                                   r_mlp if r_mlp < 1.0 else None, ws.heads[i], ws.channels[i])
-        if not compensate:
-            lp.attn_bias = zeros if lp.heads is not None else None
-            lp.mlp_bias = zeros if lp.channels is not None else None
-        elif lp.heads is not None or lp.channels is not None:
-            with layer_weights(ctx.model, i) as layer:
-                if lp.heads is not None:
-                    lp.attn_bias = compensation_bias(ad.proj(layer, ad.o).weight, ws.stats.mean(f"attn.{i}"),
-                                                     head_indices(lp.heads, spec.head_dim))
-                if lp.channels is not None:
-                    lp.mlp_bias = compensation_bias(ad.proj(layer, ad.down).weight, ws.stats.mean(f"mlp.{i}"), lp.channels)
+        if lp.heads is not None:
+            lp.attn_bias = _bias(ctx, ws, i, "attn", lp.heads) if compensate else zeros
+        if lp.channels is not None:
+            lp.mlp_bias = _bias(ctx, ws, i, "mlp", lp.channels) if compensate else zeros
     return plan
 
 
-def calibration_key(ctx: PruneContext, cfg: TellConfig) -> str:
-    """Identifies a calibration result: the model (name, configuration and a checksum of its weights), the
-    calibration rows and the estimator settings."""
+def model_key(ctx: PruneContext, **extra) -> str:
+    """Identifies the model (name, configuration and a checksum of its weights), the calibration rows and
+    ``extra`` settings: the key of tell's caches."""
     h = hashlib.sha256()
     h.update(json.dumps({"name": getattr(ctx.model.config, "_name_or_path", ""), "spec": ctx.spec.as_dict(),
-                         "rank": cfg.te_rank, "noise": cfg.te_noise, "target": cfg.te_target,
-                         "tokens": cfg.te_tokens, "seed": ctx.seed}, sort_keys=True).encode())
+                         "seed": ctx.seed, **extra}, sort_keys=True).encode())
     h.update(ctx.calib.cpu().numpy().tobytes())
     with torch.no_grad():
         for t in parameter_tensors(ctx.model, every=16):
@@ -135,10 +182,17 @@ def calibration_key(ctx: PruneContext, cfg: TellConfig) -> str:
     return h.hexdigest()[:20]
 
 
-def calibrate(ctx: PruneContext, cfg: TellConfig) -> tuple[list[float], InputStats]:
-    """Block importance and FLAP input statistics from the same forward passes. Kept in the run's workdir
-    (resume) and in ``cache_dir()/tell/<key>.pt`` (other ratios / budgets on the same model and calibration
-    reuse it; the key is ``calibration_key``)."""
+def calibration_key(ctx: PruneContext, cfg: TellConfig) -> str:
+    """Identifies a transfer-entropy calibration result: the model, the calibration rows and the estimator settings."""
+    return model_key(ctx, rank=cfg.te_rank, noise=cfg.te_noise, target=cfg.te_target, tokens=cfg.te_tokens)
+
+
+def calibrate(ctx: PruneContext, cfg: TellConfig) -> tuple[list[float] | None, InputStats]:
+    """FLAP input statistics and, when the options use it (``cfg.uses_te``), block importance from the same
+    forward passes. With importance: kept in the run's workdir (resume) and in ``cache_dir()/tell/<key>.pt``
+    (other ratios / budgets on the same model and calibration reuse it; the key is ``calibration_key``)."""
+    if not cfg.uses_te:
+        return None, collect_stats(ctx.model, ctx.adapter, ctx.calib)
     path = ctx.workdir / "tell_calibration.pt"
     shared = cache_dir() / "tell" / f"{calibration_key(ctx, cfg)}.pt"
     for src in (path, shared):
@@ -162,12 +216,13 @@ def calibrate(ctx: PruneContext, cfg: TellConfig) -> tuple[list[float], InputSta
 
 @dataclass
 class Prepared:
-    """What tell measures once per model and calibration: importance, width scores, unit costs."""
+    """What tell measures once per model and calibration: width scores, and what the options use of importance
+    (transfer entropy) and unit costs (None when unused)."""
 
-    importance: list
+    importance: list | None
     ws: WidthScores
-    costs: CostModel | None  # None: a layer-by-layer model with no cached cost model (--ratio only)
-    cost_path: str
+    costs: CostModel | None
+    cost_path: str | None
 
 
 def prepare(ctx: PruneContext, cfg: TellConfig) -> Prepared:
@@ -175,76 +230,245 @@ def prepare(ctx: PruneContext, cfg: TellConfig) -> Prepared:
     onloaded = onloader_of(ctx.model) is not None
     cfg.check_placement(onloaded)
     importance, stats = calibrate(ctx, cfg)
-    costs, cost_path = load_or_measure(ctx.model, ctx.spec, cfg.latency_len, cfg.latency_reps, ctx.seed,
-                                       refresh=cfg.refresh_costs, log=log, clock=cfg.latency_clock,
-                                       measure=not onloaded)
-    if costs is None:
-        log("tell: the model runs layer by layer: unit costs are not measured (none cached for it); "
-            "the plan (--ratio) does not depend on them")
+    costs, cost_path = None, None
+    if cfg.speedup is not None:
+        costs, cost_path = load_or_measure(ctx.model, ctx.spec, cfg.latency_len, cfg.latency_reps, ctx.seed,
+                                           refresh=cfg.refresh_costs, log=log, clock=cfg.latency_clock)
     return Prepared(importance, width_scores(ctx, stats), costs, cost_path)
 
 
-def weights_for(spec: ModelSpec, importance: list, cfg: TellConfig) -> list[float]:
+def weights_for(spec: ModelSpec, importance: list | None, cfg: TellConfig) -> list[float]:
+    if cfg.assign == "uniform":
+        return [1.0] * len(all_blocks(spec.n_layers))
     groups = [b.kind for b in all_blocks(spec.n_layers)] if cfg.normalize == "kind" else None
     return load_weights(importance, cfg.assign, cfg.temperature, groups)
 
 
-def assign_plan(ctx: PruneContext, cfg: TellConfig, prep: Prepared) -> tuple[PruningPlan, list, list, list]:
-    """(plan, per-block ratios, load weights, speedup rounds) for the budget in ``ctx.ratio`` / ``cfg.speedup``."""
+# --- the response assignment ---------------------------------------------------------------------------------
+def option_plan(ctx: PruneContext, ws: WidthScores, layer: int, kind: str, o: Option) -> LayerPlan:
+    """The layer plan with block ``kind`` set to option ``o`` (the other block dense): width by the rate rule
+    (``kept_heads_at`` / ``kept_channels_at``), the best FLAP scores kept."""
+    spec = ctx.spec
+    if o.level >= 1.0:
+        return LayerPlan(**{kind: False})
+    if o.level <= 0.0:
+        return LayerPlan()
+    if kind == "attn":
+        heads = select_heads(ws.heads[layer], kept_heads_at(spec, o.level), spec.n_kv)
+        if len(heads) == spec.n_heads:
+            return LayerPlan()
+        return LayerPlan(heads=heads, attn_bias=_bias(ctx, ws, layer, kind, heads) if o.compensate else None)
+    n_keep = kept_channels_at(spec, o.level)
+    if n_keep >= spec.intermediate:
+        return LayerPlan()
+    channels = sorted(torch.as_tensor(ws.channels[layer]).argsort(descending=True)[:n_keep].tolist())
+    return LayerPlan(channels=channels, mlp_bias=_bias(ctx, ws, layer, kind, channels) if o.compensate else None)
+
+
+def block_params_saved(spec: ModelSpec, layer: int, kind: str, lp: LayerPlan) -> dict:
+    """Parameters block ``kind`` of ``lp`` removes, by unit kind, net of a compensation bias it adds."""
+    out = {k: v for k, v in removed_params(spec, layer, lp).items() if k.startswith(kind)}
+    part = LayerPlan(**{("mlp" if kind == "attn" else "attn"): False, kind: getattr(lp, kind),
+                        f"{kind}_bias": getattr(lp, f"{kind}_bias")})
+    added = added_params(spec, part)
+    if added:
+        key = f"{kind}_width"
+        out[key] = out.get(key, 0) - added
+    return out
+
+
+def saving_fn(spec: ModelSpec, costs: CostModel | None):
+    """Saving of a block plan: predicted milliseconds (cost model) or millions of parameters."""
+    if costs is None:
+        return lambda layer, kind, lp: sum(block_params_saved(spec, layer, kind, lp).values()) / 1e6
+    return lambda layer, kind, lp: sum(costs.ms_per_param[k] * v for k, v in block_params_saved(spec, layer, kind, lp).items())
+
+
+def _rows_per_batch(cfg: TellConfig, ctx: PruneContext) -> int:
+    if cfg.response_batch:
+        return cfg.response_batch
+    vocab = ctx.adapter.lm_head().weight.shape[0]
+    return max(1, min(ctx.calib.shape[0], (64 << 20) // (ctx.calib.shape[1] * vocab)))
+
+
+class ResponseStore:
+    """Measured responses, one file per base plan with one loss per variant (block position and layer plan), in
+    the run's workdir (resume) and in ``cache_dir()/tell/responses-<key>.json``: other budgets, stages and option
+    sets on the same model and calibration reuse every response already measured."""
+
+    def __init__(self, ctx: PruneContext, cfg: TellConfig):
+        self.ctx, self.cfg = ctx, cfg
+        working = str(next(ctx.model.parameters()).dtype).removeprefix("torch.")  # --dtype
+        self.dtype = working if cfg.response_dtype == "auto" else cfg.response_dtype
+        if self.dtype != working and onloader_of(ctx.model) is not None:
+            raise UserError(f"--response-dtype {self.dtype} needs a copy of the model, which a layer-by-layer model "
+                            f"(--max-memory) cannot hold; use --dtype {self.dtype} instead")
+        self.model_key = model_key(ctx, what="responses", dtype=self.dtype)
+        self._replayer = None
+        self.evaluations = 0  # losses the allocation used (responses, base and whole-plan losses)
+        self.measured = 0  # of which measured in this run (the rest came from a cache)
+
+    def replayer(self) -> Replayer:
+        if self._replayer is None:
+            model = self.ctx.model
+            if str(next(model.parameters()).dtype).removeprefix("torch.") != self.dtype:  # --response-dtype: a copy
+                import copy
+
+                model = copy.deepcopy(model).to(getattr(torch, self.dtype))
+            self._replayer = Replayer(model, get_adapter(model), self.ctx.calib,
+                                      _rows_per_batch(self.cfg, self.ctx), head_chunk=0)
+        return self._replayer
+
+    def close(self) -> None:
+        if self._replayer is not None:
+            self._replayer.close()
+            self._replayer = None
+
+    @staticmethod
+    def _digest(obj) -> str:
+        return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
+
+    def __call__(self, base: PruningPlan, variants: dict, stage: int):
+        key = self._digest([self.model_key, base.to_dict()["layers"]])
+        paths = [self.ctx.workdir / f"tell_responses_{key}.json", cache_dir() / "tell" / f"responses-{key}.json"]
+        state = {"base_loss": None, "losses": {}}
+        for path in paths:
+            if path.exists():
+                state = json.loads(path.read_text())
+                break
+
+        def save():
+            for path in paths:
+                atomic_write_text(path, json.dumps(state))
+
+        vkeys = {pos: [self._digest([pos, vars(lp)]) for lp in lps] for pos, lps in variants.items()}
+        self.evaluations += 1 + sum(len(v) for v in variants.values())
+        if state["base_loss"] is None:
+            state["base_loss"] = plan_loss(self.replayer(), self.ctx.spec, base)
+            self.measured += 1
+            save()
+        todo = {pos: [lp for lp, k in zip(lps, vkeys[pos]) if k not in state["losses"]] for pos, lps in variants.items()}
+        todo = {pos: lps for pos, lps in todo.items() if lps}
+        if todo:
+            self.measured += sum(len(v) for v in todo.values())
+
+            def on_block(pos, losses):
+                for lp, loss in zip(todo[pos], losses):
+                    state["losses"][self._digest([pos, vars(lp)])] = loss
+                save()
+            measure_responses(self.replayer(), self.ctx.spec, base, todo, self.ctx.progress, on_block=on_block,
+                              desc=f"tell: responses, stage {stage + 1}")
+        return state["base_loss"], {pos: [state["losses"][k] for k in ks] for pos, ks in vkeys.items()}
+
+
+def response_plan(ctx: PruneContext, cfg: TellConfig, prep: Prepared, store: ResponseStore, goal: float) -> tuple:
+    """(plan, allocation record) for a ratio budget (``goal`` = ratio) or a predicted-speedup goal."""
     spec, costs = ctx.spec, prep.costs
     log = print if ctx.progress else (lambda *a: None)
-    weights = weights_for(spec, prep.importance, cfg)
+    need = goal * spec.total_params / 1e6 if costs is None else costs.dense_ms * (1.0 - 1.0 / goal)
+    problem = Problem(spec, lambda layer, kind, o: option_plan(ctx, prep.ws, layer, kind, o), saving_fn(spec, costs),
+                      need, block_options(cfg.level_list(), cfg.compensation), store, ctx.calib.shape[0] * (ctx.calib.shape[1] - 1),
+                      joint=lambda plan: store(plan, {}, -1)[0])
+    out = allocate(problem, cfg.stages, log, cfg.refine)
+    return out["plan"], {"choice": {Block.at(p).name: o.label(Block.at(p).kind) for p, o in out["choice"].items()},
+                         "stages": out["stages"], "refine": out["refine"], "saving_unit": "Mparams" if costs is None else "ms"}
+
+
+def assign_plan(ctx: PruneContext, cfg: TellConfig, prep: Prepared) -> tuple[PruningPlan, list | None, list | None, list, dict | None]:
+    """(plan, per-block ratios, load weights, speedup rounds, allocation record) for the budget in ``ctx.ratio`` /
+    ``cfg.speedup``; ratios and weights are None for the response assignment, the record None for the others."""
+    spec, costs = ctx.spec, prep.costs
+    log = print if ctx.progress else (lambda *a: None)
+    store = ResponseStore(ctx, cfg) if cfg.assign == "response" else None
+    weights = None if store else weights_for(spec, prep.importance, cfg)
 
     def structural(ratios):
         return build_plan(ctx, ratios, prep.ws, compensate=False)
 
+    def choose(goal, what):
+        if store is not None:
+            plan, record = response_plan(ctx, cfg, prep, store, goal)
+            return plan, None, record
+        budget = (lambda r: structural(r).ratio(spec)) if what == "ratio" else (lambda r: costs.speedup(spec, structural(r)))
+        ratios = assign_ratios(weights, budget, goal, cfg.block_threshold, what)
+        return build_plan(ctx, ratios, prep.ws, compensate=True), ratios, None
+
     rounds = []
-    if ctx.ratio is not None:
-        ratios = assign_ratios(weights, lambda r: structural(r).ratio(spec), ctx.ratio, cfg.block_threshold, "ratio")
-    else:
-        goal = cfg.speedup
-        for rnd in range(cfg.speedup_rounds + 1):
-            ratios = assign_ratios(weights, lambda r: costs.speedup(spec, structural(r)), goal, cfg.block_threshold,
-                                   "predicted speedup")
-            plan = structural(ratios)
-            m = measured_speedup(ctx.model, plan, spec, cfg.latency_len, cfg.latency_reps, ctx.seed, cfg.latency_clock)
-            rounds.append({"cost_model_goal": goal, "predicted": costs.speedup(spec, plan), **m})
-            log(f"tell: round {rnd}: cost-model goal {goal:.3f}, predicted {rounds[-1]['predicted']:.3f}, "
-                f"measured {m['speedup']:.3f} (target {cfg.speedup})")
-            if abs(m["speedup"] / cfg.speedup - 1) <= cfg.speedup_tolerance:
-                break
-            goal = max(1.0 + 1e-6, goal * cfg.speedup / m["speedup"])
-    plan = build_plan(ctx, ratios, prep.ws, compensate=True)
+    try:
+        if ctx.ratio is not None:
+            plan, ratios, record = choose(ctx.ratio, "ratio")
+        else:
+            goal = cfg.speedup
+            for rnd in range(cfg.speedup_rounds + 1):
+                plan, ratios, record = choose(goal, "predicted speedup")
+                m = measured_speedup(ctx.model, plan, spec, cfg.latency_len, cfg.latency_reps, ctx.seed, cfg.latency_clock)
+                rounds.append({"cost_model_goal": goal, "predicted": costs.speedup(spec, plan), **m})
+                log(f"tell: round {rnd}: cost-model goal {goal:.3f}, predicted {rounds[-1]['predicted']:.3f}, "
+                    f"measured {m['speedup']:.3f} (target {cfg.speedup})")
+                if abs(m["speedup"] / cfg.speedup - 1) <= cfg.speedup_tolerance:
+                    break
+                goal = max(1.0 + 1e-6, goal * cfg.speedup / m["speedup"])
+    finally:
+        if store is not None:
+            store.close()
+    if record is not None:
+        record["evaluations"] = store.evaluations
+        record["evaluations_measured"] = store.measured
+        ctx.count_ppl(store.measured)
+    plan.method = "tell"
     plan.validate(spec)
-    return plan, ratios, weights, rounds
+    return plan, ratios, weights, rounds, record
 
 
-@register_method("tell", "multi-unit pruning: per-block ratios from transfer entropy and measured unit costs; "
-                 "whole blocks or FLAP width with bias compensation (--ratio or --speedup)", TellConfig, needs_ratio=False)
+SUMMARY = ("multi-unit pruning; default: the same ratio in every block (FLAP heads / channels with bias compensation), "
+           "budget --ratio or --speedup (measured unit costs); --assign response: one option per block (keep, narrow, "
+           "remove) by an exact knapsack over measured loss responses; --assign importance: transfer-entropy ratios")
+
+
+@register_method("tell", SUMMARY, TellConfig, needs_ratio=False)
 def tell(ctx: PruneContext, cfg: TellConfig) -> PruningPlan:
     cfg.check_budget(ctx.ratio)
     spec = ctx.spec
     prep = prepare(ctx, cfg)
-    plan, ratios, weights, rounds = assign_plan(ctx, cfg, prep)
+    plan, ratios, weights, rounds, record = assign_plan(ctx, cfg, prep)
     costs, importance = prep.costs, prep.importance
     kept = plan.kept_fraction(spec)
+    last = record["stages"][-1]["blocks"] if record else {}
     blocks = []
-    for b, ((i, kind), r) in enumerate(zip(all_blocks(spec.n_layers), ratios)):
+    for b, (i, kind) in enumerate(all_blocks(spec.n_layers)):
         removed = 1.0 - kept[i][kind]
-        blocks.append({
+        gone = not getattr(plan.layers[i], kind)
+        row = {
             "block": Block(i, kind).name, "layer": i, "kind": kind, "params": spec.block_params(i, kind),
-            "importance": importance[b], "load_weight": weights[b],
-            "cost_ms_whole": costs.block_ms(spec, i, kind) if costs is not None else None,
-            "ratio_assigned": r, "units_removed": removed,
-            "action": "removed" if r >= 1.0 else ("narrowed" if removed > 0 else "kept"),
-        })
+            "importance": importance[b] if importance else None,
+            "cost_ms_whole": costs.block_ms(spec, i, kind) if costs else None,
+            "units_removed": removed,
+            "action": "removed" if gone else ("narrowed" if removed > 0 else "kept"),
+        }
+        if ratios is not None:
+            row.update(load_weight=weights[b], ratio_assigned=ratios[b])
+        if record is not None:
+            name = Block(i, kind).name
+            row.update(option=record["choice"][name], options=last[name]["options"], why=last[name].get("why"),
+                       response_whole=_whole_response(record, name))
+        blocks.append(row)
     ctx.record(
+        assign=cfg.assign,
         blocks=blocks,
         budget={"ratio": ctx.ratio, "speedup": cfg.speedup},
-        predicted_speedup=costs.speedup(spec, plan) if costs is not None else None,
+        predicted_speedup=costs.speedup(spec, plan) if costs else None,
         speedup_rounds=rounds,
         cost_model=None if costs is None else {
             "path": prep.cost_path, "device": costs.device, "prompt_len": costs.prompt_len, "clock": costs.clock,
             "dense_ms": costs.dense_ms, "ms_per_param": costs.ms_per_param, "adjusted": costs.adjusted},
+        allocation=None if record is None else {k: v for k, v in record.items() if k != "choice"},
     )
     return plan
+
+
+def _whole_response(record: dict, name: str) -> float | None:
+    """The block's loss increase (nats/token) when removed whole, as first measured (on the dense model)."""
+    for o in record["stages"][0]["blocks"][name]["options"]:
+        if o["option"] == "remove":
+            return o["dloss"]
+    return None

@@ -59,6 +59,27 @@ EMBEDDED = {
 DEFAULT_MODEL = "smollm2-135m"
 
 
+def embedded_gguf(name: str) -> Path:
+    """The GGUF file an embedded model ships as: the package's own file, or (where the package ships parts)
+    the file assembled once into the cache (``gguf/NAME/``)."""
+    folder = cache_dir() / "gguf" / name
+    done = sorted(folder.glob("*.gguf"))
+    if done:
+        return done[0]
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent) as scratch:
+        path = EMBEDDED[name].gguf(Path(scratch))
+        if Path(scratch) not in path.parents:
+            return path
+        staging = Path(scratch) / "out"
+        staging.mkdir()
+        os.replace(path, staging / path.name)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)  # a half-assembled file is never mistaken for a good one
+    return folder / path.name
+
+
 def _strip_quantizer(model) -> None:
     """A model read from GGUF carries a quantizer object that save_pretrained refuses; its weights are
     already dequantized float tensors, so the quantizer can go."""

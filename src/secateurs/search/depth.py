@@ -4,14 +4,16 @@ the job's worker pool (``--workers``: each worker builds its own ``Replayer`` fr
 with ``replayer_for``, as this process would)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import UserError
 from ..models import get_adapter
-from .greedy import CandidateScorer, PooledSteps, Replayer, SearchSettings, greedy_search
+from .greedy import ORDER_FORMAT, CandidateScorer, PooledSteps, Replayer, SearchSettings, greedy_search
 
 if TYPE_CHECKING:
     from ..methods import PruneContext
@@ -28,6 +30,7 @@ class SearchOptions:
     exact_reference: bool = field(default=False, metadata={"help": "run the straightforward search (every candidate through the whole model): slow, same result"})
     batch_size: int = field(default=1, metadata={"help": "calibration rows per forward pass; smaller batches let bad candidates be abandoned earlier"})
     cache_mb: int = field(default=1024, metadata={"help": "memory for cached hidden states of the fast search, MiB"})
+    from_order: str | None = field(default=None, metadata={"help": "take the plan from a saved order.json (same method, model and calibration) instead of searching"})
 
 
 def replayer_for(model, calib: torch.Tensor, cfg: SearchOptions) -> Replayer:
@@ -67,4 +70,22 @@ def run_greedy(ctx: PruneContext, cfg: SearchOptions, candidates, method: str, t
                evaluations_abandoned=abandoned, blocks_run=sum(st["blocks_run"] for st in steps),
                order_file=ORDER_FILE, calib_ppl_dense=state["dense"]["ppl"],
                order=[{k: st[k] for k in ("removed", "ppl", "ratio")} for st in steps])
+    return state
+
+
+def load_order(path: str, ctx: PruneContext, method: str) -> dict:
+    """A removal order saved by a search of ``method`` on this model (``--from-order``)."""
+    try:
+        state = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise UserError(f"cannot read order file {path}: {e.strerror}") from e
+    except json.JSONDecodeError as e:
+        raise UserError(f"order file {path} is not valid JSON ({e.msg} at line {e.lineno})") from e
+    if not isinstance(state, dict) or state.get("format") != ORDER_FORMAT or not isinstance(state.get("steps"), list):
+        raise UserError(f"{path} is not a secateurs removal order (expected \"format\": \"{ORDER_FORMAT}\" and steps)")
+    if state.get("dims") != ctx.spec.as_dict():
+        raise UserError(f"order file {path} was searched on another model (dims {state.get('dims')}), not {ctx.spec.as_dict()}")
+    if state.get("method") not in (method, "", None):
+        raise UserError(f"order file {path} is the order of {state['method']}, not of {method}")
+    ctx.record(order_file=str(path), searched=False)
     return state

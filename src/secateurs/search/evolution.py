@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -116,7 +117,7 @@ class Proposal:
 
     rates: list[float]
     op: str  # init | crossover | mutation
-    source: str  # classic | llm | llm-repaired | fallback
+    source: str  # uniform | classic | llm | llm-repaired | fallback
     parents: list[int] = field(default_factory=list)
     attempts: int = 0
     repairs: list[str] = field(default_factory=list)
@@ -124,6 +125,10 @@ class Proposal:
     tokens: dict = field(default_factory=dict)
     fitness: float | None = None
     cached: bool = False
+    answer: list | None = None  # an LLM's rates as it wrote them (percent), before the projection
+    projected: bool = False  # the projection onto the mean changed the LLM's answer
+    seconds: float = 0.0  # time spent on the LLM's answer (all attempts)
+    endpoint_errors: list[str] = field(default_factory=list)  # an endpoint's failures before it answered
 
 
 @dataclass
@@ -135,6 +140,8 @@ class Selection:
     repairs: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     tokens: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    endpoint_errors: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -253,6 +260,7 @@ def evolve(space: SearchSpace, fitness: Callable[[list[float]], float] | None, p
         rec = {
             "gen": gen,
             "proposer": proposer.name,
+            "proposer_model": proposer.describe(),
             "selection": None if selection is None else asdict(selection),
             "proposals": [asdict(p) for p in props],
             "population": [asdict(i) for i in population],
@@ -260,7 +268,9 @@ def evolve(space: SearchSpace, fitness: Callable[[list[float]], float] | None, p
             "new_evaluations": sum(not p.cached for p in props),
             "fallbacks": sum(p.source == "fallback" for p in props) + sum(s.source == "fallback" for s in parts),
             "repaired": sum(p.source == "llm-repaired" for p in props) + sum(s.source == "llm-repaired" for s in parts),
+            "projected": sum(p.projected for p in props),
             "tokens": _tokens([p.tokens for p in props] + [s.tokens for s in parts]),
+            "llm_seconds": sum(p.seconds for p in props) + sum(s.seconds for s in parts),
             "wall_s": time.time() - t0,
         }
         with log_path.open("a") as f:
@@ -268,8 +278,28 @@ def evolve(space: SearchSpace, fitness: Callable[[list[float]], float] | None, p
         records.append(rec)
         if log:
             log(f"self-pruner: generation {gen}: best fitness {rec['best_fitness']:.4f}, {rec['new_evaluations']} new "
-                f"evaluations, {rec['fallbacks']} fallbacks, {rec['repaired']} repaired, {rec['wall_s']:.1f}s")
+                f"evaluations, {rec['fallbacks']} fallbacks, {rec['repaired']} repaired, {rec['projected']} projected, "
+                f"{rec['wall_s']:.1f}s")
     return _result(space, records, cache, new_evals)
+
+
+def llm_answer_stats(records: list[dict]) -> dict | None:
+    """An LLM proposer's answers (rate vectors and selections) in a search log: how many were usable as they came
+    (no fallback), retried, repaired, projected, fell back, or repeated an evaluated vector; seconds per answer.
+    None for a search without LLM answers."""
+    llm = [p for r in records for p in r["proposals"] if p["source"] != "uniform"]
+    asked = [a for a in llm + [r["selection"] for r in records if r["selection"]]
+             if a["source"] not in ("classic", "uniform")]
+    if not asked:
+        return None
+    seconds = [a.get("seconds", 0.0) for a in asked]
+    return {"answers": len(asked), "usable": sum(a["source"] != "fallback" for a in asked),
+            "retried": sum(a.get("attempts", 1) > 1 for a in asked),
+            "repaired": sum(a["source"] == "llm-repaired" for a in asked),
+            "projected": sum(bool(p.get("projected")) for p in llm), "fallback": sum(a["source"] == "fallback" for a in asked),
+            # rate vectors the LLM wrote that (after projection) were already evaluated: they cost no evaluation
+            "repeats": sum(bool(p["cached"]) for p in llm if p["source"] in ("llm", "llm-repaired")),
+            "seconds_per_answer": sum(seconds) / len(asked), "seconds_per_answer_median": statistics.median(seconds)}
 
 
 def _result(space: SearchSpace, records: list[dict], cache: dict, new_evals: int) -> SearchResult:
@@ -283,8 +313,15 @@ def _result(space: SearchSpace, records: list[dict], cache: dict, new_evals: int
         "by_source": {s: sum(p["source"] == s for p in llm) for s in sorted({p["source"] for p in llm})},
         "selections_by_source": {s: sum(x["source"] == s for x in sel) for s in sorted({x["source"] for x in sel})},
         "failed_attempts": sum(len(p["errors"]) for p in llm) + sum(len(x["errors"]) for x in sel),
+        "projected": sum(bool(p.get("projected")) for p in llm),
+        "proposer_model": records[-1].get("proposer_model"),
         "tokens": _tokens(r["tokens"] for r in records),
+        "llm_seconds": sum(r.get("llm_seconds", 0.0) for r in records),
+        "endpoint_errors": sum(len(p.get("endpoint_errors", [])) for p in llm) + sum(len(x.get("endpoint_errors", [])) for x in sel),
         "best_by_generation": [r["best_fitness"] for r in records],
     }
+    answers = llm_answer_stats(records)
+    if answers:
+        stats["llm_answers"] = answers
     return SearchResult(population[0], Individual(uniform, cache[space.key(uniform)]), population, len(cache),
                         new_evals, sum(r["wall_s"] for r in records), stats)

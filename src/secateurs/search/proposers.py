@@ -3,22 +3,44 @@
 - ``ClassicProposer``: the ordinary numeric genetic operators (random initial vectors around the mean,
   tournament selection, per-layer uniform crossover, Gaussian mutation). The control experiment, and the
   fallback of the LLM proposers.
-- ``OpenAIProposer``: any OpenAI-compatible chat endpoint (vLLM, llama.cpp server, Ollama, hosted APIs).
-- ``LocalProposer``: a chat model loaded in-process with transformers (default: the embedded SmolLM2).
+- ``LlamaCppProposer`` (``--proposer local``): a GGUF chat model run in-process by llama.cpp
+  (``secateurs.eval.llamacpp.ChatModel``), every answer decoded under its JSON schema's grammar.
+- ``OpenAIProposer`` (``--proposer openai``): any OpenAI-compatible chat endpoint (vLLM, llama.cpp's servers,
+  Ollama, hosted APIs), asked for structured output where it takes it.
 
-An LLM proposer performs each operator by a chat request: the prompt shows the task, the constraint, the
-population with its fitness (best first) and asks for JSON. Rates appear in prompts and answers as percents.
-The answer is parsed strictly as JSON (``json`` module; the first JSON value in the text, so a code fence
-around it is accepted; nothing is ever evaluated as code), validated (shape, numbers, indices), repaired
-(clip to the bounds, project onto the mean: ``SearchSpace.repair``) or retried; after the retries the
-classical operator fills in and the proposal is marked ``fallback``. Failed attempts keep their reason in
-the log. A transport error (connection refused, HTTP error) counts as a failed attempt.
+An LLM proposer performs each operator by a chat request. The prompt states the task, the rules (the number
+of rates, their bounds, their mean and the sum that gives it), the evaluated plans with their fitness (best
+first) and the operator; no example answer (a small model copies one). Rates appear in prompts and answers as
+whole percents.
+
+The answer's JSON schema (``rates_schema``, ``selection_schema``) is exact: a fixed-length list of integers
+from an ``enum`` (the rates' percent range; for selection the population's indices). The same schema is the
+grammar of the local proposer (llama.cpp's converter turns ``enum`` and ``minItems = maxItems`` into exact
+rules) and the ``response_format`` sent to an endpoint. No schema language can state the mean, so after
+decoding every rate vector is **projected** (``SearchSpace.repair``): for rates within the bounds that is the
+Euclidean projection onto {bounds, mean} (every rate shifted by one constant, clipped; the constant found by
+bisection), then rounded to the grid keeping the sum. ``projected`` marks an answer the projection changed,
+and ``answer`` keeps the rates as the LLM wrote them.
+
+Every answer is still parsed strictly as JSON (``json`` module; the first JSON value in the text, so a code
+fence around it is accepted; nothing is ever evaluated as code) and validated (shape, numbers, indices): an
+endpoint may ignore ``response_format``. Out-of-bounds rates are clipped and a selection with the wrong
+number of parents cut or filled in (``llm-repaired``); an unusable answer is retried; after the retries the
+classical operator fills in (``fallback``). Failed attempts keep their reason in the log.
+
+An endpoint that does not answer (timeout, dropped connection, HTTP 5xx or 429) is not a bad answer: the
+request is repeated, with a message, until it answers or ``wait`` seconds have passed; then the search stops
+with ``EndpointDown`` (a user error) and the same command resumes it from ``search.jsonl``.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
+import sys
+import time
+from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import UserError
@@ -42,6 +64,13 @@ class Proposer:
 
     def mutate(self, space: SearchSpace, population: list[Individual], i: int, rng: random.Random) -> Proposal:
         raise NotImplementedError
+
+    def describe(self) -> dict:
+        """Who proposes (recorded in search.jsonl and result.json)."""
+        return {"kind": self.name}
+
+    def close(self) -> None:
+        pass
 
 
 class ClassicProposer(Proposer):
@@ -80,9 +109,30 @@ class ClassicProposer(Proposer):
         return self._made(space, x, "mutation")
 
 
-# --- LLM proposers ----------------------------------------------------------------------------------------
+# --- the answers' schemas ---------------------------------------------------------------------------------
 
-SYSTEM = ("You are the optimizer of an evolutionary search. You answer with one JSON object and nothing else.")
+def pct_bounds(space: SearchSpace) -> tuple[int, int]:
+    """The whole percents a rate may take."""
+    return math.ceil(100 * space.low - 1e-9), math.floor(100 * space.high + 1e-9)
+
+
+def _int_list(values: range, n: int) -> dict:
+    return {"type": "array", "items": {"type": "integer", "enum": list(values)}, "minItems": n, "maxItems": n}
+
+
+def rates_schema(space: SearchSpace) -> dict:
+    """``{"rates": [n whole percents within the bounds]}``."""
+    lo, hi = pct_bounds(space)
+    return {"type": "object", "properties": {"rates": _int_list(range(lo, hi + 1), space.n)},
+            "required": ["rates"], "additionalProperties": False}
+
+
+def selection_schema(n_pop: int, n_cross: int, n_mut: int) -> dict:
+    """``{"crossover": [n_cross pairs of indices], "mutation": [n_mut indices]}``, indices in ``0..n_pop-1``."""
+    pair = _int_list(range(n_pop), 2)
+    cross = {"type": "array", "items": pair, "minItems": n_cross, "maxItems": n_cross}
+    return {"type": "object", "properties": {"crossover": cross, "mutation": _int_list(range(n_pop), n_mut)},
+            "required": ["crossover", "mutation"], "additionalProperties": False}
 
 
 def first_json(text: str):
@@ -101,74 +151,112 @@ def _pct(rates) -> str:
     return "[" + ", ".join(f"{100 * r:.0f}" for r in rates) + "]"
 
 
-class LLMProposer(Proposer):
-    """Builds the prompts, parses, validates, repairs and retries; subclasses only implement ``chat``."""
+# --- LLM proposers ----------------------------------------------------------------------------------------
 
-    def __init__(self, retries: int = 2, temperature: float = 0.7, max_tokens: int = 400, show: int = 8,
+SYSTEM = ("You are the optimizer of an evolutionary search over pruning plans for a language model. You answer "
+          "with one JSON object and nothing else.")
+
+
+@dataclass
+class Asked:
+    """The outcome of one request cycle (all attempts)."""
+
+    value: object = None  # the parsed answer; None when every attempt failed
+    attempts: int = 0
+    errors: list = field(default_factory=list)
+    tokens: dict = field(default_factory=lambda: {"prompt": 0, "completion": 0})
+    seconds: float = 0.0
+    endpoint_errors: list = field(default_factory=list)
+
+
+class LLMProposer(Proposer):
+    """Builds the prompts, parses, validates, projects, retries; subclasses only implement ``chat``."""
+
+    def __init__(self, retries: int = 2, temperature: float = 0.7, max_tokens: int = 1024, show: int = 8,
                  fallback: ClassicProposer | None = None):
         self.retries, self.temperature, self.max_tokens, self.show = retries, temperature, max_tokens, show
         self.fallback = fallback or ClassicProposer()
+        self.endpoint_errors: list[str] = []  # what went wrong on the way during the current request
 
-    def chat(self, messages: list[dict], seed: int, max_tokens: int, prefix: str = "") -> tuple[str, dict]:
-        """Returns the answer text and token counts ``{"prompt": n, "completion": m}``. ``prefix`` is the
-        opening of the JSON answer; a proposer may start the answer with it (a response prefix) or ignore it."""
+    def chat(self, messages: list[dict], schema: dict, seed: int, max_tokens: int) -> tuple[str, dict]:
+        """The answer text and token counts ``{"prompt": n, "completion": m}``; ``schema`` is the answer's JSON
+        schema (a proposer constrains the decoding to it where it can)."""
         raise NotImplementedError
 
     # --- prompts ----------------------------------------------------------------------------------------
     def task(self, space: SearchSpace) -> str:
+        lo, hi = pct_bounds(space)
+        total = space.target_units * space.step * 100
         return (f"Task: a language model with {space.n} layers must be pruned. A plan gives each layer a pruning "
                 f"rate in percent (layer 0 first): the share of that layer's attention heads and MLP channels "
-                f"that is removed. Constraint: a plan has exactly {space.n} rates, each between "
-                f"{100 * space.low:.0f} and {100 * space.high:.0f}, and their mean must be {100 * space.mean:.1f}. "
+                f"that is removed. Rules: a plan has exactly {space.n} rates, whole numbers, each between {lo} "
+                f"and {hi}, and their mean must be {100 * space.mean:.1f} (they add up to {total:.0f}). "
                 f"Fitness is the perplexity of the pruned model on calibration text: lower is better.")
 
     def table(self, population: list[Individual]) -> str:
         return "\n".join(f"#{i} fitness {p.fitness:.3f}: {_pct(p.rates)}" for i, p in enumerate(population[: self.show]))
 
-    def rates_format(self, space) -> str:
-        return f'Answer with JSON only: {{"rates": [...]}} where the list holds exactly {space.n} numbers, one per layer.'
+    def population_text(self, space, population) -> str:
+        return (f"{self.task(space)}\nEvaluated plans, best first ({min(len(population), self.show)} of "
+                f"{len(population)}; rates of layers 0 to {space.n - 1}):\n{self.table(population)}\n")
 
-    # --- the ask / validate / repair / retry / fallback cycle -----------------------------------------
-    def ask(self, prompt: str, parse: Callable, rng: random.Random, max_tokens: int, prefix: str = ""):
-        """(value, attempts, errors, tokens); value is None when every attempt failed."""
-        errors, tokens = [], {"prompt": 0, "completion": 0}
+    def rates_format(self, space) -> str:
+        return (f'Answer with a JSON object whose only key "rates" holds a list of exactly {space.n} whole '
+                f'numbers, one per layer.')
+
+    # --- the ask / validate / retry cycle -----------------------------------------------------------------
+    def ask(self, prompt: str, schema: dict, parse: Callable, rng: random.Random, max_tokens: int) -> Asked:
+        out = Asked()
         messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
         for attempt in range(1, self.retries + 2):
+            out.attempts = attempt
+            t0 = time.perf_counter()
+            self.endpoint_errors = []
+            text = ""
             try:
-                text, used = self.chat(messages, rng.randrange(2**31), min(max_tokens, self.max_tokens), prefix)
-            except Exception as e:  # transport or server failure: a failed attempt, never a crash
-                errors.append(f"request failed: {type(e).__name__}: {str(e)[:200]}")
-                continue
-            for k in tokens:
-                tokens[k] += int(used.get(k, 0))
-            try:
-                return parse(first_json(text)), attempt, errors, tokens
+                text, used = self.chat(messages, schema, rng.randrange(2**31), min(max_tokens, self.max_tokens))
+                for k in out.tokens:
+                    out.tokens[k] += int(used.get(k, 0))
+                out.value = parse(first_json(text))
+                return out
             except InvalidAnswer as e:
-                errors.append(f"{e}; answer began {text[:120]!r}")
-        return None, self.retries + 1, errors, tokens
+                out.errors.append(f"{e}; answer began {text[:120]!r}")
+            finally:
+                out.seconds += time.perf_counter() - t0
+                out.endpoint_errors += self.endpoint_errors
+        return out
 
     def rates_answer(self, space: SearchSpace, prompt: str, op: str, rng, fallback: Callable[[], Proposal]) -> Proposal:
         def parse(obj):
             raw = obj.get("rates") if isinstance(obj, dict) else obj
             return space.check(raw)
 
-        pct, attempts, errors, tokens = self.ask(prompt + "\n" + self.rates_format(space), parse, rng, 5 * space.n + 40,
-                                                 '{"rates": [')
-        if pct is None:
+        got = self.ask(prompt + "\n" + self.rates_format(space), rates_schema(space), parse, rng, 8 * space.n + 40)
+        if got.value is None:
             p = fallback()
-            p.source, p.attempts, p.errors, p.tokens = "fallback", attempts, errors, tokens
-            return p
-        rates, repairs = space.repair([x / 100 for x in pct])
-        return Proposal(rates, op, "llm-repaired" if repairs else "llm", [], attempts, repairs, errors, tokens)
+            p.source = "fallback"
+        else:
+            decoded = [x / 100 for x in got.value]
+            rates, notes = space.repair(decoded)
+            clipped = [min(max(r, space.low), space.high) for r in decoded]
+            repairs = [n for n in notes if n.startswith("clipped")]
+            p = Proposal(rates, op, "llm-repaired" if repairs else "llm", repairs=repairs,
+                         answer=[int(x) if x == int(x) else x for x in got.value],
+                         projected=space.key(rates) != space.key(clipped))
+        p.attempts, p.errors, p.tokens = got.attempts, got.errors, got.tokens
+        p.seconds, p.endpoint_errors = got.seconds, got.endpoint_errors
+        return p
 
     # --- the operators ------------------------------------------------------------------------------------
     def initial(self, space, n, rng):
         out = []
+        lo, hi = pct_bounds(space)
         for _ in range(n):
             shown = "\n".join(_pct(p.rates) for p in out[-self.show:]) or "(none yet)"
-            prompt = (f"{self.task(space)}\nWrite one new plan for the initial population. Make it different from "
-                      f"the plans already written, for example prune some layers more and others less.\n"
-                      f"Plans already written:\n{shown}")
+            prompt = (f"{self.task(space)}\nThe first population is being written; the uniform plan (every layer "
+                      f"at {100 * space.mean:.1f}) is already in it. Plans written so far (not evaluated yet):\n"
+                      f"{shown}\nWrite one new plan, different from these: prune some layers more and others less, "
+                      f"anywhere between {lo} and {hi}.")
             out.append(self.rates_answer(space, prompt, "init", rng, lambda: self.fallback.initial(space, 1, rng)[0]))
         return out
 
@@ -177,7 +265,7 @@ class LLMProposer(Proposer):
 
         def parse(obj):
             if not isinstance(obj, dict):
-                raise InvalidAnswer('expected {"crossover": [[i, j], ...], "mutation": [k, ...]}')
+                raise InvalidAnswer('expected an object with the keys "crossover" and "mutation"')
             pairs, singles = obj.get("crossover", []), obj.get("mutation", [])
             ok = lambda i: isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n
             if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 and all(map(ok, p)) for p in pairs):
@@ -188,109 +276,192 @@ class LLMProposer(Proposer):
                 raise InvalidAnswer("no parents chosen")
             return [tuple(p) for p in pairs], list(singles)
 
-        prompt = (f"{self.task(space)}\nPopulation (best first):\n{self.table(population)}\n"
-                  f"Choose parents for the next generation: {n_cross} pairs to cross over and {n_mut} plans to "
-                  f"mutate, by their # number. Prefer good plans but keep some variety.\n"
-                  f'Answer with JSON only, for example {{"crossover": [[0, 1], [2, 0]], "mutation": [1, 3]}} but '
-                  f'with {n_cross} pairs and {n_mut} numbers.')
-        got, attempts, errors, tokens = self.ask(prompt, parse, rng, 10 * (n_cross + n_mut) + 40, '{"crossover": [[')
+        shown = min(n, self.show)
+        prompt = (f"{self.population_text(space, population)}"
+                  f"Choose the parents of the next generation by their # number (0 to {shown - 1}): {n_cross} pairs "
+                  f"of plans to cross over and {n_mut} plans to mutate. Prefer plans with a low fitness, but keep "
+                  f"some variety.\nAnswer with a JSON object with two keys: \"crossover\", a list of {n_cross} "
+                  f"pairs of plan numbers, and \"mutation\", a list of {n_mut} plan numbers.")
+        got = self.ask(prompt, selection_schema(shown, n_cross, n_mut), parse, rng, 12 * (n_cross + n_mut) + 40)
         classic = self.fallback.select(space, population, n_cross, n_mut, rng)
-        if got is None:
-            return Selection(classic.pairs, classic.singles, "fallback", attempts, [], errors, tokens)
-        pairs, singles = got
+        extra = dict(attempts=got.attempts, errors=got.errors, tokens=got.tokens, seconds=got.seconds,
+                     endpoint_errors=got.endpoint_errors)
+        if got.value is None:
+            return Selection(classic.pairs, classic.singles, "fallback", **extra)
+        pairs, singles = got.value
         repairs = []
         if len(pairs) != n_cross or len(singles) != n_mut:  # wrong counts: cut, or fill in classically
             repairs.append(f"got {len(pairs)} pairs and {len(singles)} mutations, wanted {n_cross} and {n_mut}; "
                            "cut or filled in by tournament selection")
             pairs = (pairs + classic.pairs)[:n_cross]
             singles = (singles + classic.singles)[:n_mut]
-        return Selection(pairs, singles, "llm-repaired" if repairs else "llm", attempts, repairs, errors, tokens)
+        return Selection(pairs, singles, "llm-repaired" if repairs else "llm", repairs=repairs, **extra)
 
     def crossover(self, space, population, i, j, rng):
         a, b = population[i], population[j]
-        prompt = (f"{self.task(space)}\nPopulation (best first):\n{self.table(population)}\n"
+        prompt = (f"{self.population_text(space, population)}"
                   f"Crossover: combine parent A (#{i}) and parent B (#{j}) into one child plan that keeps the good "
-                  f"parts of both.\nA (fitness {a.fitness:.3f}): {_pct(a.rates)}\nB (fitness {b.fitness:.3f}): {_pct(b.rates)}")
+                  f"parts of both (layer by layer, the rate of either parent or a value between them).\n"
+                  f"A (fitness {a.fitness:.3f}): {_pct(a.rates)}\nB (fitness {b.fitness:.3f}): {_pct(b.rates)}")
         return self.rates_answer(space, prompt, "crossover", rng, lambda: self.fallback.crossover(space, population, i, j, rng))
 
     def mutate(self, space, population, i, rng):
         a = population[i]
-        prompt = (f"{self.task(space)}\nPopulation (best first):\n{self.table(population)}\n"
-                  f"Mutation: change a few rates of plan #{i} to explore nearby plans (raise some, lower others by "
-                  f"the same total).\nPlan #{i} (fitness {a.fitness:.3f}): {_pct(a.rates)}")
+        prompt = (f"{self.population_text(space, population)}"
+                  f"Mutation: write a plan close to plan #{i} that explores nearby plans: raise the rates of a few "
+                  f"layers and lower others by the same total.\nPlan #{i} (fitness {a.fitness:.3f}): {_pct(a.rates)}")
         return self.rates_answer(space, prompt, "mutation", rng, lambda: self.fallback.mutate(space, population, i, rng))
+
+
+class LlamaCppProposer(LLMProposer):
+    """A GGUF chat model in llama.cpp; every answer is decoded under its schema's grammar."""
+
+    name = "local"
+
+    def __init__(self, gguf_path, threads: int | None = None, source: str = "", **kw):
+        super().__init__(**kw)
+        from ..eval.llamacpp import ChatModel
+
+        self.model = ChatModel(gguf_path, threads=threads)
+        self.source = source  # how the file was chosen (recorded)
+
+    def chat(self, messages, schema, seed, max_tokens):
+        r = self.model.complete(messages, schema, self.temperature, seed, max_tokens)
+        return r.text, {"prompt": r.prompt_tokens, "completion": r.completion_tokens}
+
+    def describe(self):
+        return {"kind": self.name, "engine": "llama.cpp", "constraint": "grammar from the JSON schema",
+                "source": self.source, **self.model.describe()}
+
+    def close(self):
+        self.model.close()
+
+
+class EndpointDown(UserError):
+    """The endpoint did not answer within the wait."""
+
+
+STRUCTURED = ("json_schema", "json_object+schema", "none")  # the response_format forms tried, in order
 
 
 class OpenAIProposer(LLMProposer):
     """An OpenAI-compatible ``/v1/chat/completions`` endpoint. The key comes from ``OPENAI_API_KEY`` only (a
-    local server needs none); it is never logged or saved."""
+    local server needs none); it is never logged or saved. Structured output is asked for with the OpenAI form
+    (``{"type": "json_schema", ...}``); an endpoint that refuses it (HTTP 400/422) is asked with llama.cpp's
+    form (``{"type": "json_object", "schema": ...}``), then without; the form that worked is kept and recorded."""
 
     name = "openai"
+    first_delay = 1.0  # seconds before the first retry of an endpoint that did not answer (doubling, up to 30)
 
-    def __init__(self, base_url: str | None, model: str | None, timeout: float = 120.0, **kw):
+    def __init__(self, base_url: str | None, model: str | None = None, timeout: float = 120.0, wait: float = 600.0,
+                 say: Callable[[str], None] | None = None, **kw):
         super().__init__(**kw)
         base_url = base_url or os.environ.get("OPENAI_BASE_URL")
-        model = model or os.environ.get("SECATEURS_LLM_MODEL")
-        if not base_url or not model:
-            raise UserError("--proposer openai needs --llm-base-url (or $OPENAI_BASE_URL) and --llm-model "
-                            "(or $SECATEURS_LLM_MODEL); the key, if any, is read from $OPENAI_API_KEY")
+        if not base_url:
+            raise UserError("--proposer openai needs --endpoint URL (alias --llm-base-url; or $OPENAI_BASE_URL), "
+                            "e.g. http://127.0.0.1:8000/v1; the key, if any, is read from $OPENAI_API_KEY")
         try:
-            from openai import OpenAI
+            import openai
         except ImportError as e:
             raise UserError("--proposer openai needs the openai package (pip install 'secateurs[openai]')") from e
-        self.model = model
-        self.client = OpenAI(base_url=base_url, api_key=os.environ.get("OPENAI_API_KEY") or "none",
-                             timeout=timeout, max_retries=1)
+        self.openai, self.base_url, self.timeout, self.wait = openai, base_url.rstrip("/"), timeout, wait
+        self.model = model or os.environ.get("SECATEURS_LLM_MODEL")  # None: the endpoint's first model
+        self.client = openai.OpenAI(base_url=self.base_url, api_key=os.environ.get("OPENAI_API_KEY") or "none",
+                                    timeout=timeout, max_retries=0)
+        self.say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.form = 0  # index into STRUCTURED
 
-    def chat(self, messages, seed, max_tokens, prefix=""):  # no response prefix: not every server supports one
-        r = self.client.chat.completions.create(model=self.model, messages=messages, temperature=self.temperature,
-                                                max_tokens=max_tokens, seed=seed)
-        text = (r.choices[0].message.content or "") if r.choices else ""
+    def describe(self):
+        return {"kind": self.name, "endpoint": self.base_url, "model": self.model, "structured_output": STRUCTURED[self.form]}
+
+    def _why(self, e) -> str:
+        o = self.openai
+        if isinstance(e, o.APITimeoutError):
+            return f"did not answer within {self.timeout:g} s (--endpoint-timeout)"
+        if isinstance(e, o.APIConnectionError):
+            cause = e.__cause__ or e.__context__
+            return f"dropped or refused the connection ({type(cause).__name__ if cause else 'connection error'})"
+        if isinstance(e, o.APIStatusError):
+            return f"answered HTTP {e.status_code}: {str(getattr(e, 'message', e))[:200]}"
+        return f"failed: {type(e).__name__}: {str(e)[:200]}"
+
+    def _call(self, fn, formatted: bool = False):
+        """``fn()``, repeated while the endpoint is unreachable, slow or failing (5xx, 429), up to ``wait`` s.
+        A refused request (4xx) is a user error, unless it asked for a response format (``formatted``) and the
+        refusal is a 400/422 or names ``response_format`` (llama-cpp-python's server answers HTTP 500 to a form
+        it does not know): then ``_FormatRefused``."""
+        o = self.openai
+        start, delay = time.monotonic(), self.first_delay
+        while True:
+            try:
+                return fn()
+            except o.APIStatusError as e:
+                if formatted and (e.status_code in (400, 422) or "response_format" in str(e)):
+                    raise _FormatRefused(self._why(e)) from e
+                if e.status_code < 500 and e.status_code != 429:
+                    raise UserError(f"the endpoint {self.base_url} refused the request: {self._why(e)}") from e
+                failure = e
+            except o.APIConnectionError as e:  # includes timeouts
+                failure = e
+            waited = time.monotonic() - start
+            why = self._why(failure)
+            self.endpoint_errors.append(f"{why} (after {waited:.0f} s)")
+            if waited + delay > self.wait:
+                raise EndpointDown(f"the endpoint {self.base_url} {why}; it has not answered for {waited:.0f} s "
+                                   f"(--endpoint-wait {self.wait:g})") from failure
+            self.say(f"self-pruner: the endpoint {self.base_url} {why}; trying again in {delay:.0f} s "
+                     f"(waiting up to {self.wait:g} s)")
+            time.sleep(delay)
+            delay = min(2 * delay, 30.0)
+
+    def _model_id(self) -> str:
+        if self.model is None:
+            models = self._call(lambda: self.client.models.list()).data
+            if not models:
+                raise UserError(f"the endpoint {self.base_url} lists no model; pass --proposer-model MODEL_ID")
+            self.model = models[0].id
+        return self.model
+
+    def _response_format(self, schema):
+        form = STRUCTURED[self.form]
+        if form == "json_schema":
+            return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+        if form == "json_object+schema":
+            return {"type": "json_object", "schema": schema}
+        return None
+
+    def chat(self, messages, schema, seed, max_tokens):
+        model = self._model_id()
+        while True:
+            fmt = self._response_format(schema)
+            extra = {"response_format": fmt} if fmt else {}
+            try:
+                r = self._call(lambda: self.client.chat.completions.create(
+                    model=model, messages=messages, temperature=self.temperature, max_tokens=max_tokens, seed=seed,
+                    **extra), formatted=fmt is not None)
+                break
+            except _FormatRefused as e:
+                self.say(f"self-pruner: the endpoint {self.base_url} refused a request with response_format "
+                         f"{STRUCTURED[self.form]} ({e}); trying {STRUCTURED[self.form + 1]}")
+                self.form += 1
+        if not r.choices:
+            raise InvalidAnswer("the endpoint answered without a choice")
         u = r.usage
-        return text, {"prompt": getattr(u, "prompt_tokens", 0) or 0, "completion": getattr(u, "completion_tokens", 0) or 0}
+        return (r.choices[0].message.content or ""), {"prompt": getattr(u, "prompt_tokens", 0) or 0,
+                                                      "completion": getattr(u, "completion_tokens", 0) or 0}
 
 
-class LocalProposer(LLMProposer):
-    """A chat model run in-process with transformers (an embedded name, a folder or a hub id)."""
-
-    name = "local"
-
-    def __init__(self, model_name: str | None = None, device: str = "cpu", **kw):
-        super().__init__(**kw)
-        from ..models import load_model
-
-        self.model, self.tok = load_model(model_name or "smollm2-135m", device=device, progress=False)
-        if not getattr(self.tok, "chat_template", None):
-            raise UserError(f"the local proposer model {model_name!r} has no chat template; use an instruct model")
-
-    def chat(self, messages, seed, max_tokens, prefix=""):
-        """The answer starts with ``prefix`` (a response prefix: a small model then only has to continue the
-        JSON); a rate vector's answer stops at its closing bracket."""
-        import torch
-
-        text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + prefix
-        ids = self.tok(text, return_tensors="pt", add_special_tokens=False).to(self.model.device)
-        torch.manual_seed(seed)
-        stop = {"stop_strings": ["]"], "tokenizer": self.tok} if prefix.endswith("[") and not prefix.endswith("[[") else {}
-        with torch.inference_mode():
-            out = self.model.generate(**ids, max_new_tokens=max_tokens, do_sample=self.temperature > 0,
-                                      temperature=self.temperature or None, top_p=0.95,
-                                      pad_token_id=self.tok.pad_token_id or self.tok.eos_token_id, **stop)
-        n_in = ids["input_ids"].shape[1]
-        new = out[0, n_in:]
-        answer = prefix + self.tok.decode(new, skip_special_tokens=True)
-        if stop and answer.rstrip().endswith("]"):
-            answer = answer.rstrip() + "}"
-        return answer, {"prompt": n_in, "completion": int(new.numel())}
+class _FormatRefused(Exception):
+    pass
 
 
-def make_proposer(kind: str, *, llm_model=None, llm_base_url=None, retries=2, temperature=0.7, max_tokens=400,
-                  device="cpu") -> Proposer:
+def make_proposer(kind: str, *, gguf=None, gguf_source="", endpoint=None, model=None, retries=2, temperature=0.7,
+                  max_tokens=1024, timeout=120.0, wait=600.0) -> Proposer:
     kw = dict(retries=retries, temperature=temperature, max_tokens=max_tokens)
     if kind == "classic":
         return ClassicProposer()
     if kind == "openai":
-        return OpenAIProposer(llm_base_url, llm_model, **kw)
+        return OpenAIProposer(endpoint, model, timeout=timeout, wait=wait, **kw)
     if kind == "local":
-        return LocalProposer(llm_model, device=device, **kw)
-    raise UserError(f"unknown proposer {kind!r}; choose openai, local or classic")
+        return LlamaCppProposer(gguf, source=gguf_source, **kw)
+    raise UserError(f"unknown proposer {kind!r}; choose classic, local or openai")

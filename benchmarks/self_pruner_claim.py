@@ -1,0 +1,263 @@
+"""Does an LLM help the Self-Pruner search? LLM-driven against classic operators at the same number of fitness
+evaluations, on SmolLM2-135M, with the model being pruned as its own proposer (its offline GGUF in llama.cpp,
+answers under the schemas' grammars).
+
+    python benchmarks/self_pruner_claim.py --out runs/sp-claim            # the full comparison (resumable)
+    python benchmarks/self_pruner_claim.py --out runs/sp-claim --report   # summary.md, curves.png again
+    python benchmarks/self_pruner_claim.py --out runs/sp-tiny --ratios 0.2 --seeds 0 --population 3 \
+        --generations 1 --crossover 1 --mutation 1 --nsamples 2 --seqlen 64 --fitness-rows 1 --eval-rows 2
+
+One process: the model, the calibration rows, the one-shot Wanda-sp scores of the fitness (``MaskedFitness``)
+and the proposer's GGUF are loaded once. For every ratio and seed, each proposer runs the same search
+(``evolve``; the calibration is the same for all seeds, the seed drives the search's random draws and the
+LLM's sampling). Then, for each (ratio, seed), both searches are cut at the same number of fitness
+evaluations ``E`` (the smaller of the two totals: an LLM may propose vectors already evaluated, which cost
+no evaluation) and the best vector within ``E`` of each is pruned for real (the full sequential wanda-sp, as
+``secateurs prune --method self-pruner`` does) and measured on wiki:test.
+
+Writes ``OUT/<proposer>-r<ratio>-s<seed>/search.jsonl``, ``OUT/summary.json`` (settings, per run: the curve of
+best fitness against evaluations, the LLM's answer counts, tokens and seconds; per pair: ``E``, best fitness
+and wiki:test perplexity of both), ``OUT/summary.md`` and ``OUT/curves.png``. A run whose search is complete is
+not redone; an interrupted one resumes from its log.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+def curve(records: list[dict]) -> list[float]:
+    """Best fitness after each new evaluation, in the order the search evaluated them."""
+    best, out = float("inf"), []
+    for r in records:
+        for p in r["proposals"]:
+            if not p["cached"]:
+                best = min(best, p["fitness"])
+                out.append(best)
+    return out
+
+
+def best_within(records: list[dict], budget: int) -> tuple[list[float], float]:
+    """The best vector among the first ``budget`` evaluations."""
+    n, best = 0, (None, float("inf"))
+    for r in records:
+        for p in r["proposals"]:
+            if not p["cached"]:
+                n += 1
+                if n > budget:
+                    return best
+                if p["fitness"] < best[1]:
+                    best = (p["rates"], p["fitness"])
+    return best
+
+
+def read_log(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def plot(summary: dict, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    ratios = summary["settings"]["ratios"]
+    fig = Figure(figsize=(5.5 * len(ratios), 4.2))
+    colors = {"classic": "tab:blue", "local": "tab:orange"}
+    for k, ratio in enumerate(ratios):
+        ax = fig.add_subplot(1, len(ratios), k + 1)
+        for prop in summary["settings"]["proposers"]:
+            runs = [r for r in summary["runs"] if r["ratio"] == ratio and r["proposer"] == prop]
+            for r in runs:
+                ax.plot(range(1, len(r["curve"]) + 1), r["curve"], color=colors.get(prop), alpha=0.35, lw=1)
+            n = min(len(r["curve"]) for r in runs)
+            med = [statistics.median(r["curve"][i] for r in runs) for i in range(n)]
+            label = {"classic": "classic operators", "local": "LLM operators (SmolLM2 itself)"}.get(prop, prop)
+            ax.plot(range(1, n + 1), med, color=colors.get(prop), lw=2.2, label=f"{label}, median of {len(runs)} seeds")
+        ax.set_yscale("log")
+        ax.set_xlabel("fitness evaluations")
+        ax.set_ylabel("best fitness so far (calibration perplexity)")
+        ax.set_title(f"SmolLM2-135M, ratio {ratio:.0%}")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def table(summary: dict) -> str:
+    s = summary["settings"]
+    lines = [f"| ratio | seed | E | best fitness classic / LLM | wiki:test PPL classic / LLM | evaluations classic / LLM |",
+             "|---|---|---|---|---|---|"]
+    for p in summary["pairs"]:
+        c, l = p["classic"], p["local"]
+        lines.append(f"| {p['ratio']:.0%} | {p['seed']} | {p['budget']} | {c['best_fitness']:.2f} / {l['best_fitness']:.2f} | "
+                     f"{c['ppl_test']:.2f} / {l['ppl_test']:.2f} | {c['evaluations']} / {l['evaluations']} |")
+    lines += ["", "LLM answers (rate vectors and selections) of the local proposer, per run: usable = no classical "
+              "fallback; retried = a second attempt was needed; projected = rate vectors the mean-rate projection "
+              "changed; repeats = rate vectors already evaluated (no new evaluation). Seconds per answer were "
+              "measured under the load stated in the results file.", "",
+              "| ratio | seed | LLM answers | usable (no fallback) | retried | repaired | projected | repeats | fallback "
+              "| s per answer, median / mean | prompt / completion tokens per answer |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in summary["runs"]:
+        a = r.get("llm_answers")
+        if r["proposer"] != "local" or not a:
+            continue
+        n = a["answers"]
+        lines.append(f"| {r['ratio']:.0%} | {r['seed']} | {n} | {a['usable']} ({a['usable'] / n:.1%}) | {a['retried']} | "
+                     f"{a['repaired']} | {a['projected']} | {a['repeats']} | {a['fallback']} | "
+                     f"{a['seconds_per_answer_median']:.1f} / {a['seconds_per_answer']:.1f} | "
+                     f"{r['tokens']['prompt'] / n:.0f} / {r['tokens']['completion'] / n:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(summary: dict, out: Path, results: str | None) -> None:
+    """OUT/summary.json, summary.md and curves.png; with ``--results DIR``, copies as DIR/self-pruner-claim-MODEL.*"""
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "summary.md").write_text(table(summary))
+    plot(summary, out / "curves.png")
+    if results:
+        stem = Path(results) / f"self-pruner-claim-{summary['settings']['model']}"
+        for src, suffix in (("summary.json", ".json"), ("summary.md", "-table.md"), ("curves.png", ".png")):
+            shutil.copyfile(out / src, f"{stem}{suffix}")
+    print(table(summary))
+
+
+def report(out: Path, results: str | None, note: str | None = None) -> None:
+    """OUT/summary.md and OUT/curves.png again from OUT/summary.json, each run's answer counts from its log."""
+    from secateurs.search.evolution import llm_answer_stats
+
+    summary = json.loads((out / "summary.json").read_text())
+    if note:
+        summary["note"] = note
+    for r in summary["runs"]:
+        r["llm_answers"] = llm_answer_stats(read_log(out / f"{r['proposer']}-r{r['ratio']:g}-s{r['seed']}" / "search.jsonl"))
+    write(summary, out, results)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--proposers", nargs="+", default=["classic", "local"], choices=["classic", "local"])
+    p.add_argument("--population", type=int, default=8)
+    p.add_argument("--generations", type=int, default=5)
+    p.add_argument("--crossover", type=int, default=4)
+    p.add_argument("--mutation", type=int, default=4)
+    p.add_argument("--nsamples", type=int, default=8, help="calibration rows (scores and the final sequential plan)")
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--fitness-rows", type=int, default=2)
+    p.add_argument("--eval-rows", type=int, default=16, help="wiki:test rows of --seqlen tokens")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default $OMP_NUM_THREADS)")
+    p.add_argument("--results", default=None, help="also copy the summary, table and plot to this folder "
+                   "(benchmarks/results) as self-pruner-claim-MODEL.json, -table.md and .png")
+    p.add_argument("--note", default=None, help="what else ran on the machine (recorded in summary.json)")
+    p.add_argument("--report", action="store_true", help="only rebuild summary.md and curves.png from OUT/summary.json")
+    a = p.parse_args()
+    if a.report:
+        return report(Path(a.out), a.results, a.note)
+
+    import torch
+
+    from secateurs.data import calib_rows, eval_rows
+    from secateurs.eval.perplexity import perplexity
+    from secateurs.importance.sequential import sequential_plan
+    from secateurs.importance.width import mean_rate_for_ratio
+    from secateurs.methods import PruneContext
+    from secateurs.methods.self_pruner import MaskedFitness
+    from secateurs.models import get_adapter, load_model
+    from secateurs.models.loading import embedded_gguf
+    from secateurs.pipeline import versions
+    from secateurs.search.evolution import EvolutionConfig, SearchSpace, evolve, llm_answer_stats
+    from secateurs.search.proposers import ClassicProposer, LlamaCppProposer
+    from secateurs.surgery import apply_plan
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start, load_start = time.time(), os.getloadavg()
+    torch.manual_seed(0)
+    model, tok = load_model(a.model, progress=False)
+    ad = get_adapter(model)
+    spec = ad.spec()
+    calib = calib_rows(tok, model, "wiki", a.nsamples, a.seqlen, 0)
+    test = eval_rows(tok, model, "wiki:test", a.seqlen, a.eval_rows)
+    ctx = PruneContext(model, tok, ad, spec, calib, None, 0, out, False, model_ref=a.model)
+    fitness = MaskedFitness(model, MaskedFitness.scores(ctx, a.batch_size), calib[: a.fitness_rows].clone(), a.batch_size)
+    proposers = {}
+    if "classic" in a.proposers:
+        proposers["classic"] = ClassicProposer()
+    if "local" in a.proposers:
+        proposers["local"] = LlamaCppProposer(embedded_gguf(a.model), threads=a.threads,
+                                              source=f"the offline GGUF of {a.model} (the model being pruned)")
+    cfg = dict(population=a.population, generations=a.generations, crossover=a.crossover, mutation=a.mutation)
+    ppl_dense = perplexity(model, test, a.batch_size).ppl
+    runs, pairs = [], []
+    for ratio in a.ratios:
+        space = SearchSpace(spec.n_layers, mean_rate_for_ratio(spec, ratio))
+        for seed in a.seeds:
+            logs = {}
+            for name, prop in proposers.items():
+                folder = out / f"{name}-r{ratio:g}-s{seed}"
+                folder.mkdir(exist_ok=True)
+                log = folder / "search.jsonl"
+                if len(read_log(log)) < a.generations + 1:
+                    print(f"[{time.strftime('%H:%M:%S')}] {name} ratio {ratio} seed {seed}", flush=True)
+                    res = evolve(space, fitness, prop, EvolutionConfig(**cfg, seed=seed), log,
+                                 log=lambda m: print("  " + m, flush=True))
+                else:
+                    res = evolve(space, fitness, prop, EvolutionConfig(**cfg, seed=seed), log)  # restored, no work
+                recs = read_log(log)
+                logs[name] = recs
+                runs.append({"proposer": name, "ratio": ratio, "seed": seed, "curve": curve(recs),
+                             "evaluations": res.evaluations, "best_fitness": res.best.fitness,
+                             "uniform_fitness": res.uniform.fitness, "search_wall_s": res.wall_s,
+                             "by_source": res.stats["by_source"], "tokens": res.stats["tokens"],
+                             "llm_answers": llm_answer_stats(recs), "proposer_model": res.stats["proposer_model"]})
+            budget = min(len(curve(r)) for r in logs.values())
+            pair = {"ratio": ratio, "seed": seed, "budget": budget}
+            for name, recs in logs.items():
+                cache = out / f"{name}-r{ratio:g}-s{seed}" / f"final-{budget}.json"
+                if cache.exists():
+                    pair[name] = json.loads(cache.read_text())
+                    continue
+                rates, best = best_within(recs, budget)
+                ctx.ratio = ratio
+                plan = sequential_plan(ctx, rates, a.batch_size, "self-pruner")
+                pruned = copy.deepcopy(model)
+                apply_plan(pruned, plan, spec)
+                final = {"rates": rates, "best_fitness": best, "evaluations": len(curve(recs)),
+                         "ratio_achieved": plan.ratio(spec), "ppl_test": perplexity(pruned, test, a.batch_size).ppl}
+                del pruned
+                cache.write_text(json.dumps(final))
+                pair[name] = final
+            pairs.append(pair)
+            print(f"[{time.strftime('%H:%M:%S')}] ratio {ratio} seed {seed} at E={budget}: "
+                  + ", ".join(f"{n} fitness {pair[n]['best_fitness']:.2f} wiki:test {pair[n]['ppl_test']:.2f}" for n in logs),
+                  flush=True)
+    for prop in proposers.values():
+        prop.close()
+    argv = [sys.executable, *sys.argv]
+    summary = {
+        "command": "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "") + " " + shlex.join(argv),
+        "settings": {**vars(a), "calibration": "wiki (= wiki:calib), seed 0, the same for every run",
+                     "eval": f"wiki:test, {a.eval_rows} rows of {a.seqlen} tokens", "rate_bounds": [0.0, 0.9, 0.01],
+                     "llm": "temperature 0.7, top-k 40, retries 2", "model": a.model},
+        "note": a.note, "ppl_test_dense": ppl_dense, "runs": runs, "pairs": pairs,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average_start": load_start,
+                    "load_average_end": os.getloadavg(), "wall_s": time.time() - t_start,
+                    "cpu_s_this_process": time.process_time()},
+        "versions": versions(),
+    }
+    write(summary, out, a.results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Measured response of every block: the calibration loss when one block is changed, everything else as it is.
+
+A *base* plan (the dense model, or what a search has committed so far) and, for some blocks, a list of
+*variants*: layer plans that differ from the base only in that block (its heads narrowed, its channels
+narrowed, with or without bias compensation, or the block removed). The response of a variant is the summed
+calibration NLL of the model with that one block changed, in nats (``loss - base_loss`` is its loss increase).
+
+Cost: the greedy search's replay (``search.greedy.Replayer``: embeddings and per-layer arguments captured
+once, blocks run one by one). Nothing before a changed block differs from the base, so the base model's state
+entering every position is kept (one per batch, advanced position by position) and a variant runs only its own
+block and the suffix after it, then the loss head: about half a forward pass on average. Width changes are
+simulated by masking (``importance.width.MaskedPlan``: the removed columns of ``o_proj`` / ``down_proj``
+zeroed, compensation added by a hook; equal to surgery), removed blocks by skipping them. So every loss is the
+loss of the physically pruned model on the same rows (tested against surgery in ``tests/test_response.py``).
+
+``on_block(pos, losses)`` sees each block's losses as they are measured (the caller keeps them: resume).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from ..models.base import Block, ModelSpec
+from ..plan import LayerPlan, PruningPlan
+from ..progress import progress_bar
+from .activations import run_branch
+from .width import MaskedPlan
+
+
+def branch_only(lp: LayerPlan, kind: str) -> LayerPlan:
+    """The width changes of one branch of a layer plan (the other branch dense): what ``MaskedPlan`` needs to
+    run that branch alone."""
+    if kind == "attn":
+        return LayerPlan(heads=lp.heads, attn_bias=lp.attn_bias)
+    return LayerPlan(channels=lp.channels, mlp_bias=lp.mlp_bias)
+
+
+def _narrowed(lp: LayerPlan, kind: str) -> bool:
+    return bool(lp.heads is not None or lp.attn_bias) if kind == "attn" else bool(lp.channels is not None or lp.mlp_bias)
+
+
+def run_block(replayer, spec: ModelSpec, pos: int, lp: LayerPlan, h: torch.Tensor, b: int) -> torch.Tensor:
+    """Block ``pos`` of batch ``b`` under the layer plan ``lp`` (skipped when removed, masked when narrowed)."""
+    layer, kind = Block.at(pos)
+    if not getattr(lp, kind):
+        return h
+    replayer.blocks_run += 1
+    mod = replayer.layers[layer]
+    if not _narrowed(lp, kind):
+        return run_branch(replayer.adapter, mod, kind, h, replayer.kwargs[b][layer])
+    with MaskedPlan(replayer.adapter, spec, {layer: branch_only(lp, kind)}):
+        return run_branch(replayer.adapter, mod, kind, h, replayer.kwargs[b][layer])
+
+
+def run_from(replayer, spec: ModelSpec, plan: PruningPlan, b: int, h: torch.Tensor, start: int) -> torch.Tensor:
+    """Batch ``b`` from the state entering position ``start`` to the end, under ``plan``."""
+    for pos in range(start, replayer.n_pos):
+        h = run_block(replayer, spec, pos, plan.layers[Block.at(pos).layer], h, b)
+    return h
+
+
+@torch.inference_mode()
+def plan_loss(replayer, spec: ModelSpec, plan: PruningPlan) -> float:
+    """Summed calibration NLL (nats) of the model under ``plan``."""
+    return math.fsum(replayer.loss(b, run_from(replayer, spec, plan, b, replayer.emb[b], 0))
+                     for b in range(len(replayer.batches)))
+
+
+@torch.inference_mode()
+def measure_responses(replayer, spec: ModelSpec, base: PruningPlan, variants: dict[int, list[LayerPlan]],
+                      progress: bool = False, on_block: Callable[[int, list[float]], None] | None = None, desc: str = "responses") -> dict:
+    """``{pos: [loss of each variant]}`` for the blocks in ``variants`` (module docstring)."""
+    nb = len(replayer.batches)
+    states = [replayer.emb[b] for b in range(nb)]
+    out = {}
+    bar = progress_bar(total=sum(len(v) for v in variants.values()), desc=desc, enabled=progress)
+    last = max(variants) if variants else -1
+    for pos in range(last + 1):
+        layer = Block.at(pos).layer
+        if pos in variants:
+            losses = []
+            for lp in variants[pos]:
+                losses.append(math.fsum(
+                    replayer.loss(b, run_from(replayer, spec, base, b,
+                                              run_block(replayer, spec, pos, lp, states[b], b), pos + 1))
+                    for b in range(nb)))
+                bar.update(1)
+            out[pos] = losses
+            if on_block is not None:
+                on_block(pos, losses)
+        if pos < last:
+            states = [run_block(replayer, spec, pos, base.layers[layer], states[b], b) for b in range(nb)]
+    bar.close()
+    return out
