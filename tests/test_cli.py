@@ -185,7 +185,7 @@ def test_prune_method_help_shows_only_its_options_with_its_defaults(capsys, monk
 
 
 # --- resume after an interruption ---------------------------------------------------------------------------
-RESUME = ["prune", "smollm2-135m", "--method", "sleb", "--ratio", "0.1", "--nsamples", "1", "--seqlen", "32",
+RESUME = ["prune", "smollm2-135m", "--method", "sleb", "--ratio", "0.2", "--nsamples", "2", "--seqlen", "64",
           "--eval", "", "--quiet"]
 
 
