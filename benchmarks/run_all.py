@@ -107,6 +107,25 @@ register("dtype-smollm2", 20, ["{py} benchmarks/dtype_quality.py --model smollm2
                                "--md {results}/dtype_smollm2-135m.md"],
          ["{results}/dtype_smollm2-135m.json", "{results}/dtype_smollm2-135m.md"],
          "prune and eval SmolLM2 in float32 and bfloat16 on the CPU: perplexities within 2%, folder half the size")
+register("workers-speed", 12, ["{py} benchmarks/workers_speed.py --nsamples 4 --seqlen 256 --steps 4 --workers 2 "
+                               "--threads-per-worker 1 --json {results}/workers_speed_cpu.json"],
+         ["{results}/workers_speed_cpu.json"],
+         "BlockPruner on a local Ray pool of 2 one-thread workers against one process: wall-time ratio, identical "
+         "order and losses (a timing: needs both cores; the .md beside it is written by hand from the output)",
+         env={"OMP_NUM_THREADS": "1"})
+register("gguf-speed", 100, ["{py} benchmarks/gguf_speed.py --threads 1"],
+         ["{results}/gguf-speed-smollm2-135m.json", "{results}/gguf-speed-smollm2-135m.md"],
+         "pruned GGUF against dense GGUF inside llama.cpp (blockpruner, flap, sleb, tell at 25%; q8_0 and q4_k_m): "
+         "prompt and generation tokens/s side by side, peak memory; pruning included (sleb searches: about 20 min, "
+         "tell about 5); --prepare-only prunes and exports under load, the timing needs a quiet machine",
+         default=False, env={"OMP_NUM_THREADS": "1"})
+register("heal-smollm2", 240, ["{py} benchmarks/heal.py --methods \"flap[budgets=50k;200k],blockpruner[from-order="
+                               "benchmarks/results/order-smollm2-135m-16x256-fp32.json,budgets=50k],sleb[budgets=50k]\" "
+                               "--lm-at 50k --limit 100 --eval-rows 32 --results {results}"],
+         ["{results}/heal-smollm2-135m.json", "{results}/heal-smollm2-135m.md", "{results}/heal-smollm2-135m.png"],
+         "heal after pruning SmolLM2 by 25% (flap, blockpruner, sleb): wiki:test and the 5-task zero-shot mean "
+         "before and after kd healing at token budgets (about 40-55 training tokens/s on one thread)",
+         default=False, env={"OMP_NUM_THREADS": "1"})
 register("self-pruner-claim-20", 35, [
     "{py} benchmarks/self_pruner_claim.py --out runs/sp-claim --ratios 0.2 --seeds 0 1 2 --results {results}"],
     ["{results}/self-pruner-claim-smollm2-135m.json", "{results}/self-pruner-claim-smollm2-135m-table.md",
