@@ -122,6 +122,7 @@ def write(summary: dict, out: Path, results: str | None) -> None:
     (out / "summary.md").write_text(table(summary))
     plot(summary, out / "curves.png")
     if results:
+        Path(results).mkdir(parents=True, exist_ok=True)
         stem = Path(results) / f"self-pruner-claim-{summary['settings']['model']}"
         for src, suffix in (("summary.json", ".json"), ("summary.md", "-table.md"), ("curves.png", ".png")):
             shutil.copyfile(out / src, f"{stem}{suffix}")
