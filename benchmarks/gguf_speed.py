@@ -30,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tradeoff import cli, label, parse_method  # noqa: E402  (same run conventions as the trade-off benchmark)
+from tradeoff import cli, folders, label, parse_method  # noqa: E402  (same run conventions as the trade-off benchmark)
 
 ORDER = "benchmarks/results/order-smollm2-135m-16x256-fp32.json"
 
@@ -69,11 +69,7 @@ def main(argv=None) -> int:
                    help="prune and export only (safe under load); run again without it on a quiet machine to time")
     a = p.parse_args(argv)
 
-    work = Path(a.work) / a.model
-    work.mkdir(parents=True, exist_ok=True)
-    results = Path(a.results)
-    results.mkdir(parents=True, exist_ok=True)
-    log = work / "commands.log"
+    work, results, log = folders(a)
     types = [t for t in a.types.split(",") if t]
     threads = ["--threads", str(a.threads)] if a.threads else []
     before = machine_state()

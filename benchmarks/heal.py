@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tradeoff import ROOT, cli, label, parse_method  # noqa: E402 - the trade-off's CLI runner and method specs
+from tradeoff import ROOT, cli, folders, label, parse_method  # noqa: E402 - the trade-off's CLI runner and method specs
 
 TASKS = "piqa,arc_easy,arc_challenge,hellaswag,winogrande"
 ORDER = "benchmarks/results/order-smollm2-135m-16x256-fp32.json"
@@ -61,11 +61,7 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     a = p.parse_args(argv)
 
-    work = Path(a.work) / a.model
-    work.mkdir(parents=True, exist_ok=True)
-    results = Path(a.results)
-    results.mkdir(parents=True, exist_ok=True)
-    log = work / "commands.log"
+    work, results, log = folders(a)
     budgets = [b for b in a.budgets.split(",") if b]
     lm_at = [b for b in a.lm_at.split(",") if b]
     cache = work / "teacher-cache"

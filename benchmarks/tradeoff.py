@@ -63,6 +63,16 @@ def cli(args: list[str], log_path: Path) -> None:
         raise RuntimeError(f"command failed ({r.returncode}), see {log_path}: {' '.join(args)}")
 
 
+def folders(a) -> tuple[Path, Path, Path]:
+    """(run folders of the model, results folder, command log) of a benchmark run through the CLI, created:
+    the convention this script shares with the other CLI-driven benchmarks (heal, gguf_speed)."""
+    work = Path(a.work) / a.model
+    work.mkdir(parents=True, exist_ok=True)
+    results = Path(a.results)
+    results.mkdir(parents=True, exist_ok=True)
+    return work, results, work / "commands.log"
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -111,11 +121,7 @@ def main(argv=None) -> int:
     registered = all_methods()
     ratios = [float(r) for r in a.ratios.split(",") if r]
     speedups = [float(s) for s in a.speedups.split(",") if s]
-    work = Path(a.work) / a.model
-    work.mkdir(parents=True, exist_ok=True)
-    results = Path(a.results)
-    results.mkdir(parents=True, exist_ok=True)
-    log_path = work / "commands.log"
+    work, results, log_path = folders(a)
 
     runs = []  # (label, method, opts, budget flag, value)
     for spec in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", a.methods):
