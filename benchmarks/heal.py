@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--methods", default=f"flap,blockpruner[from-order={ORDER}],sleb",
                    help="comma-separated; NAME[opt=value,...] passes prune options, budgets=50k;500k replaces "
-                        "--budgets for that method (default: %(default)s)")
+                        "--budgets for that method, lm=50k replaces --lm-at (default: %(default)s)")
     p.add_argument("--ratio", type=float, default=0.25)
     p.add_argument("--nsamples", type=int, default=16, help="pruning calibration rows (the trade-off's)")
     p.add_argument("--seqlen", type=int, default=256, help="pruning calibration row length")
@@ -86,14 +86,15 @@ def main(argv=None) -> int:
         name, opts = parse_method(spec)
         lab = label(name, {k: v for k, v in opts.items() if k == "as"} or {})
         pruned = work / lab
-        extra = [x for k, v in opts.items() if k not in ("as", "budgets") for x in (f"--{k}", v)]
+        extra = [x for k, v in opts.items() if k not in ("as", "budgets", "lm") for x in (f"--{k}", v)]
         run(["prune", a.model, "--method", name, "--ratio", str(a.ratio), "--nsamples", str(a.nsamples),
              "--seqlen", str(a.seqlen), "--eval", "", "--quiet", *extra, "--out", str(pruned), "--overwrite"],
             pruned / "result.json")
         ev = evaluate(str(pruned), pruned)
         state["rows"].append(row(lab, None, None, pruned, ev))
         own = [b for b in opts.pop("budgets").split(";") if b] if "budgets" in opts else budgets
-        jobs = [(b, "kd") for b in own] + [(b, "lm") for b in lm_at]
+        own_lm = [b for b in opts.pop("lm").split(";") if b] if "lm" in opts else lm_at
+        jobs = [(b, "kd") for b in own] + [(b, "lm") for b in own_lm]
         for b, loss in sorted(jobs, key=lambda j: (budget_value(j[0]), j[1])):
             out = work / f"{lab}-{loss}-{b}"
             run(["heal", str(pruned), "--out", str(out), "--tokens", b, "--loss", loss, "--max-epochs", str(a.max_epochs),
