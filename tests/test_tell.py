@@ -259,17 +259,17 @@ def test_tell_uniform_assignment_is_width_only(tmp_path, monkeypatch):
     assert len({round(b["ratio_assigned"], 9) for b in ctx.extra["blocks"]}) == 1
 
 
-def test_default_is_uniform_and_skips_work_it_does_not_use(tmp_path, monkeypatch):
-    """The default assignment is uniform (what `secateurs methods` says); it estimates no transfer entropy, measures
-    no responses, and times the unit costs only with --speedup. The skipped functions are counted, not mocked
-    away: each wrapper calls the real one."""
+def test_default_is_response_and_each_assignment_skips_work_it_does_not_use(tmp_path, monkeypatch):
+    """The default assignment is response (what `secateurs methods` says). Uniform estimates no transfer entropy,
+    measures no responses, and times the unit costs only with --speedup; response measures responses but no
+    transfer entropy. The skipped functions are counted, not mocked away: each wrapper calls the real one."""
     import collections
 
     import secateurs.methods.tell as tell_mod
     from secateurs.methods import get_method
 
-    assert TellConfig().assign == "uniform"
-    assert get_method("tell").summary.startswith("multi-unit pruning; default: the same ratio in every block")
+    assert TellConfig().assign == "response"
+    assert get_method("tell").summary.startswith("multi-unit pruning; default: one option per block")
     calls = collections.Counter()
 
     def counted(name, fn):
@@ -285,20 +285,20 @@ def test_default_is_uniform_and_skips_work_it_does_not_use(tmp_path, monkeypatch
     layer_params = sum(ctx.spec.attn_block_params + ctx.spec.mlp_block_params)
     fixed = CostModel("test", 16, 100.0, {k: 90.0 / layer_params for k in UNIT_KINDS})
     counted("load_or_measure", lambda *a, **k: (fixed, "fixed"))
-    plan = tell(ctx, TellConfig())
+    plan = tell(ctx, TellConfig(assign="uniform"))
     assert ctx.extra["assign"] == "uniform" and not plan.removed_blocks() and plan.ratio(ctx.spec) > 0.19
     assert ctx.extra["cost_model"] is None and ctx.extra["allocation"] is None
     assert all(b["importance"] is None and b["cost_ms_whole"] is None for b in ctx.extra["blocks"])
     assert sum(calls.values()) == 0  # no transfer entropy, no responses, no cost probes
     (tmp_path / "x").mkdir()
-    tell(_ctx(tiny_model("llama"), tmp_path / "x", None), TellConfig(speedup=1.2, latency_len=16, latency_reps=1,
-                                                                     speedup_rounds=0))
+    tell(_ctx(tiny_model("llama"), tmp_path / "x", None), TellConfig(assign="uniform", speedup=1.2, latency_len=16,
+                                                                     latency_reps=1, speedup_rounds=0))
     assert dict(calls) == {"load_or_measure": 1}  # --speedup needs the unit costs, nothing else
     (tmp_path / "y").mkdir()
     tell(_ctx(tiny_model("llama"), tmp_path / "y", 0.2), TellConfig(assign="importance", te_rank=4))
     assert calls["collect_streams"] == 1 and calls["block_importance"] == 1 and calls["measure_responses"] == 0
     (tmp_path / "z").mkdir()
-    tell(_ctx(tiny_model("llama"), tmp_path / "z", 0.2), TellConfig(assign="response", levels="0.5"))
+    tell(_ctx(tiny_model("llama"), tmp_path / "z", 0.2), TellConfig(levels="0.5"))  # the default: response
     assert calls["measure_responses"] == 1 and calls["collect_streams"] == 1 and calls["load_or_measure"] == 1
 
 

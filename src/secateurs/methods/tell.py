@@ -2,13 +2,14 @@
 measured about the model (our design of Yang et al., ICML 2025, "Let LLM Tell What to Prune and How Much to
 Prune"; see docs/tell.md).
 
-Default (``--assign uniform``, the best assignment measured so far): the same ratio in every block; inside a
+Default: ``--assign response``, the best assignment measured (it beat every single-unit method at equal measured
+speed on both models; docs/tell.md). ``--assign uniform`` instead: the same ratio in every block; inside a
 block the lowest-FLAP heads / channels go with bias compensation, as many as the width methods' rate rule says
 (``importance/width.py``); the ratio is set by bisection on the budget (``search/assign.py``): the parameter
 ratio, or with ``--speedup`` the speedup predicted from the unit costs measured on this device
 (``importance/cost.py``, cached).
 
-``--assign response``:
+``--assign response`` (the default):
 1. Width scores of every head and channel (FLAP fluctuation, one calibration pass) and, with ``--speedup``, the
    unit costs.
 2. Every block's options (keep; ``--levels`` of its heads or channels removed, the lowest-scoring first, with
@@ -60,7 +61,7 @@ ASSIGNMENTS = ("uniform", "response", "importance")
 @dataclass
 class TellConfig:
     speedup: float | None = field(default=None, metadata={"help": "target measured prefill speedup (> 1), instead of --ratio"})
-    assign: str = field(default="uniform", metadata={"help": "how much in every block: the same ratio everywhere (uniform: the best measured so far), from measured loss responses and an exact knapsack (response: one calibration replay per block option, minutes to hours on a CPU), or from transfer entropy (importance); see docs/tell.md", "choices": list(ASSIGNMENTS)})
+    assign: str = field(default="response", metadata={"help": "how much in every block: from measured loss responses and an exact knapsack (response, the default and the best measured: one calibration replay per block option, 20 min for a 135M model on one CPU core, --dry-run counts them), the same ratio everywhere (uniform: FLAP-style, seconds), or from transfer entropy (importance); see docs/tell.md", "choices": list(ASSIGNMENTS)})
     levels: str = field(default="0.25,0.5,0.75", metadata={"help": "response: fractions of a block's heads / channels its width options remove (comma-separated, each in (0, 1))"})
     compensation: str = field(default="on", metadata={"help": "response: width options with FLAP's bias compensation (on), without (off), or both measured and the better kept", "choices": ["on", "off", "both"]})
     stages: int = field(default=1, metadata={"help": "response: measure, commit part of the knapsack's choice, measure again on top of it; this many times"})
@@ -96,6 +97,19 @@ class TellConfig:
         if not levels or not all(0.0 < x < 1.0 for x in levels):
             raise UserError(f"--levels must be comma-separated fractions strictly between 0 and 1 (got {self.levels!r})")
         return levels
+
+    def evaluations(self, spec, ratio, rows) -> tuple[int, int, str]:
+        """What the run will measure (``runtime.estimate``): with --assign response one calibration replay per block
+        option and stage (an upper bound: options cached from an earlier run are not measured again), plus the
+        --refine evaluations; otherwise one calibration pass."""
+        if self.assign != "response":
+            return 1, rows, "one calibration pass" + (" (and the transfer-entropy estimate)" if self.uses_te else "")
+        widths = len(self.level_list()) * (2 if self.compensation == "both" else 1)
+        per_stage = 2 * spec.n_layers * (widths + 1)
+        n = 1 + self.stages * per_stage + self.refine
+        return n, rows, (f"{self.stages} stage(s) of {per_stage} block options ({2 * spec.n_layers} blocks x "
+                         f"{widths + 1} options) replayed from the block on, {self.refine} refine evaluations; cached "
+                         "responses are not measured again (an upper bound)")
 
     @property
     def uses_te(self) -> bool:
@@ -420,9 +434,9 @@ def assign_plan(ctx: PruneContext, cfg: TellConfig, prep: Prepared) -> tuple[Pru
     return plan, ratios, weights, rounds, record
 
 
-SUMMARY = ("multi-unit pruning; default: the same ratio in every block (FLAP heads / channels with bias compensation), "
-           "budget --ratio or --speedup (measured unit costs); --assign response: one option per block (keep, narrow, "
-           "remove) by an exact knapsack over measured loss responses; --assign importance: transfer-entropy ratios")
+SUMMARY = ("multi-unit pruning; default: one option per block (keep, narrow heads or channels, remove) by an exact "
+           "knapsack over measured loss responses, budget --ratio or --speedup (measured unit costs); --assign uniform: "
+           "the same ratio in every block (FLAP-style); --assign importance: transfer-entropy ratios")
 
 
 @register_method("tell", SUMMARY, TellConfig, needs_ratio=False)
