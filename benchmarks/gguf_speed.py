@@ -48,7 +48,7 @@ def machine_state() -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--methods", default=f"blockpruner[from-order={ORDER},as=blockpruner],flap,sleb,tell",
+    p.add_argument("--methods", default=f"blockpruner[from-order={ORDER},as=blockpruner],flap,sleb,tell[assign=uniform,as=tell]",
                    help="comma-separated; NAME[opt=value] passes options (default: %(default)s)")
     p.add_argument("--ratio", type=float, default=0.25)
     p.add_argument("--types", default="q8_0,q4_k_m")

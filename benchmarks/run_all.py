@@ -79,18 +79,39 @@ register("depth-smollm2", 35, ["{py} benchmarks/depth_quality.py smollm2-135m --
          ["{results}/depth_smollm2-135m.json", "{results}/depth_smollm2-135m.md"],
          "blockpruner, shortgpt and sleb at 25% on SmolLM2 (small calibration)", default=False)
 register("tradeoff-smollm2", 150, [
-    "{py} benchmarks/tradeoff.py --model smollm2-135m --methods shortgpt,wanda-sp,flap,tell,"
+    "{py} benchmarks/tradeoff.py --model smollm2-135m --methods shortgpt,wanda-sp,flap,tell[assign=uniform,as=tell],"
     "blockpruner[from-order=benchmarks/results/order-smollm2-135m-16x256-fp32.json,as=blockpruner],"
     "tell[assign=importance,te-target=output,as=tell-importance-output],sleb[ratios=0.25] "
     "--ratios 0.10,0.15,0.20,0.25 --eval-rows 16 --latency-reps 5 --work runs/tradeoff --results {results}"],
     ["{results}/tradeoff-smollm2-135m.md", "{results}/tradeoff-smollm2-135m.png"],
     "every method at 10-25% on SmolLM2: perplexity against measured prefill speedup", default=False)
 register("tradeoff-gemma3", 180, [
-    "{py} benchmarks/tradeoff.py --model gemma3-270m --nsamples 4 --seqlen 256 --methods shortgpt,wanda-sp,flap,tell,"
+    "{py} benchmarks/tradeoff.py --model gemma3-270m --nsamples 4 --seqlen 256 --methods shortgpt,wanda-sp,flap,tell[assign=uniform,as=tell],"
     "blockpruner[from-order=benchmarks/results/order-gemma3-270m-4x256-fp32.json,as=blockpruner],sleb[ratios=0.25] "
     "--ratios 0.10,0.15,0.25 --eval-rows 8 --latency-reps 5 --work runs/tradeoff --results {results}"],
     ["{results}/tradeoff-gemma3-270m.md", "{results}/tradeoff-gemma3-270m.png"],
     "every method at 10-25% on Gemma-3-270M", default=False)
+
+register("tradeoff-tell-smollm2", 120, [
+    "{py} benchmarks/tradeoff.py --model smollm2-135m --methods \"flap,shortgpt,blockpruner[from-order="
+    "benchmarks/results/order-smollm2-135m-16x256-fp32.json,as=blockpruner],sleb[ratios=0.25],"
+    "tell[assign=response,response-dtype=bfloat16,ratios=,as=tell-response]\" --ratios 0.10,0.15,0.20,0.25,0.30 "
+    "--speedups 1.15,1.3,1.5,1.65 --eval-rows 16 --latency-reps 5 --work runs/tradeoff-tell --name tradeoff-tell-smollm2-135m --results {results}"],
+    ["{results}/tradeoff-tell-smollm2-135m.md", "{results}/tradeoff-tell-smollm2-135m.json",
+     "{results}/tradeoff-tell-smollm2-135m.png"],
+    "tell (measured responses, the default) beside flap, shortgpt, blockpruner and sleb at equal measured speed on "
+    "SmolLM2, timed side by side in one run (sleb's search alone is 20-70 min; tell's 241 responses about 20 min, "
+    "cached)", default=False)
+register("tradeoff-tell-gemma3", 120, [
+    "{py} benchmarks/tradeoff.py --model gemma3-270m --nsamples 4 --seqlen 256 --methods \"flap,wanda-sp,"
+    "shortgpt[ratios=0.03;0.05;0.1],blockpruner[from-order=benchmarks/results/order-gemma3-270m-4x256-fp32.json,"
+    "ratios=0.03;0.05;0.1;0.15,as=blockpruner],tell[assign=response,response-dtype=bfloat16,ratios=,as=tell-response]\" "
+    "--ratios 0.05,0.10,0.15 --speedups 1.1,1.15,1.3,1.5,1.65 --eval-rows 8 --latency-reps 5 --work runs/tradeoff-tell "
+    "--name tradeoff-tell-gemma3-270m --results {results}"],
+    ["{results}/tradeoff-tell-gemma3-270m.md", "{results}/tradeoff-tell-gemma3-270m.json",
+     "{results}/tradeoff-tell-gemma3-270m.png"],
+    "the same on Gemma-3-270M (flap, wanda-sp, shortgpt, blockpruner; 144 responses, about 70 min on a busy core, "
+    "cached)", default=False)
 
 register("peak-memory-gemma3", 25, ["{py} benchmarks/peak_memory.py --model gemma3-270m --nsamples 4 --seqlen 256 "
                                     "--eval-rows 4 --json {results}/peak_memory_gemma3-270m.json "

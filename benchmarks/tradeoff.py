@@ -96,6 +96,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--retime", action="store_true", help="measure every latency again")
     p.add_argument("--drop-weights", action="store_true", help="delete a run's model.safetensors once measured")
     p.add_argument("--at", default="1.15,1.3,1.5", help="speedups at which every method's perplexity is read off its curve")
+    p.add_argument("--name", default="", help="results file names without suffix (default tradeoff-MODEL)")
     p.add_argument("--render", metavar="JSON", help="redraw the table and plot from a results JSON this script wrote")
     return p
 
@@ -119,6 +120,7 @@ def main(argv=None) -> int:
     from secateurs.models import load_model
 
     registered = all_methods()
+    stem = a.name or f"tradeoff-{a.model}"
     ratios = [float(r) for r in a.ratios.split(",") if r]
     speedups = [float(s) for s in a.speedups.split(",") if s]
     work, results, log_path = folders(a)
@@ -184,9 +186,9 @@ def main(argv=None) -> int:
                      "search_s": result["search_seconds"], "ppl_evaluations": result.get("ppl_evaluations"),
                      "removed": f"{len(result['removed_blocks'])} blocks", "removed_blocks": result["removed_blocks"],
                      "options": opts, "pairs": lat["pairs"], "folder": folder.name})
-        write_table(a, rows, results / f"tradeoff-{a.model}.md")  # after every run: partial results survive
-        plot(rows, results / f"tradeoff-{a.model}.png", a)
-    print(f"tradeoff: wrote {results}/tradeoff-{a.model}.md and .png ({time.time() - t_start:.0f}s)", flush=True)
+        write_table(a, rows, results / f"{stem}.md")  # after every run: partial results survive
+        plot(rows, results / f"{stem}.png", a)
+    print(f"tradeoff: wrote {results}/{stem}.md, .json and .png ({time.time() - t_start:.0f}s)", flush=True)
     return 0
 
 
