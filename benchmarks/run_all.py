@@ -140,12 +140,13 @@ register("gguf-speed", 100, ["{py} benchmarks/gguf_speed.py --threads 1"],
          "prompt and generation tokens/s side by side, peak memory; pruning included (sleb searches: about 20 min, "
          "tell about 5); --prepare-only prunes and exports under load, the timing needs a quiet machine",
          default=False, env={"OMP_NUM_THREADS": "1"})
-register("heal-smollm2", 240, ["{py} benchmarks/heal.py --methods \"flap[budgets=50k;200k],blockpruner[from-order="
-                               "benchmarks/results/order-smollm2-135m-16x256-fp32.json,budgets=50k],sleb[budgets=50k]\" "
-                               "--lm-at 50k --limit 100 --eval-rows 32 --results {results}"],
+register("heal-smollm2", 200, ["{py} benchmarks/heal.py --methods \"flap[budgets=50k;150k],blockpruner[from-order="
+                               "benchmarks/results/order-smollm2-135m-16x256-fp32.json,budgets=50k;150k,lm=50k],"
+                               "sleb[budgets=50k]\" --lm-at '' --limit 100 --eval-rows 32 --results {results}"],
          ["{results}/heal-smollm2-135m.json", "{results}/heal-smollm2-135m.md", "{results}/heal-smollm2-135m.png"],
          "heal after pruning SmolLM2 by 25% (flap, blockpruner, sleb): wiki:test and the 5-task zero-shot mean "
-         "before and after kd healing at token budgets (about 40-55 training tokens/s on one thread)",
+         "before and after kd healing at 50k and 150k tokens, lm at 50k for blockpruner (80-115 training tokens/s "
+         "on one thread beside one other job; sleb's search is 20-70 min of it)",
          default=False, env={"OMP_NUM_THREADS": "1"})
 register("self-pruner-claim-20", 35, [
     "{py} benchmarks/self_pruner_claim.py --out runs/sp-claim --ratios 0.2 --seeds 0 1 2 --results {results}"],

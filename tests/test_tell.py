@@ -398,3 +398,14 @@ def test_tell_cli_on_smollm(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert main(["explain", str(out)]) == 0
     assert "mlp29" in capsys.readouterr().out
+
+
+def test_dry_run_counts_the_response_replays():
+    """--dry-run's estimate: one replay per block option and stage, each half a pass; uniform: one pass."""
+    spec = get_adapter(tiny_model("llama")).spec()
+    blocks = 2 * spec.n_layers
+    n, rows, what = TellConfig().evaluations(spec, 0.2, 8)  # the default: response, 3 levels, compensation on
+    assert (n, rows) == (1 + blocks * 4 // 2, 8) and "half a pass" in what
+    n2, _, _ = TellConfig(compensation="both", stages=2, refine=5).evaluations(spec, 0.2, 8)
+    assert n2 == 1 + 2 * blocks * 7 // 2 + 5
+    assert TellConfig(assign="uniform").evaluations(spec, 0.2, 8)[0] == 1

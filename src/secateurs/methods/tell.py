@@ -106,10 +106,11 @@ class TellConfig:
             return 1, rows, "one calibration pass" + (" (and the transfer-entropy estimate)" if self.uses_te else "")
         widths = len(self.level_list()) * (2 if self.compensation == "both" else 1)
         per_stage = 2 * spec.n_layers * (widths + 1)
-        n = 1 + self.stages * per_stage + self.refine
+        # a response replays from its block to the end: half a calibration pass on average
+        n = 1 + -(-self.stages * per_stage // 2) + self.refine
         return n, rows, (f"{self.stages} stage(s) of {per_stage} block options ({2 * spec.n_layers} blocks x "
-                         f"{widths + 1} options) replayed from the block on, {self.refine} refine evaluations; cached "
-                         "responses are not measured again (an upper bound)")
+                         f"{widths + 1} options), each replayed from its block on, counted as half a pass; "
+                         f"{self.refine} refine evaluations; cached responses are not measured again (an upper bound)")
 
     @property
     def uses_te(self) -> bool:
