@@ -185,6 +185,7 @@ def plot(rows, path: Path, a, dense_zs: float | None) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (FuncFormatter below)
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     colors = dict(zip(dict.fromkeys(r["method"] for r in rows), plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4))
@@ -194,7 +195,11 @@ def plot(rows, path: Path, a, dense_zs: float | None) -> None:
         style = dict(color=colors[m], marker="o" if loss == "kd" else "s", linestyle="-" if loss == "kd" else ":",
                      label=f"{m} ({loss})")
         axes[0].plot([0] + [r["tokens"] for r in pts], [0] + [r["gap_closed"] for r in pts], **style)
-        axes[1].plot([0] + [r["time_alone_s"] / 60 for r in pts], [0] + [r["gap_closed"] for r in pts], **style)
+        # time: one point per run, labelled with its budget (runs under different load are not one curve)
+        axes[1].plot([r["time_alone_s"] / 60 for r in pts], [r["gap_closed"] for r in pts], **{**style, "linestyle": "none"})
+        for r in pts:
+            axes[1].annotate(r["budget"], (r["time_alone_s"] / 60, r["gap_closed"]), fontsize=7,
+                             xytext=(3, 3), textcoords="offset points", color=colors[m])
         if base["zs_mean"] is not None:
             axes[2].plot([0] + [r["tokens"] for r in pts], [base["zs_mean"]] + [r["zs_mean"] for r in pts], **style)
     if dense_zs is not None:
@@ -203,6 +208,8 @@ def plot(rows, path: Path, a, dense_zs: float | None) -> None:
     for ax, xl in zip(axes, ("heal tokens", "heal time alone (min, this CPU)", "heal tokens")):
         ax.set_xlabel(xl)
         ax.grid(alpha=0.3)
+    for ax in (axes[0], axes[2]):
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:g}k" if x else "0"))
     axes[0].set_ylabel("log-perplexity gap closed (wiki:test)")
     axes[1].axhline(0.5, color="grey", lw=0.8, ls="--")
     axes[0].axhline(0.5, color="grey", lw=0.8, ls="--")
