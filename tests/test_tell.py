@@ -409,3 +409,18 @@ def test_dry_run_counts_the_response_replays():
     n2, _, _ = TellConfig(compensation="both", stages=2, refine=5).evaluations(spec, 0.2, 8)
     assert n2 == 1 + 2 * blocks * 7 // 2 + 5
     assert TellConfig(assign="uniform").evaluations(spec, 0.2, 8)[0] == 1
+
+
+def test_ratio_rule_follows_the_assignment(tmp_path, monkeypatch):
+    """--assign response takes whole options per block: it lands at or above --ratio (checked by run_method with
+    the run's own rule); uniform lands within the width tolerance."""
+    from secateurs.methods import get_method, run_method
+
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
+    spec_m = get_method("tell")
+    assert "at or above" in spec_m.ratio_rule.describe() and "within 0.005" in spec_m.ratio_rule.describe()
+    assert TellConfig().ratio_rule().met(0.23, 0.2) and not TellConfig().ratio_rule().met(0.19, 0.2)
+    assert not TellConfig(assign="uniform").ratio_rule().met(0.23, 0.2)
+    ctx = _ctx(tiny_model("llama"), tmp_path, 0.3)
+    plan = run_method(spec_m, ctx, TellConfig(levels="0.5"))  # the default assignment, through the rule check
+    assert plan.ratio(ctx.spec) >= 0.3

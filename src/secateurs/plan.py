@@ -209,8 +209,11 @@ class RatioRule:
 
     unit: str | None = None  # whole units removed ("layers", "blocks"); None: width
     tolerance: float = 0.005
+    text: str = ""  # how it is said, where the default wording does not fit
 
     def describe(self) -> str:
+        if self.text:
+            return self.text
         if self.unit:
             return f"the first reachable ratio >= the target (whole {self.unit})"
         return f"within {self.tolerance} of the target"

@@ -51,7 +51,8 @@ class MethodSpec:
     config_cls: type
     fn: Callable[[PruneContext, Any], PruningPlan]
     needs_ratio: bool = True
-    ratio_rule: RatioRule = WIDTH  # how the plan meets --ratio (plan.RatioRule); checked by run_method
+    ratio_rule: RatioRule = WIDTH  # how the plan meets --ratio (plan.RatioRule); checked by run_method (a config
+    # with a ratio_rule() method says it per run, for methods whose options change it)
     reach: Callable[[ModelSpec, Any], float | None] | None = None  # (spec, cfg) -> the largest ratio it can reach
     parallel: bool = False  # evaluates candidates on a worker pool when given one (--workers)
 
@@ -85,7 +86,8 @@ def run_method(spec: MethodSpec, ctx: PruneContext, cfg) -> PruningPlan:
     ``ratio_rule``, or this is a UserError that says what was reached."""
     plan = spec.fn(ctx, cfg)
     if ctx.ratio is not None:
-        check_ratio_reached(plan, ctx.spec, ctx.ratio, spec.ratio_rule, spec.name)
+        rule = cfg.ratio_rule() if callable(getattr(cfg, "ratio_rule", None)) else spec.ratio_rule
+        check_ratio_reached(plan, ctx.spec, ctx.ratio, rule, spec.name)
     return plan
 
 

@@ -47,7 +47,8 @@ from ..importance.width import (collect_stats, compensation_bias, flap_column_sc
 from ..models import get_adapter
 from ..models.base import BLOCK_KINDS, Block, ModelSpec, all_blocks, head_indices
 from ..models.loading import cache_dir
-from ..plan import LayerPlan, PruningPlan, added_params, atomic_write_text, check_ratio, removed_params, select_heads
+from ..plan import (WIDTH, LayerPlan, PruningPlan, RatioRule, added_params, atomic_write_text, check_ratio, removed_params,
+                    select_heads)
 from ..runtime import onloader_of
 from ..runtime.passes import layer_weights, parameter_tensors
 from ..search.allocate import Option, Problem, allocate, block_options
@@ -56,6 +57,9 @@ from ..search.greedy import Replayer
 from . import PruneContext, register_method
 
 ASSIGNMENTS = ("uniform", "response", "importance")
+RESPONSE_RULE = RatioRule(unit="block options", text="at or above the target (--assign response: one whole option per block)")
+TELL_RULE = RatioRule(text="at or above the target with --assign response (the default: one whole option per block); "
+                           f"within {WIDTH.tolerance} of it with uniform or importance")
 
 
 @dataclass
@@ -111,6 +115,12 @@ class TellConfig:
         return n, rows, (f"{self.stages} stage(s) of {per_stage} block options ({2 * spec.n_layers} blocks x "
                          f"{widths + 1} options), each replayed from its block on, counted as half a pass; "
                          f"{self.refine} refine evaluations; cached responses are not measured again (an upper bound)")
+
+    def ratio_rule(self) -> RatioRule:
+        """How this run meets --ratio: the knapsack takes one whole option per block (keep, a width level,
+        remove), so response lands at or above the target, by less than the options' granularity; uniform and
+        importance bisect a continuous ratio and land within the width tolerance."""
+        return RESPONSE_RULE if self.assign == "response" else WIDTH
 
     @property
     def uses_te(self) -> bool:
@@ -440,7 +450,7 @@ SUMMARY = ("multi-unit pruning; default: one option per block (keep, narrow head
            "the same ratio in every block (FLAP-style); --assign importance: transfer-entropy ratios")
 
 
-@register_method("tell", SUMMARY, TellConfig, needs_ratio=False)
+@register_method("tell", SUMMARY, TellConfig, needs_ratio=False, ratio_rule=TELL_RULE)
 def tell(ctx: PruneContext, cfg: TellConfig) -> PruningPlan:
     cfg.check_budget(ctx.ratio)
     spec = ctx.spec
