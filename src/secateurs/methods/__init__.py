@@ -51,10 +51,14 @@ class MethodSpec:
     config_cls: type
     fn: Callable[[PruneContext, Any], PruningPlan]
     needs_ratio: bool = True
-    ratio_rule: RatioRule = WIDTH  # how the plan meets --ratio (plan.RatioRule); checked by run_method (a config
-    # with a ratio_rule() method says it per run, for methods whose options change it)
+    ratio_rule: RatioRule = WIDTH  # how the plan meets --ratio (plan.RatioRule), as `methods` and --help say it
     reach: Callable[[ModelSpec, Any], float | None] | None = None  # (spec, cfg) -> the largest ratio it can reach
     parallel: bool = False  # evaluates candidates on a worker pool when given one (--workers)
+    rule_for: Callable[[Any], RatioRule] | None = None  # cfg -> the rule of one run, where options change it
+
+    def rule(self, cfg) -> RatioRule:
+        """The rule one run's plan is checked by (``run_method``)."""
+        return self.rule_for(cfg) if self.rule_for else self.ratio_rule
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -62,12 +66,13 @@ _LOADED = False
 
 
 def register_method(name: str, summary: str, config_cls: type, needs_ratio: bool = True, ratio_rule: RatioRule = WIDTH,
-                    reach=None, parallel: bool = False):
-    """``ratio_rule``: how the method meets a target ratio (the tolerance it promises); ``reach(spec, cfg)``: the
-    largest ratio it can reach on a model (None where it cannot tell before it runs), checked before any work;
-    ``parallel``: it evaluates candidates on a worker pool when given one (--workers)."""
+                    reach=None, parallel: bool = False, rule_for=None):
+    """``ratio_rule``: how the method meets a target ratio (the tolerance it promises); ``rule_for(cfg)``: the
+    rule of one run, for methods whose options change it; ``reach(spec, cfg)``: the largest ratio it can reach on
+    a model (None where it cannot tell before it runs), checked before any work; ``parallel``: it evaluates
+    candidates on a worker pool when given one (--workers)."""
     def deco(fn):
-        _REGISTRY[name] = MethodSpec(name, summary, config_cls, fn, needs_ratio, ratio_rule, reach, parallel)
+        _REGISTRY[name] = MethodSpec(name, summary, config_cls, fn, needs_ratio, ratio_rule, reach, parallel, rule_for)
         return fn
 
     return deco
@@ -83,11 +88,10 @@ def check_reach(spec: MethodSpec, model: ModelSpec, ratio: float | None, cfg) ->
 
 def run_method(spec: MethodSpec, ctx: PruneContext, cfg) -> PruningPlan:
     """The method's plan, checked against its promise: with a target ratio, the plan meets it by the method's
-    ``ratio_rule``, or this is a UserError that says what was reached."""
+    rule (``MethodSpec.rule``), or this is a UserError that says what was reached."""
     plan = spec.fn(ctx, cfg)
     if ctx.ratio is not None:
-        rule = cfg.ratio_rule() if callable(getattr(cfg, "ratio_rule", None)) else spec.ratio_rule
-        check_ratio_reached(plan, ctx.spec, ctx.ratio, rule, spec.name)
+        check_ratio_reached(plan, ctx.spec, ctx.ratio, spec.rule(cfg), spec.name)
     return plan
 
 

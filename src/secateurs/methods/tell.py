@@ -451,7 +451,7 @@ SUMMARY = ("multi-unit pruning; default: one option per block (keep, narrow head
            "the same ratio in every block (FLAP-style); --assign importance: transfer-entropy ratios")
 
 
-@register_method("tell", SUMMARY, TellConfig, needs_ratio=False, ratio_rule=TELL_RULE)
+@register_method("tell", SUMMARY, TellConfig, needs_ratio=False, ratio_rule=TELL_RULE, rule_for=TellConfig.ratio_rule)
 def tell(ctx: PruneContext, cfg: TellConfig) -> PruningPlan:
     cfg.check_budget(ctx.ratio)
     spec = ctx.spec

@@ -153,11 +153,11 @@ def method_state(s: ModelSizes, method: str, rows: int, seqlen: int, options: di
         return [Held("hidden states of the calibration rows (final wanda-sp pass)", h), stats,
                 Held("hidden states of the fitness rows", fit if onload else 0)]
     if method == "tell":
-        held = [stats]
-        if o.get("assign", "response") == "response":
+        held, assign = [stats], o.get("assign", "response")
+        if assign == "response":
             held += [Held("embeddings of the calibration rows and layer arguments (the replay)", h),
                      Held("the base model's state entering the measured block", h)]
-        if o.get("assign", "response") == "importance" or o.get("te"):
+        if assign == "importance" or o.get("te"):
             tokens = min(int(o.get("te_tokens", 8192)), rows * (seqlen - 1))
             held.append(Held("residual streams at every block boundary (float32, CPU)",
                              (2 * s.n_layers + 1) * tokens * s.hidden * 4, where="cpu"))
