@@ -20,7 +20,8 @@ import time
 import torch
 
 from secateurs.data import calib_rows
-from secateurs.models import get_adapter, load_model
+from secateurs.models import get_adapter
+from secateurs.sources import load_model
 from secateurs.runtime import model_dtype
 from secateurs.search.greedy import Replayer, SearchSettings, block_candidates, greedy_search
 

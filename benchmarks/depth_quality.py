@@ -60,7 +60,7 @@ def main():
     import torch
 
     from secateurs.eval.bench import prefill_ms
-    from secateurs.models import load_model
+    from secateurs.sources import load_model
 
     models = {n: load_model(a.model if n == "dense" else str(runs / n), progress=False)[0] for n in names}
     times = {n: [] for n in names}

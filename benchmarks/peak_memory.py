@@ -40,7 +40,7 @@ def float32_bytes(model: str) -> int:
     """The model's size in float32: every parameter once (a tied head counted once), from its meta skeleton."""
     from transformers import AutoConfig
 
-    from secateurs.models.loading import resolve
+    from secateurs.sources import resolve
     from secateurs.runtime.estimate import model_sizes
     from secateurs.runtime.loading import _meta_model
 

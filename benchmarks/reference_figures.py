@@ -52,7 +52,8 @@ def reference(figures: list[str]) -> None:
 
     from secateurs.data import _wiki_paragraphs, eval_rows, needs_bos, tokenize_rows
     from secateurs.eval.perplexity import HELD_OUT_ROWS, HELD_OUT_SEQLEN, perplexity
-    from secateurs.models import get_adapter, load_model
+    from secateurs.models import get_adapter
+    from secateurs.sources import load_model
     from secateurs.pipeline import versions
     from secateurs.plan import PruningPlan
     from secateurs.surgery import apply_plan

@@ -174,8 +174,9 @@ def main():
     from secateurs.importance.width import mean_rate_for_ratio
     from secateurs.methods import PruneContext
     from secateurs.methods.self_pruner import MaskedFitness
-    from secateurs.models import get_adapter, load_model
-    from secateurs.models.loading import embedded_gguf
+    from secateurs.models import get_adapter
+    from secateurs.sources import load_model
+    from secateurs.sources import embedded_gguf
     from secateurs.pipeline import versions
     from secateurs.search.evolution import EvolutionConfig, SearchSpace, evolve, llm_answer_stats
     from secateurs.search.proposers import ClassicProposer, LlamaCppProposer

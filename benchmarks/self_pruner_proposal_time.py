@@ -41,7 +41,7 @@ def main():
     from llama_cpp import LlamaGrammar
 
     from secateurs.eval.llamacpp import quiet
-    from secateurs.models.loading import embedded_gguf
+    from secateurs.sources import embedded_gguf
     from secateurs.search.evolution import EvolutionConfig, SearchSpace, evolve
     from secateurs.search.proposers import LlamaCppProposer
 

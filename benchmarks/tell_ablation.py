@@ -79,7 +79,8 @@ def main(argv=None) -> int:
     from secateurs.importance.cost import load_or_measure, paired_latency
     from secateurs.methods import PruneContext
     from secateurs.methods.tell import TellConfig, assign_plan, prepare
-    from secateurs.models import get_adapter, load_model
+    from secateurs.models import get_adapter
+    from secateurs.sources import load_model
     from secateurs.pipeline import versions
     from secateurs.surgery import apply_plan
 

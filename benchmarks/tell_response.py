@@ -80,7 +80,8 @@ def main(argv=None) -> int:
     from secateurs.eval.perplexity import perplexity
     from secateurs.methods import PruneContext
     from secateurs.methods.tell import TellConfig, tell
-    from secateurs.models import get_adapter, load_model
+    from secateurs.models import get_adapter
+    from secateurs.sources import load_model
     from secateurs.surgery import apply_plan
 
     work = Path(a.work) / a.model

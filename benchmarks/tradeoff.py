@@ -117,7 +117,7 @@ def main(argv=None) -> int:
 
     from secateurs.importance.cost import paired_latency
     from secateurs.methods import all_methods
-    from secateurs.models import load_model
+    from secateurs.sources import load_model
 
     registered = all_methods()
     stem = a.name or f"tradeoff-{a.model}"

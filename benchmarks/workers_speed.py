@@ -26,8 +26,10 @@ import torch
 
 from secateurs.data import calib_rows
 from secateurs.methods import PruneContext
-from secateurs.models import get_adapter, load_model
-from secateurs.runtime.pool import PoolSettings, WorkerPool, replica_loader
+from secateurs.models import get_adapter
+from secateurs.sources import load_model
+from secateurs.runtime.pool import PoolSettings, WorkerPool
+from secateurs.sources import replica_loader
 from secateurs.search.depth import SearchOptions, run_greedy
 from secateurs.search.greedy import block_candidates
 

@@ -57,6 +57,6 @@ def tiny_bpe_tokenizer(vocab_size: int, special: list[str], bos: str, eos: str):
 
 @pytest.fixture(scope="session")
 def smollm():
-    from secateurs.models import load_model
+    from secateurs.sources import load_model
 
     return load_model("smollm2-135m", progress=False)

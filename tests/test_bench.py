@@ -85,7 +85,7 @@ def _folder(model, path, smollm_tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def tokenizer_dir():
-    from secateurs.models.loading import embedded_folder
+    from secateurs.sources import embedded_folder
 
     return embedded_folder("smollm2-135m", progress=False)
 

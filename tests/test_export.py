@@ -239,7 +239,7 @@ def tiny_folder(tmp_path_factory):
     """A tiny dense llama saved as a model folder, with a tokenizer (borrowed from the embedded model)."""
     from transformers import AutoTokenizer
 
-    from secateurs.models.loading import embedded_folder
+    from secateurs.sources import embedded_folder
 
     folder = tmp_path_factory.mktemp("dense") / "tiny-llama"
     tiny_model("llama").save_pretrained(folder)

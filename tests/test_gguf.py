@@ -249,7 +249,7 @@ def test_smollm2_tokenizer_fields_equal_the_original_gguf(smollm, tmp_path):
     llama.cpp's "smollm" still splits exactly as it does.)"""
     import gguf
 
-    from secateurs.models.loading import EMBEDDED
+    from secateurs.sources import EMBEDDED
 
     dense, tok = smollm
     layout = gx.choose_layout(dense)
@@ -281,7 +281,7 @@ def test_gemma3_tokenizer_in_llama_cpp_equals_hugging_face():
     import tempfile
 
     from secateurs.data import load_texts
-    from secateurs.models import load_model
+    from secateurs.sources import load_model
 
     model, tok = load_model("gemma3-270m", progress=False)
     layout = gx.choose_layout(model)

@@ -95,7 +95,7 @@ def test_heal_lowers_held_out_kd_and_keeps_the_folder(pruned, tmp_path, tokenize
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from secateurs.data import eval_rows
-    from secateurs.models import load_model
+    from secateurs.sources import load_model
 
     out = tmp_path / "healed"
     assert heal(pruned, "--out", out, "--tokens", "20k", "--lr", "3e-3", *SMALL) == 0

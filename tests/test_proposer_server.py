@@ -55,7 +55,7 @@ def stop(proc):
 
 @pytest.mark.slow
 def test_prune_with_llama_cpp_server(tmp_path, capsys):
-    from secateurs.models.loading import embedded_gguf
+    from secateurs.sources import embedded_gguf
 
     gguf = embedded_gguf("smollm2-135m")
     port = free_port()

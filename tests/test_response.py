@@ -95,7 +95,7 @@ def test_response_default_on_smollm(tmp_path, monkeypatch, capsys):
     import json as _json
 
     from secateurs.cli import main
-    from secateurs.models.loading import cache_dir
+    from secateurs.files import cache_dir
 
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "models").symlink_to(cache_dir() / "models")  # real weights, private tell cache

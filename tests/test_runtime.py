@@ -176,7 +176,7 @@ def tok_folder(tmp_path_factory):
     """A tiny llama with SmolLM2's tokenizer (and vocabulary size), saved as a model folder."""
     from transformers import AutoTokenizer
 
-    from secateurs.models.loading import embedded_folder
+    from secateurs.sources import embedded_folder
 
     folder = tmp_path_factory.mktemp("tok") / "tiny"
     tiny_model("llama", vocab_size=49152).save_pretrained(folder)

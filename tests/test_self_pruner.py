@@ -443,7 +443,7 @@ def test_grammar_constrained_answers_parse():
     """Every answer SmolLM2 decodes under a schema's grammar is that schema's JSON, at high temperature too; a
     prompt evaluated after another (KV prefix reuse) gives the same greedy answer as from scratch."""
     from secateurs.eval.llamacpp import ChatModel
-    from secateurs.models.loading import embedded_gguf
+    from secateurs.sources import embedded_gguf
 
     m = ChatModel(embedded_gguf("smollm2-135m"), threads=1)
     ask = lambda text: [{"role": "system", "content": "Answer with JSON."}, {"role": "user", "content": text}]
@@ -466,7 +466,7 @@ def test_model_without_offline_gguf_is_converted_once(tmp_path, monkeypatch):
     from transformers import AutoTokenizer
 
     from secateurs.methods.self_pruner import SelfPrunerConfig, proposer_gguf
-    from secateurs.models.loading import resolve
+    from secateurs.sources import resolve
     from secateurs.search.proposers import LlamaCppProposer
 
     tok = AutoTokenizer.from_pretrained(resolve("smollm2-135m", progress=False))

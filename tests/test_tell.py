@@ -381,7 +381,7 @@ def test_explain_table(assign, tmp_path, capsys, monkeypatch):
 def test_tell_cli_on_smollm(tmp_path, monkeypatch, capsys):
     """The real model through the CLI, small settings: --ratio lands on the target, explain reads the run."""
     from secateurs.cli import main
-    from secateurs.models.loading import cache_dir
+    from secateurs.files import cache_dir
 
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "models").symlink_to(cache_dir() / "models")  # real weights, private cost/tell caches

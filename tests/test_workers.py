@@ -158,7 +158,7 @@ def test_worker_killed_mid_step_loses_nothing(shared, tmp_path):
 def test_worker_error_is_the_callers_error(ray_session):
     """A worker that cannot load the model (e.g. a node without it) stops the job with the loader's own line."""
     from secateurs.errors import UserError
-    from secateurs.runtime.pool import replica_loader
+    from secateurs.sources import replica_loader
 
     with WorkerPool(PoolSettings(2), partial(replica_loader, "no/such/model")).open() as pool:
         with pytest.raises(UserError, match="unknown model 'no/such/model'"):

@@ -10,7 +10,7 @@ from .errors import UserError  # noqa: E402
 
 def load(name_or_path: str, **kw):
     """(model, tokenizer) for an embedded name, a Hugging Face id or folder, or a pruned secateurs folder."""
-    from .models.loading import load_model
+    from .sources import load_model
 
     return load_model(name_or_path, **kw)
 

@@ -60,7 +60,7 @@ def measure_speed(out: Path, model_name: str) -> dict:
     kept in ``out/bench.json`` and reused."""
     from .eval.bench import BenchSettings, bench
     from .pipeline import versions
-    from .plan import atomic_write_text
+    from .files import atomic_write_text
 
     path = out / "bench.json"
     if path.exists():
@@ -84,7 +84,7 @@ def measure_llamacpp(out: Path, model_name: str) -> dict | None:
     from .eval.llamacpp import LlamaBenchSettings, bench
     from .export.gguf import export_model
     from .pipeline import versions
-    from .plan import atomic_write_text
+    from .files import atomic_write_text
 
     path = out / "bench-gguf.json"
     from .eval.llamacpp import default_threads
@@ -115,7 +115,7 @@ def measure_llamacpp(out: Path, model_name: str) -> dict | None:
 def main() -> int:
     from .errors import UserError
     from .eval.perplexity import rows_label
-    from .models import load_model
+    from .sources import load_model
     from .result import held_out_label
 
     method, ratio = CHOICE["method"], CHOICE["ratio"]

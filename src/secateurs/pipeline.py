@@ -21,11 +21,14 @@ from .errors import UserError
 from .eval.perplexity import HELD_OUT_ROWS, HELD_OUT_SEQLEN, perplexity, rows_label
 from .export.checkpoint import _plain_config, load_pruned, write_pruned
 from .methods import PruneContext, check_reach, get_method, make_config, run_method
-from .models import get_adapter, load_model
-from .plan import atomic_write_text, check_ratio
+from .models import get_adapter
+from .sources import load_model
+from .plan import check_ratio
+from .files import atomic_write_text
 from .result import FORMAT as RESULT_FORMAT
 from .runtime import input_device, model_dtype
-from .runtime.pool import PoolSettings, WorkerPool, replica_loader
+from .runtime.pool import PoolSettings, WorkerPool
+from .sources import replica_loader
 from .surgery import apply_plan
 
 PPL_BATCH = 4  # rows per batch of the perplexity measured before and after

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .files import atomic_write_text
 from .models.base import Block, ModelSpec, all_blocks
 
 FORMAT = "secateurs-plan/1"
@@ -269,11 +269,3 @@ def select_heads(scores, n_keep: int, n_kv: int) -> list[int]:
         if best_key is None or key > best_key:
             best, best_key = sel, key
     return best
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

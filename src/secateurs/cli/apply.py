@@ -41,7 +41,8 @@ def _run(args, where, spill):
     from ..data import eval_rows
     from ..eval.perplexity import perplexity
     from ..export.checkpoint import _plain_config, load_pruned, save_pruned
-    from ..models import get_adapter, load_model
+    from ..models import get_adapter
+    from ..sources import load_model
     from ..pipeline import check_out, versions
     from ..plan import PruningPlan
     from ..result import FORMAT as RESULT_FORMAT

@@ -38,7 +38,7 @@ def run(args):
     from ..eval.bench import BenchSettings
     from ..eval.engines import same_engine
     from ..pipeline import versions
-    from ..plan import atomic_write_text
+    from ..files import atomic_write_text
 
     s = BenchSettings(prompt_len=args.prompt_len, decode_tokens=args.decode_tokens, warmup=args.warmup,
                       reps=args.reps, seed=args.seed)

@@ -65,7 +65,7 @@ def run(args):
 
 def _run(args, engine, sets, tasks, built, where, spill):
     from ..pipeline import versions
-    from ..plan import atomic_write_text
+    from ..files import atomic_write_text
 
     device = where["device"]
     handle = engine.open(args.model, args.seqlen, device=device, threads=args.threads, progress=not args.quiet,

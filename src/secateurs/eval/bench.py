@@ -38,6 +38,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..runtime import input_device, model_dtype
+from ..models.base import get_adapter, unique_param_count
 
 
 @dataclass
@@ -54,14 +56,10 @@ class BenchSettings:
 
 
 def _device(model) -> torch.device:
-    from ..runtime import input_device
-
     return input_device(model)
 
 
 def _dtype(model) -> torch.dtype:
-    from ..runtime import model_dtype
-
     return model_dtype(model)
 
 
@@ -146,8 +144,6 @@ def time_models(models: list, s: BenchSettings) -> list[dict]:
 # --- FLOPs ------------------------------------------------------------------------------------------------
 def _attention_layers(model) -> list[tuple[int, int | None]]:
     """(kept query heads x head_dim, sliding window or None) of every layer that still has attention."""
-    from ..models.base import get_adapter
-
     adapter = get_adapter(model)
     out = []
     for layer in adapter.layers():
@@ -233,7 +229,7 @@ def _proc_status_kb(field: str) -> int:
 
 def _peak_memory_cpu_here(ref: str, s: BenchSettings, dtype=None) -> float:
     """Runs inside the fresh process: load, reset the peak RSS, run the workload, read the peak back."""
-    from ..models import load_model
+    from ..sources import load_model
 
     model, _ = load_model(ref, device="cpu", dtype=dtype, progress=False)
     _workload(model, s)  # a first run touches every weight page (safetensors may map the file lazily)
@@ -286,8 +282,7 @@ def side_by_side(entries: list[dict]) -> dict:
 def bench(ref: str, against: str | None = None, s: BenchSettings | None = None, device: str = "cpu",
           memory: bool = True, progress: bool = False, dtype=None) -> dict:
     """Benchmark ``ref`` (and ``against`` in the same process, alternating); the dictionary of ``--json``."""
-    from ..models import load_model
-    from ..models.base import unique_param_count
+    from ..sources import load_model
 
     s = s or BenchSettings()
     s.validate()

@@ -85,7 +85,7 @@ class TorchHandle:
     supports_tasks = True
 
     def __init__(self, ref, device="cpu", progress=True, dtype="auto", max_memory=None, spill_dir=None, workload=None):
-        from ..models import load_model
+        from ..sources import load_model
 
         self.device = device
         self.model, self.tokenizer = load_model(ref, device=device, dtype=dtype, progress=progress, max_memory=max_memory,

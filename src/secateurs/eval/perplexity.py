@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from ..runtime.passes import row_nll as nll
 
 
 # Held-out perplexity: the row length and row count that ``eval``, ``prune`` and ``apply`` share by default, so
@@ -44,16 +45,12 @@ class PPLResult:
 def row_nll(model, rows: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
     """Summed NLL of every row in ``rows``, as a float64 tensor [rows] (``runtime.passes.row_nll``: the output
     head in vocabulary blocks, the model resident or layer by layer)."""
-    from ..runtime.passes import row_nll as nll
-
     return nll(model, rows, batch_size or rows.shape[0])
 
 
 @torch.inference_mode()
 def perplexity(model, rows: torch.Tensor, batch_size: int = 4, progress: bool = False, desc: str = "perplexity") -> PPLResult:
     """Perplexity of ``model`` on ``rows`` (LongTensor [n, seqlen]); see the module docstring."""
-    from ..runtime.passes import row_nll as nll
-
     total = 0.0
     for v in nll(model, rows, batch_size, progress=progress, desc=desc).tolist():  # summed in row order
         total += v

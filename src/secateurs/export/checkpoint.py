@@ -32,7 +32,15 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..plan import PruningPlan, atomic_write_text
+from ..plan import PruningPlan
+from ..files import atomic_write_text
+from ..models import get_adapter
+from ..runtime import onloader_of, shared_copy
+from ..runtime.head import block_bounds
+from ..runtime.st_io import StreamWriter
+from ..surgery import PartialLayer, apply_plan, narrow_layer
+from ..runtime.onload import build_skeleton
+from ..runtime.loading import from_skeleton, working_dtype
 
 FORMAT = "secateurs-model/2"
 READABLE_FORMATS = ("secateurs-model/1", FORMAT)
@@ -51,8 +59,6 @@ def _plain_config(config, diff: bool = False) -> dict:
 def layer_structure(model) -> list[dict]:
     """Per remaining layer of a pruned model: which branches it has, its head / channel counts, and whether
     its output projections carry a bias. Read from the modules themselves."""
-    from ..models import get_adapter
-
     adapter = get_adapter(model)
     hd = adapter.head_dim()
     out = []
@@ -82,7 +88,6 @@ def stock_config(model, structure: list[dict]) -> tuple[str, dict] | None:
     dense = (c.num_attention_heads, c.num_key_value_heads, c.intermediate_size)
     if (heads, kv, inter) == dense:
         return "stock-depth", cfg
-    from ..models import get_adapter
 
     cfg.update(num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=inter,
                head_dim=get_adapter(model).head_dim())
@@ -90,8 +95,6 @@ def stock_config(model, structure: list[dict]) -> tuple[str, dict] | None:
 
 
 def custom_config(model, structure: list[dict]) -> dict:
-    from ..models import get_adapter
-
     adapter = get_adapter(model)
     base = model.config.model_type
     cfg = _plain_config(model.config, diff=True)
@@ -175,8 +178,6 @@ def write_pruned(model, tokenizer, plan: PruningPlan, dense_config: dict, folder
     ``model`` is the pruned model, or an onloaded *dense* model (``--max-memory``): then the plan is applied
     layer by layer while the file is written (``write_streamed``). The weights are saved in the working dtype,
     which ``config.json`` records."""
-    from ..runtime import onloader_of
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if onloader_of(model) is not None:
@@ -204,12 +205,6 @@ def write_streamed(model, plan: PruningPlan, folder: Path):
     time: the pruned shapes come from the plan applied on the meta device (``shared_copy``), every kept layer is
     read, sliced by surgery's own ``narrow_layer`` (so the tensors are bitwise those of ``apply_plan`` on a
     resident model) and written, the embedding and head in row blocks. Returns (kind, config, skeleton)."""
-    from ..models import get_adapter
-    from ..runtime import onloader_of, shared_copy
-    from ..runtime.head import block_bounds
-    from ..runtime.st_io import StreamWriter
-    from ..surgery import PartialLayer, apply_plan, narrow_layer
-
     ol = onloader_of(model)
     ol.unpin_all()
     spec = ol.adapter.spec()
@@ -275,8 +270,6 @@ def build_pruned_skeleton(dense_config: dict, plan: PruningPlan, dtype=torch.flo
     there, so no dense-sized tensor is ever allocated."""
     from transformers import AutoConfig
 
-    from ..runtime.onload import build_skeleton
-    from ..surgery import apply_plan
 
     cfg = dict(dense_config)
     for key in ("dtype", "torch_dtype"):
@@ -296,7 +289,6 @@ def load_pruned(folder: str | Path, dtype=None, device: str = "cpu", max_memory=
     the tokenizer already; a large vocabulary's tokenizer costs hundreds of MB to load again)."""
     from transformers import AutoTokenizer
 
-    from ..runtime.loading import from_skeleton, working_dtype
 
     folder = Path(folder)
     try:

@@ -46,6 +46,8 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..models import get_adapter
+from .checkpoint import layer_structure
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m")
 QUANTIZED = {"q8_0": 7, "q4_k_m": 15}  # llama_ftype values (llama.h): LLAMA_FTYPE_MOSTLY_Q8_0, _Q4_K_M
@@ -134,9 +136,6 @@ def _first_uneven(adapter, layers, structure) -> tuple[int, str] | None:
 def choose_layout(model, quantized: bool = False) -> Layout:
     """The llama.cpp architecture and every block's tensors for ``model`` (see the module docstring).
     Raises UserError, before anything is written, for a plan llama.cpp cannot represent."""
-    from ..models import get_adapter
-    from .checkpoint import layer_structure
-
     adapter = get_adapter(model)
     c = model.config
     mt = c.model_type
@@ -434,7 +433,7 @@ def export_model(model_ref: str, out: str, ftype: str = "f32", threads=None, pro
                  tokenizer=None) -> dict:
     """Loads ``model_ref`` (unless ``model`` is given) and writes the GGUF; returns the summary."""
     from .. import __version__
-    from ..models import load_model
+    from ..sources import load_model
 
     if model is None:
         model, tokenizer = load_model(model_ref, device="cpu", progress=progress)

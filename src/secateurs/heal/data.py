@@ -97,7 +97,7 @@ def held_out_units() -> dict[str, frozenset[bytes]]:
     import importlib.metadata
     import os
 
-    from ..models.loading import cache_dir
+    from ..files import cache_dir
 
     import numpy as np
 

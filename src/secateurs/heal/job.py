@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..plan import PruningPlan, atomic_write_text
+from ..plan import PruningPlan
+from ..files import atomic_write_text
 from .settings import HealSettings
 
 STATE = "state.pt"
@@ -63,7 +64,7 @@ def inspect_source(folder: str, teacher: str | None = None) -> Source:
     p = Path(folder)
     hint = "give a folder written by `secateurs prune` or `secateurs apply`"
     if not p.is_dir():
-        from ..models.loading import EMBEDDED
+        from ..sources import EMBEDDED
 
         if folder in EMBEDDED:
             raise UserError(f"{folder} is a dense model, not a pruned folder: prune it first (`secateurs prune`), then heal the result")
@@ -92,7 +93,7 @@ def check_teacher(name: str | None, dense_config: dict, source: Path) -> None:
     """The teacher exists and has the dense configuration the plan was made for."""
     from transformers import AutoConfig
 
-    from ..models.loading import EMBEDDED, resolve
+    from ..sources import EMBEDDED, resolve
 
     if not name:
         raise UserError(f"{source} does not say which dense model it came from; pass --teacher MODEL (or --loss lm)")
@@ -205,7 +206,7 @@ def teacher_cache(inp: Inputs, folder: Path):
 
 def _teacher_phase(inp: Inputs, work: Path, cache, progress: bool, log) -> None:
     """Dense perplexity and the top-k cache, with the teacher loaded alone."""
-    from ..models import load_model
+    from ..sources import load_model
 
     s = inp.settings
     todo = cache.missing(inp.used)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..plan import atomic_write_text
+from ..files import atomic_write_text
 from ..progress import progress_bar
 
 

@@ -38,9 +38,10 @@ import torch
 
 from ..eval.bench import prompt_ids, time_prefill
 from ..models.base import BLOCK_KINDS, ModelSpec
-from ..models.loading import cache_dir
+from ..files import cache_dir
 from ..runtime import input_device, model_dtype, shared_copy
-from ..plan import UNIT_KINDS, PruningPlan, atomic_write_text, removed_params, select_heads
+from ..plan import UNIT_KINDS, PruningPlan, removed_params, select_heads
+from ..files import atomic_write_text
 
 
 @dataclass

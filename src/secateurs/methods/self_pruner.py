@@ -91,7 +91,8 @@ def fingerprint(model, tokenizer) -> str:
 
 def proposer_gguf(cfg: SelfPrunerConfig, ctx: PruneContext, log) -> tuple[Path, str]:
     """(GGUF file, how it was chosen) of the local proposer: ``--proposer-model``, else the model itself."""
-    from ..models.loading import EMBEDDED, cache_dir, embedded_gguf
+    from ..sources import EMBEDDED, embedded_gguf
+    from ..files import cache_dir
 
     if cfg.proposer_model:
         p = Path(cfg.proposer_model).expanduser()

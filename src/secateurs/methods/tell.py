@@ -47,9 +47,9 @@ from ..importance.width import (collect_stats, compensation_bias, flap_column_sc
                                 kept_heads_at, layer_plan_at_rates, output_projections)
 from ..models import get_adapter
 from ..models.base import BLOCK_KINDS, Block, ModelSpec, all_blocks, head_indices
-from ..models.loading import cache_dir
-from ..plan import (WIDTH, LayerPlan, PruningPlan, RatioRule, added_params, atomic_write_text, check_ratio, removed_params,
-                    select_heads)
+from ..files import cache_dir
+from ..plan import WIDTH, LayerPlan, PruningPlan, RatioRule, added_params, check_ratio, removed_params, select_heads
+from ..files import atomic_write_text
 from ..runtime import onloader_of
 from ..runtime.passes import layer_weights, parameter_tensors
 from ..search.allocate import Option, Problem, allocate, block_options

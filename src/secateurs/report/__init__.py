@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..plan import atomic_write_text
+from ..files import atomic_write_text
 from .figures import pruning_map, vs_ratio, vs_speedup
 from .runs import BENCH, EVAL, Run, find_runs, rows_text
 

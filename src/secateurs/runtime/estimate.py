@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .head import HEAD_BLOCK
+from ..models import get_adapter
+from .placement import device_key
 
 
 @dataclass
@@ -58,8 +60,6 @@ class ModelSizes:
 
 def model_sizes(model, dtype: torch.dtype | None = None) -> ModelSizes:
     """Sizes of a model (real, onloaded or on the meta device) in ``dtype`` (default: its parameters' dtype)."""
-    from ..models import get_adapter
-
     ad = get_adapter(model)
     c = model.config
     first = next(model.parameters())
@@ -191,8 +191,6 @@ def estimate_peak(s: ModelSizes, method: str, rows: int, seqlen: int, batch_size
     the next tier (CPU memory below a GPU while ``cpu_budget`` allows: first the weights, which are else read
     from the checkpoint; then files while ``disk_budget`` allows), cached states that find no room anywhere
     recomputed; ``does not fit`` is what must be kept and found no room. As ``runtime.placement.Budget`` does."""
-    from .placement import device_key
-
     dev = device_key(device)
     gpu = dev != "cpu"
     work = working_bytes(s, batch_size, seqlen)

@@ -31,6 +31,8 @@ from ..errors import UserError
 from ..progress import progress_bar
 from .placement import Budget, format_size
 from .st_io import SafetensorsSource
+from ..models import get_adapter
+from .head import block_bounds
 
 
 # --- skeletons and materialization ----------------------------------------------------------------------------
@@ -241,8 +243,6 @@ class Onloader:
 
     def __init__(self, model: nn.Module, source: SafetensorsSource, device, dtype: torch.dtype, budget: Budget,
                  reserve: int = 0):
-        from ..models import get_adapter
-
         self.model, self.source = model, source
         self.device, self.dtype, self.budget = torch.device(device), dtype, budget
         self.adapter = get_adapter(model)
@@ -396,8 +396,6 @@ class Onloader:
         return w, b
 
     def head_blocks(self):
-        from .head import block_bounds
-
         for a, e in block_bounds(self.vocab):
             w, b = self.head_block(a, e)
             yield a, w, b

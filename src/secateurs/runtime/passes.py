@@ -22,6 +22,8 @@ from ..progress import progress_bar
 from .head import HeadMass, HeadNLL, block_bounds, resident_blocks
 from .onload import HiddenStore
 from .placement import input_device, onloader_of
+from ..models import get_adapter
+from ..importance.activations import capture
 
 
 def batches_of(rows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -29,8 +31,6 @@ def batches_of(rows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 
 
 def _adapter(model):
-    from ..models import get_adapter
-
     return get_adapter(model)
 
 
@@ -84,8 +84,6 @@ def capture_batches(model, batches, finals: bool = True, progress: bool = False)
     """(embeddings, per-layer keyword arguments, final hidden states before the norm or None) of every batch:
     what replaying the model needs. Resident: one captured forward pass per batch; onloaded: embeddings and
     arguments without running a layer, the final states from one layer-major pass."""
-    from ..importance.activations import capture
-
     ad, ol = _adapter(model), onloader_of(model)
     if ol is None:
         embs, kws, outs = [], [], []
@@ -139,8 +137,6 @@ def layer_pass(model, rows: torch.Tensor, batch_size: int, on_layer, progress: b
     """Calls ``on_layer(i, b, h_in, h_out)`` for every layer ``i`` and batch ``b`` (``h_out`` of the last layer is
     the state before the final norm). The order differs between the paths (batch-major when resident,
     layer-major when onloaded): accumulate per layer in batch order to get the same sums."""
-    from ..importance.activations import capture
-
     ad, ol = _adapter(model), onloader_of(model)
     batches = batches_of(rows, batch_size)
     if ol is None:

@@ -6,7 +6,7 @@ the others, every node with the same Python environment). Ray is imported lazily
 user error that says how to install it (``pip install 'secateurs[ray]'``).
 
 - A worker (``_Replica``, one Ray actor) loads its own copy of the model with the main process's loader
-  (``replica_loader``: same model, same dtype, same device kind) as soon as the pool opens, while the main
+  (``sources.replica_loader``: same model, same dtype, same device kind) as soon as the pool opens, while the main
   process loads its own, then builds on it the worker side of a search (``build(model, *args)``, e.g. the
   greedy search's ``CandidateScorer`` with the same calibration rows). On a CPU it reserves
   ``threads_per_worker`` CPUs and runs torch with that many threads; with ``--device cuda`` it reserves
@@ -63,23 +63,6 @@ def import_ray():
     except ImportError:
         raise UserError(f"--workers needs Ray, which is not installed: {INSTALL_HINT}") from None
     return ray
-
-
-def replica_loader(name_or_path: str, **kw):
-    """The model alone, loaded as ``load_model`` loads it for the main process (use with ``functools.partial``).
-    Under a memory budget the worker spills to a folder of its own, removed with its replica."""
-    import shutil
-    import tempfile
-    import weakref
-    from pathlib import Path
-
-    from ..models import load_model
-
-    spill = tempfile.mkdtemp(prefix="secateurs-worker-spill-") if kw.get("max_memory") is not None else None
-    model = load_model(name_or_path, progress=False, spill_dir=Path(spill) if spill else None, **kw)[0]
-    if spill is not None:
-        weakref.finalize(model, shutil.rmtree, spill, True)
-    return model
 
 
 class PoolLost(UserError):

@@ -48,7 +48,8 @@ import torch
 from ..errors import UserError
 from ..importance.activations import run_branch
 from ..models.base import BLOCK_KINDS, Adapter, Block, ModelSpec, all_blocks, layer_positions
-from ..plan import PruningPlan, atomic_write_text
+from ..plan import PruningPlan
+from ..files import atomic_write_text
 from ..progress import progress_bar
 from ..runtime.head import HEAD_BLOCK
 from ..runtime.onload import Kept

