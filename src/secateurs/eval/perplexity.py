@@ -12,7 +12,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-from ..runtime.passes import row_nll as nll
+
+from ..runtime import passes
 
 
 # Held-out perplexity: the row length and row count that ``eval``, ``prune`` and ``apply`` share by default, so
@@ -45,14 +46,14 @@ class PPLResult:
 def row_nll(model, rows: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
     """Summed NLL of every row in ``rows``, as a float64 tensor [rows] (``runtime.passes.row_nll``: the output
     head in vocabulary blocks, the model resident or layer by layer)."""
-    return nll(model, rows, batch_size or rows.shape[0])
+    return passes.row_nll(model, rows, batch_size or rows.shape[0])
 
 
 @torch.inference_mode()
 def perplexity(model, rows: torch.Tensor, batch_size: int = 4, progress: bool = False, desc: str = "perplexity") -> PPLResult:
     """Perplexity of ``model`` on ``rows`` (LongTensor [n, seqlen]); see the module docstring."""
     total = 0.0
-    for v in nll(model, rows, batch_size, progress=progress, desc=desc).tolist():  # summed in row order
+    for v in passes.row_nll(model, rows, batch_size, progress=progress, desc=desc).tolist():  # summed in row order
         total += v
     tokens = rows.shape[0] * (rows.shape[1] - 1)
     nll = total / tokens
