@@ -280,6 +280,19 @@ def build_pruned_skeleton(dense_config: dict, plan: PruningPlan, dtype=torch.flo
     return model
 
 
+def read_pruned(folder: Path) -> tuple[dict, dict, PruningPlan]:
+    """(secateurs.json, config.json, plan) of a pruned folder; UserError when it is not one this version reads."""
+    try:
+        meta = json.loads((folder / "secateurs.json").read_text())
+        cfg_file = folder / "config.json"  # format 1 folders have none: their dense configuration says the dtype
+        saved_config = json.loads(cfg_file.read_text()) if cfg_file.exists() else meta.get("dense_config", {})
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{folder} is not a readable secateurs model folder: {e}") from e
+    if meta.get("format") not in READABLE_FORMATS:
+        raise UserError(f"{folder}/secateurs.json: unknown format {meta.get('format')!r}, expected one of {READABLE_FORMATS}")
+    return meta, saved_config, PruningPlan.load(folder / "plan.json")
+
+
 def load_pruned(folder: str | Path, dtype=None, device: str = "cpu", max_memory=None, spill_dir=None, workload=None,
                 log=None, tokenizer: bool = True):
     """Returns (model, tokenizer) of a folder written by ``save_pruned`` (no code from the folder is run). The
@@ -291,15 +304,7 @@ def load_pruned(folder: str | Path, dtype=None, device: str = "cpu", max_memory=
 
 
     folder = Path(folder)
-    try:
-        meta = json.loads((folder / "secateurs.json").read_text())
-        cfg_file = folder / "config.json"  # format 1 folders have none: their dense configuration says the dtype
-        saved_config = json.loads(cfg_file.read_text()) if cfg_file.exists() else meta.get("dense_config", {})
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{folder} is not a readable secateurs model folder: {e}") from e
-    if meta.get("format") not in READABLE_FORMATS:
-        raise UserError(f"{folder}/secateurs.json: unknown format {meta.get('format')!r}, expected one of {READABLE_FORMATS}")
-    plan = PruningPlan.load(folder / "plan.json")
+    meta, saved_config, plan = read_pruned(folder)
     dt = working_dtype(dtype, device, saved_config, log)
     model = from_skeleton(lambda d, dev: build_pruned_skeleton(meta["dense_config"], plan, d, dev), folder, dt, device,
                           max_memory, spill_dir, workload)
