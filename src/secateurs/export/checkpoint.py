@@ -34,6 +34,7 @@ import torch
 from ..errors import UserError
 from ..plan import PruningPlan
 from ..files import atomic_write_text
+from .card import write_card
 from ..models import get_adapter
 from ..runtime import onloader_of, shared_copy
 from ..runtime.head import block_bounds
@@ -257,6 +258,7 @@ def save_pruned(model, tokenizer, plan: PruningPlan, dense_config: dict, out: st
     kind = write_pruned(model, tokenizer, plan, dense_config, tmp)
     for name, text in (extra or {}).items():
         atomic_write_text(tmp / name, text(tmp) if callable(text) else text)
+    write_card(tmp)  # after result.json: the model card reads its figures
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
