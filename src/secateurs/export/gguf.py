@@ -72,7 +72,7 @@ ZERO_FFN = 1  # n_ff of the minimal zero FFN of a layer that keeps attention but
 #               that layer's attention; the tests set 0 to show it)
 NORMAL_ROPE = ("llama", "deci")  # archs whose rope rotates consecutive pairs: q/k rows are permuted
 FULL_WIDTH_Q = ("qwen2",)  # archs whose llama.cpp graph sizes q and o as hidden x hidden
-BLOCK_BYTES = 64 << 20  # float32 bytes of the block of rows read and written at a time
+BLOCK_BYTES = 16 << 20  # float32 bytes of the block of rows read and written at a time
 
 
 def check_type(t: str) -> str:
