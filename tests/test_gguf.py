@@ -209,6 +209,7 @@ def test_folder_export_streams_the_file_of_the_loaded_model(arch, plan_of, dtype
     """``export FOLDER`` reads the tensors from the folder's safetensors (the model is never loaded; here one
     row or one head per block) and writes, byte for byte, the file of the model loaded from that folder (by
     transformers where the folder is stock, else by ``secateurs.load``)."""
+    import gguf
     import secateurs.sources
     from transformers import AutoModelForCausalLM
 
@@ -227,6 +228,10 @@ def test_folder_export_streams_the_file_of_the_loaded_model(arch, plan_of, dtype
     monkeypatch.setattr(secateurs.sources, "load_model", no_loading)
     monkeypatch.setattr(gx, "BLOCK_BYTES", 1)
     r = gx.export_model(str(folder), str(tmp_path / "streamed.gguf"), ftype, threads=1, progress=False)
+    if ftype == "f32":  # a folder written from a model named otherwise (a prune's work folder): that name recorded
+        gx.export_model("the-source", str(tmp_path / "named.gguf"), ftype, progress=False, folder=folder)
+        assert gguf.GGUFReader(str(tmp_path / "named.gguf")).fields["secateurs.source"].contents() == "the-source"
+        (tmp_path / "named.gguf").unlink()
     assert r["arch"] == ("deci" if plan_of is uneven_plan else gx.adapter_class(arch).llamacpp[arch].even)
     assert (tmp_path / "streamed.gguf").read_bytes() == (tmp_path / "memory.gguf").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["memory.gguf", "pruned", "streamed.gguf"]

@@ -602,15 +602,16 @@ def check_request(fmt: str, ftype: str, out: str, overwrite: bool) -> None:
 
 
 def export_model(model_ref: str, out: str, ftype: str = DEFAULT_TYPE, threads=None, progress: bool = True,
-                 model=None, tokenizer=None) -> dict:
-    """Writes the GGUF of ``model_ref`` (or of ``model``, in memory, when given); returns the summary. A folder
-    is streamed from its files (``open_folder``); a hub id is loaded first."""
+                 model=None, tokenizer=None, folder: str | Path | None = None) -> dict:
+    """Writes the GGUF of ``model_ref`` (or of ``model``, in memory, when given; or of ``folder``, a folder
+    written from ``model_ref``, such as a prune's work folder); returns the summary. A folder is streamed from
+    its files (``open_folder``); a hub id is loaded first."""
     from .. import __version__
     from ..sources import load_model
 
     weights = None
     if model is None:
-        opened = open_folder(model_ref, progress)
+        opened = open_folder(str(folder or model_ref), progress)
         if opened is not None:
             model, tokenizer, weights = opened
         else:
