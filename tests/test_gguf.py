@@ -468,6 +468,7 @@ def test_cli_export_prune_eval_bench(tiny_folder, tmp_path, capsys):
     result = json.loads((out / "result.json").read_text())
     assert result["gguf"]["arch"] == "deci" and result["gguf"]["file"] == "model.gguf"
     assert result["settings"]["export"] == "gguf" and (out / "model.gguf").exists()
+    assert "`model.gguf` in this folder (GGUF f32)" in (out / "README.md").read_text()  # the model card says so
     capsys.readouterr()
     assert main(["eval", str(out / "model.gguf"), "--ppl", "wiki:test", "--seqlen", "32", "--rows", "2", "--threads", "1",
                  "--quiet", "--json", str(tmp_path / "e.json")]) == 0
@@ -538,4 +539,5 @@ def test_prune_export_refused_keeps_the_pruned_folder(tmp_path, capsys):
     result = json.loads((out / "result.json").read_text())
     assert "cannot hold this gemma3_text plan" in result["gguf"]["refused"]
     assert (out / "plan.json").exists() and not list(out.glob("*.gguf"))
+    assert "llama.cpp: no GGUF for this plan (llama.cpp cannot hold this gemma3_text plan" in (out / "README.md").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "tiny-gemma"]
