@@ -26,6 +26,7 @@ import torch
 from conftest import tiny_bpe_tokenizer, tiny_model
 from secateurs.cli import main
 from secateurs.export import gguf as gx
+from secateurs.export import gguf_tensors
 from secateurs.models import get_adapter
 from secateurs.plan import LayerPlan, PruningPlan
 from secateurs.surgery import apply_plan
@@ -226,7 +227,7 @@ def test_folder_export_streams_the_file_of_the_loaded_model(arch, plan_of, dtype
         raise AssertionError("the folder was loaded")
 
     monkeypatch.setattr(secateurs.sources, "load_model", no_loading)
-    monkeypatch.setattr(gx, "BLOCK_BYTES", 1)
+    monkeypatch.setattr(gguf_tensors, "BLOCK_BYTES", 1)
     r = gx.export_model(str(folder), str(tmp_path / "streamed.gguf"), ftype, threads=1, progress=False)
     if ftype == "f32":  # a folder written from a model named otherwise (a prune's work folder): that name recorded
         gx.export_model("the-source", str(tmp_path / "named.gguf"), ftype, progress=False, folder=folder)

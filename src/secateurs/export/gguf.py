@@ -4,8 +4,8 @@ The file is written with the ``gguf`` package (llama.cpp's own writer, on PyPI) 
 llama.cpp's ``convert_hf_to_gguf.py``) or bf16; the quantized types (q8_0, q6_k, q5_k_m, q4_k_m, q3_k_m,
 q2_k) are made from an f32 file by llama.cpp's quantizer (``llama_model_quantize``), never by hand.
 
-The export streams: every tensor is read when it is written, a block of rows at a time (``FileTensor``), so
-its memory is a block, never the model. A folder (an embedded name, a Hugging Face folder, a pruned secateurs
+The export streams: every tensor is read when it is written, a block of rows at a time
+(``gguf_tensors.FileTensor``), so its memory is a block, never the model. A folder (an embedded name, a Hugging Face folder, a pruned secateurs
 folder) is not loaded at all: its structure is built on the meta device (for a pruned folder, the dense
 skeleton with ``plan.json`` applied, as ``secateurs.load`` builds it) and the tensors are read from its
 safetensors files (``runtime.st_io.SafetensorsSource``). A model in memory (``export_gguf``) is read the same
@@ -49,7 +49,6 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -58,9 +57,10 @@ from ..errors import UserError
 from ..models import get_adapter
 from ..models.base import adapter_class, supported_model_types
 from ..progress import progress_bar
-from ..runtime.onload import build_skeleton, resolve_keys
+from ..runtime.onload import build_skeleton
 from ..runtime.st_io import SafetensorsSource
 from .checkpoint import build_pruned_skeleton, layer_structure, read_pruned
+from .gguf_tensors import FileTensor, ModuleWeights
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m", "q2_k")
 DEFAULT_TYPE = "f16"  # what llama.cpp's own converter writes by default (convert_hf_to_gguf.py --outtype)
@@ -72,7 +72,6 @@ ZERO_FFN = 1  # n_ff of the minimal zero FFN of a layer that keeps attention but
 #               that layer's attention; the tests set 0 to show it)
 NORMAL_ROPE = ("llama", "deci")  # archs whose rope rotates consecutive pairs: q/k rows are permuted
 FULL_WIDTH_Q = ("qwen2",)  # archs whose llama.cpp graph sizes q and o as hidden x hidden
-BLOCK_BYTES = 16 << 20  # float32 bytes of the block of rows read and written at a time
 
 
 def check_type(t: str) -> str:
@@ -93,89 +92,6 @@ def exportable() -> str:
     return (f"exportable: any plan of {_listed(any_plan)} models (uneven ones as llama.cpp's deci architecture); "
             f"for {_listed(even)}, plans whose remaining layers all keep attention and MLP with equal head and "
             "channel counts and no bias compensation (dense, whole layers removed, equal widths)")
-
-
-# --- tensors, read when they are written ------------------------------------------------------------------
-@dataclass(frozen=True)
-class FileTensor:
-    """One tensor of the file before it is read: its shape (torch layout [out, in]) and ``rows(a, e)``, its
-    rows a:e in float32 (elements a:e of a 1-D tensor). A block of rows starts at a multiple of ``align``."""
-
-    shape: tuple[int, ...]
-    rows: Callable[[int, int], torch.Tensor]
-    align: int = 1
-
-    @classmethod
-    def const(cls, t: torch.Tensor) -> "FileTensor":
-        t = t.float()
-        return cls(tuple(t.shape), lambda a, e: t[a:e])
-
-    @classmethod
-    def zeros(cls, *shape: int) -> "FileTensor":
-        return cls(shape, lambda a, e: torch.zeros(e - a, *shape[1:]))
-
-    @classmethod
-    def ones(cls, *shape: int) -> "FileTensor":
-        return cls(shape, lambda a, e: torch.ones(e - a, *shape[1:]))
-
-    def plus(self, c: float) -> "FileTensor":
-        return FileTensor(self.shape, lambda a, e: self.rows(a, e) + c, self.align)
-
-    def rope_permuted(self, n_head: int) -> "FileTensor":
-        per = self.shape[0] // n_head  # the rows of one head, permuted among themselves
-        return FileTensor(self.shape, lambda a, e: permute_rope(self.rows(a, e), (e - a) // per), per)
-
-    def padded_rows(self, n: int) -> "FileTensor":
-        """``n`` zero rows after the last."""
-        n0 = self.shape[0]
-
-        def rows(a, e):
-            t = self.rows(min(a, n0), min(e, n0))
-            extra = e - max(a, n0)
-            return torch.cat([t, torch.zeros(extra, *self.shape[1:])]) if extra > 0 else t
-
-        return FileTensor((n0 + n, *self.shape[1:]), rows, self.align)
-
-    def padded_cols(self, n: int) -> "FileTensor":
-        """``n`` zero columns after the last (a 2-D tensor)."""
-        return FileTensor((self.shape[0], self.shape[1] + n),
-                          lambda a, e: torch.cat([self.rows(a, e), torch.zeros(e - a, n)], dim=1), self.align)
-
-    def read(self) -> torch.Tensor:
-        return self.rows(0, self.shape[0])
-
-    def blocks(self):
-        """The tensor in blocks of rows of about ``BLOCK_BYTES`` (a 1-D tensor whole)."""
-        n = self.shape[0]
-        if len(self.shape) == 1:
-            yield self.read()
-            return
-        row = math.prod(self.shape[1:]) * 4
-        step = max(1, BLOCK_BYTES // max(row, 1) // self.align) * self.align
-        for a in range(0, n, step):
-            yield self.rows(a, min(n, a + step))
-
-
-class ModuleWeights:
-    """A model's parameters as FileTensors: read from memory, or, when ``source`` is given (the model is a
-    skeleton on the meta device), from its safetensors files."""
-
-    def __init__(self, model, source: SafetensorsSource | None = None):
-        self.source = source
-        self.keys = resolve_keys(model, source) if source is not None else None
-
-    def __call__(self, module, name: str) -> FileTensor | None:
-        p = getattr(module, name, None)
-        if p is None:
-            return None
-        if self.source is None:
-            return FileTensor(tuple(p.shape), lambda a, e: p.detach()[a:e].float().cpu())
-        key, source = self.keys[id(module), name], self.source
-        return FileTensor(tuple(p.shape), lambda a, e: source.read(key, a, e).float())
-
-    def close(self) -> None:
-        if self.source is not None:
-            self.source.close()
 
 
 @dataclass
@@ -207,11 +123,6 @@ class Layout:
 
 
 # --- reading the model ------------------------------------------------------------------------------------
-def permute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Hugging Face's half-split q/k rows -> llama.cpp's interleaved pairs (convert_hf_to_gguf's permute)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def _refuse(model_type: str, why: str) -> UserError:
     return UserError(f"llama.cpp cannot hold this {model_type} plan as GGUF: {why}; {exportable()}")
 
@@ -359,8 +270,6 @@ def _rope(c) -> dict:
 
 def _llama3_rope_factors(rp: dict, head_dim: int) -> torch.Tensor:
     """llama3 rope scaling as llama.cpp wants it: a rope_freqs tensor (as convert_hf_to_gguf computes it)."""
-    import math
-
     base = rp.get("rope_theta", 10000.0)
     freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     factor, lo, hi = rp.get("factor", 8.0), rp.get("low_freq_factor", 1.0), rp.get("high_freq_factor", 4.0)
