@@ -8,6 +8,10 @@
 - SmolLM2 with blockpruner (saved order), flap (bias compensation), tell and self-pruner plans (slow).
 - q8_0 perplexity within 2% of f32 on wiki:test; the rows are the PyTorch path's rows; the tokenizer fields
   against the original GGUF of the embedded model (slow).
+- Streaming: a pruned or dense folder exported without loading it (one row or head per block) gives, byte
+  for byte, the file of the model loaded from it (tiny folders of every architecture and f32 / f16 / bf16 /
+  q8_0; SmolLM2 and a FLAP folder of it, slow); bf16 files declare element shapes; f16 is the default; every
+  quantized type loads and runs.
 - Bad input: a plan llama.cpp cannot hold, corrupt / truncated files to eval and bench, an unknown --type,
   files of different types to bench: one line, exit 2, nothing left behind.
 """
@@ -22,12 +26,18 @@ import torch
 from conftest import tiny_bpe_tokenizer, tiny_model
 from secateurs.cli import main
 from secateurs.export import gguf as gx
+from secateurs.export import gguf_tensors
 from secateurs.models import get_adapter
 from secateurs.plan import LayerPlan, PruningPlan
 from secateurs.surgery import apply_plan
 
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by `make setup`")
-from secateurs.eval import llamacpp as lx  # noqa: E402
+from secateurs.eval import llamacpp as lx
+
+try:
+    import llama_cpp
+except ImportError:
+    llama_cpp = None
+needs_llama_cpp = pytest.mark.skipif(llama_cpp is None, reason="llama-cpp-python is installed by `make setup`")
 
 TOL = 1e-4  # max |logit difference| / max |logit|: f32 weights and an f32 KV cache in llama.cpp, f32 in PyTorch
 TOL_GELU = 2e-3  # gemma3: ggml's CPU GELU reads an f16 table (GGML_GELU_FP16 in ggml-cpu/vec.h)
@@ -70,6 +80,7 @@ def torch_greedy(model, ids, n):
 IDS = torch.randint(0, 128, (20,), generator=torch.Generator().manual_seed(7)).tolist()
 
 
+@needs_llama_cpp
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 def test_uneven_plans_become_deci_and_match(arch, tmp_path):
     model = tiny_model(arch)
@@ -90,6 +101,7 @@ def test_uneven_plans_become_deci_and_match(arch, tmp_path):
     assert got == ref
 
 
+@needs_llama_cpp
 @pytest.mark.parametrize("arch,stock", [("llama", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3"),
                                         ("gemma3_text", "gemma3")])
 def test_stock_plans_keep_the_stock_architecture(arch, stock, tmp_path):
@@ -111,6 +123,7 @@ def test_stock_plans_keep_the_stock_architecture(arch, stock, tmp_path):
         assert got == ref
 
 
+@needs_llama_cpp
 def test_gemma3_whole_layer_removal_keeps_each_layer_attention_type(tmp_path):
     """Removing layer 3 (the global one of the tiny pattern) leaves three sliding layers: the written pattern
     must say so, or llama.cpp's default every-6th-is-global rule would apply."""
@@ -125,6 +138,7 @@ def test_gemma3_whole_layer_removal_keeps_each_layer_attention_type(tmp_path):
     assert rel < TOL_GELU and got == ref
 
 
+@needs_llama_cpp
 def test_llama_cpp_drops_attention_of_a_layer_without_ffn(tmp_path, monkeypatch):
     """Why the minimal FFN exists: written with n_ff = 0, llama.cpp computes the model *without* that layer's
     attention. If llama.cpp fixes its deci graph this test says so (and the workaround may go)."""
@@ -145,6 +159,7 @@ def test_llama_cpp_drops_attention_of_a_layer_without_ffn(tmp_path, monkeypatch)
     assert np.abs(got - lost).max() / scale < TOL  # ...because it is the model without that attention
 
 
+@needs_llama_cpp
 def test_quantized_exports_pad_channels_and_run(tmp_path):
     model = tiny_model("llama")
     spec = get_adapter(model).spec()
@@ -165,6 +180,92 @@ def test_refused_plans_write_nothing(tmp_path, capsys):
     with pytest.raises(gx.UserError, match="gemma3_text.*exportable: any plan of llama, mistral and qwen2"):
         gx.export_gguf(model, None, tmp_path / "g.gguf", "f32")
     assert not list(tmp_path.iterdir())
+
+
+# --- streamed from a folder: the file of the model in memory, without loading it -----------------------------
+def saved_folder(arch, plan_of, folder, dtype=torch.float32):
+    """A tiny ``arch`` model, pruned by ``plan_of(spec)`` and saved as a pruned folder in ``dtype``."""
+    from secateurs.export.checkpoint import _plain_config, save_pruned
+
+    model = tiny_model(arch).to(dtype)
+    spec = get_adapter(model).spec()
+    plan = plan_of(spec)
+    dense_cfg = _plain_config(model.config)
+    save_pruned(apply_plan(model, plan, spec), None, plan, dense_cfg, folder)
+    return folder
+
+
+def whole_layer(spec):
+    return PruningPlan.from_removed_blocks(spec, [(1, "attn"), (1, "mlp")])
+
+
+@pytest.mark.parametrize("arch,plan_of,dtype,ftype", [
+    ("llama", uneven_plan, torch.float32, "f32"),  # custom folder: deci, zero head, zero FFN, biases
+    ("qwen2", uneven_plan, torch.bfloat16, "f16"),  # a bfloat16 folder
+    ("gemma3_text", whole_layer, torch.float32, "bf16"),  # stock-depth folder, norm offset, sliding pattern
+    ("qwen3", whole_layer, torch.float32, "f16"),  # q/k norms
+    pytest.param("llama", uneven_plan, torch.float32, "q8_0", marks=needs_llama_cpp),  # padded MLPs, quantizer
+])
+def test_folder_export_streams_the_file_of_the_loaded_model(arch, plan_of, dtype, ftype, tmp_path, monkeypatch):
+    """``export FOLDER`` reads the tensors from the folder's safetensors (the model is never loaded; here one
+    row or one head per block) and writes, byte for byte, the file of the model loaded from that folder (by
+    transformers where the folder is stock, else by ``secateurs.load``)."""
+    import gguf
+    import secateurs.sources
+    from transformers import AutoModelForCausalLM
+
+    from secateurs.export.checkpoint import load_pruned
+
+    folder = saved_folder(arch, plan_of, tmp_path / "pruned", dtype)
+    kind = json.loads((folder / "secateurs.json").read_text())["export"]
+    loaded = (AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32) if kind != "custom"
+              else load_pruned(folder)[0])
+    loaded.secateurs_plan = PruningPlan.load(folder / "plan.json")  # what secateurs.load sets (the file records it)
+    gx.export_model(str(folder), str(tmp_path / "memory.gguf"), ftype, threads=1, progress=False, model=loaded)
+
+    def no_loading(*a, **k):
+        raise AssertionError("the folder was loaded")
+
+    monkeypatch.setattr(secateurs.sources, "load_model", no_loading)
+    monkeypatch.setattr(gguf_tensors, "BLOCK_BYTES", 1)
+    r = gx.export_model(str(folder), str(tmp_path / "streamed.gguf"), ftype, threads=1, progress=False)
+    if ftype == "f32":  # a folder written from a model named otherwise (a prune's work folder): that name recorded
+        gx.export_model("the-source", str(tmp_path / "named.gguf"), ftype, progress=False, folder=folder)
+        assert gguf.GGUFReader(str(tmp_path / "named.gguf")).fields["secateurs.source"].contents() == "the-source"
+        (tmp_path / "named.gguf").unlink()
+    assert r["arch"] == ("deci" if plan_of is uneven_plan else gx.adapter_class(arch).llamacpp[arch].even)
+    assert (tmp_path / "streamed.gguf").read_bytes() == (tmp_path / "memory.gguf").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["memory.gguf", "pruned", "streamed.gguf"]
+
+
+def test_bf16_files_declare_the_element_shapes_and_f16_is_the_default(tiny_folder, tmp_path):
+    """bf16 tensors are stored as raw bytes: the file must declare their element shapes (those of the f32 file),
+    or llama.cpp refuses it; and `export` without --type writes f16, as llama.cpp's own converter."""
+    import gguf
+
+    for t in ("f32", "bf16"):
+        assert main(["export", str(tiny_folder), "--type", t, "--out", str(tmp_path / f"{t}.gguf"), "--quiet"]) == 0
+    assert main(["export", str(tiny_folder), "--out", str(tmp_path / "default.gguf"), "--quiet"]) == 0
+    f32, bf16 = (gguf.GGUFReader(str(tmp_path / f"{t}.gguf")) for t in ("f32", "bf16"))
+    assert [(t.name, list(t.shape)) for t in bf16.tensors] == [(t.name, list(t.shape)) for t in f32.tensors]
+    assert {t.tensor_type.name for t in bf16.tensors} == {"BF16", "F32"}
+    default = gguf.GGUFReader(str(tmp_path / "default.gguf"))
+    assert default.fields["general.file_type"].contents() == gx.FILE_TYPE["f16"] == 1
+    assert {t.tensor_type.name for t in default.tensors} == {"F16", "F32"}
+
+
+@needs_llama_cpp
+def test_bf16_and_every_quantized_type_run_in_llama_cpp(tmp_path):
+    """Each --type loads in llama.cpp, says its type, and computes the model (close, not equal: fewer bits)."""
+    model = tiny_model("llama")
+    spec = get_adapter(model).spec()
+    apply_plan(model, uneven_plan(spec), spec)
+    for t, bound in (("bf16", 0.02), ("q8_0", 0.05), ("q6_k", 0.05), ("q5_k_m", 0.1), ("q4_k_m", 0.2),
+                     ("q3_k_m", 0.4), ("q2_k", 0.6)):
+        gx.export_gguf(model, None, tmp_path / f"{t}.gguf", t, threads=1)
+        assert lx.read_info(tmp_path / f"{t}.gguf").type_name == t
+        rel, _, _ = compare(model, tmp_path / f"{t}.gguf", IDS, n_greedy=1)
+        assert rel < bound, (t, rel)
 
 
 # --- SmolLM2: real plans of every method family -------------------------------------------------------------
@@ -191,6 +292,7 @@ def smollm_plan(name, model, tok, tmp_path):
     return m.fn(ctx, make_config(m, options))
 
 
+@needs_llama_cpp
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["blockpruner", "flap", "tell", "self-pruner"])
 def test_smollm2_plans_match_in_llama_cpp(method, smollm, tmp_path, monkeypatch):
@@ -215,6 +317,34 @@ def test_smollm2_plans_match_in_llama_cpp(method, smollm, tmp_path, monkeypatch)
     assert got == ref
 
 
+@pytest.mark.slow
+def test_smollm2_folders_stream_the_file_of_the_loaded_model(smollm, tmp_path, monkeypatch):
+    """The embedded SmolLM2 folder (loaded by transformers) and a FLAP folder of it (loaded by secateurs.load):
+    the streamed export, which never loads them, writes the same bytes, tokenizer included."""
+    import secateurs.sources
+    from transformers import AutoModelForCausalLM
+
+    from secateurs.export.checkpoint import _plain_config, load_pruned, save_pruned
+    from secateurs.sources import embedded_folder
+
+    dense, tok = smollm
+    spec = get_adapter(dense).spec()
+    plan = smollm_plan("flap", dense, tok, tmp_path)
+    flap = tmp_path / "flap"
+    save_pruned(apply_plan(copy.deepcopy(dense), plan, spec), tok, plan, _plain_config(dense.config), flap)
+    loaded = {"smollm2-135m": AutoModelForCausalLM.from_pretrained(embedded_folder("smollm2-135m"), dtype=torch.float32),
+              str(flap): load_pruned(flap, tokenizer=False)[0]}
+    for ref, model in loaded.items():
+        gx.export_model(ref, str(tmp_path / "memory.gguf"), "f16", progress=False, model=model, tokenizer=tok)
+        with monkeypatch.context() as m:
+            m.setattr(secateurs.sources, "load_model", None)  # not called: the folder is read in place
+            gx.export_model(ref, str(tmp_path / "streamed.gguf"), "f16", progress=False)
+        assert (tmp_path / "streamed.gguf").read_bytes() == (tmp_path / "memory.gguf").read_bytes(), ref
+        for f in ("memory.gguf", "streamed.gguf"):
+            (tmp_path / f).unlink()
+
+
+@needs_llama_cpp
 @pytest.mark.slow
 def test_q8_0_perplexity_within_2_percent_of_f32_on_the_pytorch_rows(smollm, tmp_path, capsys):
     """Through the CLI: export f32 and q8_0 of the blockpruner plan, `secateurs eval FILE.gguf`; the rows
@@ -241,6 +371,7 @@ def test_q8_0_perplexity_within_2_percent_of_f32_on_the_pytorch_rows(smollm, tmp
           f"q8_0 {ppl['q8_0']:.4f}")
 
 
+@needs_llama_cpp
 @pytest.mark.slow
 def test_smollm2_tokenizer_fields_equal_the_original_gguf(smollm, tmp_path):
     """The embedded SmolLM2 came from a GGUF: the exported vocabulary, merges, token types, special ids,
@@ -274,6 +405,7 @@ def gx_vocab():
     return gguf_vocab
 
 
+@needs_llama_cpp
 @pytest.mark.slow
 def test_gemma3_tokenizer_in_llama_cpp_equals_hugging_face():
     """Gemma's byte-fallback BPE written as a SentencePiece vocabulary (scores from the merge ranks): llama.cpp
@@ -317,6 +449,7 @@ def one_line_exit_2(capsys, argv, *match):
     return err
 
 
+@needs_llama_cpp
 def test_cli_export_prune_eval_bench(tiny_folder, tmp_path, capsys):
     dense = tmp_path / "dense.gguf"
     assert main(["export", str(tiny_folder), "--type", "f32", "--out", str(dense), "--quiet"]) == 0
@@ -336,6 +469,7 @@ def test_cli_export_prune_eval_bench(tiny_folder, tmp_path, capsys):
     result = json.loads((out / "result.json").read_text())
     assert result["gguf"]["arch"] == "deci" and result["gguf"]["file"] == "model.gguf"
     assert result["settings"]["export"] == "gguf" and (out / "model.gguf").exists()
+    assert "`model.gguf` in this folder (GGUF f32)" in (out / "README.md").read_text()  # the model card says so
     capsys.readouterr()
     assert main(["eval", str(out / "model.gguf"), "--ppl", "wiki:test", "--seqlen", "32", "--rows", "2", "--threads", "1",
                  "--quiet", "--json", str(tmp_path / "e.json")]) == 0
@@ -349,6 +483,7 @@ def test_cli_export_prune_eval_bench(tiny_folder, tmp_path, capsys):
     assert "prompt tokens/s" in capsys.readouterr().out
 
 
+@needs_llama_cpp
 def test_bad_input_one_line_exit_2_nothing_left(tiny_folder, tmp_path, capsys):
     good = tmp_path / "good.gguf"
     assert main(["export", str(tiny_folder), "--out", str(good), "--quiet"]) == 0
@@ -405,4 +540,5 @@ def test_prune_export_refused_keeps_the_pruned_folder(tmp_path, capsys):
     result = json.loads((out / "result.json").read_text())
     assert "cannot hold this gemma3_text plan" in result["gguf"]["refused"]
     assert (out / "plan.json").exists() and not list(out.glob("*.gguf"))
+    assert "llama.cpp: no GGUF for this plan (llama.cpp cannot hold this gemma3_text plan" in (out / "README.md").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "tiny-gemma"]

@@ -20,6 +20,7 @@ from .data import calib_rows, eval_rows
 from .errors import UserError
 from .eval.perplexity import HELD_OUT_ROWS, HELD_OUT_SEQLEN, perplexity, rows_label
 from .export.checkpoint import _plain_config, load_pruned, write_pruned
+from .export.card import write_card
 from .methods import PruneContext, check_reach, get_method, make_config, run_method
 from .models import get_adapter
 from .sources import load_model
@@ -336,6 +337,7 @@ def _run_prune(s: PruneSettings, out: str | Path, overwrite: bool, progress: boo
             refused = e
             result["gguf"] = {"refused": str(e)}
     atomic_write_text(work / "result.json", json.dumps(result, indent=1))
+    write_card(work)
     (work / "settings.json").unlink()
     (work / "dense.json").unlink()
     shutil.rmtree(work / "spill", ignore_errors=True)

@@ -5,13 +5,14 @@ from . import positive_int
 
 
 def register(sub):
-    from ..export.gguf import TYPES
+    from ..export.gguf import DEFAULT_TYPE, QUANTIZED, TYPES
 
     p = sub.add_parser("export", help="write a dense or pruned model as a GGUF file for llama.cpp / ollama")
     p.add_argument("model", help="embedded name, Hugging Face id, model folder or pruned secateurs folder")
     p.add_argument("--format", default="gguf", help="output format (gguf)")
-    p.add_argument("--type", default="f32", help=f"tensor type: {', '.join(TYPES)} (default f32; q8_0 and q4_k_m are "
-                   "made by llama.cpp's quantizer)")
+    p.add_argument("--type", default=DEFAULT_TYPE,
+                   help=f"tensor type: {', '.join(TYPES)} (default {DEFAULT_TYPE}, as llama.cpp's own converter; "
+                   f"{', '.join(QUANTIZED)} are made by llama.cpp's quantizer)")
     p.add_argument("--out", required=True, help="output file (FILE.gguf)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--threads", type=positive_int, default=None, help="quantizer threads (default: OMP_NUM_THREADS, else all cores)")

@@ -41,7 +41,8 @@ def add_arguments(p, method: str | None = None) -> None:
     g.add_argument("--out", required=True, help="output folder (work happens in OUT.partial, resumable)")
     g.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     g.add_argument("--export", default="", choices=["", "gguf"], help="also write OUT/model.gguf for llama.cpp")
-    g.add_argument("--export-type", default="f32", help="tensor type of the GGUF: f32, f16, bf16, q8_0, q4_k_m (default f32)")
+    g.add_argument("--export-type", default="f16", help="tensor type of the GGUF: f32, f16, bf16, q8_0, q6_k, q5_k_m, "
+                   "q4_k_m, q3_k_m, q2_k (default f16, as llama.cpp's own converter)")
     g = p.add_argument_group("worker pool (Ray; methods that search candidates: blockpruner, sleb, self-pruner)")
     g.add_argument("--workers", type=positive_int, default=None, metavar="N",
                    help="evaluate the search's candidates on N Ray workers, each holding a replica of the model "

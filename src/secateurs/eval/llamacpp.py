@@ -107,7 +107,8 @@ class GGUFInfo:
     tied: bool
 
 
-FTYPE_NAMES = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 7: "q8_0", 15: "q4_k_m", 32: "bf16"}
+FTYPE_NAMES = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 7: "q8_0", 10: "q2_k", 12: "q3_k_m", 15: "q4_k_m",
+               17: "q5_k_m", 18: "q6_k", 32: "bf16"}
 
 
 def _field(reader, key, default=None):

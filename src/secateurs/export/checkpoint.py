@@ -34,6 +34,7 @@ import torch
 from ..errors import UserError
 from ..plan import PruningPlan
 from ..files import atomic_write_text
+from .card import write_card
 from ..models import get_adapter
 from ..runtime import onloader_of, shared_copy
 from ..runtime.head import block_bounds
@@ -257,6 +258,7 @@ def save_pruned(model, tokenizer, plan: PruningPlan, dense_config: dict, out: st
     kind = write_pruned(model, tokenizer, plan, dense_config, tmp)
     for name, text in (extra or {}).items():
         atomic_write_text(tmp / name, text(tmp) if callable(text) else text)
+    write_card(tmp)  # after result.json: the model card reads its figures
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -280,6 +282,19 @@ def build_pruned_skeleton(dense_config: dict, plan: PruningPlan, dtype=torch.flo
     return model
 
 
+def read_pruned(folder: Path) -> tuple[dict, dict, PruningPlan]:
+    """(secateurs.json, config.json, plan) of a pruned folder; UserError when it is not one this version reads."""
+    try:
+        meta = json.loads((folder / "secateurs.json").read_text())
+        cfg_file = folder / "config.json"  # format 1 folders have none: their dense configuration says the dtype
+        saved_config = json.loads(cfg_file.read_text()) if cfg_file.exists() else meta.get("dense_config", {})
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{folder} is not a readable secateurs model folder: {e}") from e
+    if meta.get("format") not in READABLE_FORMATS:
+        raise UserError(f"{folder}/secateurs.json: unknown format {meta.get('format')!r}, expected one of {READABLE_FORMATS}")
+    return meta, saved_config, PruningPlan.load(folder / "plan.json")
+
+
 def load_pruned(folder: str | Path, dtype=None, device: str = "cpu", max_memory=None, spill_dir=None, workload=None,
                 log=None, tokenizer: bool = True):
     """Returns (model, tokenizer) of a folder written by ``save_pruned`` (no code from the folder is run). The
@@ -291,15 +306,7 @@ def load_pruned(folder: str | Path, dtype=None, device: str = "cpu", max_memory=
 
 
     folder = Path(folder)
-    try:
-        meta = json.loads((folder / "secateurs.json").read_text())
-        cfg_file = folder / "config.json"  # format 1 folders have none: their dense configuration says the dtype
-        saved_config = json.loads(cfg_file.read_text()) if cfg_file.exists() else meta.get("dense_config", {})
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{folder} is not a readable secateurs model folder: {e}") from e
-    if meta.get("format") not in READABLE_FORMATS:
-        raise UserError(f"{folder}/secateurs.json: unknown format {meta.get('format')!r}, expected one of {READABLE_FORMATS}")
-    plan = PruningPlan.load(folder / "plan.json")
+    meta, saved_config, plan = read_pruned(folder)
     dt = working_dtype(dtype, device, saved_config, log)
     model = from_skeleton(lambda d, dev: build_pruned_skeleton(meta["dense_config"], plan, d, dev), folder, dt, device,
                           max_memory, spill_dir, workload)

@@ -330,6 +330,7 @@ def run_heal(s: HealSettings, out: str | Path, overwrite: bool = False, progress
     """Heals the pruned folder ``s.source`` into ``out``; returns the heal record (heal.json).
     ``teacher_cache_dir``: a teacher top-k cache kept after the job and shared with other jobs of the same
     teacher, data and settings (default: inside ``OUT.partial/``, deleted at the end)."""
+    from ..export.card import write_card
     from ..export.checkpoint import load_pruned, write_pruned
     from ..pipeline import check_out, open_work, versions
     from .adapters import merged, prepare
@@ -400,6 +401,7 @@ def run_heal(s: HealSettings, out: str | Path, overwrite: bool = False, progress
     }
     atomic_write_text(final / "heal.json", json.dumps(record, indent=1))
     atomic_write_text(final / "result.json", json.dumps(_result(inp, record), indent=1))
+    write_card(final)
     if out.exists():
         shutil.rmtree(out)
     os.replace(final, out)

@@ -123,6 +123,17 @@ def branch_forward(owner: nn.Module, branch: Branch, is_attn: bool, h: torch.Ten
     return h + x
 
 
+@dataclass(frozen=True)
+class LlamaCppArch:
+    """How llama.cpp holds one model type (the GGUF export): ``even``, its architecture for a plan whose
+    remaining layers all keep both branches at one size with no added bias; ``uneven``, the architecture for
+    any other plan, or None, with ``why_not`` saying why none can hold it."""
+
+    even: str
+    uneven: str | None = None
+    why_not: str = ""
+
+
 def _numel(module: nn.Module | None) -> int:
     return 0 if module is None else sum(p.numel() for p in module.parameters())
 
@@ -135,7 +146,10 @@ class Adapter:
     mlp_branch = Branch("mlp", "post_attention_layernorm")
     q, k, v, o = "q_proj", "k_proj", "v_proj", "o_proj"
     gate, up, down = "gate_proj", "up_proj", "down_proj"
+    q_norm, k_norm = "q_norm", "k_norm"  # per-head norms of q and k inside the attention, where present
     bos_per_row = False  # whether every perplexity/calibration row must start with BOS
+    norm_offset = 0.0  # the norms scale by (norm_offset + weight) (Gemma: 1 + w)
+    llamacpp: dict[str, LlamaCppArch] = {}  # by model_type: how llama.cpp holds it (absent: no GGUF export)
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -203,6 +217,17 @@ class Adapter:
     def head_dim(self) -> int:
         c = self.config
         return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+    def query_scale_dim(self) -> float:
+        """The attention scores are ``q . k / sqrt(this)``."""
+        return self.head_dim()
+
+    def uniform_window(self) -> int | None:
+        """The attention window that every layer uses, if the model has one (a per-layer pattern: None)."""
+        return None
+
+    def llamacpp_arch(self) -> LlamaCppArch | None:
+        return self.llamacpp.get(self.config.model_type)
 
     def spec(self) -> ModelSpec:
         """Sizes of the model as it is now (call it on the dense model)."""
