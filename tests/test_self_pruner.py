@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import needs_llama_cpp, tiny_model
 from secateurs.errors import UserError
 from secateurs.methods import PruneContext, get_method, make_config
 from secateurs.models import get_adapter
@@ -422,9 +422,6 @@ def test_search_log_records_the_llm(tmp_path):
                                        EvolutionConfig(4, 1, 1, 1, 0), tmp_path / "c.jsonl").stats
 
 
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by `make setup`")
-
-
 def check_answer(text, schema):
     """The whole text is one JSON value of the schema's exact shape."""
     obj = json.loads(text)
@@ -488,6 +485,7 @@ def test_model_without_offline_gguf_is_converted_once(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@needs_llama_cpp
 def test_real_search_with_local_proposer(tmp_path):
     """The embedded SmolLM2 proposes rates for pruning SmolLM2 itself (its offline GGUF in llama.cpp, answers
     under the schemas' grammars): a short real search from the CLI, every answer usable."""
