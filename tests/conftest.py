@@ -61,6 +61,16 @@ def tiny_model(model_type: str, seed: int = 0, **over):
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
 
 
+def prune(model, method: str, ratio, calib, workdir=None, tokenizer=None, **options):
+    """The plan of ``method`` (by name, with these options) for ``model`` through the API (``secateurs.prune``:
+    the method's checks and ratio rule included); ``plan.record`` holds what the method recorded."""
+    import secateurs
+    from secateurs.methods import get_method, make_config
+
+    return secateurs.prune(model, tokenizer, make_config(get_method(method), options), ratio=ratio, calib=calib,
+                           workdir=workdir, progress=False)
+
+
 def tiny_bpe_tokenizer(vocab_size: int, special: list[str], bos: str, eos: str):
     """A real byte-level BPE tokenizer with a small vocabulary, trained on the first 300 wiki:calib paragraphs."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

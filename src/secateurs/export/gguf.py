@@ -432,7 +432,7 @@ def check_request(fmt: str, ftype: str, out: str, overwrite: bool) -> None:
 def export_model(model_ref: str, out: str, ftype: str = "f32", threads=None, progress: bool = True, model=None,
                  tokenizer=None) -> dict:
     """Loads ``model_ref`` (unless ``model`` is given) and writes the GGUF; returns the summary."""
-    from .. import __version__
+    from .._version import __version__
     from ..sources import load_model
 
     if model is None:
