@@ -177,7 +177,7 @@ def main():
     from secateurs.models import get_adapter
     from secateurs.sources import load_model
     from secateurs.sources import embedded_gguf
-    from secateurs.pipeline import versions
+    from secateurs.result import versions
     from secateurs.search.evolution import EvolutionConfig, SearchSpace, evolve, llm_answer_stats
     from secateurs.search.proposers import ClassicProposer, LlamaCppProposer
     from secateurs.surgery import apply_plan

@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     from secateurs.methods.tell import TellConfig, assign_plan, prepare
     from secateurs.models import get_adapter
     from secateurs.sources import load_model
-    from secateurs.pipeline import versions
+    from secateurs.result import versions
     from secateurs.surgery import apply_plan
 
     t0 = time.time()

@@ -25,7 +25,7 @@ from .export.checkpoint import _plain_config, load_pruned, write_pruned
 from .files import atomic_write_text
 from .methods import PruneContext, get_method, make_config, run_method
 from .models import get_adapter
-from .result import held_out, make_result, plan_counts, versions  # noqa: F401  (versions: for the benchmarks)
+from .result import held_out, make_result, plan_counts
 from .runtime import input_device, model_dtype, onloader_of
 from .runtime.placement import parse_max_memory
 from .runtime.pool import PoolSettings
