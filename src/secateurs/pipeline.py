@@ -233,24 +233,36 @@ def _run_prune(s: PruneSettings, out: Path, overwrite: bool, progress: bool, log
         result["workers"] = workers.summary() | {"ray_start_seconds": t_pool}
     if not streamed:
         write_pruned(model, tok, plan, dense_config, work)
-    refused = None
-    if s.export:  # a plan llama.cpp cannot hold still leaves the pruned folder, then exits with the reason
-        from .export.gguf import export_model
-
-        try:
-            result["gguf"] = export_model(s.model, str(work / "model.gguf"), s.export_type, progress=progress,
-                                          model=model, tokenizer=tok)
-            result["gguf"]["file"] = "model.gguf"
-        except UserError as e:
-            refused = e
-            result["gguf"] = {"refused": str(e)}
-    atomic_write_text(work / "result.json", json.dumps(result, indent=1))
-    for name in ("settings.json", "dense.json"):
-        (work / name).unlink()
-    shutil.rmtree(work / "spill", ignore_errors=True)
-    finish(work, out)
+    refused = _export(s, work, model, tok, result, progress)
+    _publish(work, out, result)
     if refused is not None:
         raise UserError(f"pruned model written to {out}, but no GGUF: {refused}")
     result["_model"] = model  # in-process callers (the demo) may keep using the pruned model
     result["_tokenizer"] = tok
     return result
+
+
+def _export(s: PruneSettings, work: Path, model, tok, result: dict, progress: bool) -> UserError | None:
+    """``--export gguf``: OUT/model.gguf, recorded in the result. A plan llama.cpp cannot hold still leaves the
+    pruned folder: the reason is recorded and returned, for the job to exit with it."""
+    if not s.export:
+        return None
+    from .export.gguf import export_model
+
+    try:
+        result["gguf"] = export_model(s.model, str(work / "model.gguf"), s.export_type, progress=progress, model=model,
+                                      tokenizer=tok)
+        result["gguf"]["file"] = "model.gguf"
+    except UserError as e:
+        result["gguf"] = {"refused": str(e)}
+        return e
+    return None
+
+
+def _publish(work: Path, out: Path, result: dict) -> None:
+    """result.json written last, the bookkeeping removed, the work folder renamed to ``out``."""
+    atomic_write_text(work / "result.json", json.dumps(result, indent=1))
+    for name in ("settings.json", "dense.json"):
+        (work / name).unlink()
+    shutil.rmtree(work / "spill", ignore_errors=True)
+    finish(work, out)
