@@ -54,6 +54,7 @@ def gb(n: float) -> str:
 
 
 def main():
+    from secateurs.methods import get_method, make_config
     from secateurs.runtime.estimate import estimate_peak, min_budget
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,8 +75,9 @@ def main():
                   "CPU | disk (spilled) | recomputed | fits? |",
                   "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | --- |"]
         for method, rows, seqlen, batch, why in SETTINGS:
-            whole = estimate_peak(s, method, rows, seqlen, batch, "cuda:0")
-            lay = estimate_peak(s, method, rows, seqlen, batch, "cuda:0", GPU, cpu_budget=cpu, disk_budget=disk)
+            cfg = make_config(get_method(method), {"batch_size": batch})  # defaults, at this batch
+            whole = estimate_peak(s, cfg, rows, seqlen, batch, "cuda:0")
+            lay = estimate_peak(s, cfg, rows, seqlen, batch, "cuda:0", GPU, cpu_budget=cpu, disk_budget=disk)
             w = whole.per_place["cuda:0"]
             fits_whole = w <= GPU
             fits_lay = lay.per_place["cuda:0"] <= GPU and not lay.per_place.get("does not fit")

@@ -54,7 +54,7 @@ def reference(figures: list[str]) -> None:
     from secateurs.eval.perplexity import HELD_OUT_ROWS, HELD_OUT_SEQLEN, perplexity
     from secateurs.models import get_adapter
     from secateurs.sources import load_model
-    from secateurs.pipeline import versions
+    from secateurs.result import versions
     from secateurs.plan import PruningPlan
     from secateurs.surgery import apply_plan
 
@@ -109,7 +109,7 @@ def reference(figures: list[str]) -> None:
 def demo() -> None:
     sys.path.insert(0, str(ROOT / "src"))
     from secateurs.demo import CHOICE, out_folder
-    from secateurs.pipeline import versions
+    from secateurs.result import versions
 
     folder = ROOT / out_folder(CHOICE["method"], CHOICE["ratio"])
     shutil.rmtree(folder, ignore_errors=True)

@@ -177,7 +177,7 @@ def main():
     from secateurs.models import get_adapter
     from secateurs.sources import load_model
     from secateurs.sources import embedded_gguf
-    from secateurs.pipeline import versions
+    from secateurs.result import versions
     from secateurs.search.evolution import EvolutionConfig, SearchSpace, evolve, llm_answer_stats
     from secateurs.search.proposers import ClassicProposer, LlamaCppProposer
     from secateurs.surgery import apply_plan
@@ -191,7 +191,7 @@ def main():
     spec = ad.spec()
     calib = calib_rows(tok, model, "wiki", a.nsamples, a.seqlen, 0)
     test = eval_rows(tok, model, "wiki:test", a.seqlen, a.eval_rows)
-    ctx = PruneContext(model, tok, ad, spec, calib, None, 0, out, False, model_ref=a.model)
+    ctx = PruneContext.build(model, calib, tokenizer=tok, workdir=out, progress=False, model_ref=a.model)
     fitness = MaskedFitness(model, MaskedFitness.scores(ctx, a.batch_size), calib[: a.fitness_rows].clone(), a.batch_size)
     proposers = {}
     if "classic" in a.proposers:

@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     from secateurs.methods.tell import TellConfig, assign_plan, prepare
     from secateurs.models import get_adapter
     from secateurs.sources import load_model
-    from secateurs.pipeline import versions
+    from secateurs.result import versions
     from secateurs.surgery import apply_plan
 
     t0 = time.time()
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     spec = ad.spec()
     calib = calib_rows(tok, model, "wiki", a.nsamples, a.seqlen, a.seed)
     test = eval_rows(tok, model, "wiki:test", a.eval_seqlen, a.eval_rows)
-    ctx = PruneContext(model, tok, ad, spec, calib, a.ratio, a.seed, work, progress=True)
+    ctx = PruneContext.build(model, calib, tokenizer=tok, ratio=a.ratio, seed=a.seed, workdir=work)
     base = TellConfig(assign="uniform", te=True)  # transfer entropy computed for every variant to share
     prep = prepare(ctx, base)
     prep.costs, prep.cost_path = load_or_measure(model, spec, base.latency_len, base.latency_reps, a.seed,

@@ -3,7 +3,7 @@ re-measurement stages, and the transfer-entropy signal against the measured resp
 
 One model, one calibration (the trade-off's: ``wiki``, seed 0), one response cache (``cache_dir()/tell``): every
 variant reuses the responses measured before it. For each variant and each ``--speedups`` budget the method
-runs in-process (``methods.tell.tell``, as ``secateurs prune`` runs it, its measured-speedup rounds included),
+runs in-process (``secateurs.prune``, as ``secateurs prune`` runs it, its measured-speedup rounds included),
 the plan is applied to a copy of the model and its held-out perplexity measured. Then:
 
 - compensation: every width option's loss increase with and without FLAP's bias compensation (measured when a
@@ -78,8 +78,9 @@ def main(argv=None) -> int:
 
     from secateurs.data import calib_rows, eval_rows
     from secateurs.eval.perplexity import perplexity
+    import secateurs
     from secateurs.methods import PruneContext
-    from secateurs.methods.tell import TellConfig, tell
+    from secateurs.methods.tell import TellConfig
     from secateurs.models import get_adapter
     from secateurs.sources import load_model
     from secateurs.surgery import apply_plan
@@ -112,14 +113,14 @@ def main(argv=None) -> int:
                              **({"speedup": value} if flag == "speedup" else {}))
             folder = work / f"{name}-{flag}{value:g}"
             folder.mkdir(parents=True, exist_ok=True)
-            ctx = PruneContext(model, tok, ad, spec, calib, value if flag == "ratio" else None, a.seed, folder, progress=True)
             t0 = time.time()
-            plan = tell(ctx, cfg)
+            plan = secateurs.prune(model, tok, cfg, ratio=value if flag == "ratio" else None, calib=calib, seed=a.seed,
+                                   workdir=folder)
             seconds = time.time() - t0
             pruned = apply_plan(copy.deepcopy(model), plan, spec)
             ppl = perplexity(pruned, test, progress=False).ppl
             del pruned
-            d = ctx.extra
+            d = plan.record["method_details"]
             rounds = d["speedup_rounds"]
             run = {"variant": name, "budget": [flag, value], "config": VARIANTS[name], "ratio": plan.ratio(spec),
                    "ppl": ppl, "measured_speedup": rounds[-1]["speedup"] if rounds else None,
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
         from secateurs.methods.tell import calibrate
 
         cfg = TellConfig(te=True)
-        ctx = PruneContext(model, tok, ad, spec, calib, 0.1, a.seed, work, progress=True)
+        ctx = PruneContext.build(model, calib, tokenizer=tok, ratio=0.1, seed=a.seed, workdir=work)
         te, _ = calibrate(ctx, cfg)
     if comp is not None or te is not None:
         out_json.write_text(json.dumps({**json.loads(out_json.read_text()), "compensation": comp, "te": te}, indent=1))
@@ -163,7 +164,7 @@ def compensation_check(a, model, tok, ad, spec, calib, work) -> list[dict]:
     else:
         layers = [int(x) for x in a.compensation_layers.split(",")]
     cfg = TellConfig(**R, response_dtype=a.dtype)
-    ctx = PruneContext(model, tok, ad, spec, calib, 0.1, a.seed, work, progress=True)
+    ctx = PruneContext.build(model, calib, tokenizer=tok, ratio=0.1, seed=a.seed, workdir=work)
     ws = width_scores(ctx, collect_stats(model, ad, calib))
     levels = cfg.level_list()
     dense = PruningPlan.dense(spec)

@@ -26,7 +26,6 @@ import torch
 
 from secateurs.data import calib_rows
 from secateurs.methods import PruneContext
-from secateurs.models import get_adapter
 from secateurs.sources import load_model
 from secateurs.runtime.pool import PoolSettings, WorkerPool
 from secateurs.sources import replica_loader
@@ -35,12 +34,11 @@ from secateurs.search.greedy import block_candidates
 
 
 def search(model, calib, a, pool=None) -> tuple[dict, float]:
-    ad = get_adapter(model)
     with tempfile.TemporaryDirectory() as work:
-        ctx = PruneContext(model, None, ad, ad.spec(), calib, None, a.seed, Path(work), progress=a.progress, pool=pool)
+        ctx = PruneContext.build(model, calib, seed=a.seed, workdir=work, progress=a.progress, pool=pool)
         cfg = SearchOptions(batch_size=a.batch_size, cache_mb=a.cache_mb)
         t0 = time.perf_counter()
-        state = run_greedy(ctx, cfg, block_candidates(ad.spec().n_layers, "mix"), "blockpruner", None, a.steps)
+        state = run_greedy(ctx, cfg, block_candidates(ctx.spec.n_layers, "mix"), "blockpruner", None, a.steps)
         return state, time.perf_counter() - t0
 
 

@@ -2,8 +2,30 @@
 real embedded model (converted once into the cache, loaded per session)."""
 from __future__ import annotations
 
+import importlib.util
+import sys
+import types
+
 import pytest
 import torch
+
+LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+LLAMA_CPP_MISSING = "llama-cpp-python is not installed (`make setup` builds it)"
+needs_llama_cpp = pytest.mark.skipif(not LLAMA_CPP, reason=LLAMA_CPP_MISSING)  # for tests that run it in a subprocess
+
+
+class _SkipOnUse(types.ModuleType):
+    """Stands in for llama_cpp where it is not installed: the test that first uses it (directly, or through
+    secateurs' binding, the CLI included) is skipped, saying why; every other test runs."""
+
+    def __getattr__(self, name):
+        if name.startswith(("__", "_pytest")):  # the import system's and pytest's probes
+            raise AttributeError(name)
+        pytest.skip(LLAMA_CPP_MISSING)
+
+
+if not LLAMA_CPP:
+    sys.modules["llama_cpp"] = _SkipOnUse("llama_cpp")
 
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
@@ -37,6 +59,16 @@ def tiny_model(model_type: str, seed: int = 0, **over):
 
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
+
+
+def prune(model, method: str, ratio, calib, workdir=None, tokenizer=None, **options):
+    """The plan of ``method`` (by name, with these options) for ``model`` through the API (``secateurs.prune``:
+    the method's checks and ratio rule included); ``plan.record`` holds what the method recorded."""
+    import secateurs
+    from secateurs.methods import get_method, make_config
+
+    return secateurs.prune(model, tokenizer, make_config(get_method(method), options), ratio=ratio, calib=calib,
+                           workdir=workdir, progress=False)
 
 
 def tiny_bpe_tokenizer(vocab_size: int, special: list[str], bos: str, eos: str):

@@ -13,9 +13,9 @@ import json
 import pytest
 import torch
 
-from conftest import ARCHS, tiny_model
+from conftest import ARCHS, prune, tiny_model
 from secateurs.errors import UserError
-from secateurs.methods import PruneContext, get_method, make_config
+from secateurs.methods import PruneContext
 from secateurs.models import get_adapter
 from secateurs.plan import PruningPlan
 from secateurs.search.greedy import (Replayer, SearchSettings, block_candidates, greedy_search, layer_candidates,
@@ -112,13 +112,14 @@ def test_resume_after_interruption(tmp_path):
 
 
 def _ctx(model, tmp_path, ratio, rows=ROWS):
-    ad = get_adapter(model)
-    return PruneContext(model, None, ad, ad.spec(), rows, ratio, 0, tmp_path, progress=False)
+    return PruneContext.build(model, rows, ratio=ratio, workdir=tmp_path, progress=False)
 
 
 def _prune(method, ctx, **options):
-    spec = get_method(method)
-    return spec.fn(ctx, make_config(spec, options))
+    """Through the API, on the context's model, rows, ratio and folder; its evaluations counted on it."""
+    plan = prune(ctx.model, method, ctx.ratio, ctx.calib, ctx.workdir, **options)
+    ctx.count_ppl(plan.record["ppl_evaluations"])
+    return plan
 
 
 def test_blockpruner_ratio_and_from_order(tmp_path):

@@ -31,13 +31,9 @@ from secateurs.models import get_adapter
 from secateurs.plan import LayerPlan, PruningPlan
 from secateurs.surgery import apply_plan
 
-from secateurs.eval import llamacpp as lx
-
-try:
-    import llama_cpp
-except ImportError:
-    llama_cpp = None
-needs_llama_cpp = pytest.mark.skipif(llama_cpp is None, reason="llama-cpp-python is installed by `make setup`")
+import llama_cpp  # noqa: E402,F401  (without it, conftest's stand-in skips only the tests that use it)
+from conftest import needs_llama_cpp  # noqa: E402  (tests that run it in a subprocess or check it up front)
+from secateurs.eval import llamacpp as lx  # noqa: E402
 
 TOL = 1e-4  # max |logit difference| / max |logit|: f32 weights and an f32 KV cache in llama.cpp, f32 in PyTorch
 TOL_GELU = 2e-3  # gemma3: ggml's CPU GELU reads an f16 table (GGML_GELU_FP16 in ggml-cpu/vec.h)

@@ -9,7 +9,6 @@ from secateurs.importance.response import measure_responses, plan_loss
 from secateurs.importance.width import collect_stats
 from secateurs.methods import PruneContext
 from secateurs.methods.tell import TellConfig, option_plan, tell, width_scores
-from secateurs.models import get_adapter
 from secateurs.models.base import Block, all_blocks
 from secateurs.plan import PruningPlan
 from secateurs.search.allocate import Option, set_block
@@ -18,9 +17,8 @@ from secateurs.surgery import apply_plan
 
 
 def _ctx(model, tmp_path, ratio, rows=6, seqlen=40, seed=0):
-    ad = get_adapter(model)
     calib = torch.randint(0, 128, (rows, seqlen), generator=torch.Generator().manual_seed(seed))
-    return PruneContext(model, None, ad, ad.spec(), calib, ratio, seed, tmp_path, progress=False)
+    return PruneContext.build(model, calib, ratio=ratio, seed=seed, workdir=tmp_path, progress=False)
 
 
 def _surgery_loss(model, plan, spec, rows) -> float:

@@ -10,10 +10,10 @@ import textwrap
 import pytest
 import torch
 
-from conftest import ARCHS, tiny_model
+from conftest import ARCHS, prune, tiny_model
 from secateurs.cli import main
 from secateurs.errors import UserError
-from secateurs.methods import PruneContext, get_method, make_config
+from secateurs.methods import PruneContext
 from secateurs.models import get_adapter
 from secateurs.runtime import onloader_of
 from secateurs.runtime.estimate import min_budget, model_sizes, working_bytes
@@ -48,13 +48,11 @@ def _tight(folder, extra=0, workload=(1, 16)):
 
 def _ctx(model, rows, tmp, ratio=0.3):
     tmp.mkdir(parents=True, exist_ok=True)
-    ad = get_adapter(model)
-    return PruneContext(model, None, ad, ad.spec(), rows, ratio, 0, tmp, progress=False)
+    return PruneContext.build(model, rows, ratio=ratio, workdir=tmp, progress=False)
 
 
 def _run(method, ctx, **options):
-    m = get_method(method)
-    return m.fn(ctx, make_config(m, options))
+    return prune(ctx.model, method, ctx.ratio, ctx.calib, ctx.workdir, **options)
 
 
 def test_parse_max_memory():

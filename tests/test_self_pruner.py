@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import needs_llama_cpp, prune, tiny_model
 from secateurs.errors import UserError
-from secateurs.methods import PruneContext, get_method, make_config
+from secateurs.methods import PruneContext
 from secateurs.models import get_adapter
 from secateurs.search.evolution import EvolutionConfig, Individual, InvalidAnswer, SearchSpace, evolve
 from secateurs.search.proposers import (ClassicProposer, EndpointDown, LLMProposer, OpenAIProposer, first_json,
@@ -179,14 +179,13 @@ def test_full_tiny_self_pruner_classic(tmp_path):
     ad = get_adapter(model)
     spec = ad.spec()
     calib = torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(1))
-    ctx = PruneContext(model, None, ad, spec, calib, 0.3, 0, tmp_path, False)
-    m = get_method("self-pruner")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    plan = m.fn(ctx, make_config(m, dict(proposer="classic", population=5, generations=2, crossover=3, mutation=3, fitness_rows=2)))
+    plan = prune(model, "self-pruner", 0.3, calib, tmp_path, proposer="classic", population=5, generations=2, crossover=3,
+                 mutation=3, fitness_rows=2)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # masking restored everything
     assert abs(plan.ratio(spec) - 0.3) <= 0.005
-    d = ctx.extra
-    assert d["best_fitness"] <= d["uniform_fitness"] and ctx.ppl_evaluations == d["fitness_evaluations"] <= 5 + 2 * 6
+    d = plan.record["method_details"]
+    assert d["best_fitness"] <= d["uniform_fitness"] and plan.record["ppl_evaluations"] == d["fitness_evaluations"] <= 5 + 2 * 6
     assert len((tmp_path / "search.jsonl").read_text().splitlines()) == 3
     assert_valid(SearchSpace(spec.n_layers, d["mean_rate"]), d["rates"])
 
@@ -196,12 +195,8 @@ def test_full_tiny_self_pruner_classic(tmp_path):
                                       (dict(proposer="local", proposer_model="m.bin"), "GGUF chat model file"),
                                       (dict(proposer="openai", endpoint_timeout=0), "--endpoint-timeout must be at least 1")])
 def test_option_misuse_is_a_user_error(tmp_path, opts, msg):
-    model = tiny_model("llama")
-    ad = get_adapter(model)
-    ctx = PruneContext(model, None, ad, ad.spec(), torch.zeros(4, 8, dtype=torch.long), 0.3, 0, tmp_path, False)
-    m = get_method("self-pruner")
     with pytest.raises(UserError, match=msg):
-        m.fn(ctx, make_config(m, opts))
+        prune(tiny_model("llama"), "self-pruner", 0.3, torch.zeros(4, 8, dtype=torch.long), tmp_path, **opts)
 
 
 class StubHandler(BaseHTTPRequestHandler):
@@ -422,9 +417,6 @@ def test_search_log_records_the_llm(tmp_path):
                                        EvolutionConfig(4, 1, 1, 1, 0), tmp_path / "c.jsonl").stats
 
 
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by `make setup`")
-
-
 def check_answer(text, schema):
     """The whole text is one JSON value of the schema's exact shape."""
     obj = json.loads(text)
@@ -473,7 +465,8 @@ def test_model_without_offline_gguf_is_converted_once(tmp_path, monkeypatch):
     monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
     model = tiny_model("llama", vocab_size=len(tok), max_position_embeddings=4096)
     ad = get_adapter(model)
-    ctx = PruneContext(model, tok, ad, ad.spec(), None, 0.3, 0, tmp_path, False, model_ref=str(tmp_path / "my-model"))
+    ctx = PruneContext.build(model, None, tokenizer=tok, ratio=0.3, workdir=tmp_path, progress=False,
+                             model_ref=str(tmp_path / "my-model"))
     path, source = proposer_gguf(SelfPrunerConfig(proposer="local"), ctx, None)
     assert path.parent == tmp_path / "cache" / "proposers" and path.name.endswith(".q8_0.gguf") and "converted" in source
     stamp = path.stat().st_mtime_ns
@@ -488,6 +481,7 @@ def test_model_without_offline_gguf_is_converted_once(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@needs_llama_cpp
 def test_real_search_with_local_proposer(tmp_path):
     """The embedded SmolLM2 proposes rates for pruning SmolLM2 itself (its offline GGUF in llama.cpp, answers
     under the schemas' grammars): a short real search from the CLI, every answer usable."""

@@ -7,13 +7,14 @@ import math
 import pytest
 import torch
 
+import secateurs
 from conftest import tiny_model
 from secateurs.errors import UserError
 from secateurs.importance.activations import capture
 from secateurs.importance.cost import CostModel, load_or_measure, measured_speedup, probe_plan
 from secateurs.importance.interaction import block_importance, collect_streams, gaussian_cmi, whiten
 from secateurs.methods import PruneContext
-from secateurs.methods.tell import TellConfig, tell
+from secateurs.methods.tell import TellConfig
 from secateurs.models import get_adapter
 from secateurs.models.base import all_blocks
 from secateurs.plan import UNIT_KINDS, PruningPlan, removed_params
@@ -211,9 +212,18 @@ def test_cost_benchmark_runs_floors_and_caches(tmp_path, monkeypatch):
 
 # --- the method --------------------------------------------------------------------------------------------------
 def _ctx(model, tmp_path, ratio, seed=0):
-    ad = get_adapter(model)
     calib = torch.randint(0, 128, (6, 48), generator=_gen(seed))
-    return PruneContext(model, None, ad, ad.spec(), calib, ratio, seed, tmp_path, progress=False)
+    return PruneContext.build(model, calib, ratio=ratio, seed=seed, workdir=tmp_path, progress=False)
+
+
+def tell(ctx, cfg):
+    """tell's plan through the API (its checks and ratio rule included), on the context's model, rows, ratio,
+    seed and folder; what it recorded goes on the context, as the method itself puts it there."""
+    plan = secateurs.prune(ctx.model, None, cfg, ratio=ctx.ratio, calib=ctx.calib, seed=ctx.seed, workdir=ctx.workdir,
+                           progress=False)
+    ctx.record(**plan.record.get("method_details", {}))
+    ctx.count_ppl(plan.record["ppl_evaluations"])
+    return plan
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
@@ -324,11 +334,11 @@ def test_tell_speedup_records_measured_rounds(tmp_path, monkeypatch):
 ])
 def test_budget_validation(ratio, speedup, msg):
     with pytest.raises(UserError, match=msg):
-        TellConfig(speedup=speedup).check_budget(ratio)
-    TellConfig(speedup=1.3).check_budget(None)
-    TellConfig().check_budget(0.25)
+        TellConfig(speedup=speedup).check(ratio)
+    TellConfig(speedup=1.3).check(None)
+    TellConfig().check(0.25)
     with pytest.raises(UserError, match="block-threshold"):
-        TellConfig(block_threshold=1.5).check_budget(0.25)
+        TellConfig(block_threshold=1.5).check(0.25)
 
 
 def test_cli_rejects_bad_budget_before_loading(tmp_path, capsys):

@@ -6,17 +6,15 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ARCHS, tiny_model
+from conftest import ARCHS, prune, tiny_model
 from secateurs.errors import UserError
 from secateurs.eval.perplexity import row_nll
 from secateurs.importance.width import (MaskedPlan, collect_stats, head_scores, layer_plan_at_rate, layer_plan_at_rates,
                                         layer_width_params, max_rate, valid_head_counts, wanda_column_scores)
-from secateurs.methods import PruneContext, get_method, make_config
 from secateurs.models import get_adapter
 from secateurs.plan import LayerPlan, PruningPlan
 from secateurs.surgery import apply_plan
@@ -24,11 +22,9 @@ from secateurs.surgery import apply_plan
 CALIB = torch.randint(0, 128, (6, 24), generator=torch.Generator().manual_seed(3))
 
 
-def run_method(model, name, ratio=0.3, tmp=Path("/tmp"), **options):
-    ad = get_adapter(model)
-    ctx = PruneContext(model, None, ad, ad.spec(), CALIB, ratio, 0, tmp, False)
-    m = get_method(name)
-    return m.fn(ctx, make_config(m, options)), ctx
+def run_method(model, name, ratio=0.3, **options):
+    plan = prune(model, name, ratio, CALIB, **options)
+    return plan, plan.record
 
 
 @pytest.mark.parametrize("n_kv", [1, 2, 4])

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import secateurs
 from conftest import tiny_model
-from secateurs.methods import PruneContext, get_method, make_config
+from secateurs.methods import get_method, make_config
 from secateurs.models import get_adapter
 from secateurs.runtime.pool import PoolSettings, WorkerPool
 from secateurs.search.greedy import (CandidateScorer, PooledSteps, Replayer, SearchSettings, block_candidates,
@@ -122,18 +123,16 @@ def test_interrupted_pooled_search_resumes(shared, tmp_path):
 def test_self_pruner_on_pool_equals_one_process(shared, tmp_path):
     calib = torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(1))
     opts = dict(proposer="classic", population=5, generations=2, crossover=3, mutation=3, fitness_rows=2)
-    m = get_method("self-pruner")
     runs = {}
     for name, loader in (("one", None), ("pool", partial(tiny_model, "llama"))):
-        model = tiny_model("llama")
-        ad = get_adapter(model)
-        (tmp_path / name).mkdir()
-        ctx = PruneContext(model, None, ad, ad.spec(), calib, 0.3, 0, tmp_path / name, False)
         if loader is not None:
-            shared.loader, ctx.pool = loader, shared
-        plan = m.fn(ctx, make_config(m, opts))
+            shared.loader = loader
+        cfg = make_config(get_method("self-pruner"), opts)
+        plan = secateurs.prune(tiny_model("llama"), None, cfg, ratio=0.3, calib=calib, workdir=tmp_path / name,
+                               workers=shared if loader is not None else None, progress=False)
         log = [json.loads(x) for x in (tmp_path / name / "search.jsonl").read_text().splitlines()]
-        runs[name] = (plan.to_dict(), [{k: v for k, v in r.items() if k != "wall_s"} for r in log], ctx.extra["best_fitness"])
+        runs[name] = (plan.to_dict(), [{k: v for k, v in r.items() if k != "wall_s"} for r in log],
+                      plan.record["method_details"]["best_fitness"])
     assert runs["pool"] == runs["one"]
 
 

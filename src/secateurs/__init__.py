@@ -1,30 +1,47 @@
 """secateurs: training-free structured pruning of LLMs, with honest measurements.
 
-    from secateurs import load, apply_plan, PruningPlan
-    model, tok = load("smollm2-135m")          # or a hub id, a local folder, a pruned folder
+    import secateurs
+    model, tok = secateurs.load("smollm2-135m")   # or a hub id, a local folder, a pruned folder
+    plan = secateurs.prune(model, tok, secateurs.FlapConfig(), ratio=0.2, calib="wiki")   # or speedup=1.3
+    secateurs.apply_plan(model, plan)
+    print(secateurs.evaluate(model, tok, ppl="wiki:test"))
+    secateurs.save(model, tok, plan, "runs/flap-20")  # the folder `secateurs prune` writes
+
+Every name but ``UserError`` and ``__version__`` is imported on first use (``import secateurs`` stays light):
+the functions from ``secateurs.api``, ``PruningPlan``/``LayerPlan`` from ``secateurs.plan``, and every method's
+config class (``FlapConfig``, ``BlockPrunerConfig``, ...) from the method registry (``secateurs.methods``).
 """
-__version__ = "0.1.0"
+from ._version import __version__
+from .errors import UserError
 
-from .errors import UserError  # noqa: E402
+API = ("load", "prune", "apply_plan", "evaluate", "save", "heal", "export", "bench")
+PLAN = ("PruningPlan", "LayerPlan")
 
 
-def load(name_or_path: str, **kw):
-    """(model, tokenizer) for an embedded name, a Hugging Face id or folder, or a pruned secateurs folder."""
-    from .sources import load_model
+def _configs() -> dict:
+    from .methods import all_methods
 
-    return load_model(name_or_path, **kw)
+    return {m.config_cls.__name__: m.config_cls for m in all_methods().values()}
 
 
 def __getattr__(name):  # lazy: keep `import secateurs` light
-    if name in ("PruningPlan", "LayerPlan"):
+    if name in API:
+        from . import api
+
+        return getattr(api, name)
+    if name in PLAN:
         from . import plan
 
         return getattr(plan, name)
-    if name == "apply_plan":
-        from .surgery import apply_plan
+    if name.endswith("Config") and name[:1].isupper():
+        configs = _configs()
+        if name in configs:
+            return configs[name]
+    raise AttributeError(f"module 'secateurs' has no attribute {name!r}")
 
-        return apply_plan
-    raise AttributeError(name)
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
 
 
-__all__ = ["load", "apply_plan", "PruningPlan", "LayerPlan", "UserError", "__version__"]
+__all__ = [*API, *PLAN, "UserError", "__version__"]

@@ -59,7 +59,7 @@ def measure_speed(out: Path, model_name: str) -> dict:
     """Prefill and decode speed of the pruned folder against the dense model, alternating in this process;
     kept in ``out/bench.json`` and reused."""
     from .eval.bench import BenchSettings, bench
-    from .pipeline import versions
+    from .result import versions
     from .files import atomic_write_text
 
     path = out / "bench.json"
@@ -83,7 +83,7 @@ def measure_llamacpp(out: Path, model_name: str) -> dict | None:
     from .errors import UserError
     from .eval.llamacpp import LlamaBenchSettings, bench
     from .export.gguf import export_model
-    from .pipeline import versions
+    from .result import versions
     from .files import atomic_write_text
 
     path = out / "bench-gguf.json"

@@ -1,8 +1,10 @@
-"""The prune job: load, calibrate, run a method, apply its plan, measure, save. Resumable.
+"""The prune job of ``secateurs prune``, on top of the API (``secateurs.api``): settings, work folder, load,
+calibrate, prune, apply (or write layer by layer), measure, result. Resumable.
 
-Work happens in ``OUT.partial/``: methods keep their resumable state there, the dense measurements are cached
-there, and only when everything is written is the folder renamed to ``OUT``. Running the same command again
-after an interruption resumes from that folder; a different command refuses to mix with it.
+Work happens in ``OUT.partial/`` (``workdir``): methods keep their resumable state there, the dense
+measurements are cached there, and only when everything is written is the folder renamed to ``OUT``. Running
+the same command again after an interruption resumes from that folder; a different command refuses to mix
+with it.
 """
 from __future__ import annotations
 
@@ -11,26 +13,25 @@ import shutil
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
-from functools import partial
 from pathlib import Path
 
 import torch
 
+from . import api
 from .data import calib_rows, eval_rows
 from .errors import UserError
 from .eval.perplexity import HELD_OUT_ROWS, HELD_OUT_SEQLEN, perplexity, rows_label
 from .export.checkpoint import _plain_config, load_pruned, write_pruned
 from .export.card import write_card
-from .methods import PruneContext, check_reach, get_method, make_config, run_method
-from .models import get_adapter
-from .sources import load_model
-from .plan import check_ratio
 from .files import atomic_write_text
-from .result import FORMAT as RESULT_FORMAT
-from .runtime import input_device, model_dtype
-from .runtime.pool import PoolSettings, WorkerPool
-from .sources import replica_loader
-from .surgery import apply_plan
+from .methods import PruneContext, get_method, make_config, run_method
+from .models import get_adapter
+from .result import held_out, make_result, plan_counts
+from .runtime import input_device, model_dtype, onloader_of
+from .runtime.placement import parse_max_memory
+from .runtime.pool import PoolSettings
+from .sources import load_model
+from .workdir import cached, check_out, finish, open_work, work_of
 
 PPL_BATCH = 4  # rows per batch of the perplexity measured before and after
 
@@ -41,7 +42,7 @@ class PruneSettings:
     method: str
     ratio: float | None = None
     calib: str = "wiki"
-    nsamples: int | None = None  # None: the default for the device and method (``calibration_defaults``)
+    nsamples: int | None = None  # None: the default for the device and method (``api.calibration_size``)
     seqlen: int | None = None
     seed: int = 0
     eval: str = "wiki:test"  # held-out perplexity measured before and after ('' to skip)
@@ -50,84 +51,29 @@ class PruneSettings:
     device: str = "cpu"
     options: dict = field(default_factory=dict)  # method-specific options
     export: str = ""  # "gguf": also write OUT/model.gguf for llama.cpp (secateurs.export.gguf)
-    export_type: str = "f32"
+    export_type: str = "f16"  # export.gguf.DEFAULT_TYPE, as the CLI
     dtype: str = "auto"  # working precision (runtime.precision)
     max_memory: str | None = None  # --max-memory (runtime.placement)
 
 
-DEFAULT_CALIBRATION = (32, 512)  # rows x tokens, on a GPU and for one-shot methods on a CPU
-CPU_SEARCH_CALIBRATION = (4, 256)  # searches on a CPU (a greedy BlockPruner search of SmolLM2 to 25%: ~20 min)
-
-
-def calibration_defaults(s: PruneSettings, cfg, device_type: str) -> tuple[int, int, str]:
-    """(rows, tokens per row, where they come from): the given ones, or defaults that fit the device. Methods
-    that search (their config has ``searches = True``) get a small calibration on a CPU."""
-    searches = getattr(cfg, "searches", False)
-    rows, seqlen = CPU_SEARCH_CALIBRATION if device_type == "cpu" and searches else DEFAULT_CALIBRATION
-    if s.nsamples is not None and s.seqlen is not None:
-        return s.nsamples, s.seqlen, "given"
-    src = (f"the CPU default for {s.method} (a search)" if device_type == "cpu" and searches
-           else "the default")
-    return (s.nsamples or rows), (s.seqlen or seqlen), src
-
-
-def versions() -> dict:
-    import transformers
-
-    from . import __version__
-
-    return {"secateurs": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
-
-
-def check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise UserError(f"output folder {out} exists and is not empty; choose another --out or pass --overwrite")
-
-
-def open_work(out: Path, settings: dict, overwrite: bool, log=print, what: str = "run") -> Path:
-    """``OUT.partial/`` for a job with these settings: resumed when it holds the same settings, refused (or,
-    with ``overwrite``, discarded) when it holds others; the settings are written there."""
-    work = out.with_name(out.name + ".partial")
-    if work.exists():
-        old = json.loads((work / "settings.json").read_text()) if (work / "settings.json").exists() else None
-        if old != json.loads(json.dumps(settings)):
-            if not overwrite:
-                raise UserError(f"{work} holds an unfinished {what} with other settings; delete it or pass --overwrite")
-            shutil.rmtree(work)
-        else:
-            log(f"secateurs: resuming the unfinished {what} in {work}")
-    work.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(work / "settings.json", json.dumps(settings, indent=1))
-    return work
-
-
-def _cached(path: Path, compute):
-    if path.exists():
-        return json.loads(path.read_text())
-    value = compute()
-    atomic_write_text(path, json.dumps(value))
-    return value
-
-
-def estimates(s: PruneSettings, method, cfg, model, calib, batch: int, log=print, workers: int | None = None) -> dict:
+def estimates(cfg, model, calib, ratio: float | None, log=print, workers: int | None = None) -> dict:
     """Estimated peak memory per device and search time (``runtime.estimate``), printed and returned: the
-    number of evaluations the method will run times one evaluation (one calibration batch timed through the
-    model, times the batches of an evaluation), divided among ``workers`` (``--workers``) for the methods that
-    run their evaluations on the pool."""
-    from .runtime.estimate import estimate_peak, evaluations, format_duration, model_sizes
-    from .runtime.placement import format_size, onloader_of
+    number of evaluations the method will run (``cfg.evaluations``) times one evaluation (one calibration batch
+    timed through the model, times the batches of an evaluation), divided among ``workers`` (``--workers``)
+    for the methods that run their evaluations on the pool."""
+    from .runtime.estimate import estimate_peak, format_duration, model_sizes
+    from .runtime.placement import format_size
     from .runtime.passes import row_nll
 
+    batch = cfg.pass_rows()
     ol = onloader_of(model)
     dtype = model_dtype(model)
     sizes = model_sizes(model, dtype)
     dev = input_device(model)
     b = ol.budget if ol is not None else None
-    peak = estimate_peak(sizes, s.method, calib.shape[0], calib.shape[1], batch, str(dev),
-                         b.device_bytes if b else None, asdict(cfg), b.cpu_bytes if b else None,
-                         b.disk_bytes if b else None)
-    spec = get_adapter(model).spec()
-    n, rows, what = evaluations(cfg, spec, s.ratio, calib.shape[0])
+    peak = estimate_peak(sizes, cfg, calib.shape[0], calib.shape[1], batch, str(dev),
+                         b.device_bytes if b else None, b.cpu_bytes if b else None, b.disk_bytes if b else None)
+    n, rows, what = cfg.evaluations(get_adapter(model).spec(), ratio, calib.shape[0])
     if ol is None:  # a first pass warms up kernels and allocator (an onloaded pass pays its reads every time)
         row_nll(model, calib[:batch], batch)
     t0 = time.perf_counter()
@@ -135,7 +81,7 @@ def estimates(s: PruneSettings, method, cfg, model, calib, batch: int, log=print
     per_batch = time.perf_counter() - t0
     per_eval = per_batch * -(-rows // batch)
     total = n * per_eval
-    share = workers if workers and method.parallel else 1
+    share = workers if workers and cfg.parallel else 1
     total /= share
     where = ", ".join(f"{k} {format_size(v)}" for k, v in peak.per_place.items() if v) or "-"
     log(f"secateurs: estimated peak memory: {where} ({'layer by layer' if peak.onload else 'whole model'} in "
@@ -173,86 +119,79 @@ def _spent_before(work: Path) -> float:
     return spent
 
 
+def timed_method(method, ctx: PruneContext, cfg, work: Path):
+    """``run_method``, its search seconds added to those of earlier interrupted runs in ``work``."""
+    spent_file = work / SPENT
+    spent = _spent_before(work)
+    t0 = time.time()
+    atomic_write_text(spent_file, json.dumps({"seconds": spent, "running_since": t0}))
+    try:
+        plan = run_method(method, ctx, cfg)
+    except BaseException:
+        atomic_write_text(spent_file, json.dumps({"seconds": spent + time.time() - t0}))
+        raise
+    spent_file.unlink(missing_ok=True)
+    return plan, spent + time.time() - t0
+
+
 def run_prune(s: PruneSettings, out: str | Path, overwrite: bool = False, progress: bool = True, log=print,
               pool: PoolSettings | None = None, dry_run: bool = False) -> dict:
-    """The prune job; ``pool`` (``--workers``) runs the method's candidate evaluations on Ray workers. It does
+    """The prune job; returns result.json's dict (with the pruned model and tokenizer under ``_model`` and
+    ``_tokenizer``). ``pool`` (``--workers``) runs the method's candidate evaluations on Ray workers; it does
     not change the result, so it is not part of the settings a resumed run must repeat. ``dry_run``: load,
     print the estimates, write nothing (no pool is started)."""
     with ExitStack() as stack:
-        return _run_prune(s, out, overwrite, progress, log, pool, stack, dry_run)
+        return _run_prune(s, Path(out), overwrite, progress, log, pool, stack, dry_run)
 
 
-def _check_pool(s: PruneSettings, method) -> None:
-    if not method.parallel:
-        from .methods import all_methods
-
-        names = ", ".join(m.name for m in all_methods().values() if m.parallel)
-        raise UserError(f"--workers applies to the methods that search candidates ({names}), not {s.method}")
-
-
-def _open_pool(pool: PoolSettings, s: PruneSettings, max_memory, workload) -> WorkerPool:
-    """The pool; each worker loads its replica as this process does: same dtype and budget (its own spill
-    folder, ``replica_loader``)."""
-    return WorkerPool(pool, partial(replica_loader, s.model, device=s.device, dtype=s.dtype, max_memory=max_memory,
-                                    workload=workload)).open()
-
-
-def _run_prune(s: PruneSettings, out: str | Path, overwrite: bool, progress: bool, log, pool, stack: ExitStack,
+def _run_prune(s: PruneSettings, out: Path, overwrite: bool, progress: bool, log, pool, stack: ExitStack,
                dry_run: bool) -> dict:
-    from .runtime.placement import onloader_of, parse_max_memory
     from .runtime.precision import check_device
 
-    out = Path(out)
-    method = get_method(s.method)
-    cfg = make_config(method, s.options)
-    if method.needs_ratio or s.ratio is not None:
-        check_ratio(s.ratio)
-    if hasattr(cfg, "check_budget"):  # methods with their own budget (e.g. tell's --speedup) check it up front
-        cfg.check_budget(s.ratio)
+    # settings: every input checked before anything is loaded or written
+    cfg = make_config(get_method(s.method), s.options)
+    method = api.check_request(cfg, s.ratio, workers=pool is not None)
     dev = check_device(s.device, present=pool is None)  # a pool checks its own placement when it opens
     max_memory = parse_max_memory(s.max_memory)
     if not dry_run:
         check_out(out, overwrite)
     if s.export:
-        from .export.gguf import check_request
+        from .export.gguf import check_request as check_gguf
 
-        check_request(s.export, s.export_type, str(out / "model.gguf"), True)
-    if pool is not None:
-        _check_pool(s, method)
-    nsamples, seqlen, calib_source = calibration_defaults(s, cfg, dev.type)
+        check_gguf(s.export, s.export_type, str(out / "model.gguf"), True)
+    nsamples, seqlen, calib_source = api.calibration_size(cfg, s.nsamples, s.seqlen, dev.type)
     if calib_source != "given":
         log(f"secateurs: calibration {nsamples} rows x {seqlen} tokens ({calib_source}; --nsamples/--seqlen to change)")
     s = replace(s, nsamples=nsamples, seqlen=seqlen)
-    batch = max(getattr(cfg, "batch_size", 1), PPL_BATCH)
-    work = out.with_name(out.name + ".partial")
+    work = work_of(out)
+    workload = api.workload(cfg, seqlen)
     t_pool = time.time()  # Ray connected and placement checked before anything is loaded or written
-    workers = (stack.enter_context(_open_pool(pool, s, max_memory, (batch, seqlen)))
+    workers = (stack.enter_context(api.open_pool(pool, s.model, s.device, s.dtype, max_memory, workload))
                if pool is not None and not dry_run else None)
     t_pool = time.time() - t_pool
     if pool is not None:
         check_device(s.device)  # this process loads the model there too
+
+    # load and calibrate
     torch.manual_seed(s.seed)
     model, tok = load_model(s.model, device=s.device, dtype=s.dtype, progress=progress, max_memory=max_memory,
-                            spill_dir=None if dry_run else work / "spill", workload=(batch, seqlen))
-    if hasattr(cfg, "check_placement"):  # e.g. tell --speedup needs the whole model in memory
-        cfg.check_placement(onloader_of(model) is not None)
-    if s.export and onloader_of(model) is not None:
+                            spill_dir=None if dry_run else work / "spill", workload=workload)
+    api.check_model(method, cfg, model, s.ratio)
+    streamed = onloader_of(model) is not None
+    if s.export and streamed:
         raise UserError(f"--export {s.export} converts the pruned model in memory, and under --max-memory {s.max_memory} it "
                         "runs layer by layer; prune without --export, then `secateurs export OUT --out OUT/model.gguf` "
                         "on a machine where the pruned model fits")
-    adapter = get_adapter(model)
-    spec = adapter.spec()
-    check_reach(method, spec, s.ratio, cfg)
+    spec = get_adapter(model).spec()
     dense_config = _plain_config(model.config)
     calib = calib_rows(tok, model, s.calib, nsamples, seqlen, s.seed)
     test = eval_rows(tok, model, s.eval, s.eval_seqlen, s.eval_rows) if s.eval else None
-    est = estimates(s, method, cfg, model, calib, getattr(cfg, "batch_size", PPL_BATCH), log,
-                    workers=pool.workers if pool is not None else None)
+    est = estimates(cfg, model, calib, s.ratio, log, workers=pool.workers if pool is not None else None)
+    calibration = {"nsamples": nsamples, "seqlen": seqlen, "source": calib_source}
     if dry_run:
-        return {"dry_run": True, "estimates": est, "calibration": {"nsamples": nsamples, "seqlen": seqlen,
-                                                                  "source": calib_source}}
+        return {"dry_run": True, "estimates": est, "calibration": calibration}
 
-    # inputs are all valid: only now is anything written
+    # work folder: only now is anything written
     settings = asdict(s) | {"options": asdict(cfg)}
     work = open_work(out, settings, overwrite, log)
     shutil.rmtree(work / "spill", ignore_errors=True)  # states spilled by an interrupted run are not reused
@@ -263,89 +202,69 @@ def _run_prune(s: PruneSettings, out: str | Path, overwrite: bool, progress: boo
             r["ppl_test"] = perplexity(model, test, PPL_BATCH, progress=progress, desc=f"{s.eval} ppl ({tag})").ppl
         return r
 
-    before = _cached(work / "dense.json", lambda: measure("dense"))
+    before = cached(work / "dense.json", lambda: measure("dense"))
     log(f"secateurs: {s.model}: {spec.total_params:,} params, calib ppl ({rows_label(*calib.shape)}) {before['ppl_calib']:.3f}"
         + (f", {s.eval} ppl ({rows_label(*test.shape)}) {before['ppl_test']:.3f}" if test is not None else ""))
 
-    ctx = PruneContext(model, tok, adapter, spec, calib, s.ratio, s.seed, work, progress, pool=workers,
-                       model_ref=s.model)
-    spent_file = work / SPENT
-    spent = _spent_before(work)
-    t0 = time.time()
-    atomic_write_text(spent_file, json.dumps({"seconds": spent, "running_since": t0}))
-    try:
-        plan = run_method(method, ctx, cfg)
-    except BaseException:
-        atomic_write_text(spent_file, json.dumps({"seconds": spent + time.time() - t0}))
-        raise
-    search_seconds = spent + time.time() - t0
-    spent_file.unlink(missing_ok=True)
-    plan.method = s.method
+    # prune
+    ctx = PruneContext.build(model, calib, tokenizer=tok, ratio=s.ratio, seed=s.seed, workdir=work, progress=progress,
+                             pool=workers, model_ref=s.model)
+    plan, search_seconds = timed_method(method, ctx, cfg, work)
     plan.meta = {"settings": settings}
     placement = dict(getattr(model, "secateurs_placement", {}))
-    streamed = onloader_of(model) is not None
+
+    # apply, or write layer by layer and read back; measure
     if streamed:
-        # layer by layer: the pruned folder is written from the dense checkpoint as the plan slices each layer,
-        # then read back at its pruned shapes (layer by layer too) for the measurement after pruning
+        # the pruned folder is written from the dense checkpoint as the plan slices each layer, then read back
+        # at its pruned shapes (layer by layer too) for the measurement after pruning
         write_pruned(model, tok, plan, dense_config, work)
         model, _ = load_pruned(work, dtype=s.dtype, device=s.device, max_memory=max_memory, spill_dir=work / "spill",
-                               tokenizer=False,
-                               workload=(batch, seqlen))
+                               tokenizer=False, workload=workload)
     else:
-        apply_plan(model, plan, spec)
+        api.apply_plan(model, plan, spec)
     after = measure("pruned")
-    params_after = plan.params(spec)
-    result = {
-        "format": RESULT_FORMAT,
-        "method": s.method,
-        "model": s.model,
-        "settings": settings,
-        "ratio_target": s.ratio,
-        "ratio_achieved": plan.ratio(spec),
-        "params_before": spec.total_params,
-        "params_after": params_after,
-        "ppl_calib_before": before["ppl_calib"],
-        "ppl_calib_after": after["ppl_calib"],
-        "eval_set": s.eval or None,
-        "eval_rows": test.shape[0] if test is not None else None,
-        "eval_seqlen": s.eval_seqlen if test is not None else None,
-        "ppl_test_before": before.get("ppl_test"),
-        "ppl_test_after": after.get("ppl_test"),
-        "search_seconds": search_seconds,
-        "ppl_evaluations": ctx.ppl_evaluations,
-        "removed_blocks": [b.name for b in plan.removed_blocks()],
-        "calibration": {"nsamples": nsamples, "seqlen": seqlen, "source": calib_source},
-        "placement": placement,
-        "estimates": est,
-        "versions": versions(),
-    }
-    if ctx.extra:
-        result["method_details"] = ctx.extra
+
+    # result
+    result = make_result(
+        s.method, s.model, settings, plan_counts(plan, spec, s.ratio),
+        held_out(s.eval, test, s.eval_seqlen, before.get("ppl_test"), after.get("ppl_test")),
+        ppl_calib_before=before["ppl_calib"], ppl_calib_after=after["ppl_calib"], search_seconds=search_seconds,
+        **plan.record, calibration=calibration, placement=placement, estimates=est)
     if workers is not None:
         result["workers"] = workers.summary() | {"ray_start_seconds": t_pool}
     if not streamed:
         write_pruned(model, tok, plan, dense_config, work)
-    refused = None
-    if s.export:  # a plan llama.cpp cannot hold still leaves the pruned folder, then exits with the reason
-        from .export.gguf import export_model
-
-        try:
-            result["gguf"] = export_model(s.model, str(work / "model.gguf"), s.export_type, progress=progress,
-                                    model=model, tokenizer=tok)
-            result["gguf"]["file"] = "model.gguf"
-        except UserError as e:
-            refused = e
-            result["gguf"] = {"refused": str(e)}
-    atomic_write_text(work / "result.json", json.dumps(result, indent=1))
-    write_card(work)
-    (work / "settings.json").unlink()
-    (work / "dense.json").unlink()
-    shutil.rmtree(work / "spill", ignore_errors=True)
-    if out.exists():
-        shutil.rmtree(out)
-    work.rename(out)
+    refused = _export(s, work, model, tok, result, progress)
+    _publish(work, out, result)
     if refused is not None:
         raise UserError(f"pruned model written to {out}, but no GGUF: {refused}")
     result["_model"] = model  # in-process callers (the demo) may keep using the pruned model
     result["_tokenizer"] = tok
     return result
+
+
+def _export(s: PruneSettings, work: Path, model, tok, result: dict, progress: bool) -> UserError | None:
+    """``--export gguf``: OUT/model.gguf, recorded in the result. A plan llama.cpp cannot hold still leaves the
+    pruned folder: the reason is recorded and returned, for the job to exit with it."""
+    if not s.export:
+        return None
+    from .export.gguf import export_model
+
+    try:
+        result["gguf"] = export_model(s.model, str(work / "model.gguf"), s.export_type, progress=progress, model=model,
+                                      tokenizer=tok)
+        result["gguf"]["file"] = "model.gguf"
+    except UserError as e:
+        result["gguf"] = {"refused": str(e)}
+        return e
+    return None
+
+
+def _publish(work: Path, out: Path, result: dict) -> None:
+    """result.json written last, the bookkeeping removed, the work folder renamed to ``out``."""
+    atomic_write_text(work / "result.json", json.dumps(result, indent=1))
+    write_card(work)
+    for name in ("settings.json", "dense.json"):
+        (work / name).unlink()
+    shutil.rmtree(work / "spill", ignore_errors=True)
+    finish(work, out)

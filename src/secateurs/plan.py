@@ -56,6 +56,8 @@ class PruningPlan:
     dims: dict  # the dense model's sizes (ModelSpec.as_dict), checked when the plan is applied
     method: str = ""
     meta: dict = field(default_factory=dict)
+    # what the method recorded while making it (result.json's method_details, ppl_evaluations); not in plan.json
+    record: dict = field(default_factory=dict, compare=False, repr=False)
 
     # --- construction --------------------------------------------------------------------------------
     @classmethod

@@ -1,4 +1,5 @@
-"""``result.json``: what a ``prune`` or ``apply`` run did and measured, with the settings that produced it.
+"""``result.json``: what a ``prune``, ``apply`` or ``heal`` run (or ``secateurs.save``) did and measured, with
+the settings that produced it; built here, by ``make_result``, for all of them.
 
 Format ``secateurs-result/1`` (the key ``"format"``); files written before the format was versioned have no
 ``"format"`` key and are read as version 1. Held-out perplexity is recorded with its rows: ``eval_set``,
@@ -8,9 +9,38 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ._version import __version__
 from .errors import UserError
 
 FORMAT = "secateurs-result/1"
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    return {"secateurs": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def plan_counts(plan, spec, ratio_target: float | None = None) -> dict:
+    """What a plan removes from the dense model of ``spec``."""
+    return {"ratio_target": ratio_target, "ratio_achieved": plan.ratio(spec), "params_before": spec.total_params,
+            "params_after": plan.params(spec), "removed_blocks": [b.name for b in plan.removed_blocks()]}
+
+
+def held_out(eval_set: str | None, rows, seqlen: int, before: float | None, after: float | None) -> dict:
+    """The held-out perplexity before and after, with its rows (``rows``: the measured rows, or None)."""
+    return {"eval_set": eval_set or None, "eval_rows": rows.shape[0] if rows is not None else None,
+            "eval_seqlen": seqlen if rows is not None else None, "ppl_test_before": before, "ppl_test_after": after}
+
+
+def make_result(method: str, model: str | None, settings: dict, counts: dict, held: dict, versions_: dict | None = None,
+                **more) -> dict:
+    """The result.json of a run: its method and model, the settings that produced it, what the plan removes
+    (``plan_counts``), the held-out perplexity (``held_out``), what else the run measured (``more``) and the
+    versions of the software."""
+    return {"format": FORMAT, "method": method, "model": model, "settings": settings, **counts, **held, **more,
+            "versions": versions_ or versions()}
 
 
 def check_format(result: dict, path: str | Path) -> dict:

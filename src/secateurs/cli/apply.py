@@ -1,8 +1,8 @@
 """``secateurs apply PLAN MODEL --out DIR``: re-apply a saved plan to the original model and save the result
-as a pruned folder (with a result.json like ``secateurs prune`` writes, so ``secateurs report`` reads it)."""
+as a pruned folder (``secateurs.save``: with a result.json like ``secateurs prune`` writes, so ``secateurs
+report`` reads it)."""
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -38,28 +38,24 @@ def run(args):
 
 
 def _run(args, where, spill):
+    from .. import api
     from ..data import eval_rows
     from ..eval.perplexity import perplexity
-    from ..export.checkpoint import _plain_config, load_pruned, save_pruned
+    from ..export.checkpoint import load_pruned
     from ..models import get_adapter
-    from ..sources import load_model
-    from ..pipeline import check_out, versions
     from ..plan import PruningPlan
-    from ..result import FORMAT as RESULT_FORMAT
-    from ..result import held_out_label
+    from ..result import held_out, held_out_label
     from ..runtime import model_dtype, onloader_of
-    from ..surgery import apply_plan
+    from ..workdir import check_out
 
     out = Path(args.out)
     check_out(out, args.overwrite)
     plan = PruningPlan.load(plan_path(args.plan))
-    device = where["device"]
-    workload = (4, args.eval_seqlen)
-    model, tok = load_model(args.model, device=device, dtype=where["dtype"], progress=not args.quiet,
-                            max_memory=where["max_memory"], spill_dir=spill, workload=workload)
+    device, workload = where["device"], (4, args.eval_seqlen)
+    model, tok = api.load(args.model, device=device, dtype=where["dtype"], progress=not args.quiet,
+                          max_memory=where["max_memory"], spill_dir=spill, workload=workload)
     spec = get_adapter(model).spec()
     plan.validate(spec)
-    dense_config = _plain_config(model.config)
     test = eval_rows(tok, model, args.eval, args.eval_seqlen, args.eval_rows) if args.eval else None
 
     def ppl(m, tag):
@@ -68,40 +64,23 @@ def _run(args, where, spill):
     before = ppl(model, "dense")
     streamed = onloader_of(model) is not None
     if not streamed:
-        apply_plan(model, plan, spec)
+        api.apply_plan(model, plan, spec)
     settings = {"model": args.model, "plan": str(plan_path(args.plan)), "plan_method": plan.method,
                 "plan_settings": plan.meta.get("settings"), "eval": args.eval or None, "eval_rows": args.eval_rows,
                 "eval_seqlen": args.eval_seqlen, "device": device, "dtype": str(model_dtype(model)).replace("torch.", ""),
                 "max_memory": args.max_memory, "placement": getattr(model, "secateurs_placement", None)}
-    result = {
-        "format": RESULT_FORMAT,
-        "method": plan.method or "hand-made",
-        "model": args.model,
-        "settings": settings,
-        "ratio_target": None,
-        "ratio_achieved": plan.ratio(spec),
-        "params_before": spec.total_params,
-        "params_after": plan.params(spec),
-        "eval_set": args.eval or None,
-        "eval_rows": test.shape[0] if test is not None else None,
-        "eval_seqlen": args.eval_seqlen if test is not None else None,
-        "ppl_test_before": before,
-        "ppl_test_after": None,
-        "removed_blocks": [b.name for b in plan.removed_blocks()],
-        "applied": True,
-        "versions": versions(),
-    }
+    measured = {}
 
-    def result_text(folder):  # the pruned model measured: in memory, or read back layer by layer from the folder
+    def result(folder):  # the pruned model measured: in memory, or read back layer by layer from the folder
         pruned = model
         if streamed:
-            pruned, _ = load_pruned(folder, dtype=where["dtype"], device=device, max_memory=where["max_memory"], tokenizer=False,
-                                    spill_dir=spill, workload=workload)
-        result["ppl_test_after"] = ppl(pruned, "pruned")
-        return json.dumps(result, indent=1)
+            pruned, _ = load_pruned(folder, dtype=where["dtype"], device=device, max_memory=where["max_memory"],
+                                    tokenizer=False, spill_dir=spill, workload=workload)
+        measured.update(model=args.model, settings=settings, ratio_target=None, applied=True,
+                        **held_out(args.eval, test, args.eval_seqlen, before, ppl(pruned, "pruned")))
+        return measured
 
-    kind = save_pruned(model, tok, plan, dense_config, out, extra={"result.json": result_text})
-    after = result["ppl_test_after"]
-    print(f"applied {plan_path(args.plan)}: ratio {result['ratio_achieved']:.4f}, params {spec.total_params:,} -> "
-          f"{result['params_after']:,}" + (f", {held_out_label(result)} {before:.3f} -> {after:.3f}" if test is not None else "")
-          + f"; saved as {kind} to {out}")
+    kind = api.save(model, tok, plan, out, overwrite=True, result=result)
+    print(f"applied {plan_path(args.plan)}: ratio {plan.ratio(spec):.4f}, params {spec.total_params:,} -> "
+          f"{plan.params(spec):,}" + (f", {held_out_label(measured)} {before:.3f} -> {measured['ppl_test_after']:.3f}"
+                                     if test is not None else "") + f"; saved as {kind} to {out}")

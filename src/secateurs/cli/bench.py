@@ -37,7 +37,7 @@ def run(args):
 
     from ..eval.bench import BenchSettings
     from ..eval.engines import same_engine
-    from ..pipeline import versions
+    from ..result import versions
     from ..files import atomic_write_text
 
     s = BenchSettings(prompt_len=args.prompt_len, decode_tokens=args.decode_tokens, warmup=args.warmup,

@@ -64,7 +64,7 @@ def run(args):
 
 
 def _run(args, engine, sets, tasks, built, where, spill):
-    from ..pipeline import versions
+    from ..result import versions
     from ..files import atomic_write_text
 
     device = where["device"]

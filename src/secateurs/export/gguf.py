@@ -515,7 +515,7 @@ def export_model(model_ref: str, out: str, ftype: str = DEFAULT_TYPE, threads=No
     """Writes the GGUF of ``model_ref`` (or of ``model``, in memory, when given; or of ``folder``, a folder
     written from ``model_ref``, such as a prune's work folder); returns the summary. A folder is streamed from
     its files (``open_folder``); a hub id is loaded first."""
-    from .. import __version__
+    from .._version import __version__
     from ..sources import load_model
 
     weights = None

@@ -332,7 +332,8 @@ def run_heal(s: HealSettings, out: str | Path, overwrite: bool = False, progress
     teacher, data and settings (default: inside ``OUT.partial/``, deleted at the end)."""
     from ..export.card import write_card
     from ..export.checkpoint import load_pruned, write_pruned
-    from ..pipeline import check_out, open_work, versions
+    from ..result import versions
+    from ..workdir import check_out, open_work
     from .adapters import merged, prepare
 
     out = Path(out)
@@ -422,17 +423,14 @@ def _peft_version():
 def _result(inp: Inputs, record: dict) -> dict:
     """result.json of the healed folder: what ``secateurs report`` reads, the source's record under
     ``pruning`` and the heal summary under ``heal``."""
+    from ..result import held_out, make_result
+
     src = inp.src.result
     ev = record["eval"]
-    keep = ("model", "ratio_target", "ratio_achieved", "params_before", "params_after", "removed_blocks")
+    counts = {k: src.get(k) for k in ("ratio_target", "ratio_achieved", "params_before", "params_after", "removed_blocks")}
     method = src.get("method") or inp.src.plan.method or "pruned"
-    from ..result import FORMAT
-
-    r = {"format": FORMAT, **{k: src.get(k) for k in keep}}
-    r.update(method=f"{method}+heal", settings=record["settings"], eval_set=ev["set"],
-             eval_rows=inp.eval_rows.shape[0] if inp.eval_rows is not None else None,
-             eval_seqlen=ev["seqlen"] if inp.eval_rows is not None else None, ppl_test_before=ev["ppl_dense"],
-             ppl_test_pruned=ev["ppl_pruned"], ppl_test_after=ev["ppl_healed"], healed=True,
-             heal={k: record[k] for k in ("source", "teacher", "tokens_seen", "steps", "seconds", "trainable_params")},
-             pruning=src, versions=record["versions"])
-    return r
+    return make_result(f"{method}+heal", src.get("model"), record["settings"], counts,
+                       held_out(ev["set"], inp.eval_rows, ev["seqlen"], ev["ppl_dense"], ev["ppl_healed"]),
+                       record["versions"], ppl_test_pruned=ev["ppl_pruned"], healed=True,
+                       heal={k: record[k] for k in ("source", "teacher", "tokens_seen", "steps", "seconds", "trainable_params")},
+                       pruning=src)

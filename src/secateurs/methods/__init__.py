@@ -1,8 +1,11 @@
-"""The method registry: a method is a config dataclass plus a function ``(ctx, cfg) -> PruningPlan``.
+"""The method registry: a method is a config dataclass (a ``MethodConfig``) plus a function
+``(ctx, cfg) -> PruningPlan``.
 
 Modules in this package register themselves with ``@register_method``; they are imported on first use of the
 registry, so adding a method is adding a file. Config fields become ``secateurs prune`` options
-(``--field-name``); a field's ``metadata={"help": ...}`` is its help text.
+(``--field-name``); a field's ``metadata={"help": ...}`` is its help text. What the library asks of a method
+(its ratio rule, reach, whether it searches or runs on the worker pool, its estimates and option checks) is
+said by its config class, in one place.
 """
 from __future__ import annotations
 
@@ -10,18 +13,83 @@ import importlib
 import pkgutil
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 
 from ..errors import UserError
+from ..importance.width import width_reach
+from ..models import get_adapter
 from ..models.base import Adapter, ModelSpec
-from ..plan import WIDTH, PruningPlan, RatioRule, check_ratio_reached
+from ..plan import WIDTH, PruningPlan, RatioRule, check_ratio, check_ratio_reached
+from ..runtime.estimate import input_stats
+
+PASS_ROWS = 4  # calibration rows per forward pass of a method without --batch-size (and of the perplexities)
+
+
+@dataclass
+class MethodConfig:
+    """A method's options (the dataclass fields of a subclass) and what the library asks of the method. A
+    subclass overrides what differs from these defaults."""
+
+    needs_ratio: ClassVar[bool] = True  # --ratio is required (else the method checks its own budget in ``check``)
+    rule: ClassVar[RatioRule] = WIDTH  # how its plans meet --ratio, as `methods` and --help say it
+    searches: ClassVar[bool] = False  # a search: on a CPU the default calibration is small (api.calibration_size)
+    parallel: ClassVar[bool] = False  # evaluates candidates on a worker pool when given one (--workers)
+
+    def check(self, ratio: float | None) -> None:
+        """The options and the budget, before any work: a UserError saying what is wrong and what is accepted."""
+        if self.needs_ratio or ratio is not None:
+            check_ratio(ratio)
+
+    def check_placement(self, onloaded: bool) -> None:
+        """The placement, once the model is placed (``onloaded``: layer by layer, under --max-memory)."""
+
+    def ratio_rule(self) -> RatioRule:
+        """The rule this run's plan is checked by (``run_method``), where options change it."""
+        return self.rule
+
+    def reach(self, spec: ModelSpec) -> float | None:
+        """The largest ratio the method can reach on this model (None where it cannot tell before it runs)."""
+        return None
+
+    def pass_rows(self) -> int:
+        """Calibration rows per forward pass (a method's --batch-size)."""
+        return PASS_ROWS
+
+    def evaluations(self, spec: ModelSpec, ratio: float | None, rows: int) -> tuple[int, int, str]:
+        """(evaluations, calibration rows per evaluation, what is counted) the run will do (``runtime.estimate``)."""
+        return 1, rows, "one calibration pass"
+
+    def held(self, sizes, rows: int, seqlen: int, onload: bool) -> list:
+        """What the method keeps beyond the weights and one batch's working set (``runtime.estimate.Held``),
+        for ``sizes`` (``runtime.estimate.ModelSizes``) and this calibration."""
+        return []
+
+
+class WidthConfig(MethodConfig):
+    """The width methods' common part (flap, wanda-sp): a ``batch_size`` field (rows per forward pass), the
+    width reach, the input statistics they gather."""
+
+    def check(self, ratio) -> None:
+        super().check(ratio)
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1 (got {self.batch_size})")
+
+    def reach(self, spec):
+        return width_reach(spec)
+
+    def pass_rows(self) -> int:
+        return self.batch_size
+
+    def held(self, sizes, rows, seqlen, onload):
+        return [input_stats(sizes)]
 
 
 @dataclass
 class PruneContext:
-    """Everything a method may use. ``workdir`` holds resumable state; ``count_ppl`` counts evaluations."""
+    """Everything a method may use. ``workdir`` holds resumable state; ``count_ppl`` counts evaluations.
+    Built by ``PruneContext.build`` (the API's one way to make one)."""
 
     model: torch.nn.Module
     tokenizer: Any
@@ -34,8 +102,15 @@ class PruneContext:
     progress: bool = True
     ppl_evaluations: int = 0
     extra: dict | None = None  # results a method wants recorded in result.json (e.g. per-block scores)
-    pool: Any = None  # runtime.pool.WorkerPool (--workers) for methods registered with parallel=True, else None
+    pool: Any = None  # runtime.pool.WorkerPool (--workers) for methods whose config is parallel, else None
     model_ref: str | None = None  # how the user named the model (embedded name, folder, hub id)
+
+    @classmethod
+    def build(cls, model, calib: torch.Tensor | None, *, tokenizer=None, ratio: float | None = None, seed: int = 0,
+              workdir: str | Path, progress: bool = True, pool=None, model_ref: str | None = None) -> "PruneContext":
+        adapter = get_adapter(model)
+        return cls(model, tokenizer, adapter, adapter.spec(), calib, ratio, seed, Path(workdir), progress, pool=pool,
+                   model_ref=model_ref)
 
     def count_ppl(self, n: int = 1) -> None:
         self.ppl_evaluations += n
@@ -50,29 +125,29 @@ class MethodSpec:
     summary: str
     config_cls: type
     fn: Callable[[PruneContext, Any], PruningPlan]
-    needs_ratio: bool = True
-    ratio_rule: RatioRule = WIDTH  # how the plan meets --ratio (plan.RatioRule), as `methods` and --help say it
-    reach: Callable[[ModelSpec, Any], float | None] | None = None  # (spec, cfg) -> the largest ratio it can reach
-    parallel: bool = False  # evaluates candidates on a worker pool when given one (--workers)
-    rule_for: Callable[[Any], RatioRule] | None = None  # cfg -> the rule of one run, where options change it
 
-    def rule(self, cfg) -> RatioRule:
-        """The rule one run's plan is checked by (``run_method``)."""
-        return self.rule_for(cfg) if self.rule_for else self.ratio_rule
+    @property
+    def ratio_rule(self) -> RatioRule:
+        """How the method meets a target ratio, as `methods` and --help say it."""
+        return self.config_cls.rule
+
+    @property
+    def parallel(self) -> bool:
+        return self.config_cls.parallel
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
 _LOADED = False
 
 
-def register_method(name: str, summary: str, config_cls: type, needs_ratio: bool = True, ratio_rule: RatioRule = WIDTH,
-                    reach=None, parallel: bool = False, rule_for=None):
-    """``ratio_rule``: how the method meets a target ratio (the tolerance it promises); ``rule_for(cfg)``: the
-    rule of one run, for methods whose options change it; ``reach(spec, cfg)``: the largest ratio it can reach on
-    a model (None where it cannot tell before it runs), checked before any work; ``parallel``: it evaluates
-    candidates on a worker pool when given one (--workers)."""
+def register_method(name: str, summary: str, config_cls: type):
+    """Registers ``fn(ctx, cfg) -> PruningPlan`` as method ``name``; ``config_cls`` (a ``MethodConfig``
+    dataclass) holds its options and says what the library needs to know of it."""
+    if not (isinstance(config_cls, type) and issubclass(config_cls, MethodConfig)):
+        raise TypeError(f"the config of method {name} must be a MethodConfig dataclass (got {config_cls!r})")
+
     def deco(fn):
-        _REGISTRY[name] = MethodSpec(name, summary, config_cls, fn, needs_ratio, ratio_rule, reach, parallel, rule_for)
+        _REGISTRY[name] = MethodSpec(name, summary, config_cls, fn)
         return fn
 
     return deco
@@ -80,18 +155,21 @@ def register_method(name: str, summary: str, config_cls: type, needs_ratio: bool
 
 def check_reach(spec: MethodSpec, model: ModelSpec, ratio: float | None, cfg) -> None:
     """A UserError, before any work, when the target ratio is beyond what the method can remove on this model."""
-    top = spec.reach(model, cfg) if spec.reach and ratio is not None else None
+    top = cfg.reach(model) if ratio is not None else None
     if top is not None and ratio > top + 1e-12:
         raise UserError(f"target ratio {ratio} is out of reach for {spec.name} on this model: the most it can "
                         f"remove is {top:.4f}")
 
 
 def run_method(spec: MethodSpec, ctx: PruneContext, cfg) -> PruningPlan:
-    """The method's plan, checked against its promise: with a target ratio, the plan meets it by the method's
-    rule (``MethodSpec.rule``), or this is a UserError that says what was reached."""
+    """The method's plan, checked against its promise: with a target ratio, the plan meets it by the rule of
+    this run (``cfg.ratio_rule()``), or this is a UserError that says what was reached. The plan carries what
+    the method recorded (``PruningPlan.record``: result.json's ``method_details`` and ``ppl_evaluations``)."""
     plan = spec.fn(ctx, cfg)
     if ctx.ratio is not None:
-        check_ratio_reached(plan, ctx.spec, ctx.ratio, spec.rule(cfg), spec.name)
+        check_ratio_reached(plan, ctx.spec, ctx.ratio, cfg.ratio_rule(), spec.name)
+    plan.method = spec.name
+    plan.record = {"ppl_evaluations": ctx.ppl_evaluations, **({"method_details": ctx.extra} if ctx.extra else {})}
     return plan
 
 
@@ -113,6 +191,15 @@ def get_method(name: str) -> MethodSpec:
     if name not in methods:
         raise UserError(f"unknown method {name!r}; available: {', '.join(methods)}")
     return methods[name]
+
+
+def method_for(cfg) -> MethodSpec:
+    """The method whose config ``cfg`` is (dispatch on the config's type)."""
+    for m in all_methods().values():
+        if type(cfg) is m.config_cls:
+            return m
+    names = ", ".join(m.config_cls.__name__ for m in all_methods().values())
+    raise UserError(f"{type(cfg).__name__} is not a method config; give one of {names}")
 
 
 def make_config(spec: MethodSpec, options: dict):

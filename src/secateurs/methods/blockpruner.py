@@ -17,8 +17,22 @@ from . import PruneContext, register_method
 
 @dataclass
 class BlockPrunerConfig(SearchOptions):
+    needs_ratio = False  # --ratio or --steps (check)
+    rule = RatioRule("blocks")
+
     blocks: str = field(default="mix", metadata={"help": "candidate blocks: attention and MLP (mix), or only one kind", "choices": ["mix", "attn", "mlp"]})
     steps: int | None = field(default=None, metadata={"help": "search this many removals (the plan: the first K, or the --ratio prefix)"})
+
+    def check(self, ratio) -> None:
+        super().check(ratio)
+        if self.steps is not None and self.steps < 1:
+            raise UserError(f"--steps must be >= 1 (got {self.steps})")
+        if ratio is None and self.steps is None:
+            raise UserError("--from-order needs --ratio R or --steps K to choose the prefix of the order" if self.from_order
+                            else "blockpruner needs --ratio R (0 < R < 1) or --steps K")
+
+    def reach(self, spec):
+        return None if self.from_order else reach(spec, block_candidates(spec.n_layers, self.blocks))
 
     def evaluations(self, spec, ratio, rows) -> tuple[int, int, str]:
         """What the search will run (``runtime.estimate``): candidate evaluations over all calibration rows."""
@@ -32,18 +46,11 @@ class BlockPrunerConfig(SearchOptions):
 
 
 @register_method("blockpruner", "BlockPruner: greedy removal of attention/MLP blocks by calibration perplexity (saves the whole order)",
-                 BlockPrunerConfig, needs_ratio=False, ratio_rule=RatioRule("blocks"), parallel=True,
-                 reach=lambda spec, cfg: None if cfg.from_order else reach(spec, block_candidates(spec.n_layers, cfg.blocks)))
+                 BlockPrunerConfig)
 def blockpruner(ctx: PruneContext, cfg: BlockPrunerConfig) -> PruningPlan:
-    if cfg.steps is not None and cfg.steps < 1:
-        raise UserError(f"--steps must be >= 1 (got {cfg.steps})")
     if cfg.from_order:
-        if ctx.ratio is None and cfg.steps is None:
-            raise UserError("--from-order needs --ratio R or --steps K to choose the prefix of the order")
         state = load_order(cfg.from_order, ctx, "blockpruner")
     else:
-        if ctx.ratio is None and cfg.steps is None:
-            raise UserError("blockpruner needs --ratio R (0 < R < 1) or --steps K")
         cands = block_candidates(ctx.spec.n_layers, cfg.blocks)
         state = run_greedy(ctx, cfg, cands, "blockpruner", None if cfg.steps else ctx.ratio, cfg.steps)
     plan, k = plan_from_order(ctx.spec, state["steps"], ctx.ratio, cfg.steps, "blockpruner")

@@ -18,15 +18,15 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import UserError
-from ..importance.width import collect_stats, compensation_bias, flap_column_scores, standardize, width_reach
+from ..importance.width import collect_stats, compensation_bias, flap_column_scores, standardize
 from ..models.base import head_indices
 from ..plan import LayerPlan, PruningPlan, select_heads
 from ..runtime.passes import layer_weights
-from . import PruneContext, register_method
+from . import PruneContext, WidthConfig, register_method
 
 
 @dataclass
-class FlapConfig:
+class FlapConfig(WidthConfig):
     batch_size: int = field(default=4, metadata={"help": "calibration rows per forward pass"})
     compensate: bool = field(default=True, metadata={"help": "add FLAP's bias compensation"})
 
@@ -103,10 +103,8 @@ def add_compensation(ctx: PruneContext, plan: PruningPlan, stats) -> None:
 
 
 @register_method("flap", "fluctuation scores standardized across layers, one global threshold (adaptive widths), "
-                 "bias compensation", FlapConfig, reach=lambda spec, cfg: width_reach(spec))
+                 "bias compensation", FlapConfig)
 def flap(ctx: PruneContext, cfg: FlapConfig) -> PruningPlan:
-    if cfg.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1 (got {cfg.batch_size})")
     stats = collect_stats(ctx.model, ctx.adapter, ctx.calib, cfg.batch_size)
     heads, channels = standardized_scores(ctx, stats)
     plan = threshold_plan(ctx.spec, heads, channels, ctx.ratio)

@@ -31,15 +31,19 @@ from ..importance.sequential import sequential_plan
 from ..importance.width import (MaskedPlan, collect_stats, head_scores, layer_plan_at_rate, mean_rate_for_ratio,
                                 wanda_column_scores, width_reach)
 from ..runtime import onloader_of
+from ..runtime.estimate import Held, hidden_bytes, input_stats
 from ..runtime.passes import layer_weights
 from ..search.evolution import EvolutionConfig, SearchSpace, evolve
 from ..search.proposers import EndpointDown, make_proposer
 from ..plan import PruningPlan
-from . import PruneContext, register_method
+from . import MethodConfig, PruneContext, register_method
 
 
 @dataclass
-class SelfPrunerConfig:
+class SelfPrunerConfig(MethodConfig):
+    searches = True
+    parallel = True
+
     proposer: str = field(default="classic", metadata={
         "help": "who performs the evolutionary operators: classic (numeric genetic operators), local (a GGUF model "
                 "in llama.cpp, answers constrained by a grammar), openai (an OpenAI-compatible endpoint)",
@@ -68,7 +72,29 @@ class SelfPrunerConfig:
     llm_max_tokens: int = field(default=1024, metadata={"help": "upper bound of tokens per LLM answer"})
     batch_size: int = field(default=4, metadata={"help": "calibration rows per forward pass"})
 
-    searches = True  # a search: on a CPU the default calibration is small (pipeline.calibration_defaults)
+    def check(self, ratio) -> None:
+        super().check(ratio)
+        for name in ("population", "fitness_rows", "batch_size", "llm_max_tokens", "endpoint_timeout"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        for name in ("generations", "crossover", "mutation", "llm_retries", "endpoint_wait"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be 0 or more (got {getattr(self, name)})")
+        if self.endpoint and self.proposer != "openai":
+            raise UserError(f"--endpoint applies to --proposer openai (the proposer is {self.proposer})")
+        if self.proposer_model and self.proposer == "classic":
+            raise UserError("--proposer-model applies to --proposer local or openai (the proposer is classic)")
+
+    def reach(self, spec):
+        return width_reach(spec, self.rate_max)
+
+    def pass_rows(self) -> int:
+        return self.batch_size
+
+    def held(self, sizes, rows, seqlen, onload):
+        fit = hidden_bytes(sizes, min(self.fitness_rows, rows), seqlen)
+        return [Held("hidden states of the calibration rows (final wanda-sp pass)", hidden_bytes(sizes, rows, seqlen)),
+                input_stats(sizes), Held("hidden states of the fitness rows", fit if onload else 0)]
 
     def evaluations(self, spec, ratio, rows) -> tuple[int, int, str]:
         """What the search will run (``runtime.estimate``): fitness evaluations on --fitness-rows rows."""
@@ -157,26 +183,12 @@ class MaskedFitness:
             return perplexity(self.model, self.rows, self.batch_size).ppl
 
 
-def check(cfg: SelfPrunerConfig, ctx: PruneContext) -> None:
-    for name in ("population", "fitness_rows", "batch_size", "llm_max_tokens", "endpoint_timeout"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
-    for name in ("generations", "crossover", "mutation", "llm_retries", "endpoint_wait"):
-        if getattr(cfg, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be 0 or more (got {getattr(cfg, name)})")
-    if cfg.endpoint and cfg.proposer != "openai":
-        raise UserError(f"--endpoint applies to --proposer openai (the proposer is {cfg.proposer})")
-    if cfg.proposer_model and cfg.proposer == "classic":
-        raise UserError("--proposer-model applies to --proposer local or openai (the proposer is classic)")
-    if cfg.fitness_rows > ctx.calib.shape[0]:
-        raise UserError(f"--fitness-rows {cfg.fitness_rows} exceeds the {ctx.calib.shape[0]} calibration rows (--nsamples)")
-
-
 @register_method("self-pruner", "evolutionary search of per-layer wanda-sp rates, operators performed classically "
                  "or by an LLM (a local GGUF model, by default the model itself; an OpenAI-compatible endpoint)",
-                 SelfPrunerConfig, parallel=True, reach=lambda spec, cfg: width_reach(spec, cfg.rate_max))
+                 SelfPrunerConfig)
 def self_pruner(ctx: PruneContext, cfg: SelfPrunerConfig) -> PruningPlan:
-    check(cfg, ctx)
+    if cfg.fitness_rows > ctx.calib.shape[0]:
+        raise UserError(f"--fitness-rows {cfg.fitness_rows} exceeds the {ctx.calib.shape[0]} calibration rows (--nsamples)")
     spec = ctx.spec
     space = SearchSpace(spec.n_layers, mean_rate_for_ratio(spec, ctx.ratio), cfg.rate_min, cfg.rate_max, cfg.rate_step)
     log = print if ctx.progress else None

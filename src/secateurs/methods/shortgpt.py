@@ -8,16 +8,23 @@ from ..errors import UserError
 from ..importance.block_influence import block_influence
 from ..plan import PruningPlan, RatioRule
 from ..search.greedy import layer_candidates, reach
-from . import PruneContext, register_method
+from . import MethodConfig, PruneContext, register_method
 
 
 @dataclass
-class ShortGPTConfig:
+class ShortGPTConfig(MethodConfig):
+    rule = RatioRule("layers")
+
     batch_size: int = field(default=1, metadata={"help": "calibration rows per forward pass"})
 
+    def reach(self, spec):
+        return reach(spec, layer_candidates(spec.n_layers, False))
 
-@register_method("shortgpt", "ShortGPT: remove the whole layers with the lowest Block Influence, in one shot", ShortGPTConfig,
-                 ratio_rule=RatioRule("layers"), reach=lambda spec, cfg: reach(spec, layer_candidates(spec.n_layers, False)))
+    def pass_rows(self) -> int:
+        return self.batch_size
+
+
+@register_method("shortgpt", "ShortGPT: remove the whole layers with the lowest Block Influence, in one shot", ShortGPTConfig)
 def shortgpt(ctx: PruneContext, cfg: ShortGPTConfig) -> PruningPlan:
     bi = block_influence(ctx.model, ctx.adapter, ctx.calib, max(1, cfg.batch_size))
     plan = PruningPlan.dense(ctx.spec, "shortgpt")

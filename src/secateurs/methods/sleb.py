@@ -16,7 +16,12 @@ from . import PruneContext, register_method
 
 @dataclass
 class SlebConfig(SearchOptions):
+    rule = RatioRule("layers")
+
     keep_ends: bool = field(default=True, metadata={"help": "never remove the first and the last layer"})
+
+    def reach(self, spec):
+        return None if self.from_order else reach(spec, layer_candidates(spec.n_layers, self.keep_ends))
 
     def evaluations(self, spec, ratio, rows) -> tuple[int, int, str]:
         """What the search will run (``runtime.estimate``): candidate evaluations over all calibration rows."""
@@ -29,9 +34,7 @@ class SlebConfig(SearchOptions):
             f"{steps} greedy steps over {len(cands)} layers, every candidate evaluated in full (an upper bound)")
 
 
-@register_method("sleb", "SLEB: greedy whole-layer removal by calibration perplexity (first and last layers kept)", SlebConfig,
-                 ratio_rule=RatioRule("layers"), parallel=True,
-                 reach=lambda spec, cfg: None if cfg.from_order else reach(spec, layer_candidates(spec.n_layers, cfg.keep_ends)))
+@register_method("sleb", "SLEB: greedy whole-layer removal by calibration perplexity (first and last layers kept)", SlebConfig)
 def sleb(ctx: PruneContext, cfg: SlebConfig) -> PruningPlan:
     if cfg.from_order:
         state = load_order(cfg.from_order, ctx, "sleb")

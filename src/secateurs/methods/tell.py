@@ -48,23 +48,29 @@ from ..importance.width import (collect_stats, compensation_bias, flap_column_sc
 from ..models import get_adapter
 from ..models.base import BLOCK_KINDS, Block, ModelSpec, all_blocks, head_indices
 from ..files import cache_dir
-from ..plan import WIDTH, LayerPlan, PruningPlan, RatioRule, added_params, check_ratio, removed_params, select_heads
+from ..plan import WIDTH, LayerPlan, PruningPlan, RatioRule, added_params, removed_params, select_heads
 from ..files import atomic_write_text
 from ..runtime import onloader_of
+from ..runtime.estimate import Held, hidden_bytes, input_stats
 from ..runtime.passes import layer_weights, parameter_tensors
 from ..search.allocate import Option, Problem, allocate, block_options
 from ..search.assign import assign_ratios, load_weights
 from ..search.greedy import Replayer
-from . import PruneContext, register_method
+from . import MethodConfig, PruneContext, register_method
 
 ASSIGNMENTS = ("uniform", "response", "importance")
 RESPONSE_RULE = RatioRule(unit="block options", text="at or above the target (--assign response: one whole option per block)")
+THRESHOLD_RULE = RatioRule(unit="blocks", text="at or above the target (--block-threshold below 1: blocks assigned "
+                                              "that much are removed whole)")
 TELL_RULE = RatioRule(text="at or above the target with --assign response (the default: one whole option per block); "
                            f"within {WIDTH.tolerance} of it with uniform or importance")
 
 
 @dataclass
-class TellConfig:
+class TellConfig(MethodConfig):
+    needs_ratio = False  # --ratio or --speedup (check)
+    rule = TELL_RULE
+
     speedup: float | None = field(default=None, metadata={"help": "target measured prefill speedup (> 1), instead of --ratio"})
     assign: str = field(default="response", metadata={"help": "how much in every block: from measured loss responses and an exact knapsack (response, the default and the best measured: one calibration replay per block option, 10-20 min for a 135M model on one CPU core, --dry-run counts them), the same ratio everywhere (uniform: FLAP-style, seconds), or from transfer entropy (importance); see docs/tell.md", "choices": list(ASSIGNMENTS)})
     levels: str = field(default="0.25,0.5,0.75", metadata={"help": "response: fractions of a block's heads / channels its width options remove (comma-separated, each in (0, 1))"})
@@ -89,7 +95,7 @@ class TellConfig:
     refresh_costs: bool = field(default=False, metadata={"help": "measure the unit costs again instead of using the cache"})
 
     def check_placement(self, onloaded: bool) -> None:
-        """--speedup needs the whole model in memory (called by the pipeline once the model is placed)."""
+        """--speedup needs the whole model in memory."""
         if onloaded and self.speedup is not None:
             raise UserError("tell --speedup times the whole model and its pruned probes, which a layer-by-layer model "
                             "(--max-memory) cannot hold; use --ratio, or drop --max-memory")
@@ -120,21 +126,35 @@ class TellConfig:
     def ratio_rule(self) -> RatioRule:
         """How this run meets --ratio: the knapsack takes one whole option per block (keep, a width level,
         remove), so response lands at or above the target, by less than the options' granularity; uniform and
-        importance bisect a continuous ratio and land within the width tolerance."""
-        return RESPONSE_RULE if self.assign == "response" else WIDTH
+        importance bisect a continuous ratio and land within the width tolerance, or, where --block-threshold
+        removes whole blocks, at or above the target."""
+        if self.assign == "response":
+            return RESPONSE_RULE
+        return THRESHOLD_RULE if self.block_threshold < 1.0 else WIDTH
 
     @property
     def uses_te(self) -> bool:
         return self.assign == "importance" or self.te
 
-    def check_budget(self, ratio) -> None:
-        """Exactly one budget, and every option in range (called by the pipeline before any work)."""
+    def held(self, sizes, rows, seqlen, onload):
+        h = hidden_bytes(sizes, rows, seqlen)
+        held = [input_stats(sizes)]
+        if self.assign == "response":
+            held += [Held("embeddings of the calibration rows and layer arguments (the replay)", h),
+                     Held("the base model's state entering the measured block", h)]
+        if self.uses_te:
+            tokens = min(self.te_tokens, rows * (seqlen - 1))
+            held.append(Held("residual streams at every block boundary (float32, CPU)",
+                             (2 * sizes.n_layers + 1) * tokens * sizes.hidden * 4, where="cpu"))
+        return held
+
+    def check(self, ratio) -> None:
+        """Exactly one budget, and every option in range."""
+        super().check(ratio)
         if (ratio is None) == (self.speedup is None):
             raise UserError("tell needs exactly one budget: --ratio R (0 < R < 1) or --speedup S (S > 1)")
         if self.speedup is not None and not self.speedup > 1.0:
             raise UserError(f"--speedup must be greater than 1 (got {self.speedup})")
-        if ratio is not None:
-            check_ratio(ratio)
         if self.assign not in ASSIGNMENTS:
             raise UserError(f"--assign must be one of {', '.join(ASSIGNMENTS)} (got {self.assign!r})")
         self.level_list()
@@ -253,8 +273,6 @@ class Prepared:
 
 def prepare(ctx: PruneContext, cfg: TellConfig) -> Prepared:
     log = print if ctx.progress else (lambda *a: None)
-    onloaded = onloader_of(ctx.model) is not None
-    cfg.check_placement(onloaded)
     importance, stats = calibrate(ctx, cfg)
     costs, cost_path = None, None
     if cfg.speedup is not None:
@@ -451,9 +469,8 @@ SUMMARY = ("multi-unit pruning; default: one option per block (keep, narrow head
            "the same ratio in every block (FLAP-style); --assign importance: transfer-entropy ratios")
 
 
-@register_method("tell", SUMMARY, TellConfig, needs_ratio=False, ratio_rule=TELL_RULE, rule_for=TellConfig.ratio_rule)
+@register_method("tell", SUMMARY, TellConfig)
 def tell(ctx: PruneContext, cfg: TellConfig) -> PruningPlan:
-    cfg.check_budget(ctx.ratio)
     spec = ctx.spec
     prep = prepare(ctx, cfg)
     plan, ratios, weights, rounds, record = assign_plan(ctx, cfg, prep)

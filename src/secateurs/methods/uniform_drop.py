@@ -8,19 +8,23 @@ from dataclasses import dataclass
 from ..errors import UserError
 from ..plan import PruningPlan, RatioRule
 from ..search.greedy import layer_candidates, reach
-from . import PruneContext, register_method
+from . import MethodConfig, PruneContext, register_method
 
 
 @dataclass
-class UniformDropConfig:
+class UniformDropConfig(MethodConfig):
+    rule = RatioRule("layers")
+
+    def reach(self, spec):
+        return reach(spec, layer_candidates(spec.n_layers, keep_ends=True))
+
     def evaluations(self, spec, ratio, rows) -> tuple[int, int, str]:
         """No search and no calibration pass (``runtime.estimate``)."""
         return 0, rows, "no calibration"
 
 
 @register_method("uniform-drop", "drop whole layers from the last but one backwards (no calibration; a sanity baseline)",
-                 UniformDropConfig, ratio_rule=RatioRule("layers"),
-                 reach=lambda spec, cfg: reach(spec, layer_candidates(spec.n_layers, keep_ends=True)))
+                 UniformDropConfig)
 def uniform_drop(ctx: PruneContext, cfg: UniformDropConfig) -> PruningPlan:
     plan = PruningPlan.dense(ctx.spec, "uniform-drop")
     for layer in range(ctx.spec.n_layers - 2, 0, -1):

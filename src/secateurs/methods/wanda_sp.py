@@ -11,16 +11,28 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..importance.sequential import sequential_plan
-from ..importance.width import max_rate, mean_rate_for_ratio, width_reach
+from ..importance.width import max_rate, mean_rate_for_ratio
 from ..plan import PruningPlan
-from . import PruneContext, register_method
+from ..runtime.estimate import Held, hidden_bytes
+from . import PruneContext, WidthConfig, register_method
 
 
 @dataclass
-class WandaSpConfig:
+class WandaSpConfig(WidthConfig):
+    needs_ratio = False  # --ratio or --rates (check)
+
     rates: str | None = field(default=None, metadata={
         "help": "per-layer rates instead of --ratio: comma-separated numbers (one per layer) or a JSON file with a list"})
     batch_size: int = field(default=4, metadata={"help": "calibration rows per forward pass"})
+
+    def check(self, ratio) -> None:
+        super().check(ratio)
+        if (self.rates is None) == (ratio is None):
+            raise UserError("wanda-sp needs exactly one of --ratio (uniform rate) and --rates (one rate per layer)")
+
+    def held(self, sizes, rows, seqlen, onload):
+        return [Held("hidden states of the calibration rows", hidden_bytes(sizes, rows, seqlen)),
+                *super().held(sizes, rows, seqlen, onload)]
 
 
 def parse_rates(text: str, spec) -> list[float]:
@@ -42,13 +54,8 @@ def parse_rates(text: str, spec) -> list[float]:
 
 
 @register_method("wanda-sp", "structured Wanda: lowest |W|*||X|| heads and channels per layer, uniform or given "
-                 "per-layer rates, layers calibrated in order", WandaSpConfig, needs_ratio=False,
-                 reach=lambda spec, cfg: width_reach(spec))
+                 "per-layer rates, layers calibrated in order", WandaSpConfig)
 def wanda_sp(ctx: PruneContext, cfg: WandaSpConfig) -> PruningPlan:
-    if (cfg.rates is None) == (ctx.ratio is None):
-        raise UserError("wanda-sp needs exactly one of --ratio (uniform rate) and --rates (one rate per layer)")
-    if cfg.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1 (got {cfg.batch_size})")
     if cfg.rates is not None:
         rates = parse_rates(cfg.rates, ctx.spec)
     else:

@@ -10,8 +10,9 @@ What is counted (bytes, working dtype unless said):
   attention (queries, keys and values repeated to every head, float32 scores and probabilities), its MLP (gate,
   up and their product) or one block of the output head (``HEAD_BLOCK`` vocabulary rows: float32 logits and
   the temporaries of a log-sum-exp) needs at once;
-- what a method keeps between layers or steps (``method_state``): hidden states of every calibration row,
-  input statistics, the greedy search's cached states, the reordered copy of the output head, ...
+- what a method keeps between layers or steps (its config's ``held``, ``methods.MethodConfig``): hidden states
+  of every calibration row, input statistics, the greedy search's cached states, the reordered copy of the
+  output head, ...
 
 The smallest budget for layer-by-layer work (``min_budget``) is the resident rest plus the largest streamed
 unit (a decoder layer, or one head block) plus one batch's working set (``reserve_bytes``), plus one batch's
@@ -129,42 +130,9 @@ class Held:
     spills: bool = True  # beyond the budget: to the next tier (else simply not kept)
 
 
-def method_state(s: ModelSizes, method: str, rows: int, seqlen: int, options: dict | None = None,
-                 onload: bool = False) -> list[Held]:
-    """What a method keeps beyond the weights and one batch's working set (see the module docstring).
-    ``options`` are the method's options (cache_mb, te_tokens, fitness_rows...)."""
-    o = options or {}
-    h = hidden_bytes(s, rows, seqlen)
-    stats = Held("input statistics (float64)", s.n_layers * (s.n_heads * s.head_dim + s.intermediate) * 2 * 8)
-    if method in ("blockpruner", "sleb"):
-        batch = int(o.get("batch_size", 1))
-        n_batches = -(-rows // batch)
-        # cos and sin of the rotary embedding per batch (float32 at most); shared by all batches when onloaded
-        rotary = (1 if onload else n_batches) * batch * seqlen * s.head_dim * 2 * 4
-        return [Held("embeddings of the calibration rows and layer arguments", h + rotary),
-                Held("output head reordered in chunks", s.vocab * s.hidden * s.itemsize),
-                Held("current states at every block position", 2 * s.n_layers * h, recomputable=True),
-                Held("other cached states (--cache-mb)", int(o.get("cache_mb", 1024)) << 20, recomputable=True,
-                     spills=False)]
-    if method == "wanda-sp":
-        return [Held("hidden states of the calibration rows", h), stats]
-    if method == "self-pruner":
-        fit = hidden_bytes(s, min(int(o.get("fitness_rows", 4)), rows), seqlen)
-        return [Held("hidden states of the calibration rows (final wanda-sp pass)", h), stats,
-                Held("hidden states of the fitness rows", fit if onload else 0)]
-    if method == "tell":
-        held, assign = [stats], o.get("assign", "response")
-        if assign == "response":
-            held += [Held("embeddings of the calibration rows and layer arguments (the replay)", h),
-                     Held("the base model's state entering the measured block", h)]
-        if assign == "importance" or o.get("te"):
-            tokens = min(int(o.get("te_tokens", 8192)), rows * (seqlen - 1))
-            held.append(Held("residual streams at every block boundary (float32, CPU)",
-                             (2 * s.n_layers + 1) * tokens * s.hidden * 4, where="cpu"))
-        return held
-    if method in ("flap", "shortgpt", "uniform-drop"):
-        return [stats] if method == "flap" else []
-    return []
+def input_stats(s: ModelSizes) -> Held:
+    """The input statistics of every output projection (float64), which the width methods gather."""
+    return Held("input statistics (float64)", s.n_layers * (s.n_heads * s.head_dim + s.intermediate) * 2 * 8)
 
 
 @dataclass
@@ -182,10 +150,11 @@ class PeakEstimate:
         return asdict(self)
 
 
-def estimate_peak(s: ModelSizes, method: str, rows: int, seqlen: int, batch_size: int, device: str = "cpu",
-                  budget: int | None = None, options: dict | None = None, cpu_budget: int | None = None,
+def estimate_peak(s: ModelSizes, cfg, rows: int, seqlen: int, batch_size: int, device: str = "cpu",
+                  budget: int | None = None, cpu_budget: int | None = None,
                   disk_budget: int | None = None) -> PeakEstimate:
-    """Peak memory of ``prune --method METHOD`` with this calibration on ``device`` (``cpu``, ``cuda:0``).
+    """Peak memory of a prune run of the method whose config is ``cfg`` (a ``methods.MethodConfig``: what it
+    keeps is ``cfg.held``) with this calibration on ``device`` (``cpu``, ``cuda:0``).
     ``budget`` (bytes on the compute device): None = everything resident (the fast path); else layer by layer:
     the reserve (``reserve_bytes``), then what the method keeps within the rest of the budget, the remainder on
     the next tier (CPU memory below a GPU while ``cpu_budget`` allows: first the weights, which are else read
@@ -194,7 +163,7 @@ def estimate_peak(s: ModelSizes, method: str, rows: int, seqlen: int, batch_size
     dev = device_key(device)
     gpu = dev != "cpu"
     work = working_bytes(s, batch_size, seqlen)
-    held = method_state(s, method, rows, seqlen, {"batch_size": batch_size, **(options or {})}, onload=budget is not None)
+    held = cfg.held(s, rows, seqlen, onload=budget is not None)
     on_cpu = sum(x.nbytes for x in held if x.where == "cpu")
     if budget is None:
         per = {dev: s.weights + work + sum(x.nbytes for x in held if x.where == "device")}
@@ -233,15 +202,6 @@ def estimate_peak(s: ModelSizes, method: str, rows: int, seqlen: int, batch_size
 
 
 # --- time ------------------------------------------------------------------------------------------------------
-def evaluations(method_cfg, spec, ratio: float | None, rows: int) -> tuple[int, int, str]:
-    """(number of evaluations, calibration rows per evaluation, what is counted) that a method will run: its
-    config's ``evaluations`` when it has one, else one pass over the calibration rows."""
-    fn = getattr(method_cfg, "evaluations", None)
-    if fn is not None:
-        return fn(spec, ratio, rows)
-    return 1, rows, "one calibration pass"
-
-
 def greedy_evaluations(n_candidates: int, steps: int) -> int:
     """Candidate evaluations of a greedy search of ``steps`` steps over ``n_candidates`` candidates (the exact
     search; the fast search abandons most of them early), plus the dense model's."""

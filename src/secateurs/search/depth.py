@@ -15,6 +15,9 @@ from ..errors import UserError
 from ..models import get_adapter
 from .greedy import ORDER_FORMAT, CandidateScorer, PooledSteps, Replayer, SearchSettings, greedy_search
 
+from ..methods import MethodConfig
+from ..runtime.estimate import Held, hidden_bytes
+
 if TYPE_CHECKING:
     from ..methods import PruneContext
 
@@ -22,15 +25,34 @@ ORDER_FILE = "order.json"
 
 
 @dataclass
-class SearchOptions:
+class SearchOptions(MethodConfig):
     """Options shared by the greedy searches (blockpruner, sleb)."""
 
-    searches = True  # a search: on a CPU the default calibration is small (pipeline.calibration_defaults)
+    searches = True
+    parallel = True
 
     exact_reference: bool = field(default=False, metadata={"help": "run the straightforward search (every candidate through the whole model): slow, same result"})
     batch_size: int = field(default=1, metadata={"help": "calibration rows per forward pass; smaller batches let bad candidates be abandoned earlier"})
     cache_mb: int = field(default=1024, metadata={"help": "memory for cached hidden states of the fast search, MiB"})
     from_order: str | None = field(default=None, metadata={"help": "take the plan from a saved order.json (same method, model and calibration) instead of searching"})
+
+    def check(self, ratio) -> None:
+        super().check(ratio)
+        if self.batch_size < 1 or self.cache_mb < 0:
+            raise UserError("--batch-size must be >= 1 and --cache-mb >= 0")
+
+    def pass_rows(self) -> int:
+        return self.batch_size
+
+    def held(self, sizes, rows, seqlen, onload):
+        h = hidden_bytes(sizes, rows, seqlen)
+        n_batches = -(-rows // self.batch_size)
+        # cos and sin of the rotary embedding per batch (float32 at most); shared by all batches when onloaded
+        rotary = (1 if onload else n_batches) * self.batch_size * seqlen * sizes.head_dim * 2 * 4
+        return [Held("embeddings of the calibration rows and layer arguments", h + rotary),
+                Held("output head reordered in chunks", sizes.vocab * sizes.hidden * sizes.itemsize),
+                Held("current states at every block position", 2 * sizes.n_layers * h, recomputable=True),
+                Held("other cached states (--cache-mb)", self.cache_mb << 20, recomputable=True, spills=False)]
 
 
 def replayer_for(model, calib: torch.Tensor, cfg: SearchOptions) -> Replayer:
@@ -47,8 +69,6 @@ def _replica_scorer(model, calib: torch.Tensor, cfg: SearchOptions, s: SearchSet
 
 def run_greedy(ctx: PruneContext, cfg: SearchOptions, candidates, method: str, target_ratio, max_steps) -> dict:
     """Runs (or resumes) the greedy search in ``ctx.workdir/order.json``; records counts in result.json."""
-    if cfg.batch_size < 1 or cfg.cache_mb < 0:
-        raise UserError("--batch-size must be >= 1 and --cache-mb >= 0")
     s = SearchSettings(candidates, target_ratio, max_steps, cfg.exact_reference, cfg.cache_mb)
     path = ctx.workdir / ORDER_FILE
     if ctx.pool is not None:
