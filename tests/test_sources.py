@@ -29,7 +29,7 @@ def cache(tmp_path, monkeypatch):
     """A private cache folder (conversions made here leave the shared cache alone)."""
     c = tmp_path / "cache"
     monkeypatch.setenv("SECATEURS_CACHE", str(c))
-    monkeypatch.delenv(sg.ENV, raising=False)
+    monkeypatch.setenv(sg.ENV, "auto")  # restored after the test, whatever --convert-dtype sets
     return c
 
 
@@ -230,3 +230,22 @@ def test_prune_and_eval_a_gguf_file(cache, tmp_path, capsys):
     assert e["settings"]["engine"] == "torch" and e["settings"]["dtype"] == "float32"
     # the same rows prune measured on the dense model before pruning
     assert e["ppl"]["wiki:test"]["ppl"] == pytest.approx(res["ppl_test_before"], rel=1e-6)
+
+
+def test_eval_and_bench_run_a_gguf_file_in_pytorch(cache, tmp_path, capsys):
+    path, _ = tiny_gguf("qwen2", tmp_path)
+    assert main(["bench", str(path), "--engine", "pytorch", "--prompt-len", "16", "--decode-tokens", "2", "--reps", "1",
+                 "--warmup", "0", "--no-memory", "--json", str(tmp_path / "b.json"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["settings"].get("engine") != "llama.cpp"
+    assert main(["eval", str(path), "--engine", "pytorch", "--seqlen", "32", "--rows", "1", "--quiet",
+                 "--json", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["settings"]["engine"] == "torch"
+    assert main(["eval", str(path), "--engine", "pytorch", "--seqlen", "32", "--rows", "1", "--quiet",
+                 "--convert-dtype", "bfloat16", "--json", str(tmp_path / "e16.json")]) == 0
+    assert json.loads((tmp_path / "e16.json").read_text())["settings"]["dtype"] == "float32"  # the working dtype
+    assert sorted(p.name.endswith("-bfloat16") for p in (cache / "models").iterdir()) == [False, True]
+    capsys.readouterr()
+    folder = sg.gguf_folder(path, progress=False)
+    one_line_exit_2(capsys, ["bench", str(path), "--against", str(folder)], "same kind", "--engine pytorch")
+    assert main(["bench", str(path), "--against", str(folder), "--engine", "pytorch", "--prompt-len", "16",
+                 "--decode-tokens", "2", "--reps", "1", "--warmup", "0", "--no-memory", "--quiet"]) == 0
