@@ -2,9 +2,9 @@
 GGUF loader, and its answers to bad input.
 
 - Tiny random llama / mistral / qwen2 / qwen3 / gemma3 with a real BPE tokenizer, exported to f32 GGUF and
-  converted back: weights bitwise transformers' loader's, and the original model's (gemma3's norms within
-  float32 rounding of ``(1 + w) - 1``); a sharded folder loads the same; bfloat16 storage is the float32
-  weights rounded.
+  converted back: weights bitwise transformers' loader's (qwen3: transformers reads no head size from the
+  file), and the original model's (gemma3's norms within float32 rounding of ``(1 + w) - 1``); a sharded
+  folder loads the same; bfloat16 storage is the float32 weights rounded.
 - SmolLM2's and Gemma's GGUF files (slow): weights bitwise transformers' loader's in float32, the same
   logits, the same token ids and chat template.
 - Bad input through the CLI: a truncated file, a corrupt file, an unsupported architecture, a file without

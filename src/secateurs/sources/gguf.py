@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -197,7 +198,7 @@ def _remove_stale_partials(target: Path) -> None:
 def _plan_shards(entries: list[tuple], itemsize: int) -> list[list[tuple]]:
     shards, size = [[]], 0
     for e in entries:
-        n = itemsize * _numel(e[2])
+        n = itemsize * math.prod(e[2])
         if shards[-1] and size + n > SHARD_BYTES:
             shards.append([])
             size = 0
@@ -206,22 +207,79 @@ def _plan_shards(entries: list[tuple], itemsize: int) -> list[list[tuple]]:
     return shards
 
 
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+def _tensor_plan(g: GGUFFile, config):
+    """(transformers' per-tensor processor, [(GGUF tensor, transformers name, shape)]) for the file, the names
+    from transformers' own map on a model built on the meta device; a tensor missing or of another shape
+    than the metadata describe is a UserError."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    processor = TENSOR_PROCESSORS.get(g.arch, TensorProcessor)(config=config.to_dict())
+    names = get_gguf_hf_weights_map(skeleton, processor)
+    shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    entries = [(t, names[t.name], tuple(int(s) for s in reversed(t.shape))) for t in g.tensors if t.name in names]
+    wrong = [(hf, shape, shapes[hf]) for _, hf, shape in entries if shapes.get(hf, shape) != shape]
+    if wrong:
+        raise UserError(f"{g.path}: tensor {wrong[0][0]} has shape {wrong[0][1]} but its metadata describe "
+                        f"{wrong[0][2]} ({len(wrong)} such tensors); the file's metadata do not match its tensors")
+    wanted = {k for k in shapes if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    missing = sorted(wanted - {e[1] for e in entries})
+    if missing:
+        raise UserError(f"{g.path} lacks {len(missing)} tensor(s) of its {config.model_type} model, e.g. "
+                        f"{missing[0]} (GGUF {[k for k, v in names.items() if v == missing[0]][:1]})")
+    return processor, entries
+
+
+def _write_weights(g: GGUFFile, processor, entries, staging: Path, dt, progress: bool) -> None:
+    """The weights as safetensors shards (``model.safetensors`` when one), one tensor dequantized at a time and
+    written in blocks of rows, with an index when sharded."""
+    import torch
+
+    from ..progress import progress_bar
+    from ..runtime.st_io import StreamWriter
+
+    itemsize = torch.empty((), dtype=dt).element_size()
+    shards = _plan_shards(entries, itemsize)
+    files = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    total = sum(itemsize * math.prod(e[2]) for e in entries)
+    fd = os.open(g.path, os.O_RDONLY)
+    try:
+        with progress_bar(total=total, desc=f"converting {g.path.name}", unit="B", unit_scale=True,
+                          enabled=progress) as bar:
+            for file, shard in zip(files, shards):
+                w = StreamWriter(staging / file, [(hf, dt, shape) for _, hf, shape in shard], {"format": "pt"})
+                try:
+                    for t, hf, shape in shard:
+                        x = torch.from_numpy(processor.process(weights=dequantized(g, t, fd), name=t.name).weights)
+                        if tuple(x.shape) != shape:
+                            raise UserError(f"{g.path}: tensor {t.name} has shape {tuple(x.shape)}, expected {shape}")
+                        rows = x.reshape(-1, shape[-1]) if x.dim() > 1 else x.reshape(1, -1)
+                        step = max(1, BLOCK_ELEMENTS // rows.shape[1])
+                        for a in range(0, rows.shape[0], step):
+                            w.write(hf, rows[a:a + step].to(dt))
+                        bar.update(itemsize * x.numel())
+                        del x, rows
+                    w.close()
+                except BaseException:
+                    w.abort()
+                    raise
+    finally:
+        os.close(fd)
+    if len(files) > 1:
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {hf: f for f, shard in zip(files, shards) for _, hf, _ in shard}}
+        atomic_write_text(staging / "model.safetensors.index.json", json.dumps(index, indent=2))
 
 
 def convert(g: GGUFFile, target: Path, dtype: str, progress: bool = True) -> Path:
     """Writes the safetensors folder ``target`` (config, generation config, tokenizer, weights in ``dtype``)
     from the checked file ``g``, streamed, and publishes it atomically."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
-
-    from ..progress import progress_bar
-    from ..runtime.st_io import StreamWriter
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(target)
@@ -230,74 +288,25 @@ def convert(g: GGUFFile, target: Path, dtype: str, progress: bool = True) -> Pat
     staging.mkdir()
     start = time.time()
     try:
-        gguf_dir, gguf_name = str(g.path.parent), g.path.name
         try:
-            config = AutoConfig.from_pretrained(gguf_dir, gguf_file=gguf_name)
-            tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+            config = AutoConfig.from_pretrained(str(g.path.parent), gguf_file=g.path.name)
+            tokenizer = AutoTokenizer.from_pretrained(str(g.path.parent), gguf_file=g.path.name)
         except (ValueError, KeyError, OSError, TypeError) as e:
             raise UserError(f"{g.path}: transformers cannot read its configuration or tokenizer: "
                             f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from e
         key_length = g.reader.fields.get(f"{g.arch}.attention.key_length")
         if key_length is not None and getattr(config, "head_dim", None) not in (None, int(key_length.contents())):
             config.head_dim = int(key_length.contents())  # transformers reads no head size for qwen3 (it assumes 128)
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config)
-        processor = TENSOR_PROCESSORS.get(g.arch, TensorProcessor)(config=config.to_dict())
-        names = get_gguf_hf_weights_map(skeleton, processor)
-        wanted = {k for k in skeleton.state_dict() if not (config.tie_word_embeddings and k == "lm_head.weight")}
-        entries = [(t, names[t.name], tuple(int(s) for s in reversed(t.shape))) for t in g.tensors if t.name in names]
-        shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
-        wrong = [(hf, shape, shapes[hf]) for _, hf, shape in entries if shapes.get(hf, shape) != shape]
-        if wrong:
-            raise UserError(f"{g.path}: tensor {wrong[0][0]} has shape {wrong[0][1]} but its metadata describe "
-                            f"{wrong[0][2]} ({len(wrong)} such tensors); the file's metadata do not match its tensors")
-        missing = sorted(wanted - {e[1] for e in entries})
-        if missing:
-            raise UserError(f"{g.path} lacks {len(missing)} tensor(s) of its {config.model_type} model, e.g. "
-                            f"{missing[0]} (GGUF {[k for k, v in names.items() if v == missing[0]][:1]})")
-        del skeleton
+        processor, entries = _tensor_plan(g, config)
         dt = getattr(torch, dtype)
-        itemsize = torch.empty((), dtype=dt).element_size()
-        shards = _plan_shards(entries, itemsize)
-        files = ["model.safetensors"] if len(shards) == 1 else [
-            f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        total = sum(itemsize * _numel(e[2]) for e in entries)
-        fd = os.open(g.path, os.O_RDONLY)
-        try:
-            with progress_bar(total=total, desc=f"converting {g.path.name}", unit="B", unit_scale=True,
-                              enabled=progress) as bar:
-                for file, shard in zip(files, shards):
-                    w = StreamWriter(staging / file, [(hf, dt, shape) for _, hf, shape in shard], {"format": "pt"})
-                    try:
-                        for t, hf, shape in shard:
-                            v = processor.process(weights=dequantized(g, t, fd), name=t.name).weights
-                            x = torch.from_numpy(v)
-                            if tuple(x.shape) != shape:
-                                raise UserError(f"{g.path}: tensor {t.name} has shape {tuple(x.shape)}, expected {shape}")
-                            rows = x.reshape(-1, shape[-1]) if x.dim() > 1 else x.reshape(1, -1)
-                            step = max(1, BLOCK_ELEMENTS // rows.shape[1])
-                            for a in range(0, rows.shape[0], step):
-                                w.write(hf, rows[a:a + step].to(dt))
-                            bar.update(itemsize * x.numel())
-                            del v, x, rows
-                        w.close()
-                    except BaseException:
-                        w.abort()
-                        raise
-        finally:
-            os.close(fd)
-        if len(files) > 1:
-            index = {"metadata": {"total_size": total},
-                     "weight_map": {hf: f for f, shard in zip(files, shards) for _, hf, _ in shard}}
-            atomic_write_text(staging / "model.safetensors.index.json", json.dumps(index, indent=2))
+        _write_weights(g, processor, entries, staging, dt, progress)
         config.dtype = dt
         config.save_pretrained(staging)
         GenerationConfig.from_model_config(config).save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         atomic_write_text(staging / "secateurs-source.json", json.dumps(
             {"gguf": str(g.path), "architecture": g.arch, "storage_dtype": dtype, "tensors": len(entries),
-             "float32_bytes": g.float32_bytes(),
-             "seconds": round(time.time() - start, 1)}, indent=1))
+             "float32_bytes": g.float32_bytes(), "seconds": round(time.time() - start, 1)}, indent=1))
         if target.exists():  # another process finished the same conversion first; keep its folder
             shutil.rmtree(staging)
         else:
