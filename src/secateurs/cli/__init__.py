@@ -35,6 +35,10 @@ def main(argv=None) -> int:
 
         quiet()
     try:
+        if getattr(args, "convert_dtype", None):
+            from ..sources.gguf import set_convert_dtype
+
+            set_convert_dtype(args.convert_dtype)
         return args.func(args) or 0
     except UserError as e:
         print(f"secateurs: error: {e}", file=sys.stderr)
@@ -57,6 +61,16 @@ def add_placement(p, max_memory: bool = True) -> None:
                        help="memory budget per device, e.g. cuda:0=20GiB,cpu=30GiB (disk=SIZE bounds spilled files) or "
                             "one size for the CPU such as 8GiB: a model that does not fit runs layer by layer, weights "
                             "read from its safetensors as each layer runs (docs/scale.md)")
+    add_convert_dtype(p)
+
+
+def add_convert_dtype(p) -> None:
+    """How a .gguf file (or an embedded model) is stored when converted on first use (secateurs.sources.gguf)."""
+    from ..sources.gguf import CONVERT_DTYPES, FLOAT32_LIMIT
+
+    p.add_argument("--convert-dtype", default=None, choices=CONVERT_DTYPES,
+                   help=f"storage dtype of a .gguf model's one-time conversion to safetensors: auto (default) stores "
+                        f"float32 up to {FLOAT32_LIMIT // 2**30} GiB in float32 and bfloat16 above")
 
 
 def add_common(p, max_memory: bool = True, placement: bool = True) -> None:
@@ -66,6 +80,7 @@ def add_common(p, max_memory: bool = True, placement: bool = True) -> None:
         add_placement(p, max_memory)
     else:
         p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+        add_convert_dtype(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -1,6 +1,7 @@
 """``secateurs bench``: prefill latency, decode throughput, peak memory, parameters and FLOPs of a model,
 optionally side by side with another (see secateurs.eval.bench and docs/evaluation.md). ``.gguf`` files are
-measured in llama.cpp (secateurs.eval.llamacpp; docs/gguf.md)."""
+measured in llama.cpp (secateurs.eval.llamacpp; docs/gguf.md), or with ``--engine pytorch`` their conversions in
+PyTorch."""
 from __future__ import annotations
 
 import json
@@ -9,9 +10,13 @@ from . import add_common, placement_of, positive_int
 
 
 def register(sub):
+    from ..eval.engines import CHOICES as ENGINE_CHOICES
     p = sub.add_parser("bench", help="speed and memory of a model, optionally against another (measured side by side)")
     p.add_argument("model", help="embedded name, Hugging Face id, model folder, pruned secateurs folder, or a .gguf "
-                   "file (measured in llama.cpp)")
+                   "file (measured in llama.cpp unless --engine pytorch)")
+    p.add_argument("--engine", default=None, choices=list(ENGINE_CHOICES),
+                   help="pytorch or llamacpp (default: llamacpp for .gguf files, pytorch otherwise; pytorch runs a .gguf "
+                        "file's conversion to safetensors)")
     p.add_argument("--against", default=None, help="a second model (e.g. the dense one), measured in the same process, alternating")
     p.add_argument("--prompt-len", type=positive_int, default=512, help="prompt tokens (batch 1; default 512)")
     p.add_argument("--decode-tokens", type=positive_int, default=128, help="greedy decode steps with KV cache (default 128)")
@@ -43,7 +48,7 @@ def run(args):
     s = BenchSettings(prompt_len=args.prompt_len, decode_tokens=args.decode_tokens, warmup=args.warmup,
                       reps=args.reps, seed=args.seed)
     s.validate()
-    engine = same_engine(args.model, args.against)
+    engine = same_engine(args.model, args.against, args.engine)
     device = args.device if engine.name != "torch" else placement_of(args)["device"]
     out = engine.bench(args.model, args.against, asdict(s), device=device, threads=args.threads,
                        memory=not args.no_memory, progress=not args.quiet, flash_attn=args.flash_attn, dtype=args.dtype)

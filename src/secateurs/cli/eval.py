@@ -1,6 +1,7 @@
 """``secateurs eval``: perplexity of a model (dense or pruned) on named text sets, and zero-shot accuracy
 through lm-evaluation-harness (``--tasks``; see secateurs.eval.zeroshot and docs/evaluation.md). A ``.gguf``
-file is evaluated in llama.cpp (secateurs.eval.engines picks the engine from the input)."""
+file is evaluated in llama.cpp, or with ``--engine pytorch`` its conversion in PyTorch (secateurs.eval.engines
+picks the engine from the input)."""
 from __future__ import annotations
 
 import json
@@ -11,11 +12,15 @@ from . import add_common, count_arg, placement_of, positive_int
 
 
 def register(sub):
+    from ..eval.engines import CHOICES as ENGINE_CHOICES
     from ..eval.perplexity import HELD_OUT_ROWS, HELD_OUT_SEQLEN
 
     p = sub.add_parser("eval", help="perplexity (and, where available, zero-shot accuracy) of a model")
     p.add_argument("model", help="embedded name, Hugging Face id, model folder, pruned secateurs folder, or a .gguf "
-                   "file (run in llama.cpp)")
+                   "file (run in llama.cpp unless --engine pytorch)")
+    p.add_argument("--engine", default=None, choices=list(ENGINE_CHOICES),
+                   help="pytorch or llamacpp (default: llamacpp for a .gguf file, pytorch otherwise; pytorch runs a .gguf "
+                        "file's conversion to safetensors)")
     p.add_argument("--ppl", default="wiki:test", help="comma-separated text sets (default wiki:test; '' for none)")
     p.add_argument("--seqlen", type=positive_int, default=HELD_OUT_SEQLEN,
                    help=f"tokens per perplexity row (default {HELD_OUT_SEQLEN}, as prune's --eval-seqlen)")
@@ -40,7 +45,7 @@ def run(args):
     if args.rows < 0:
         raise UserError(f"--rows must be 0 (all) or more (got {args.rows})")
     tasks, built = [], {}
-    engine = engine_for(args.model)
+    engine = engine_for(args.model, args.engine)
     if args.tasks and engine.name != "torch":
         raise UserError(f"zero-shot --tasks run in PyTorch; {args.model} is evaluated in {engine.name} (perplexity only)")
     if args.tasks:

@@ -1,7 +1,7 @@
 """``secateurs export``: a dense or pruned model as a GGUF file for llama.cpp (secateurs.export.gguf)."""
 from __future__ import annotations
 
-from . import positive_int
+from . import add_convert_dtype, positive_int
 
 
 def register(sub):
@@ -17,6 +17,7 @@ def register(sub):
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--threads", type=positive_int, default=None, help="quantizer threads (default: OMP_NUM_THREADS, else all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
+    add_convert_dtype(p)
     p.set_defaults(func=run)
 
 

@@ -1,7 +1,10 @@
-"""Which engine runs a model for ``secateurs eval`` and ``secateurs bench``, chosen once from the input.
+"""Which engine runs a model for ``secateurs eval`` and ``secateurs bench``, chosen once from the input, or
+by ``--engine``.
 
 - ``llama.cpp``: a ``.gguf`` file (secateurs.eval.llamacpp);
-- ``torch``: anything else (an embedded name, a Hugging Face id or folder, a pruned secateurs folder).
+- ``torch``: anything else (an embedded name, a Hugging Face id or folder, a pruned secateurs folder), and a
+  ``.gguf`` file with ``--engine pytorch`` (its conversion to safetensors, secateurs.sources.gguf), so both
+  sides of the same file can be measured.
 
 Both give the commands the same things: an opened model with ``rows(set, seqlen, n)`` and
 ``perplexity(rows, ...)``, and ``bench(ref, against, ...)`` returning the same keys (prefill, decode, memory,
@@ -13,6 +16,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import UserError
+from ..sources.gguf import is_gguf as _is_gguf
+
+CHOICES = {"pytorch": "torch", "llamacpp": "llama.cpp"}  # --engine values: engine names
 
 
 @dataclass(frozen=True)
@@ -31,21 +37,27 @@ def register_engine(engine: Engine) -> Engine:
     return engine
 
 
-def engine_for(ref: str) -> Engine:
-    """The first registered engine that accepts ``ref`` (torch accepts everything, so it comes last)."""
-    return next(e for e in _ENGINES if e.accepts(ref))
-
-
-def same_engine(ref: str, against: str | None) -> Engine:
-    e = engine_for(ref)
-    if against is not None and engine_for(against) is not e:
-        raise UserError(f"{ref} runs in {e.name} and {against} in {engine_for(against).name}: compare two models of the "
-                        f"same kind (two .gguf files for llama.cpp, two models or folders for PyTorch)")
+def engine_for(ref: str, choice: str | None = None) -> Engine:
+    """The engine ``choice`` names (``--engine``: pytorch or llamacpp; it must accept ``ref``), else the first
+    registered engine that accepts ``ref`` (torch accepts everything, so it comes last)."""
+    if choice is None:
+        return next(e for e in _ENGINES if e.accepts(ref))
+    if choice not in CHOICES:
+        raise UserError(f"unknown engine {choice!r}; accepted: {', '.join(CHOICES)}")
+    e = next(e for e in _ENGINES if e.name == CHOICES[choice])
+    if not e.accepts(ref):
+        raise UserError(f"{ref} cannot run in {e.name}: llama.cpp runs .gguf files (export a model with "
+                        "`secateurs export`); PyTorch runs every model, .gguf files included")
     return e
 
 
-def _is_gguf(ref: str) -> bool:
-    return str(ref).lower().endswith(".gguf")
+def same_engine(ref: str, against: str | None, choice: str | None = None) -> Engine:
+    e = engine_for(ref, choice)
+    if against is not None and engine_for(against, choice) is not e:
+        raise UserError(f"{ref} runs in {e.name} and {against} in {engine_for(against).name}: compare two models of the "
+                        f"same kind (two .gguf files for llama.cpp, two models or folders for PyTorch; --engine pytorch "
+                        f"runs .gguf files in PyTorch)")
+    return e
 
 
 # --- llama.cpp ------------------------------------------------------------------------------------------------

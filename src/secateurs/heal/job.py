@@ -93,14 +93,16 @@ def check_teacher(name: str | None, dense_config: dict, source: Path) -> None:
     """The teacher exists and has the dense configuration the plan was made for."""
     from transformers import AutoConfig
 
-    from ..sources import EMBEDDED, resolve
+    from ..sources import EMBEDDED, is_gguf, resolve
 
     if not name:
         raise UserError(f"{source} does not say which dense model it came from; pass --teacher MODEL (or --loss lm)")
     p = Path(name)
-    if name not in EMBEDDED and not p.is_dir() and (p.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1):
-        raise UserError(f"teacher {name!r} (the model {source} was pruned from) is not an embedded name, a model folder "
-                        "or a Hugging Face id; pass --teacher MODEL")
+    gguf_file = is_gguf(name) and p.is_file()
+    if name not in EMBEDDED and not p.is_dir() and not gguf_file and (p.exists() or name.startswith((".", "/", "~"))
+                                                                       or name.count("/") != 1):
+        raise UserError(f"teacher {name!r} (the model {source} was pruned from) is not an embedded name, a model folder, "
+                        "a .gguf file or a Hugging Face id; pass --teacher MODEL")
     try:
         cfg = AutoConfig.from_pretrained(resolve(name, progress=False)).to_dict()
     except (OSError, ValueError) as e:
