@@ -75,6 +75,7 @@ def test_tiny_round_trip_bitwise_transformers_and_the_original(arch, cache, tmp_
     assert folder.parent == cache / "models" and folder.name.startswith("gguf-") and "bfloat16" not in folder.name
     assert (folder / "model.safetensors.index.json").exists() and len(list(folder.glob("model-*.safetensors"))) > 1
     ours = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert json.loads((folder / "config.json").read_text())["architectures"] == [type(ours).__name__]
     if arch == "qwen3":  # transformers reads no head size from a qwen3 file (assumes 128, wrong for this tiny one)
         ref, ref_tok = original, AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     else:

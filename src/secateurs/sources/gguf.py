@@ -217,6 +217,7 @@ def _tensor_plan(g: GGUFFile, config):
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
+    config.architectures = [type(skeleton).__name__]  # as save_pretrained records it (vLLM and llama.cpp's converter read it)
     processor = TENSOR_PROCESSORS.get(g.arch, TensorProcessor)(config=config.to_dict())
     names = get_gguf_hf_weights_map(skeleton, processor)
     shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
