@@ -183,6 +183,29 @@ register("tell-response-smollm2", 200, [
     "tell --assign response at 1.15x / 1.3x / 1.5x on SmolLM2-135M with the trade-off's calibration (240 measured "
     "responses at 36-65 s each on one busy core)", default=False)
 
+register("tradeoff-qwen", 240, [
+    "{py} benchmarks/tradeoff.py --model qwen2.5-coder-1.5b --methods flap,wanda-sp,shortgpt --ratios 0.10,0.16,0.22 "
+    "--eval-rows 16 --latency-reps 5 --drop-weights --work runs/tradeoff-qwen --name tradeoff-qwen2.5-coder-1.5b "
+    "--results {results}"],
+    ["{results}/tradeoff-qwen2.5-coder-1.5b.md", "{results}/tradeoff-qwen2.5-coder-1.5b.json",
+     "{results}/tradeoff-qwen2.5-coder-1.5b.png"],
+    "the 1.5B (Qwen2.5-Coder-1.5B-Instruct, float32): flap, wanda-sp, shortgpt at 10/16/22%, perplexity against "
+    "measured prefill speedup (fetches the model on first use; each pruned folder is 6 GB, dropped once measured)",
+    default=False)
+register("prune-or-quantize-qwen", 150, [
+    "{py} benchmarks/prune_or_quantize.py --model qwen2.5-coder-1.5b --threads 1 "
+    "--source-gguf \"shipped q4_k_m=~/.cache/secateurs/gguf/qwen2.5-coder-1.5b/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf\" "
+    "--pruned flap-0.10=runs/tradeoff-qwen/qwen2.5-coder-1.5b/flap-ratio0.1 --results {results}"],
+    ["{results}/prune-or-quantize-qwen2.5-coder-1.5b.md", "{results}/prune-or-quantize-qwen2.5-coder-1.5b.json",
+     "{results}/prune-or-quantize-qwen2.5-coder-1.5b.png"],
+    "prune, or quantize harder? the dense 1.5B at q4_k_m / q3_k_m / q2_k against pruned plans at q4_k_m inside "
+    "llama.cpp: perplexity on the same rows, file size, prompt and generation speed (needs the pruned folders of "
+    "tradeoff-qwen with their weights)", default=False)
+register("gpu-check", 8, ["{py} benchmarks/gpu_check.py --model qwen2.5-coder-1.5b --results {results}"],
+         ["{results}/gpu-check-qwen2.5-coder-1.5b.md", "{results}/gpu-check-qwen2.5-coder-1.5b.json"],
+         "one GPU (H200-sized): blockpruner 32 x 2048 and tell on the 1.5B in bfloat16, eval on CUDA, the onload "
+         "and device_map paths; wall time, peak GPU memory, perplexity (not run here: no GPU)", default=False)
+
 
 # --- running ------------------------------------------------------------------------------------------------
 def _fill(text: str, results: str) -> str:

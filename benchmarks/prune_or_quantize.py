@@ -1,0 +1,214 @@
+"""Prune, or quantize harder? The user's alternative to pruning, measured inside llama.cpp on the same rows.
+
+For one model: the dense model exported at each of ``--dense-types`` (default q4_k_m, q3_k_m, q2_k), and each
+pruned folder of ``--pruned`` exported at ``--pruned-type`` (default q4_k_m), all through ``secateurs export``
+(f32 GGUF, then llama.cpp's own quantizer; a pruned folder whose weights were dropped has its plan re-applied
+with ``secateurs apply`` first). For every file: perplexity in llama.cpp (``secateurs eval FILE
+--ppl SET --rows R --seqlen L``: the same rows for all), file size, and prompt / generation speed measured
+against the dense file of the first dense type, alternating in one process (``secateurs bench FILE --against
+DENSE``). ``--source-gguf`` adds the file the user started from (measured, not re-exported).
+
+Writes ``RESULTS/NAME.md`` (table, answer at equal size and equal speed, settings, what else was running),
+``.json`` (raw rows, settings) and ``.png`` (perplexity against file size and against generation speed).
+Resumable: files, ``eval-*.json`` and ``bench-*.json`` that exist are reused.
+
+    PYTHONPATH=src python benchmarks/prune_or_quantize.py --model qwen2.5-coder-1.5b \\
+        --pruned flap-0.15=runs/tradeoff/qwen2.5-coder-1.5b/flap-ratio0.15,...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gguf_speed import machine_state  # noqa: E402
+from tradeoff import cli, folders  # noqa: E402
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="the dense model (embedded name or folder)")
+    p.add_argument("--pruned", default="", help="LABEL=FOLDER,... pruned folders of that model")
+    p.add_argument("--dense-types", default="q4_k_m,q3_k_m,q2_k")
+    p.add_argument("--pruned-type", default="q4_k_m")
+    p.add_argument("--source-gguf", default="", help="LABEL=FILE: the GGUF the user started from, measured as is")
+    p.add_argument("--eval-set", default="wiki:test")
+    p.add_argument("--rows", type=int, default=16)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--work", default=str(ROOT / "runs" / "prune-or-quantize"))
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--name", default="", help="results file names without suffix (default prune-or-quantize-MODEL)")
+    p.add_argument("--render", metavar="JSON", help="redraw the table and plot from a results JSON")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="export and perplexity only (both hold under load); run again without it on a quiet machine to time")
+    return p
+
+
+def pairs(text: str) -> list[tuple[str, str]]:
+    out = []
+    for item in filter(None, text.split(",")):
+        label, sep, path = item.partition("=")
+        if not sep:
+            raise SystemExit(f"expected LABEL=PATH, got {item!r}")
+        out.append((label.strip(), path.strip()))
+    return out
+
+
+def main(argv=None) -> int:
+    a = parser().parse_args(argv)
+    if a.render:
+        data = json.loads(Path(a.render).read_text())
+        stem = Path(a.render).with_suffix("")
+        write(data, stem)
+        return 0
+    work, results, log = folders(a)
+    threads = ["--threads", str(a.threads)] if a.threads else []
+    before, t0 = machine_state(), time.time()
+    files = []  # (label, kind, type, file)
+    for t in filter(None, a.dense_types.split(",")):
+        files.append((f"dense {t}", "dense", t, work / f"dense-{t}.gguf", a.model))
+    for label, path in pairs(a.source_gguf):
+        files.append((label, "source", "as shipped", Path(path).expanduser(), None))
+    for label, folder in pairs(a.pruned):
+        files.append((label, "pruned", a.pruned_type, work / f"{label}-{a.pruned_type}.gguf", folder))
+    plans = {label: folder for label, folder in pairs(a.pruned)}
+    reference = files[0][3]
+    rows = []
+    for label, kind, t, gg, src in files:
+        if src is not None and not gg.exists():
+            applied = None
+            if kind == "pruned" and not any(Path(src).glob("*.safetensors")):  # weights dropped once measured
+                applied = work / f"{label}-applied"
+                print(f"prune_or_quantize: re-applying {src}/plan.json to {a.model} ({time.time() - t0:.0f}s)", flush=True)
+                cli(["apply", str(Path(src) / "plan.json"), a.model, "--out", str(applied), "--eval", "", "--overwrite",
+                     "--quiet"], log)
+            print(f"prune_or_quantize: exporting {label} ({time.time() - t0:.0f}s)", flush=True)
+            cli(["export", str(applied or src), "--format", "gguf", "--type", t, "--out", str(gg), "--quiet", *threads], log)
+            if applied is not None:
+                shutil.rmtree(applied)
+        ej = work / f"eval-{gg.stem}.json"
+        if not ej.exists():
+            print(f"prune_or_quantize: perplexity of {label} ({time.time() - t0:.0f}s)", flush=True)
+            cli(["eval", str(gg), "--ppl", a.eval_set, "--rows", str(a.rows), "--seqlen", str(a.seqlen), "--quiet",
+                 *threads, "--json", str(ej)], log)
+        bj = work / f"bench-{gg.stem}.json"
+        if a.prepare_only:
+            continue
+        if not bj.exists():
+            print(f"prune_or_quantize: speed of {label} against {reference.name} ({time.time() - t0:.0f}s)", flush=True)
+            cli(["bench", str(gg), "--against", str(reference), "--prompt-len", str(a.prompt_len), "--decode-tokens",
+                 str(a.decode_tokens), "--reps", str(a.reps), "--warmup", str(a.warmup), "--quiet", *threads,
+                 "--json", str(bj)], log)
+        e, b = json.loads(ej.read_text()), json.loads(bj.read_text())
+        src_result = Path(plans[label]) / "result.json" if kind == "pruned" else None
+        rows.append({"label": label, "kind": kind, "type": t, "file": str(gg), "mib": gg.stat().st_size / 2**20,
+                     "ppl": e["ppl"][a.eval_set]["ppl"], "prompt_tps": b["prompt_tokens_per_s"],
+                     "gen_tps": b["decode_tokens_per_s"], "prompt_speedup": b["speedup"]["prefill"],
+                     "gen_speedup": b["speedup"]["decode"],
+                     "ratio": json.loads(src_result.read_text())["ratio_achieved"] if src_result else None})
+    if a.prepare_only:
+        print(f"prune_or_quantize: files and perplexities ready in {work} ({time.time() - t0:.0f}s); time them without --prepare-only")
+        return 0
+    data = {"command": "PYTHONPATH=src python benchmarks/prune_or_quantize.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "settings": vars(a), "machine_before": before, "machine_after": machine_state(),
+            "seconds": time.time() - t0, "rows": rows}
+    stem = results / (a.name or f"prune-or-quantize-{a.model}")
+    stem.with_suffix(".json").write_text(json.dumps(data, indent=1))
+    write(data, stem)
+    return 0
+
+
+def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
+    """Perplexity at ``x`` along a curve of (x, ppl) points (linear in log-perplexity), None outside it."""
+    import math
+
+    pts = sorted(points)
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            w = 0.0 if x1 == x0 else (x - x0) / (x1 - x0)
+            return math.exp((1 - w) * math.log(y0) + w * math.log(y1))
+    return None
+
+
+def answer(rows: list[dict]) -> list[str]:
+    """Each pruned file against the dense quantization curve at its own size and its own speeds."""
+    dense = [r for r in rows if r["kind"] == "dense"]
+    out = []
+    for r in (r for r in rows if r["kind"] == "pruned"):
+        parts = []
+        for key, what in (("mib", "file size"), ("prompt_tps", "prompt speed"), ("gen_tps", "generation speed")):
+            q = interpolate([(d[key], d["ppl"]) for d in dense], r[key])
+            if q is None:
+                span = f"{min(d[key] for d in dense):.0f}-{max(d[key] for d in dense):.0f}"
+                parts.append(f"at its {what} ({r[key]:.0f}) no dense quantization compares (dense span {span})")
+            else:
+                better = "pruning wins" if r["ppl"] < q else "quantizing harder wins"
+                parts.append(f"at equal {what} ({r[key]:.0f}) dense quantization reads {q:.2f} against its {r['ppl']:.2f}: {better}")
+        out.append(f"- **{r['label']}** ({r['type']}): " + "; ".join(parts) + ".")
+    return out
+
+
+def write(data: dict, stem: Path) -> None:
+    a, rows = data["settings"], data["rows"]
+    mb, ma = data["machine_before"], data["machine_after"]
+    lines = [f"# Prune, or quantize harder? {a['model']} inside llama.cpp", "",
+             f"Command: `{data['command']}` ({data['seconds'] / 60:.0f} min)", "",
+             f"- Perplexity: llama.cpp, `{a['eval_set']}`, {a['rows']} rows of {a['seqlen']} tokens, the same rows for "
+             "every file.",
+             f"- Speed: batch 1, prompt of {a['prompt_len']} tokens, {a['decode_tokens']} greedy tokens, alternating "
+             f"with `{Path(rows[0]['file']).name}` in one process, {a['warmup']} warm-up round(s) dropped, medians of "
+             f"{a['reps']}; threads {a['threads'] or 'default'}.",
+             f"- Machine before: load {mb['loadavg']} on {mb['cpus']} CPUs; after: load {ma['loadavg']}. Busy at the "
+             "start: " + ("; ".join(f"`{b}`" for b in mb["busy"]) or "none") + ".", "",
+             "| file | type | ratio | MiB | wiki ppl | prompt tok/s | gen tok/s | prompt x | gen x |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}"
+        lines.append(f"| {r['label']} | {r['type']} | {ratio} | {r['mib']:.0f} | {r['ppl']:.2f} | {r['prompt_tps']:.1f} | "
+                     f"{r['gen_tps']:.2f} | {r['prompt_speedup']:.2f} | {r['gen_speedup']:.2f} |")
+    lines += ["", "## The answer, read off the dense quantization curve (linear in log-perplexity)", "", *answer(rows)]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    plot(rows, stem.with_suffix(".png"), a)
+    print(f"prune_or_quantize: wrote {stem}.md, .json and .png")
+
+
+def plot(rows: list[dict], path: Path, a: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, key, xlabel in ((axes[0], "mib", "file size (MiB)"), (axes[1], "gen_tps", "generation tokens/s (llama.cpp)")):
+        dense = sorted((r for r in rows if r["kind"] == "dense"), key=lambda r: r[key])
+        ax.plot([r[key] for r in dense], [r["ppl"] for r in dense], "o-", color="tab:blue", label="dense, quantized harder")
+        for r in rows:
+            style = {"dense": ("o", "tab:blue"), "source": ("s", "tab:gray"), "pruned": ("D", "tab:red")}[r["kind"]]
+            ax.plot(r[key], r["ppl"], style[0], color=style[1], label=None)
+            ax.annotate(f"{r['label']}", (r[key], r["ppl"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        pr = [r for r in rows if r["kind"] == "pruned"]
+        if pr:
+            ax.plot([], [], "D", color="tab:red", label=f"pruned, {a['pruned_type']}")
+        ax.set_xlabel(xlabel)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"{a['eval_set']} perplexity (lower is better)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{a['model']}: prune or quantize harder? (llama.cpp, same rows)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
