@@ -55,5 +55,5 @@ def perplexity(model, rows: torch.Tensor, batch_size: int = 4, progress: bool = 
     for v in nll(model, rows, batch_size, progress=progress, desc=desc).tolist():  # summed in row order
         total += v
     tokens = rows.shape[0] * (rows.shape[1] - 1)
-    nll = total / tokens
-    return PPLResult(math.exp(nll), nll, tokens, rows.shape[1], rows.shape[0])
+    mean = total / tokens
+    return PPLResult(math.exp(mean), mean, tokens, rows.shape[1], rows.shape[0])
