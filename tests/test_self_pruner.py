@@ -442,7 +442,7 @@ def check_answer(text, schema):
 def test_grammar_constrained_answers_parse():
     """Every answer SmolLM2 decodes under a schema's grammar is that schema's JSON, at high temperature too; a
     prompt evaluated after another (KV prefix reuse) gives the same greedy answer as from scratch."""
-    from secateurs.eval.llamacpp import ChatModel
+    from secateurs.llamacpp.chat import ChatModel
     from secateurs.sources import embedded_gguf
 
     m = ChatModel(embedded_gguf("smollm2-135m"), threads=1)

@@ -81,14 +81,13 @@ def measure_llamacpp(out: Path, model_name: str) -> dict | None:
     generation speed side by side in one process (``secateurs bench FILE.gguf --against DENSE.gguf``); kept in
     ``out/bench-gguf.json`` and reused. None (with the reason printed) when llama.cpp is not installed."""
     from .errors import UserError
-    from .eval.llamacpp import LlamaBenchSettings, bench
+    from .llamacpp.bench import LlamaBenchSettings, bench
+    from .llamacpp.binding import default_threads
     from .export.gguf import export_model
     from .pipeline import versions
     from .files import atomic_write_text
 
     path = out / "bench-gguf.json"
-    from .eval.llamacpp import default_threads
-
     settings = dict(SPEED, type=GGUF_TYPE, threads=default_threads())  # the threads PyTorch's measurement used
     if path.exists():
         b = json.loads(path.read_text())

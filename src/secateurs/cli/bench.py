@@ -1,6 +1,6 @@
 """``secateurs bench``: prefill latency, decode throughput, peak memory, parameters and FLOPs of a model,
 optionally side by side with another (see secateurs.eval.bench and docs/evaluation.md). ``.gguf`` files are
-measured in llama.cpp (secateurs.eval.llamacpp; docs/gguf.md)."""
+measured in llama.cpp (secateurs.llamacpp; docs/gguf.md)."""
 from __future__ import annotations
 
 import json
