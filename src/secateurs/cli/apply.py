@@ -10,9 +10,14 @@ from . import add_common, count_arg, placement_of, positive_int
 
 
 def register(sub):
+    p = sub.add_parser("apply", help="apply a saved pruning plan to the original model and save the pruned model",
+                       fill=add_arguments)
+    p.set_defaults(func=run)
+
+
+def add_arguments(p):
     from ..eval.perplexity import HELD_OUT_ROWS, HELD_OUT_SEQLEN
 
-    p = sub.add_parser("apply", help="apply a saved pruning plan to the original model and save the pruned model")
     p.add_argument("plan", help="plan.json, or a pruned folder holding one")
     p.add_argument("model", help="the original (dense) model: embedded name, Hugging Face id or model folder")
     p.add_argument("--out", required=True, help="output folder")
@@ -23,7 +28,6 @@ def register(sub):
                    help=f"tokens per row of the held-out set (default {HELD_OUT_SEQLEN}, as `secateurs eval`)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     add_common(p)
-    p.set_defaults(func=run)
 
 
 def plan_path(text: str) -> Path:

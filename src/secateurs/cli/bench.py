@@ -9,7 +9,12 @@ from . import add_common, placement_of, positive_int
 
 
 def register(sub):
-    p = sub.add_parser("bench", help="speed and memory of a model, optionally against another (measured side by side)")
+    p = sub.add_parser("bench", help="speed and memory of a model, optionally against another (measured side by side)",
+                       fill=add_arguments)
+    p.set_defaults(func=run)
+
+
+def add_arguments(p):
     p.add_argument("model", help="embedded name, Hugging Face id, model folder, pruned secateurs folder, or a .gguf "
                    "file (measured in llama.cpp)")
     p.add_argument("--against", default=None, help="a second model (e.g. the dense one), measured in the same process, alternating")
@@ -25,7 +30,6 @@ def register(sub):
     p.add_argument("--flash-attn", action="store_true", help="llama.cpp's flash attention for .gguf files (off by "
                    "default, as in llama-cpp-python)")
     add_common(p, max_memory=False)
-    p.set_defaults(func=run)
 
 
 def _fmt(v, spec: str) -> str:

@@ -11,9 +11,13 @@ from . import add_common, count_arg, placement_of, positive_int
 
 
 def register(sub):
+    p = sub.add_parser("eval", help="perplexity (and, where available, zero-shot accuracy) of a model", fill=add_arguments)
+    p.set_defaults(func=run)
+
+
+def add_arguments(p):
     from ..eval.perplexity import HELD_OUT_ROWS, HELD_OUT_SEQLEN
 
-    p = sub.add_parser("eval", help="perplexity (and, where available, zero-shot accuracy) of a model")
     p.add_argument("model", help="embedded name, Hugging Face id, model folder, pruned secateurs folder, or a .gguf "
                    "file (run in llama.cpp)")
     p.add_argument("--ppl", default="wiki:test", help="comma-separated text sets (default wiki:test; '' for none)")
@@ -29,7 +33,6 @@ def register(sub):
     p.add_argument("--threads", type=positive_int, default=None, help="llama.cpp threads for a .gguf (default: "
                    "OMP_NUM_THREADS, else all cores)")
     add_common(p)
-    p.set_defaults(func=run)
 
 
 def run(args):

@@ -60,8 +60,8 @@ def register(sub):
     p = sub.add_parser("prune", help="prune a model to a target ratio with a registered method", add_help=False,
                        usage="secateurs prune MODEL --method NAME [--ratio R] --out DIR [options]",
                        description="Prune a model with a registered method; writes plan.json, the pruned model and "
-                       "result.json. `secateurs prune --method NAME --help` shows one method's options.")
-    add_arguments(p)
+                       "result.json. `secateurs prune --method NAME --help` shows one method's options.",
+                       fill=add_arguments)
     p.set_defaults(func=run)
 
 
