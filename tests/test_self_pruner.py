@@ -191,6 +191,26 @@ def test_full_tiny_self_pruner_classic(tmp_path):
     assert_valid(SearchSpace(spec.n_layers, d["mean_rate"]), d["rates"])
 
 
+def test_fitness_rows_default_follows_a_small_calibration(tmp_path, capsys):
+    """`--nsamples 2` without --fitness-rows is accepted: the fitness runs on the 2 rows, said in one line; a
+    --fitness-rows the user gave beyond the calibration is still refused."""
+    from secateurs.methods.self_pruner import check, fitness_rows
+
+    model = tiny_model("llama")
+    ad = get_adapter(model)
+    calib = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    ctx = PruneContext(model, None, ad, ad.spec(), calib, 0.3, 0, tmp_path, True)
+    m = get_method("self-pruner")
+    cfg = make_config(m, dict(proposer="classic"))
+    check(cfg, ctx)
+    assert fitness_rows(cfg, ctx, print) == 2
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and "fitness on all 2 calibration row(s)" in out[0] and "--fitness-rows" in out[0]
+    assert fitness_rows(make_config(m, dict(fitness_rows=1)), ctx, print) == 1
+    with pytest.raises(UserError, match="--fitness-rows 3 exceeds the 2 calibration rows"):
+        check(make_config(m, dict(fitness_rows=3)), ctx)
+
+
 @pytest.mark.parametrize("opts,msg", [(dict(proposer="classic", endpoint="http://x/v1"), "--endpoint applies to --proposer openai"),
                                       (dict(proposer="classic", proposer_model="m.gguf"), "--proposer-model applies"),
                                       (dict(proposer="local", proposer_model="m.bin"), "GGUF chat model file"),

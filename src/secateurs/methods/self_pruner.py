@@ -3,7 +3,8 @@ applied by wanda-sp.
 
 - Search space: one rate per layer in ``[--rate-min, --rate-max]`` on a grid of ``--rate-step``; the mean is
   the rate that gives the target ratio (``mean_rate_for_ratio``).
-- Fitness: calibration perplexity (first ``--fitness-rows`` calibration rows) of the model pruned at those
+- Fitness: calibration perplexity (the first ``--fitness-rows`` calibration rows; by default 4, or all of them
+  when there are fewer) of the model pruned at those
   rates by wanda-sp. Cheap by design: the Wanda-sp scores are computed once, in one calibration pass over the
   dense model (one-shot scores, not the layer-by-layer re-calibration), and a candidate is evaluated by
   masking the dense model (``MaskedPlan``: removed columns of o_proj/down_proj zeroed in place and restored
@@ -38,6 +39,9 @@ from ..plan import PruningPlan
 from . import PruneContext, register_method
 
 
+FITNESS_ROWS = 4  # the fitness rows when --fitness-rows is not given (at most the calibration rows)
+
+
 @dataclass
 class SelfPrunerConfig:
     proposer: str = field(default="classic", metadata={
@@ -51,7 +55,9 @@ class SelfPrunerConfig:
     rate_min: float = field(default=0.0, metadata={"help": "lowest per-layer rate"})
     rate_max: float = field(default=0.9, metadata={"help": "highest per-layer rate"})
     rate_step: float = field(default=0.01, metadata={"help": "grid of the per-layer rates"})
-    fitness_rows: int = field(default=4, metadata={"help": "calibration rows of the fitness perplexity"})
+    fitness_rows: int | None = field(default=None, metadata={
+        "help": f"calibration rows of the fitness perplexity (default {FITNESS_ROWS}, or every calibration row when "
+                "--nsamples gives fewer)"})
     proposer_model: str | None = field(default=None, metadata={
         "aliases": ["--llm-model"],
         "help": "local: a GGUF chat model file (default: the model being pruned, its offline GGUF or its cached "
@@ -73,7 +79,7 @@ class SelfPrunerConfig:
     def evaluations(self, spec, ratio, rows) -> tuple[int, int, str]:
         """What the search will run (``runtime.estimate``): fitness evaluations on --fitness-rows rows."""
         n = max(0, self.population) + max(0, self.generations) * max(0, self.crossover + self.mutation)
-        return n, min(self.fitness_rows, rows), (f"at most {n} fitness evaluations (population {self.population}, "
+        return n, min(self.fitness_rows or FITNESS_ROWS, rows), (f"at most {n} fitness evaluations (population {self.population}, "
                                                  f"{self.generations} generations of {self.crossover + self.mutation} "
                                                  "children; repeated vectors are not evaluated again)")
 
@@ -159,7 +165,7 @@ class MaskedFitness:
 
 def check(cfg: SelfPrunerConfig, ctx: PruneContext) -> None:
     for name in ("population", "fitness_rows", "batch_size", "llm_max_tokens", "endpoint_timeout"):
-        if getattr(cfg, name) < 1:
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
     for name in ("generations", "crossover", "mutation", "llm_retries", "endpoint_wait"):
         if getattr(cfg, name) < 0:
@@ -168,8 +174,20 @@ def check(cfg: SelfPrunerConfig, ctx: PruneContext) -> None:
         raise UserError(f"--endpoint applies to --proposer openai (the proposer is {cfg.proposer})")
     if cfg.proposer_model and cfg.proposer == "classic":
         raise UserError("--proposer-model applies to --proposer local or openai (the proposer is classic)")
-    if cfg.fitness_rows > ctx.calib.shape[0]:
+    if cfg.fitness_rows is not None and cfg.fitness_rows > ctx.calib.shape[0]:
         raise UserError(f"--fitness-rows {cfg.fitness_rows} exceeds the {ctx.calib.shape[0]} calibration rows (--nsamples)")
+
+
+def fitness_rows(cfg: SelfPrunerConfig, ctx: PruneContext, log) -> int:
+    """``--fitness-rows``, or when not given the default within the calibration rows (said in one line when the
+    calibration is the smaller)."""
+    if cfg.fitness_rows is not None:
+        return cfg.fitness_rows
+    n = ctx.calib.shape[0]
+    if n < FITNESS_ROWS and log:
+        log(f"self-pruner: fitness on all {n} calibration row(s) (--nsamples {n}; the default is {FITNESS_ROWS}; "
+            "--fitness-rows to change)")
+    return min(FITNESS_ROWS, n)
 
 
 @register_method("self-pruner", "evolutionary search of per-layer wanda-sp rates, operators performed classically "
@@ -185,7 +203,8 @@ def self_pruner(ctx: PruneContext, cfg: SelfPrunerConfig) -> PruningPlan:
                              model=cfg.proposer_model, retries=cfg.llm_retries, temperature=cfg.llm_temperature,
                              max_tokens=cfg.llm_max_tokens, timeout=cfg.endpoint_timeout, wait=cfg.endpoint_wait)
     scores = MaskedFitness.scores(ctx, cfg.batch_size)
-    rows = ctx.calib[: cfg.fitness_rows].clone()
+    n_fit = fitness_rows(cfg, ctx, log)
+    rows = ctx.calib[:n_fit].clone()
     evo = EvolutionConfig(cfg.population, cfg.generations, cfg.crossover, cfg.mutation, ctx.seed)
     path = ctx.workdir / "search.jsonl"
     fitness = None
@@ -209,7 +228,7 @@ def self_pruner(ctx: PruneContext, cfg: SelfPrunerConfig) -> PruningPlan:
             fitness.close()
     ctx.count_ppl(result.new_evaluations)
     plan = sequential_plan(ctx, result.best.rates, cfg.batch_size, "self-pruner")
-    ctx.record(rates=result.best.rates, mean_rate=space.mean, best_fitness=result.best.fitness,
+    ctx.record(fitness_rows=n_fit, rates=result.best.rates, mean_rate=space.mean, best_fitness=result.best.fitness,
                uniform_fitness=result.uniform.fitness, fitness_evaluations=result.evaluations,
                fitness_evaluations_this_run=result.new_evaluations, search_wall_s=result.wall_s,
                search=result.stats, kept=plan.kept_fraction(spec))

@@ -149,7 +149,7 @@ def method_state(s: ModelSizes, method: str, rows: int, seqlen: int, options: di
     if method == "wanda-sp":
         return [Held("hidden states of the calibration rows", h), stats]
     if method == "self-pruner":
-        fit = hidden_bytes(s, min(int(o.get("fitness_rows", 4)), rows), seqlen)
+        fit = hidden_bytes(s, min(int(o.get("fitness_rows") or 4), rows), seqlen)
         return [Held("hidden states of the calibration rows (final wanda-sp pass)", h), stats,
                 Held("hidden states of the fitness rows", fit if onload else 0)]
     if method == "tell":
