@@ -30,9 +30,8 @@ from ..eval.perplexity import perplexity
 from ..models import get_adapter
 from ..importance.sequential import sequential_plan
 from ..importance.width import (MaskedPlan, collect_stats, head_scores, layer_plan_at_rate, mean_rate_for_ratio,
-                                wanda_column_scores, width_reach)
+                                projection_scores, width_reach)
 from ..runtime import onloader_of
-from ..runtime.passes import layer_weights
 from ..search.evolution import EvolutionConfig, SearchSpace, evolve
 from ..search.proposers import EndpointDown, make_proposer
 from ..plan import PruningPlan
@@ -146,14 +145,8 @@ class MaskedFitness:
         """Per-layer head and channel scores from one calibration pass over the dense model (resident or layer
         by layer)."""
         stats = collect_stats(ctx.model, ctx.adapter, ctx.calib, batch_size)
-        ad = ctx.adapter
-        heads, channels = [], []
-        for i in range(ctx.spec.n_layers):
-            with layer_weights(ctx.model, i) as layer:
-                o, down = ad.proj(layer, ad.o), ad.proj(layer, ad.down)
-                heads.append(head_scores(wanda_column_scores(o.weight, stats.l2(f"attn.{i}")), ctx.spec.head_dim).cpu())
-                channels.append(wanda_column_scores(down.weight, stats.l2(f"mlp.{i}")).cpu())
-        return heads, channels
+        attn, mlp = projection_scores(ctx.model, ctx.adapter, stats, "wanda")
+        return [head_scores(a, ctx.spec.head_dim).cpu() for a in attn], [m.cpu() for m in mlp]
 
     def plans(self, rates) -> dict:
         return {i: layer_plan_at_rate(self.spec, r, self.heads[i], self.channels[i]) for i, r in enumerate(rates)}
