@@ -76,7 +76,7 @@ def _run(args, where, spill):
     settings = {"model": args.model, "plan": str(plan_path(args.plan)), "plan_method": plan.method,
                 "plan_settings": plan.meta.get("settings"), "eval": args.eval or None, "eval_rows": args.eval_rows,
                 "eval_seqlen": args.eval_seqlen, "device": device, "dtype": str(model_dtype(model)).replace("torch.", ""),
-                "max_memory": args.max_memory, "placement": getattr(model, "secateurs_placement", None)}
+                "max_memory": where["max_memory"], "placement": getattr(model, "secateurs_placement", None)}
     result = {
         "format": RESULT_FORMAT,
         "method": plan.method or "hand-made",

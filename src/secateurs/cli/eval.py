@@ -77,7 +77,7 @@ def _run(args, engine, sets, tasks, built, where, spill):
     rows_by_set = {name: handle.rows(name, args.seqlen, args.rows) for name in sets}  # validate all first
     out = {"model": args.model, "ppl": {},
            "settings": {"ppl": sets, "seqlen": args.seqlen, "rows": args.rows, "batch_size": args.batch_size,
-                        "tasks": tasks, "limit": args.limit, "device": device or "cpu", "max_memory": args.max_memory,
+                        "tasks": tasks, "limit": args.limit, "device": device or "cpu", "max_memory": where["max_memory"],
                         **handle.settings()},
            "versions": versions()}
     for name, rows in rows_by_set.items():

@@ -79,7 +79,8 @@ def run(args):
     s = PruneSettings(model=args.model, method=args.method, ratio=args.ratio, calib=args.calib,
                       nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, eval=args.eval,
                       eval_rows=args.eval_rows, eval_seqlen=args.eval_seqlen, device=where["device"], options=options,
-                      export=args.export, export_type=args.export_type, dtype=args.dtype, max_memory=args.max_memory)
+                      export=args.export, export_type=args.export_type, dtype=args.dtype,
+                      max_memory=where["max_memory"])
     r = run_prune(s, args.out, overwrite=args.overwrite, progress=not args.quiet, pool=pool,
                   dry_run=args.dry_run)
     if args.dry_run:
