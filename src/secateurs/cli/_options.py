@@ -49,7 +49,7 @@ class CliOption:
             kw["type"] = self.type
             if "choices" in f.metadata:
                 kw["choices"] = f.metadata["choices"]
-        group.add_argument(self.flag, *f.metadata.get("aliases", ()), **kw)  # aliases: older spellings
+        group.add_argument(self.flag, *f.metadata.get("aliases", ()), **kw)  # aliases: other accepted spellings
 
 
 def _field_type(config_cls, name: str) -> type:

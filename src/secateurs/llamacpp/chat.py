@@ -8,7 +8,7 @@ local proposer, ``secateurs.search.proposers``).
 - **Sampling**: the ``top_k`` likeliest tokens are passed through the grammar and the valid ones sampled at
   ``temperature`` (a seeded NumPy generator; 0 = greedy); only when none of them is valid is the whole
   vocabulary passed through the grammar. (llama-cpp-python's own sampler passes the whole vocabulary through the
-  grammar at every token, about 2.7x the time per token on SmolLM2: benchmarks/self_pruner_proposal_time.py.)
+  grammar at every token, which costs more per token: benchmarks/self_pruner_proposal_time.py times both.)
 - **End**: at an end-of-generation token or as soon as the answer is a complete JSON value.
 """
 from __future__ import annotations

@@ -2,9 +2,8 @@
 measured about the model (our design of Yang et al., ICML 2025, "Let LLM Tell What to Prune and How Much to
 Prune"; see docs/tell.md).
 
-Default: ``--assign response``, the best assignment measured (the lowest perplexity of every method at equal
-measured speed on both models, though on SmolLM2 at 1.3x only 2% under FLAP; ``--refine 20`` widens that;
-docs/tell.md). ``--assign uniform`` instead: the same ratio in every block; inside a
+Default: ``--assign response``: every block's options measured on the model itself, then chosen together
+(docs/tell.md compares the assignments). ``--assign uniform`` instead: the same ratio in every block; inside a
 block the lowest-FLAP heads / channels go with bias compensation, as many as the width methods' rate rule says
 (``importance/width.py``); the ratio is set by bisection on the budget (``search/assign.py``): the parameter
 ratio, or with ``--speedup`` the speedup predicted from the unit costs measured on this device
