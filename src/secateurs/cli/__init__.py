@@ -78,7 +78,7 @@ def main(argv=None) -> int:
 
 def add_placement(p, max_memory: bool = True) -> None:
     """Where and in what precision the model runs: device, working dtype, memory budget (docs/scale.md)."""
-    from ..runtime.precision import DTYPE_CHOICES
+    from ..defaults import DTYPE_CHOICES
 
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,

@@ -16,7 +16,7 @@ def register(sub):
 
 
 def add_arguments(p):
-    from ..eval.perplexity import HELD_OUT_ROWS, HELD_OUT_SEQLEN
+    from ..defaults import HELD_OUT_ROWS, HELD_OUT_SEQLEN
 
     p.add_argument("plan", help="plan.json, or a pruned folder holding one")
     p.add_argument("model", help="the original (dense) model: embedded name, Hugging Face id or model folder")

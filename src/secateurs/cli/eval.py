@@ -16,7 +16,7 @@ def register(sub):
 
 
 def add_arguments(p):
-    from ..eval.perplexity import HELD_OUT_ROWS, HELD_OUT_SEQLEN
+    from ..defaults import HELD_OUT_ROWS, HELD_OUT_SEQLEN
 
     p.add_argument("model", help="embedded name, Hugging Face id, model folder, pruned secateurs folder, or a .gguf "
                    "file (run in llama.cpp)")

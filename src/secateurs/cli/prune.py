@@ -7,7 +7,7 @@ from . import add_placement, count_arg, device_of, placement_of, positive_int, r
 def add_arguments(p, method: str | None = None) -> None:
     """``prune``'s options in groups; the method groups of every method, or only ``method``'s (``--method NAME
     --help``)."""
-    from ..eval.perplexity import HELD_OUT_ROWS, HELD_OUT_SEQLEN
+    from ..defaults import HELD_OUT_ROWS, HELD_OUT_SEQLEN
     from ._options import MethodHelp, add_method_options
 
     p.add_argument("model", help="embedded name (smollm2-135m, gemma3-270m), Hugging Face id or model folder")

@@ -12,13 +12,9 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from ..defaults import HELD_OUT_ROWS, HELD_OUT_SEQLEN  # noqa: F401 (the held-out rows' defaults, shared)
 from ..runtime.passes import row_nll as nll
-
-
-# Held-out perplexity: the row length and row count that ``eval``, ``prune`` and ``apply`` share by default, so
-# that the numbers they print for the same model agree.
-HELD_OUT_SEQLEN = 512
-HELD_OUT_ROWS = 16
 
 
 def rows_label(rows: int, seqlen: int) -> str:
