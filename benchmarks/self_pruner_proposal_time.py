@@ -8,7 +8,7 @@ The model being pruned (SmolLM2-135M, its offline Q4_1 GGUF) proposes for a 30-l
 fitness is a synthetic function (a quadratic distance to a fixed vector, scaled like a perplexity), so only
 the proposer's time is measured. Two samplers run the same search in turn, alternating per round:
 
-- ``secateurs``: ``secateurs.eval.llamacpp.ChatModel`` (the grammar applied to the top-40 tokens, the whole
+- ``secateurs``: ``secateurs.llamacpp.chat.ChatModel`` (the grammar applied to the top-40 tokens, the whole
   vocabulary only when none of them is valid; KV prefix reuse);
 - ``llama-cpp-python``: the binding's own ``create_chat_completion(grammar=...)`` (the grammar applied to the
   whole vocabulary at every token), same temperature, top-k 40, same schema.
@@ -40,7 +40,7 @@ def main():
 
     from llama_cpp import LlamaGrammar
 
-    from secateurs.eval.llamacpp import quiet
+    from secateurs.llamacpp.binding import quiet
     from secateurs.sources import embedded_gguf
     from secateurs.search.evolution import EvolutionConfig, SearchSpace, evolve
     from secateurs.search.proposers import LlamaCppProposer

@@ -29,6 +29,31 @@ def test_methods_lists_registry():
     assert "uniform-drop" in out
 
 
+def test_building_the_parser_imports_no_torch():
+    """`secateurs --help` stays light: a command's options, and the modules they come from, are added only when
+    that command is used; the help of the commands whose options need no model code is light too (prune's
+    comes from the method configs, export's from the GGUF writer)."""
+    light = ["apply", "bench", "eval", "explain", "heal", "methods", "report"]
+    code = ("import sys, secateurs.cli as c; p = c.build_parser(); p.format_help(); "
+            "cmds = next(a for a in p._actions if a.dest == 'command').choices; "
+            f"[cmds[n].format_help() for n in {light!r}]; "
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'numpy')); "
+            "assert not heavy, heavy[:5]; "
+            "print(' '.join(sorted(next(a for a in p._actions if a.dest == 'command').choices)))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["apply", "bench", "eval", "explain", "export", "heal", "methods", "prune", "report"]
+    assert cli("--help").stdout.startswith("usage: secateurs")
+
+
+def test_every_command_takes_quiet():
+    from secateurs.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for name, p in commands.items():
+        assert "--quiet" in p.filled()._option_string_actions, name
+
+
 def test_prune_eval_load_round_trip(tmp_path):
     out = tmp_path / "run"
     r = cli("prune", "smollm2-135m", "--method", "uniform-drop", "--ratio", "0.1", *SMALL, "--out", str(out))

@@ -3,6 +3,7 @@ remote code only where the structure needs it) and with ``secateurs.load``; same
 generation. Interrupted saves never leave a folder that passes for a good one; `secateurs apply` re-applies."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -309,3 +310,16 @@ def test_real_model_round_trip(smollm, tmp_path):
     assert child["text_ids"] == tok(text).input_ids
     torch.testing.assert_close(child["logits"], logits, atol=1e-4, rtol=1e-4)
     assert torch.equal(child["gen"], gen)
+
+
+def test_shipped_modeling_file_carries_the_one_partial_layer():
+    """The modeling file of a custom folder holds secateurs/branches.py's own text (one definition of
+    PartialLayer and branch_forward), and no import of secateurs."""
+    import secateurs.branches
+    from secateurs.export.checkpoint import modeling_source
+
+    text = Path(secateurs.branches.__file__).read_text()
+    body = text.split('"""', 2)[2].strip()
+    src = modeling_source("gemma3_text")
+    assert body in src and 'BASE_MODEL_TYPE = "gemma3_text"' in src
+    assert not re.search(r"^\s*(from|import) secateurs", src, re.M)

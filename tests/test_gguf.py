@@ -33,7 +33,8 @@ from secateurs.surgery import apply_plan
 
 import llama_cpp  # noqa: E402,F401  (without it, conftest's stand-in skips only the tests that use it)
 from conftest import needs_llama_cpp  # noqa: E402  (tests that run it in a subprocess or check it up front)
-from secateurs.eval import llamacpp as lx  # noqa: E402
+from secateurs.llamacpp import model as lx  # noqa: E402
+from secateurs.llamacpp.perplexity import Handle  # noqa: E402
 
 TOL = 1e-4  # max |logit difference| / max |logit|: f32 weights and an f32 KV cache in llama.cpp, f32 in PyTorch
 TOL_GELU = 2e-3  # gemma3: ggml's CPU GELU reads an f16 table (GGML_GELU_FP16 in ggml-cpu/vec.h)
@@ -132,6 +133,22 @@ def test_gemma3_whole_layer_removal_keeps_each_layer_attention_type(tmp_path):
     ids = torch.randint(0, 128, (24,), generator=torch.Generator().manual_seed(1)).tolist()  # beyond the window of 8
     rel, ref, got = compare(model, tmp_path / "g.gguf", ids, n_greedy=8)
     assert rel < TOL_GELU and got == ref
+
+
+def test_gguf_flops_are_the_pytorch_count_with_sliding_windows(tmp_path):
+    """One FLOP count for both engines: a GGUF's sizes and sliding-window pattern give the count of the PyTorch
+    model it was written from, past the window of 8 (three sliding layers of the tiny gemma3 remain)."""
+    from secateurs.eval.bench import model_flops
+    from secateurs.llamacpp.bench import flops
+
+    model = tiny_model("gemma3_text")
+    spec = get_adapter(model).spec()
+    apply_plan(model, PruningPlan.from_removed_blocks(spec, [(3, "attn"), (3, "mlp")]), spec)
+    gx.export_gguf(model, None, tmp_path / "g.gguf", "f32")
+    info = lx.read_info(tmp_path / "g.gguf")
+    assert [L["window"] for L in info.layers] == [8, 8, 8]
+    for T in (4, 24):
+        assert flops(info, T) == model_flops(model, T)
 
 
 @needs_llama_cpp
@@ -359,7 +376,7 @@ def test_q8_0_perplexity_within_2_percent_of_f32_on_the_pytorch_rows(smollm, tmp
         assert main(["eval", str(tmp_path / f"{t}.gguf"), "--ppl", "wiki:test", "--seqlen", "256", "--rows", "4",
                      "--threads", "1", "--quiet", "--json", str(tmp_path / f"{t}.json")]) == 0
         ppl[t] = json.loads((tmp_path / f"{t}.json").read_text())["ppl"]["wiki:test"]["ppl"]
-    h = lx.Handle(str(tmp_path / "q8_0.gguf"), 256, threads=1)
+    h = Handle(str(tmp_path / "q8_0.gguf"), 256, threads=1)
     assert torch.equal(h.rows("wiki:test", 256, 4), rows_torch)
     assert abs(ppl["f32"] / ppl_torch - 1) < 1e-3, (ppl, ppl_torch)  # f16 KV cache in llama.cpp's default
     assert abs(ppl["q8_0"] / ppl["f32"] - 1) < 0.02, ppl

@@ -59,6 +59,10 @@ def test_parse_max_memory():
     assert parse_max_memory("cuda:0=20GiB,cpu=30GiB") == {"cuda:0": 20 * 2**30, "cpu": 30 * 2**30}
     assert parse_max_memory("8GB") == {"cpu": 8 * 10**9}
     assert parse_max_memory("0=1.5GiB,disk=100MB") == {"cuda:0": int(1.5 * 2**30), "disk": 10**8}
+    assert parse_max_memory({"cuda": 5, "cpu": 7}) == {"cuda:0": 5, "cpu": 7}  # the parsed form passes through
+    for bad in ({"cpu": 0}, {"gpu": 5}, {"cuda": 1, "0": 2}, {"cpu": "8GiB"}):
+        with pytest.raises(UserError, match="--max-memory"):
+            parse_max_memory(bad)
     assert parse_size("512") == 512
     for bad in ["", "lots", "cpu=", "gpu=3GB", "cpu=3XB", "cpu=1GB,cpu=2GB", "1GB,2GB", "cpu=0"]:
         with pytest.raises(UserError, match="--max-memory"):

@@ -17,7 +17,7 @@ import torch
 
 from conftest import needs_llama_cpp, prune, tiny_model
 from secateurs.errors import UserError
-from secateurs.methods import PruneContext
+from secateurs.methods import PruneContext, get_method, make_config
 from secateurs.models import get_adapter
 from secateurs.search.evolution import EvolutionConfig, Individual, InvalidAnswer, SearchSpace, evolve
 from secateurs.search.proposers import (ClassicProposer, EndpointDown, LLMProposer, OpenAIProposer, first_json,
@@ -188,6 +188,26 @@ def test_full_tiny_self_pruner_classic(tmp_path):
     assert d["best_fitness"] <= d["uniform_fitness"] and plan.record["ppl_evaluations"] == d["fitness_evaluations"] <= 5 + 2 * 6
     assert len((tmp_path / "search.jsonl").read_text().splitlines()) == 3
     assert_valid(SearchSpace(spec.n_layers, d["mean_rate"]), d["rates"])
+
+
+def test_fitness_rows_default_follows_a_small_calibration(tmp_path, capsys):
+    """`--nsamples 2` without --fitness-rows is accepted: the fitness runs on the 2 rows, said in one line; a
+    --fitness-rows the user gave beyond the calibration is still refused."""
+    from secateurs.methods.self_pruner import fitness_rows
+
+    model = tiny_model("llama")
+    ad = get_adapter(model)
+    calib = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    ctx = PruneContext(model, None, ad, ad.spec(), calib, 0.3, 0, tmp_path, True)
+    m = get_method("self-pruner")
+    cfg = make_config(m, dict(proposer="classic"))
+    cfg.check(ctx.ratio)
+    assert fitness_rows(cfg, ctx, print) == 2
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and "fitness on all 2 calibration row(s)" in out[0] and "--fitness-rows" in out[0]
+    assert fitness_rows(make_config(m, dict(fitness_rows=1)), ctx, print) == 1
+    with pytest.raises(UserError, match="--fitness-rows 3 exceeds the 2 calibration rows"):
+        prune(model, "self-pruner", 0.3, calib, tmp_path, proposer="classic", fitness_rows=3)
 
 
 @pytest.mark.parametrize("opts,msg", [(dict(proposer="classic", endpoint="http://x/v1"), "--endpoint applies to --proposer openai"),
@@ -434,7 +454,7 @@ def check_answer(text, schema):
 def test_grammar_constrained_answers_parse():
     """Every answer SmolLM2 decodes under a schema's grammar is that schema's JSON, at high temperature too; a
     prompt evaluated after another (KV prefix reuse) gives the same greedy answer as from scratch."""
-    from secateurs.eval.llamacpp import ChatModel
+    from secateurs.llamacpp.chat import ChatModel
     from secateurs.sources import embedded_gguf
 
     m = ChatModel(embedded_gguf("smollm2-135m"), threads=1)

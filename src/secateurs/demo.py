@@ -1,5 +1,5 @@
 """`make demo`: the project at its best on a CPU in a few minutes. SmolLM2-135M is pruned by the method and ratio
-in ``CHOICE`` (the best measured quality per speed so far: benchmarks/results/tradeoff-smollm2-135m.md), then
+in ``CHOICE`` (the best measured quality per speed: benchmarks/results/tradeoff-smollm2-135m.md), then
 measured against the dense model: parameters, held-out perplexity, and prefill and decode speed side by side in
 this process (the pruned folder gets ``bench.json`` like ``secateurs bench --json`` writes), the same inside
 llama.cpp on q8_0 GGUF exports of both (``bench-gguf.json``), with one greedy continuation from each model.
@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-# The one-line choice: method and target ratio (FLAP at 15%: held-out perplexity 21.4 -> 40.0 at a measured
-# 1.21x prefill speedup in the trade-off, the best quality per speed measured on SmolLM2 so far).
+# The one-line choice: method and target ratio, the best quality per measured speed on SmolLM2 in the
+# trade-off benchmark (benchmarks/tradeoff.py; README).
 CHOICE = dict(method="flap", ratio=0.15)
 # The trade-off's calibration (16 rows of 256 tokens of wiki) and the held-out rows every command uses by default.
 SETTINGS = dict(model="smollm2-135m", calib="wiki", nsamples=16, seqlen=256, seed=0, eval="wiki:test")
@@ -81,14 +81,13 @@ def measure_llamacpp(out: Path, model_name: str) -> dict | None:
     generation speed side by side in one process (``secateurs bench FILE.gguf --against DENSE.gguf``); kept in
     ``out/bench-gguf.json`` and reused. None (with the reason printed) when llama.cpp is not installed."""
     from .errors import UserError
-    from .eval.llamacpp import LlamaBenchSettings, bench
+    from .llamacpp.bench import LlamaBenchSettings, bench
+    from .llamacpp.binding import default_threads
     from .export.gguf import export_model
     from .result import versions
     from .files import atomic_write_text
 
     path = out / "bench-gguf.json"
-    from .eval.llamacpp import default_threads
-
     settings = dict(SPEED, type=GGUF_TYPE, threads=default_threads())  # the threads PyTorch's measurement used
     if path.exists():
         b = json.loads(path.read_text())

@@ -5,8 +5,8 @@
 - Channels: rows of gate and up, columns of down (``resize_mlp``).
 - Bias compensation: added to the output projection (a bias-free projection gets a bias).
 - A layer with both blocks removed is deleted from the layer list; a layer with one block removed becomes a
-  ``PartialLayer`` that keeps the surviving branch's modules under their original names (so state-dict keys
-  stay those of the stock architecture) and runs ``h + post(module(pre(h)))`` for it alone.
+  ``branches.PartialLayer`` that keeps the surviving branch's modules under their original names (so state-dict
+  keys stay those of the stock architecture) and runs ``h + post(module(pre(h)))`` for it alone.
 - The adapter installs the remaining layers (``set_layers``): attention ``layer_idx`` values (their KV-cache
   slots), ``config.num_hidden_layers`` and ``config.layer_types`` are renumbered to the layers that remain.
 """
@@ -15,36 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .models.base import Adapter, Branch, branch_forward, get_adapter, head_indices
+from .branches import PartialLayer
+from .models.base import Adapter, get_adapter, head_indices
 from .plan import LayerPlan, PruningPlan
-
-
-class PartialLayer(nn.Module):
-    """A decoder layer with one of its two residual branches removed.
-
-    With the attention branch gone the layer still records the sequence length in its KV-cache slot (a
-    zero-head entry, no memory), so ``cache.get_seq_length()`` stays right even if slot 0 lost its attention.
-    """
-
-    def __init__(self, layer: nn.Module, branch: Branch, kind: str, layer_idx: int, head_dim: int):
-        super().__init__()
-        for name in branch.names:
-            setattr(self, name, getattr(layer, name))
-        self.branch = branch
-        self.kind = kind  # the kept branch: 'attn' or 'mlp'
-        self.layer_idx = layer_idx
-        self.head_dim = head_dim
-        if hasattr(layer, "attention_type"):
-            self.attention_type = layer.attention_type
-
-    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
-        if self.kind == "mlp":
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
-            if cache is not None:
-                b, t = hidden_states.shape[:2]
-                empty = hidden_states.new_zeros(b, 0, t, self.head_dim)
-                cache.update(empty, empty, self.layer_idx)
-        return branch_forward(self, self.branch, self.kind == "attn", hidden_states, kwargs)
 
 
 def _slice_linear(lin: nn.Linear, rows=None, cols=None, add_bias: torch.Tensor | None = None) -> nn.Linear:

@@ -1,5 +1,10 @@
-"""The ``secateurs`` command. Each sub-command is a module here with ``register(subparsers)`` that sets
-``func`` on its parser; modules are found automatically, so a new command is a new file.
+"""The ``secateurs`` command. Each sub-command is a module here with ``register(subparsers)``: it adds its
+parser with ``fill=`` (the function that adds its options) and sets ``func``; modules are found automatically,
+so a new command is a new file.
+
+A command's options are added only when that command is used (parsed, or its help shown: ``CommandParser``),
+so building the parser and ``secateurs --help`` import nothing heavy (no torch); the modules a command needs
+are imported when it runs.
 
 User mistakes (``UserError``) print one line and exit with code 2; Ctrl-C exits 130 and says how to resume.
 """
@@ -14,12 +19,39 @@ import sys
 from ..errors import UserError
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A sub-command's parser whose options are added by ``fill(parser)`` the first time it is used: parsed, or
+    its help or usage shown. Every command takes ``--quiet``."""
+
+    def __init__(self, *args, fill=None, **kw):
+        super().__init__(*args, **kw)
+        self._fill, self._done = fill, False
+
+    def filled(self) -> "CommandParser":
+        if not self._done:
+            self._done = True
+            if self._fill is not None:
+                self._fill(self)
+            if "--quiet" not in self._option_string_actions:
+                self.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+        return self
+
+    def parse_known_args(self, args=None, namespace=None):
+        return super(CommandParser, self.filled()).parse_known_args(args, namespace)
+
+    def format_help(self):
+        return super(CommandParser, self.filled()).format_help()
+
+    def format_usage(self):
+        return super(CommandParser, self.filled()).format_usage()
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
     p = argparse.ArgumentParser(prog="secateurs", description="Training-free structured pruning of LLMs.")
     p.add_argument("--version", action="version", version=f"secateurs {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=CommandParser)
     for m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if not m.name.startswith("_"):
             importlib.import_module(f"{__name__}.{m.name}").register(sub)
@@ -50,7 +82,7 @@ def main(argv=None) -> int:
 
 def add_placement(p, max_memory: bool = True) -> None:
     """Where and in what precision the model runs: device, working dtype, memory budget (docs/scale.md)."""
-    from ..runtime.precision import DTYPE_CHOICES
+    from ..defaults import DTYPE_CHOICES
 
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,

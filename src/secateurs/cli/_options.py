@@ -18,7 +18,7 @@ from ..errors import UserError
 
 
 @dataclasses.dataclass
-class Option:
+class CliOption:
     """One ``--name`` option and, for each method that takes it, its field (help, default, choices)."""
 
     name: str  # the config field's name (``batch_size``); the flag is ``--batch-size``
@@ -49,7 +49,7 @@ class Option:
             kw["type"] = self.type
             if "choices" in f.metadata:
                 kw["choices"] = f.metadata["choices"]
-        group.add_argument(self.flag, *f.metadata.get("aliases", ()), **kw)  # aliases: older spellings
+        group.add_argument(self.flag, *f.metadata.get("aliases", ()), **kw)  # aliases: other accepted spellings
 
 
 def _field_type(config_cls, name: str) -> type:
@@ -60,15 +60,15 @@ def _field_type(config_cls, name: str) -> type:
     return base[0] if base[0] in (int, float, str) else str
 
 
-def method_options() -> dict[str, Option]:
+def method_options() -> dict[str, CliOption]:
     """Every method option by field name, in registry order (methods sorted by name, fields in order)."""
     from ..methods import all_methods
 
-    options: dict[str, Option] = {}
+    options: dict[str, CliOption] = {}
     for name, m in all_methods().items():
         for f in dataclasses.fields(m.config_cls):
             typ = _field_type(m.config_cls, f.name)
-            opt = options.setdefault(f.name, Option(f.name, typ, {}))
+            opt = options.setdefault(f.name, CliOption(f.name, typ, {}))
             if opt.type is not typ:
                 raise TypeError(f"option --{f.name} has type {opt.type.__name__} in one method, {typ.__name__} in {name}")
             opt.fields[name] = f

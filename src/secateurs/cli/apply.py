@@ -10,9 +10,14 @@ from . import add_common, count_arg, placement_of, positive_int
 
 
 def register(sub):
-    from ..eval.perplexity import HELD_OUT_ROWS, HELD_OUT_SEQLEN
+    p = sub.add_parser("apply", help="apply a saved pruning plan to the original model and save the pruned model",
+                       fill=add_arguments)
+    p.set_defaults(func=run)
 
-    p = sub.add_parser("apply", help="apply a saved pruning plan to the original model and save the pruned model")
+
+def add_arguments(p):
+    from ..defaults import HELD_OUT_ROWS, HELD_OUT_SEQLEN
+
     p.add_argument("plan", help="plan.json, or a pruned folder holding one")
     p.add_argument("model", help="the original (dense) model: embedded name, Hugging Face id or model folder")
     p.add_argument("--out", required=True, help="output folder")
@@ -23,7 +28,6 @@ def register(sub):
                    help=f"tokens per row of the held-out set (default {HELD_OUT_SEQLEN}, as `secateurs eval`)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     add_common(p)
-    p.set_defaults(func=run)
 
 
 def plan_path(text: str) -> Path:
@@ -68,7 +72,7 @@ def _run(args, where, spill):
     settings = {"model": args.model, "plan": str(plan_path(args.plan)), "plan_method": plan.method,
                 "plan_settings": plan.meta.get("settings"), "eval": args.eval or None, "eval_rows": args.eval_rows,
                 "eval_seqlen": args.eval_seqlen, "device": device, "dtype": str(model_dtype(model)).replace("torch.", ""),
-                "max_memory": args.max_memory, "placement": getattr(model, "secateurs_placement", None)}
+                "max_memory": where["max_memory"], "placement": getattr(model, "secateurs_placement", None)}
     measured = {}
 
     def result(folder):  # the pruned model measured: in memory, or read back layer by layer from the folder

@@ -1,6 +1,6 @@
 """``secateurs bench``: prefill latency, decode throughput, peak memory, parameters and FLOPs of a model,
 optionally side by side with another (see secateurs.eval.bench and docs/evaluation.md). ``.gguf`` files are
-measured in llama.cpp (secateurs.eval.llamacpp; docs/gguf.md), or with ``--engine pytorch`` their conversions in
+measured in llama.cpp (secateurs.llamacpp; docs/gguf.md), or with ``--engine pytorch`` their conversions in
 PyTorch."""
 from __future__ import annotations
 
@@ -10,8 +10,14 @@ from . import add_common, placement_of, positive_int
 
 
 def register(sub):
-    from ..eval.engines import CHOICES as ENGINE_CHOICES
-    p = sub.add_parser("bench", help="speed and memory of a model, optionally against another (measured side by side)")
+    p = sub.add_parser("bench", help="speed and memory of a model, optionally against another (measured side by side)",
+                       fill=add_arguments)
+    p.set_defaults(func=run)
+
+
+def add_arguments(p):
+    from ..defaults import ENGINE_CHOICES
+
     p.add_argument("model", help="embedded name, Hugging Face id, model folder, pruned secateurs folder, or a .gguf "
                    "file (measured in llama.cpp unless --engine pytorch)")
     p.add_argument("--engine", default=None, choices=list(ENGINE_CHOICES),
@@ -30,7 +36,6 @@ def register(sub):
     p.add_argument("--flash-attn", action="store_true", help="llama.cpp's flash attention for .gguf files (off by "
                    "default, as in llama-cpp-python)")
     add_common(p, max_memory=False)
-    p.set_defaults(func=run)
 
 
 def _fmt(v, spec: str) -> str:

@@ -12,10 +12,13 @@ from . import add_common, count_arg, placement_of, positive_int
 
 
 def register(sub):
-    from ..eval.engines import CHOICES as ENGINE_CHOICES
-    from ..eval.perplexity import HELD_OUT_ROWS, HELD_OUT_SEQLEN
+    p = sub.add_parser("eval", help="perplexity (and, where available, zero-shot accuracy) of a model", fill=add_arguments)
+    p.set_defaults(func=run)
 
-    p = sub.add_parser("eval", help="perplexity (and, where available, zero-shot accuracy) of a model")
+
+def add_arguments(p):
+    from ..defaults import ENGINE_CHOICES, HELD_OUT_ROWS, HELD_OUT_SEQLEN
+
     p.add_argument("model", help="embedded name, Hugging Face id, model folder, pruned secateurs folder, or a .gguf "
                    "file (run in llama.cpp unless --engine pytorch)")
     p.add_argument("--engine", default=None, choices=list(ENGINE_CHOICES),
@@ -34,7 +37,6 @@ def register(sub):
     p.add_argument("--threads", type=positive_int, default=None, help="llama.cpp threads for a .gguf (default: "
                    "OMP_NUM_THREADS, else all cores)")
     add_common(p)
-    p.set_defaults(func=run)
 
 
 def run(args):
@@ -79,7 +81,7 @@ def _run(args, engine, sets, tasks, built, where, spill):
     rows_by_set = {name: handle.rows(name, args.seqlen, args.rows) for name in sets}  # validate all first
     out = {"model": args.model, "ppl": {},
            "settings": {"ppl": sets, "seqlen": args.seqlen, "rows": args.rows, "batch_size": args.batch_size,
-                        "tasks": tasks, "limit": args.limit, "device": device or "cpu", "max_memory": args.max_memory,
+                        "tasks": tasks, "limit": args.limit, "device": device or "cpu", "max_memory": where["max_memory"],
                         **handle.settings()},
            "versions": versions()}
     for name, rows in rows_by_set.items():

@@ -7,9 +7,13 @@ from pathlib import Path
 
 
 def register(sub):
-    p = sub.add_parser("explain", help="per block of a tell run: measured response, importance, cost, chosen option and why")
-    p.add_argument("folder", help="output folder of `secateurs prune` (holds result.json)")
+    p = sub.add_parser("explain", help="per block of a tell run: measured response, importance, cost, chosen option and why",
+                       fill=add_arguments)
     p.set_defaults(func=run)
+
+
+def add_arguments(p):
+    p.add_argument("folder", help="output folder of `secateurs prune` (holds result.json)")
 
 
 def load_result(folder: str | Path) -> dict:

@@ -5,9 +5,14 @@ from . import add_convert_dtype, positive_int
 
 
 def register(sub):
+    p = sub.add_parser("export", help="write a dense or pruned model as a GGUF file for llama.cpp / ollama",
+                       fill=add_arguments)
+    p.set_defaults(func=run)
+
+
+def add_arguments(p):
     from ..export.gguf import DEFAULT_TYPE, QUANTIZED, TYPES
 
-    p = sub.add_parser("export", help="write a dense or pruned model as a GGUF file for llama.cpp / ollama")
     p.add_argument("model", help="embedded name, Hugging Face id, model folder or pruned secateurs folder")
     p.add_argument("--format", default="gguf", help="output format (gguf)")
     p.add_argument("--type", default=DEFAULT_TYPE,
@@ -18,7 +23,6 @@ def register(sub):
     p.add_argument("--threads", type=positive_int, default=None, help="quantizer threads (default: OMP_NUM_THREADS, else all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     add_convert_dtype(p)
-    p.set_defaults(func=run)
 
 
 def describe(r: dict) -> str:

@@ -21,10 +21,15 @@ def token_count(text: str) -> int:
 
 
 def register(sub):
+    p = sub.add_parser("heal", help="heal a pruned model by distillation from its dense model (LoRA, merged back)",
+                       fill=add_arguments)
+    p.set_defaults(func=run)
+
+
+def add_arguments(p):
     from ..heal import HealSettings
 
     d = HealSettings(source="")
-    p = sub.add_parser("heal", help="heal a pruned model by distillation from its dense model (LoRA, merged back)")
     p.add_argument("source", metavar="DIR", help="a pruned folder (written by secateurs prune or apply)")
     p.add_argument("--out", required=True, help="output folder: a pruned folder with the same shapes and plan")
     p.add_argument("--data", default=d.data, help="heal text: wiki (= wiki:calib, default), a hub set, or a .txt/.jsonl "
@@ -56,7 +61,6 @@ def register(sub):
                         "settings (default: inside OUT.partial, deleted at the end)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (and discard an unfinished heal with other settings)")
     add_common(p, placement=False)  # --device only: heal loads at dtype auto, whole
-    p.set_defaults(func=run)
 
 
 def run(args):

@@ -7,7 +7,7 @@ from . import add_placement, count_arg, device_of, placement_of, positive_int, r
 def add_arguments(p, method: str | None = None) -> None:
     """``prune``'s options in groups; the method groups of every method, or only ``method``'s (``--method NAME
     --help``)."""
-    from ..eval.perplexity import HELD_OUT_ROWS, HELD_OUT_SEQLEN
+    from ..defaults import HELD_OUT_ROWS, HELD_OUT_SEQLEN
     from ._options import MethodHelp, add_method_options
 
     p.add_argument("model", help="embedded name (smollm2-135m, gemma3-270m), Hugging Face id or model folder")
@@ -61,8 +61,8 @@ def register(sub):
     p = sub.add_parser("prune", help="prune a model to a target ratio with a registered method", add_help=False,
                        usage="secateurs prune MODEL --method NAME [--ratio R] --out DIR [options]",
                        description="Prune a model with a registered method; writes plan.json, the pruned model and "
-                       "result.json. `secateurs prune --method NAME --help` shows one method's options.")
-    add_arguments(p)
+                       "result.json. `secateurs prune --method NAME --help` shows one method's options.",
+                       fill=add_arguments)
     p.set_defaults(func=run)
 
 
@@ -80,7 +80,8 @@ def run(args):
     s = PruneSettings(model=args.model, method=args.method, ratio=args.ratio, calib=args.calib,
                       nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, eval=args.eval,
                       eval_rows=args.eval_rows, eval_seqlen=args.eval_seqlen, device=where["device"], options=options,
-                      export=args.export, export_type=args.export_type, dtype=args.dtype, max_memory=args.max_memory)
+                      export=args.export, export_type=args.export_type, dtype=args.dtype,
+                      max_memory=where["max_memory"])
     r = run_prune(s, args.out, overwrite=args.overwrite, progress=not args.quiet, pool=pool,
                   dry_run=args.dry_run)
     if args.dry_run:

@@ -3,11 +3,15 @@ from __future__ import annotations
 
 
 def register(sub):
-    p = sub.add_parser("report", help="markdown page with figures (pruning map, quality vs ratio / speedup, settings)")
+    p = sub.add_parser("report", help="markdown page with figures (pruning map, quality vs ratio / speedup, settings)",
+                       fill=add_arguments)
+    p.set_defaults(func=run)
+
+
+def add_arguments(p):
     p.add_argument("dirs", nargs="+", metavar="DIR",
                    help="result folders (from prune / apply), or folders holding them one level down")
     p.add_argument("--out", default="report", help="output folder (default report/)")
-    p.set_defaults(func=run)
 
 
 def run(args):

@@ -173,21 +173,32 @@ def _visible_keys(pos: int, window: int | None) -> int:
     return pos + 1 if window is None else min(pos + 1, window)
 
 
+def count_flops(per_token: int, head: int, attention: list[tuple[int, int | None]], prompt_len: int) -> tuple[int, int]:
+    """(prefill FLOPs of ``prompt_len`` tokens, FLOPs of one decode step at context ``prompt_len``) from the sizes
+    (the one count of the PyTorch and llama.cpp benches; see the module docstring): ``per_token``, the layers'
+    matmul FLOPs per token; ``head``, the output head's for one position; ``attention``, (query width, sliding
+    window or None) of every layer that has attention."""
+    prefill, decode = prompt_len * per_token + head, per_token + head
+    for width, window in attention:
+        prefill += 4 * width * sum(_visible_keys(i, window) for i in range(prompt_len))
+        decode += 4 * width * _visible_keys(prompt_len, window)
+    return prefill, decode
+
+
+def model_flops(model, prompt_len: int) -> tuple[int, int]:
+    """``count_flops`` of a PyTorch model, from its module shapes as they are."""
+    return count_flops(_linear_flops_per_token(model, with_head=False), _head_flops(model), _attention_layers(model),
+                       prompt_len)
+
+
 def prefill_flops(model, prompt_len: int) -> int:
     """Matmul FLOPs of a prefill of ``prompt_len`` tokens (see the module docstring)."""
-    total = prompt_len * _linear_flops_per_token(model, with_head=False) + _head_flops(model)
-    for width, window in _attention_layers(model):
-        keys = sum(_visible_keys(i, window) for i in range(prompt_len))
-        total += 4 * width * keys
-    return total
+    return model_flops(model, prompt_len)[0]
 
 
 def decode_flops(model, context: int) -> int:
     """Matmul FLOPs of one decode step after ``context`` tokens."""
-    total = _linear_flops_per_token(model)
-    for width, window in _attention_layers(model):
-        total += 4 * width * _visible_keys(context, window)
-    return total
+    return model_flops(model, context)[1]
 
 
 # --- memory -----------------------------------------------------------------------------------------------
@@ -220,7 +231,7 @@ def peak_memory_cuda(model, s: BenchSettings) -> float:
     return (weight_bytes(model) + extra) / 2**20
 
 
-def _proc_status_kb(field: str) -> int:
+def proc_status_kb(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
@@ -241,9 +252,9 @@ def _peak_memory_cpu_here(ref: str, s: BenchSettings, dtype=None) -> float:
     except (OSError, AttributeError):
         pass
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    before = _proc_status_kb("VmRSS")
+    before = proc_status_kb("VmRSS")
     _workload(model, s)
-    extra = max(0, _proc_status_kb("VmHWM") - before) * 1024
+    extra = max(0, proc_status_kb("VmHWM") - before) * 1024
     return (weight_bytes(model) + extra) / 2**20
 
 
@@ -299,8 +310,7 @@ def bench(ref: str, against: str | None = None, s: BenchSettings | None = None, 
             mem = peak_memory_cpu(r, s, dtype)
         entries.append({"model": r, "prefill_ms": t["prefill_ms"], "decode_tokens_per_s": t["decode_tokens_per_s"],
                         "peak_memory_mb": mem, "params": unique_param_count(m),
-                        "prefill_flops": prefill_flops(m, s.prompt_len),
-                        "decode_flops_per_token": decode_flops(m, s.prompt_len),
+                        **dict(zip(("prefill_flops", "decode_flops_per_token"), model_flops(m, s.prompt_len))),
                         "runs": {"prefill_ms": t["prefill_ms_runs"], "decode_tokens_per_s": t["decode_tokens_per_s_runs"]}})
     out = side_by_side(entries)
     dev = _device(models[-1])

@@ -1,7 +1,7 @@
 """Which engine runs a model for ``secateurs eval`` and ``secateurs bench``, chosen once from the input, or
 by ``--engine``.
 
-- ``llama.cpp``: a ``.gguf`` file (secateurs.eval.llamacpp);
+- ``llama.cpp``: a ``.gguf`` file (secateurs.llamacpp);
 - ``torch``: anything else (an embedded name, a Hugging Face id or folder, a pruned secateurs folder), and a
   ``.gguf`` file with ``--engine pytorch`` (its conversion to safetensors, secateurs.sources.gguf), so both
   sides of the same file can be measured.
@@ -15,10 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from ..defaults import ENGINE_CHOICES
 from ..errors import UserError
 from ..sources.gguf import is_gguf as _is_gguf
 
-CHOICES = {"pytorch": "torch", "llamacpp": "llama.cpp"}  # --engine values: engine names
+CHOICES = ENGINE_CHOICES  # --engine values: engine names
 
 
 @dataclass(frozen=True)
@@ -73,19 +74,19 @@ def _llamacpp_placement(device, dtype="auto", max_memory=None) -> None:
 
 def _open_llamacpp(ref, seqlen, device=None, threads=None, progress=True, dtype="auto", max_memory=None,
                    spill_dir=None, workload=None):
-    from . import llamacpp
+    from ..llamacpp.perplexity import Handle
 
     _llamacpp_placement(device, dtype, max_memory)
-    return llamacpp.Handle(ref, seqlen, threads)
+    return Handle(ref, seqlen, threads)
 
 
 def _bench_llamacpp(ref, against, s: dict, device=None, threads=None, memory=True, progress=False, flash_attn=False,
                     dtype="auto"):
-    from . import llamacpp
+    from ..llamacpp.bench import LlamaBenchSettings, bench
 
     _llamacpp_placement(device, dtype)
-    settings = llamacpp.LlamaBenchSettings(**s, threads=threads or 0, flash_attn=flash_attn)
-    return llamacpp.bench(ref, against, settings, memory=memory, progress=progress)
+    settings = LlamaBenchSettings(**s, threads=threads or 0, flash_attn=flash_attn)
+    return bench(ref, against, settings, memory=memory, progress=progress)
 
 
 register_engine(Engine("llama.cpp", _is_gguf, _open_llamacpp, _bench_llamacpp))

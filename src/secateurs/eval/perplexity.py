@@ -13,13 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..defaults import HELD_OUT_ROWS, HELD_OUT_SEQLEN  # noqa: F401 (the held-out rows' defaults, shared)
 from ..runtime import passes
-
-
-# Held-out perplexity: the row length and row count that ``eval``, ``prune`` and ``apply`` share by default, so
-# that the numbers they print for the same model agree.
-HELD_OUT_SEQLEN = 512
-HELD_OUT_ROWS = 16
 
 
 def rows_label(rows: int, seqlen: int) -> str:

@@ -39,7 +39,8 @@ from ..models import get_adapter
 from ..runtime import onloader_of, shared_copy
 from ..runtime.head import block_bounds
 from ..runtime.st_io import StreamWriter
-from ..surgery import PartialLayer, apply_plan, narrow_layer
+from ..branches import PartialLayer
+from ..surgery import apply_plan, narrow_layer
 from ..runtime.onload import build_skeleton
 from ..runtime.loading import from_skeleton, working_dtype
 
@@ -47,6 +48,8 @@ FORMAT = "secateurs-model/2"
 READABLE_FORMATS = ("secateurs-model/1", FORMAT)
 MODELING_FILE = "modeling_secateurs.py"
 MODELING_TEMPLATE = Path(__file__).with_name(MODELING_FILE)
+BRANCHES_SOURCE = Path(__file__).resolve().parents[1] / "branches.py"
+_BRANCHES_IMPORT = re.compile(r"^from secateurs\.branches import .*$", re.M)
 
 
 def _plain_config(config, diff: bool = False) -> dict:
@@ -108,16 +111,24 @@ def custom_config(model, structure: list[dict]) -> dict:
         secateurs_layers=structure,
         secateurs_branches={k: [b.module, b.pre_norm, b.post_norm] for k, b in
                             (("attn", adapter.attn_branch), ("mlp", adapter.mlp_branch))},
+        secateurs_modules={"layers": next(n for n, m in model.named_modules() if m is adapter.layers()),
+                           "attn": [adapter.q, adapter.k, adapter.v, adapter.o],
+                           "mlp": [adapter.gate, adapter.up, adapter.down]},
     )
     return cfg
 
 
 def modeling_source(base_model_type: str) -> str:
-    """The modeling file for a folder whose base architecture is ``base_model_type``."""
+    """The modeling file for a folder whose base architecture is ``base_model_type``: the template with that
+    type written in and the text of ``secateurs/branches.py`` (after its docstring) in place of its import, so
+    the file imports only torch and transformers."""
     src, n = re.subn(r'^BASE_MODEL_TYPE = "[^"]*"', f'BASE_MODEL_TYPE = "{base_model_type}"',
                      MODELING_TEMPLATE.read_text(), count=1, flags=re.M)
-    if n != 1:
-        raise RuntimeError(f"{MODELING_TEMPLATE} lost its BASE_MODEL_TYPE line")
+    branches = BRANCHES_SOURCE.read_text()
+    body = branches[len(branches) - len(branches.split('"""', 2)[2]):].lstrip("\n")
+    src, m = _BRANCHES_IMPORT.subn(lambda _: body.rstrip("\n"), src, count=1)
+    if n != 1 or m != 1:
+        raise RuntimeError(f"{MODELING_TEMPLATE} lost its BASE_MODEL_TYPE line or its secateurs.branches import")
     return src
 
 

@@ -415,7 +415,7 @@ def write_file(layout: Layout, config, vocab, path: Path, ftype: str, meta: dict
 
 def quantize(src: Path, dst: Path, ftype: str, threads: int | None = None) -> None:
     """llama.cpp's own quantizer (llama_model_quantize), from an f32 GGUF (it reads one tensor at a time)."""
-    from ..eval import llamacpp
+    from ..llamacpp import binding as llamacpp
 
     lc = llamacpp.binding()
     params = lc.llama_model_quantize_default_params()
@@ -498,7 +498,7 @@ def check_request(fmt: str, ftype: str, out: str, overwrite: bool) -> None:
         raise UserError(f"unknown export format {fmt!r}; use gguf")
     check_type(ftype)
     if ftype in QUANTIZED:
-        from ..eval.llamacpp import binding
+        from ..llamacpp.binding import binding
 
         binding()  # quantizing needs llama.cpp: say so before the work
     p = Path(out)

@@ -10,9 +10,13 @@ with the pruned layer count and then reshaped per layer from ``config.secateurs_
   ``num_key_value_groups`` set); ``o_bias``: the output projection carries a bias;
 - ``intermediate``: MLP channels kept (gate, up, down resized); ``down_bias``: the down projection has a bias;
 - ``attn`` / ``mlp`` false: that residual branch is gone; the layer then runs only the other branch,
-  ``h + post(module(pre(h)))``, with the module and norm names from ``config.secateurs_branches``.
+  ``h + post(module(pre(h)))``, with the module and norm names from ``config.secateurs_branches``
+  (``PartialLayer``: the text of ``secateurs/branches.py``, written in when the file is copied).
 
-State-dict keys are those of the stock architecture, so weights load with the ordinary machinery.
+Where the layers are and what the projections are called come from the architecture's secateurs adapter, in
+``config.secateurs_modules``: ``layers`` (the layer list's path in the model), ``attn`` (q, k, v, o) and ``mlp``
+(gate, up, down). State-dict keys are those of the stock architecture, so weights load with the ordinary
+machinery.
 """
 
 import torch
@@ -25,8 +29,6 @@ BASE_MODEL_TYPE = "llama"  # the stock architecture; secateurs writes the real o
 
 _BaseConfig = CONFIG_MAPPING[BASE_MODEL_TYPE]
 _BaseModel = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[BASE_MODEL_TYPE])
-ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
 
 
 class SecateursConfig(_BaseConfig):
@@ -35,51 +37,24 @@ class SecateursConfig(_BaseConfig):
     model_type = "secateurs_" + BASE_MODEL_TYPE
     secateurs_layers: list | None = None  # one dict per remaining layer (see the module docstring)
     secateurs_branches: dict | None = None  # {"attn": [module, pre_norm, post_norm|None], "mlp": [...]}
+    secateurs_modules: dict | None = None  # {"layers": "model.layers", "attn": [q, k, v, o], "mlp": [gate, up, down]}
 
 
-class PartialLayer(nn.Module):
-    """A decoder layer with one residual branch removed: ``h + post(module(pre(h)))`` for the kept one.
-
-    With attention gone it still records the sequence length in its KV-cache slot (an entry with zero heads),
-    so the cache length seen by the model stays right."""
-
-    def __init__(self, layer: nn.Module, names: list, kind: str, layer_idx: int, head_dim: int):
-        super().__init__()
-        self.module_name, self.pre_name, self.post_name = names
-        for name in names:
-            if name:
-                setattr(self, name, getattr(layer, name))
-        self.kind = kind
-        self.layer_idx = layer_idx
-        self.head_dim = head_dim
-        if hasattr(layer, "attention_type"):
-            self.attention_type = layer.attention_type
-
-    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
-        if self.kind == "mlp":
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
-            if cache is not None:
-                b, t = hidden_states.shape[:2]
-                empty = hidden_states.new_zeros(b, 0, t, self.head_dim)
-                cache.update(empty, empty, self.layer_idx)
-        x = getattr(self, self.pre_name)(hidden_states)
-        if self.kind == "attn":
-            x, _ = getattr(self, self.module_name)(hidden_states=x, **kwargs)
-        else:
-            x = getattr(self, self.module_name)(x)
-        if self.post_name:
-            x = getattr(self, self.post_name)(x)
-        return hidden_states + x
+# PartialLayer and branch_forward: secateurs/branches.py (its text is written in here when the file is copied).
+from secateurs.branches import PartialLayer  # noqa: E402
 
 
-def _resized(old: nn.Linear, n_in: int, n_out: int, bias: bool) -> nn.Linear:
+def _resized(old: nn.Linear, n_in: int, n_out: int, bias) -> nn.Linear:
+    """A projection of the new size, with a bias if ``bias`` (None: as ``old`` has one)."""
     w = old.weight
+    bias = old.bias is not None if bias is None else bias
     return nn.Linear(n_in, n_out, bias=bias, device=w.device, dtype=w.dtype)
 
 
 def reshape_layers(model: nn.Module, config: SecateursConfig) -> None:
     """Resizes every layer of a freshly built stock model to the structure in ``config``."""
-    layers = model.model.layers
+    names = config.secateurs_modules
+    layers = model.get_submodule(names["layers"])
     if len(config.secateurs_layers) != len(layers):
         raise ValueError(f"secateurs_layers has {len(config.secateurs_layers)} entries for {len(layers)} layers")
     hidden = config.hidden_size
@@ -89,20 +64,16 @@ def reshape_layers(model: nn.Module, config: SecateursConfig) -> None:
         layer = layers[i]
         if s["attn"]:
             attn = getattr(layer, branches["attn"][0])
-            q, k, v, o = (getattr(attn, n) for n in ATTN_PROJ)
             nq, nkv = s["heads"] * hd, s["kv_heads"] * hd
-            attn.q_proj = _resized(q, hidden, nq, q.bias is not None)
-            attn.k_proj = _resized(k, hidden, nkv, k.bias is not None)
-            attn.v_proj = _resized(v, hidden, nkv, v.bias is not None)
-            attn.o_proj = _resized(o, nq, hidden, bool(s["o_bias"]))
+            for name, n_in, n_out, bias in zip(names["attn"], (hidden, hidden, hidden, nq), (nq, nkv, nkv, hidden),
+                                               (None, None, None, bool(s["o_bias"]))):
+                setattr(attn, name, _resized(getattr(attn, name), n_in, n_out, bias))
             attn.num_key_value_groups = s["heads"] // s["kv_heads"]
         if s["mlp"]:
             mlp = getattr(layer, branches["mlp"][0])
-            gate, up, down = (getattr(mlp, n) for n in MLP_PROJ)
             n = s["intermediate"]
-            mlp.gate_proj = _resized(gate, hidden, n, gate.bias is not None)
-            mlp.up_proj = _resized(up, hidden, n, up.bias is not None)
-            mlp.down_proj = _resized(down, n, hidden, bool(s["down_bias"]))
+            for name, n_in, n_out, bias in zip(names["mlp"], (hidden, hidden, n), (n, n, hidden), (None, None, bool(s["down_bias"]))):
+                setattr(mlp, name, _resized(getattr(mlp, name), n_in, n_out, bias))
             if hasattr(mlp, "intermediate_size"):
                 mlp.intermediate_size = n
         if not (s["attn"] and s["mlp"]):

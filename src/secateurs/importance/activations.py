@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.base import Adapter, branch_forward
+from ..branches import branch_forward
+from ..models.base import Adapter
 from ..runtime import input_device
 
 

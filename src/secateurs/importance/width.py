@@ -6,8 +6,10 @@ dimension, a head owns ``head_dim`` consecutive columns; ``down_proj``: one colu
 - Wanda-sp:  ``S_j = mean_r |W_rj| * ||X_j||_2``  (X_j = column j of the projection's input, all tokens)
 - FLAP:      ``S_j = Var(X_j) * ||W_:,j||_2^2``    (the fluctuation of the input times the column's weight)
 
-A head's score is the sum over its columns. FLAP's bias compensation keeps the expected output of a
-projection when columns go: ``b += W[:, removed] @ mean(X[removed])``.
+A head's score is the sum over its columns (``projection_scores`` gives every layer's column scores by
+either rule). FLAP's bias compensation keeps the expected output of a projection when columns go:
+``b += W[:, removed] @ mean(X[removed])`` (``layer_compensation``). The weights are read where the runtime
+keeps them (``runtime.passes.layer_weights``: resident, or read from the file for a layer-by-layer model).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import math
 import torch
 
 from ..models.base import Adapter, head_indices
+from ..runtime.passes import forward_rows, layer_weights
 from .activations import InputStats
 
 
@@ -34,8 +37,6 @@ def output_projections(adapter: Adapter, layers=None) -> dict[str, torch.nn.Line
 def collect_stats(model, adapter: Adapter, rows: torch.Tensor, batch_size: int = 4, layers=None) -> InputStats:
     """Input statistics of every (or the given) layer's o_proj and down_proj over the calibration rows (one
     pass through the model, resident or layer by layer: ``runtime.passes.forward_rows``)."""
-    from ..runtime.passes import forward_rows
-
     with InputStats(output_projections(adapter, layers)) as st:
         forward_rows(model, rows, batch_size)
     return st
@@ -53,6 +54,23 @@ def head_scores(column_scores: torch.Tensor, head_dim: int) -> torch.Tensor:
     return column_scores.view(-1, head_dim).sum(1)
 
 
+COLUMN_SCORES = {"flap": (flap_column_scores, "var"), "wanda": (wanda_column_scores, "l2")}  # rule -> (score, statistic)
+
+
+def projection_scores(model, adapter: Adapter, stats: InputStats, rule: str) -> tuple[list, list]:
+    """(per layer: the column scores of its ``o_proj`` input, per layer: those of its ``down_proj`` input, one per
+    MLP channel) by ``rule`` (``flap`` or ``wanda``) from the statistics of ``collect_stats``; on the device of
+    the weights."""
+    score, statistic = COLUMN_SCORES[rule]
+    of = getattr(stats, statistic)
+    attn, mlp = [], []
+    for i in range(len(adapter.layers())):
+        with layer_weights(model, i) as layer:
+            attn.append(score(adapter.proj(layer, adapter.o).weight, of(f"attn.{i}")))
+            mlp.append(score(adapter.proj(layer, adapter.down).weight, of(f"mlp.{i}")))
+    return attn, mlp
+
+
 def compensation_bias(weight: torch.Tensor, mean: torch.Tensor, kept_columns) -> list[float] | None:
     """``W[:, removed] @ mean[removed]`` as a list (None when nothing is removed)."""
     keep = torch.zeros(weight.shape[1], dtype=torch.bool)
@@ -62,6 +80,20 @@ def compensation_bias(weight: torch.Tensor, mean: torch.Tensor, kept_columns) ->
     removed = (~keep).nonzero().flatten()
     b = weight.detach().double()[:, removed.to(weight.device)] @ mean.to(weight.device)[removed.to(weight.device)]
     return [float(x) for x in b.cpu()]
+
+
+def layer_compensation(model, adapter: Adapter, spec, stats: InputStats, layer: int, heads=None,
+                       channels=None) -> tuple[list | None, list | None]:
+    """(attention bias, MLP bias) of one layer that keeps ``heads`` / ``channels`` (None: that block is not
+    narrowed and gets no bias), from the input means of ``collect_stats``."""
+    attn = mlp = None
+    with layer_weights(model, layer) as mod:
+        if heads is not None:
+            attn = compensation_bias(adapter.proj(mod, adapter.o).weight, stats.mean(f"attn.{layer}"),
+                                     head_indices(heads, spec.head_dim))
+        if channels is not None:
+            mlp = compensation_bias(adapter.proj(mod, adapter.down).weight, stats.mean(f"mlp.{layer}"), channels)
+    return attn, mlp
 
 
 # --- rates: how rates become kept heads and channels (the one rule of wanda-sp, Self-Pruner and tell) ---------

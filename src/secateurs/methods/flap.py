@@ -18,10 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import UserError
-from ..importance.width import collect_stats, compensation_bias, flap_column_scores, standardize
-from ..models.base import head_indices
+from ..importance.width import collect_stats, layer_compensation, projection_scores, standardize
 from ..plan import LayerPlan, PruningPlan, select_heads
-from ..runtime.passes import layer_weights
 from . import PruneContext, WidthConfig, register_method
 
 
@@ -33,14 +31,10 @@ class FlapConfig(WidthConfig):
 
 def standardized_scores(ctx: PruneContext, stats) -> tuple[torch.Tensor, torch.Tensor]:
     """(head scores [layers, heads], channel scores [layers, channels]), standardized per layer and kind."""
-    spec, ad = ctx.spec, ctx.adapter
+    spec = ctx.spec
     L = spec.n_layers
-    attn, mlp = [], []
-    for i in range(L):
-        with layer_weights(ctx.model, i) as layer:
-            attn.append(flap_column_scores(ad.proj(layer, ad.o).weight, stats.var(f"attn.{i}")).cpu())
-            mlp.append(flap_column_scores(ad.proj(layer, ad.down).weight, stats.var(f"mlp.{i}")).cpu())
-    attn, mlp = torch.stack(attn), torch.stack(mlp)
+    attn, mlp = projection_scores(ctx.model, ctx.adapter, stats, "flap")
+    attn, mlp = torch.stack([a.cpu() for a in attn]), torch.stack([m.cpu() for m in mlp])
     heads = standardize(attn).view(L, spec.n_heads, spec.head_dim).mean(-1)
     return heads, standardize(mlp)
 
@@ -90,16 +84,9 @@ def threshold_plan(spec, heads: torch.Tensor, channels: torch.Tensor, ratio: flo
 
 
 def add_compensation(ctx: PruneContext, plan: PruningPlan, stats) -> None:
-    spec, ad = ctx.spec, ctx.adapter
     for i, lp in enumerate(plan.layers):
-        if lp.heads is None and lp.channels is None:
-            continue
-        with layer_weights(ctx.model, i) as layer:
-            if lp.heads is not None:
-                lp.attn_bias = compensation_bias(ad.proj(layer, ad.o).weight, stats.mean(f"attn.{i}"),
-                                                 head_indices(lp.heads, spec.head_dim))
-            if lp.channels is not None:
-                lp.mlp_bias = compensation_bias(ad.proj(layer, ad.down).weight, stats.mean(f"mlp.{i}"), lp.channels)
+        if lp.heads is not None or lp.channels is not None:
+            lp.attn_bias, lp.mlp_bias = layer_compensation(ctx.model, ctx.adapter, ctx.spec, stats, i, lp.heads, lp.channels)
 
 
 @register_method("flap", "fluctuation scores standardized across layers, one global threshold (adaptive widths), "

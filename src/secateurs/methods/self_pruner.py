@@ -3,7 +3,8 @@ applied by wanda-sp.
 
 - Search space: one rate per layer in ``[--rate-min, --rate-max]`` on a grid of ``--rate-step``; the mean is
   the rate that gives the target ratio (``mean_rate_for_ratio``).
-- Fitness: calibration perplexity (first ``--fitness-rows`` calibration rows) of the model pruned at those
+- Fitness: calibration perplexity (the first ``--fitness-rows`` calibration rows; by default 4, or all of them
+  when there are fewer) of the model pruned at those
   rates by wanda-sp. Cheap by design: the Wanda-sp scores are computed once, in one calibration pass over the
   dense model (one-shot scores, not the layer-by-layer re-calibration), and a candidate is evaluated by
   masking the dense model (``MaskedPlan``: removed columns of o_proj/down_proj zeroed in place and restored
@@ -29,14 +30,16 @@ from ..eval.perplexity import perplexity
 from ..models import get_adapter
 from ..importance.sequential import sequential_plan
 from ..importance.width import (MaskedPlan, collect_stats, head_scores, layer_plan_at_rate, mean_rate_for_ratio,
-                                wanda_column_scores, width_reach)
+                                projection_scores, width_reach)
 from ..runtime import onloader_of
 from ..runtime.estimate import Held, hidden_bytes, input_stats
-from ..runtime.passes import layer_weights
 from ..search.evolution import EvolutionConfig, SearchSpace, evolve
 from ..search.proposers import EndpointDown, make_proposer
 from ..plan import PruningPlan
 from . import MethodConfig, PruneContext, register_method
+
+
+FITNESS_ROWS = 4  # the fitness rows when --fitness-rows is not given (at most the calibration rows)
 
 
 @dataclass
@@ -55,7 +58,9 @@ class SelfPrunerConfig(MethodConfig):
     rate_min: float = field(default=0.0, metadata={"help": "lowest per-layer rate"})
     rate_max: float = field(default=0.9, metadata={"help": "highest per-layer rate"})
     rate_step: float = field(default=0.01, metadata={"help": "grid of the per-layer rates"})
-    fitness_rows: int = field(default=4, metadata={"help": "calibration rows of the fitness perplexity"})
+    fitness_rows: int | None = field(default=None, metadata={
+        "help": f"calibration rows of the fitness perplexity (default {FITNESS_ROWS}, or every calibration row when "
+                "--nsamples gives fewer)"})
     proposer_model: str | None = field(default=None, metadata={
         "aliases": ["--llm-model"],
         "help": "local: a GGUF chat model file (default: the model being pruned, its offline GGUF or its cached "
@@ -75,7 +80,7 @@ class SelfPrunerConfig(MethodConfig):
     def check(self, ratio) -> None:
         super().check(ratio)
         for name in ("population", "fitness_rows", "batch_size", "llm_max_tokens", "endpoint_timeout"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         for name in ("generations", "crossover", "mutation", "llm_retries", "endpoint_wait"):
             if getattr(self, name) < 0:
@@ -92,14 +97,14 @@ class SelfPrunerConfig(MethodConfig):
         return self.batch_size
 
     def held(self, sizes, rows, seqlen, onload):
-        fit = hidden_bytes(sizes, min(self.fitness_rows, rows), seqlen)
+        fit = hidden_bytes(sizes, min(self.fitness_rows or FITNESS_ROWS, rows), seqlen)
         return [Held("hidden states of the calibration rows (final wanda-sp pass)", hidden_bytes(sizes, rows, seqlen)),
                 input_stats(sizes), Held("hidden states of the fitness rows", fit if onload else 0)]
 
     def evaluations(self, spec, ratio, rows) -> tuple[int, int, str]:
         """What the search will run (``runtime.estimate``): fitness evaluations on --fitness-rows rows."""
         n = max(0, self.population) + max(0, self.generations) * max(0, self.crossover + self.mutation)
-        return n, min(self.fitness_rows, rows), (f"at most {n} fitness evaluations (population {self.population}, "
+        return n, min(self.fitness_rows or FITNESS_ROWS, rows), (f"at most {n} fitness evaluations (population {self.population}, "
                                                  f"{self.generations} generations of {self.crossover + self.mutation} "
                                                  "children; repeated vectors are not evaluated again)")
 
@@ -166,14 +171,8 @@ class MaskedFitness:
         """Per-layer head and channel scores from one calibration pass over the dense model (resident or layer
         by layer)."""
         stats = collect_stats(ctx.model, ctx.adapter, ctx.calib, batch_size)
-        ad = ctx.adapter
-        heads, channels = [], []
-        for i in range(ctx.spec.n_layers):
-            with layer_weights(ctx.model, i) as layer:
-                o, down = ad.proj(layer, ad.o), ad.proj(layer, ad.down)
-                heads.append(head_scores(wanda_column_scores(o.weight, stats.l2(f"attn.{i}")), ctx.spec.head_dim).cpu())
-                channels.append(wanda_column_scores(down.weight, stats.l2(f"mlp.{i}")).cpu())
-        return heads, channels
+        attn, mlp = projection_scores(ctx.model, ctx.adapter, stats, "wanda")
+        return [head_scores(a, ctx.spec.head_dim).cpu() for a in attn], [m.cpu() for m in mlp]
 
     def plans(self, rates) -> dict:
         return {i: layer_plan_at_rate(self.spec, r, self.heads[i], self.channels[i]) for i, r in enumerate(rates)}
@@ -183,11 +182,21 @@ class MaskedFitness:
             return perplexity(self.model, self.rows, self.batch_size).ppl
 
 
+def fitness_rows(cfg: SelfPrunerConfig, ctx: PruneContext, log) -> int:
+    """``--fitness-rows``, or when not given the default within the calibration rows (said in one line when the
+    calibration is the smaller)."""
+    if cfg.fitness_rows is not None:
+        return cfg.fitness_rows
+    n = ctx.calib.shape[0]
+    if n < FITNESS_ROWS and log:
+        log(f"self-pruner: fitness on all {n} calibration row(s) (--nsamples {n}; the default is {FITNESS_ROWS}; "
+            "--fitness-rows to change)")
+    return min(FITNESS_ROWS, n)
 @register_method("self-pruner", "evolutionary search of per-layer wanda-sp rates, operators performed classically "
                  "or by an LLM (a local GGUF model, by default the model itself; an OpenAI-compatible endpoint)",
                  SelfPrunerConfig)
 def self_pruner(ctx: PruneContext, cfg: SelfPrunerConfig) -> PruningPlan:
-    if cfg.fitness_rows > ctx.calib.shape[0]:
+    if cfg.fitness_rows is not None and cfg.fitness_rows > ctx.calib.shape[0]:
         raise UserError(f"--fitness-rows {cfg.fitness_rows} exceeds the {ctx.calib.shape[0]} calibration rows (--nsamples)")
     spec = ctx.spec
     space = SearchSpace(spec.n_layers, mean_rate_for_ratio(spec, ctx.ratio), cfg.rate_min, cfg.rate_max, cfg.rate_step)
@@ -197,7 +206,8 @@ def self_pruner(ctx: PruneContext, cfg: SelfPrunerConfig) -> PruningPlan:
                              model=cfg.proposer_model, retries=cfg.llm_retries, temperature=cfg.llm_temperature,
                              max_tokens=cfg.llm_max_tokens, timeout=cfg.endpoint_timeout, wait=cfg.endpoint_wait)
     scores = MaskedFitness.scores(ctx, cfg.batch_size)
-    rows = ctx.calib[: cfg.fitness_rows].clone()
+    n_fit = fitness_rows(cfg, ctx, log)
+    rows = ctx.calib[:n_fit].clone()
     evo = EvolutionConfig(cfg.population, cfg.generations, cfg.crossover, cfg.mutation, ctx.seed)
     path = ctx.workdir / "search.jsonl"
     fitness = None
@@ -221,7 +231,7 @@ def self_pruner(ctx: PruneContext, cfg: SelfPrunerConfig) -> PruningPlan:
             fitness.close()
     ctx.count_ppl(result.new_evaluations)
     plan = sequential_plan(ctx, result.best.rates, cfg.batch_size, "self-pruner")
-    ctx.record(rates=result.best.rates, mean_rate=space.mean, best_fitness=result.best.fitness,
+    ctx.record(fitness_rows=n_fit, rates=result.best.rates, mean_rate=space.mean, best_fitness=result.best.fitness,
                uniform_fitness=result.uniform.fitness, fitness_evaluations=result.evaluations,
                fitness_evaluations_this_run=result.new_evaluations, search_wall_s=result.wall_s,
                search=result.stats, kept=plan.kept_fraction(spec))

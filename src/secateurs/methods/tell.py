@@ -2,9 +2,8 @@
 measured about the model (our design of Yang et al., ICML 2025, "Let LLM Tell What to Prune and How Much to
 Prune"; see docs/tell.md).
 
-Default: ``--assign response``, the best assignment measured (the lowest perplexity of every method at equal
-measured speed on both models, though on SmolLM2 at 1.3x only 2% under FLAP; ``--refine 20`` widens that;
-docs/tell.md). ``--assign uniform`` instead: the same ratio in every block; inside a
+Default: ``--assign response``: every block's options measured on the model itself, then chosen together
+(docs/tell.md compares the assignments). ``--assign uniform`` instead: the same ratio in every block; inside a
 block the lowest-FLAP heads / channels go with bias compensation, as many as the width methods' rate rule says
 (``importance/width.py``); the ratio is set by bisection on the budget (``search/assign.py``): the parameter
 ratio, or with ``--speedup`` the speedup predicted from the unit costs measured on this device
@@ -43,16 +42,16 @@ from ..importance.activations import InputStats
 from ..importance.cost import CostModel, load_or_measure, measured_speedup
 from ..importance.interaction import block_importance, collect_streams
 from ..importance.response import measure_responses, plan_loss
-from ..importance.width import (collect_stats, compensation_bias, flap_column_scores, head_scores, kept_channels_at,
-                                kept_heads_at, layer_plan_at_rates, output_projections)
+from ..importance.width import (collect_stats, head_scores, kept_channels_at, kept_heads_at, layer_compensation,
+                                layer_plan_at_rates, output_projections, projection_scores)
 from ..models import get_adapter
-from ..models.base import BLOCK_KINDS, Block, ModelSpec, all_blocks, head_indices
+from ..models.base import BLOCK_KINDS, Block, ModelSpec, all_blocks
 from ..files import cache_dir
 from ..plan import WIDTH, LayerPlan, PruningPlan, RatioRule, added_params, removed_params, select_heads
 from ..files import atomic_write_text
 from ..runtime import onloader_of
 from ..runtime.estimate import Held, hidden_bytes, input_stats
-from ..runtime.passes import layer_weights, parameter_tensors
+from ..runtime.passes import parameter_tensors
 from ..search.allocate import Option, Problem, allocate, block_options
 from ..search.assign import assign_ratios, load_weights
 from ..search.greedy import Replayer
@@ -177,23 +176,15 @@ class WidthScores:
 
 
 def width_scores(ctx: PruneContext, stats: InputStats) -> WidthScores:
-    ad, spec = ctx.adapter, ctx.spec
-    heads, channels = [], []
-    for i in range(spec.n_layers):
-        with layer_weights(ctx.model, i) as layer:
-            o, down = ad.proj(layer, ad.o), ad.proj(layer, ad.down)
-            heads.append(head_scores(flap_column_scores(o.weight, stats.var(f"attn.{i}")), spec.head_dim).tolist())
-            channels.append(flap_column_scores(down.weight, stats.var(f"mlp.{i}")).tolist())
-    return WidthScores(heads, channels, stats)
+    attn, mlp = projection_scores(ctx.model, ctx.adapter, stats, "flap")
+    heads = [head_scores(a, ctx.spec.head_dim).tolist() for a in attn]
+    return WidthScores(heads, [m.tolist() for m in mlp], stats)
 
 
 def _bias(ctx: PruneContext, ws: WidthScores, layer: int, kind: str, kept) -> list | None:
     """FLAP's compensation bias of the kept units (the layer's weights read where the runtime keeps them)."""
-    ad, spec = ctx.adapter, ctx.spec
-    with layer_weights(ctx.model, layer) as mod:
-        if kind == "attn":
-            return compensation_bias(ad.proj(mod, ad.o).weight, ws.stats.mean(f"attn.{layer}"), head_indices(kept, spec.head_dim))
-        return compensation_bias(ad.proj(mod, ad.down).weight, ws.stats.mean(f"mlp.{layer}"), kept)
+    heads, channels = (kept, None) if kind == "attn" else (None, kept)
+    return layer_compensation(ctx.model, ctx.adapter, ctx.spec, ws.stats, layer, heads, channels)[kind == "mlp"]
 
 
 def build_plan(ctx: PruneContext, ratios: list[float], ws: WidthScores, compensate: bool) -> PruningPlan:

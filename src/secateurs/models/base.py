@@ -64,9 +64,8 @@ def head_indices(heads, head_dim: int) -> list[int]:
     return [h * head_dim + j for h in heads for j in range(head_dim)]
 
 
-@dataclass(frozen=True)
-class Branch:
-    """One residual branch of a decoder layer: ``h + post(module(pre(h)))``."""
+class Branch(NamedTuple):
+    """One residual branch of a decoder layer: ``h + post(module(pre(h)))`` (run by ``branches.branch_forward``)."""
 
     module: str  # attribute name of the attention / MLP module inside the decoder layer
     pre_norm: str
@@ -108,19 +107,6 @@ class ModelSpec:
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("model_type", "n_layers", "hidden", "n_heads", "n_kv", "head_dim", "intermediate")}
-
-
-def branch_forward(owner: nn.Module, branch: Branch, is_attn: bool, h: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """``h + post(module(pre(h)))``: one residual branch, with its modules looked up on ``owner`` (a decoder
-    layer or a surgery ``PartialLayer``). The attention module returns (output, weights)."""
-    x = getattr(owner, branch.pre_norm)(h)
-    if is_attn:
-        x, _ = getattr(owner, branch.module)(hidden_states=x, **kwargs)
-    else:
-        x = getattr(owner, branch.module)(x)
-    if branch.post_norm:
-        x = getattr(owner, branch.post_norm)(x)
-    return h + x
 
 
 @dataclass(frozen=True)

@@ -57,9 +57,11 @@ def pruning_map(runs: list[Run], path: Path) -> Path | None:
                     ax.text(i, j, f"{v:.2f}".lstrip("0"), ha="center", va="center", fontsize=5.5,
                             color="white" if v < 0.6 else "black")
     axes[-1].set_xlabel("layer")
-    fig.colorbar(im, ax=list(axes), label="kept fraction (heads / channels)", shrink=0.9)
+    bar = fig.colorbar(im, ax=list(axes), shrink=0.9)
+    bar.set_label("kept fraction\n(heads / channels)", fontsize=7)  # two short lines fit one run's height
+    bar.ax.tick_params(labelsize=7)
     fig.suptitle("Pruning map: kept fraction per layer and block (× = block removed)", fontsize=9)
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight", pad_inches=0.05)  # the bar's label inside the image
     return path
 
 

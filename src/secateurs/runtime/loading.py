@@ -20,7 +20,7 @@ import torch
 from ..errors import UserError
 from .estimate import min_budget, model_sizes, reserve_bytes, working_bytes
 from .onload import Onloader, build_skeleton, materialize, resolve_keys
-from .placement import Budget, format_size, parse_max_memory
+from .placement import Budget, format_size
 from .precision import check_device, checkpoint_dtype, dtype_name, resolve_dtype
 from .st_io import SafetensorsSource
 
@@ -88,7 +88,7 @@ def place(folder: str, config, dtype=None, device="cpu", max_memory=None, spill_
 
     dev = check_device(device)
     dt = working_dtype(dtype, dev, config, log)
-    mm = parse_max_memory(max_memory) if isinstance(max_memory, str) else max_memory
+    mm = max_memory  # parse_max_memory's dict: parsed where the budget entered
     workload = workload or DEFAULT_WORKLOAD
     meta_model = _meta_model(config, dt)
     sizes = model_sizes(meta_model, dt)
@@ -138,7 +138,7 @@ def from_skeleton(make_skeleton: Callable[[torch.dtype, torch.device], torch.nn.
     with its weights from ``folder``'s safetensors: read whole if they fit (or no budget is given), else onloaded.
     Nothing is built at another shape first."""
     dev = check_device(device)
-    mm = parse_max_memory(max_memory) if isinstance(max_memory, str) else max_memory
+    mm = max_memory  # parse_max_memory's dict: parsed where the budget entered
     workload = workload or DEFAULT_WORKLOAD
     skel = make_skeleton(dtype, dev)
     source = SafetensorsSource(folder)

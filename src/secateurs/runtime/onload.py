@@ -13,8 +13,10 @@ block of the vocabulary at a time.
   ``head_rows`` and ``layer_major`` (every batch through layer 0, then layer 1, ...: each layer is read once
   per pass). Every operation is the one the resident model runs, on the same inputs: results are bitwise
   those of the resident model (tests/test_runtime.py).
-- ``SpillStore`` / ``HiddenStore``: tensors kept on the device while the budget allows, then in CPU memory
-  (below a GPU), then in files under the run's spill folder.
+- ``SpillStore``: tensors kept on the device while the budget allows, then in CPU memory (below a GPU), then in
+  files under the run's spill folder; ``KeptStore``: such tensors by key, each given back to the budget when it is
+  replaced or dropped (the hidden states of passes: ``HiddenStore``; the greedy search's pinned states and head
+  chunks).
 """
 from __future__ import annotations
 
@@ -167,42 +169,59 @@ class SpillStore:
         return None
 
 
-class HiddenStore:
-    """Hidden states of every calibration batch between two layers, by batch index. With a ``SpillStore`` they
-    are kept within its budget (device, CPU, disk); without one (a resident model) they stay as they are."""
+class KeptStore:
+    """Tensors by key. With a ``SpillStore`` each is kept within its budget (``put``'s tiers, in order) and given
+    back when replaced, dropped or closed; without one (a resident model) they stay as they are."""
 
     def __init__(self, spill: SpillStore | None = None):
         self.spill = spill
         self.items: dict = {}
 
-    def put(self, b: int, t: torch.Tensor) -> None:
-        old = self.items.pop(b, None)
-        if isinstance(old, Kept):
-            old.release()
-        if self.spill is None:
-            self.items[b] = t
-            return
-        k = self.spill.keep(t)
+    def put(self, key, t: torch.Tensor, tiers=("device", "cpu", "disk")):
+        """Keeps ``t`` under ``key`` (replacing what it held); returns its handle (``Kept``, or ``t`` itself
+        without a spill store), or None when no tier has room (then nothing is kept)."""
+        self.drop(key)
+        k = t if self.spill is None else self.spill.keep(t, tiers)
+        if k is not None:
+            self.items[key] = k
+        return k
+
+    def get(self, key) -> torch.Tensor:
+        v = self.items[key]
+        return v.get() if isinstance(v, Kept) else v
+
+    def drop(self, key) -> None:
+        v = self.items.pop(key, None)
+        if isinstance(v, Kept):
+            v.release()
+
+    def keys(self) -> list:
+        return list(self.items)
+
+    def __contains__(self, key) -> bool:
+        return key in self.items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def close(self) -> None:
+        for key in self.keys():
+            self.drop(key)
+
+
+class HiddenStore(KeptStore):
+    """Hidden states of every calibration batch between two layers, by batch index; a state that finds no room
+    is a UserError that says what was free."""
+
+    def put(self, b: int, t: torch.Tensor, tiers=("device", "cpu", "disk")):
+        k = super().put(b, t, tiers)
         if k is None:
             b_ = self.spill.budget
             disk = (f"{format_size(b_.free('disk'))} for spilled files" if b_.spill_dir is not None
                     else "no folder for spilled files")
             raise UserError(f"the calibration states do not fit: {format_size(b_.free('device'))} free on the device "
                             f"and {disk}; raise --max-memory (disk=SIZE for spilled files) or use fewer calibration rows")
-        self.items[b] = k
-
-    def get(self, b: int) -> torch.Tensor:
-        v = self.items[b]
-        return v.get() if isinstance(v, Kept) else v
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def close(self) -> None:
-        for v in self.items.values():
-            if isinstance(v, Kept):
-                v.release()
-        self.items.clear()
+        return k
 
 
 # --- the layer-by-layer runtime of one model -----------------------------------------------------------------

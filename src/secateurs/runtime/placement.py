@@ -3,7 +3,8 @@ instead of assuming that the whole model sits on the device of its first paramet
 
 - ``parse_max_memory``: ``cuda:0=20GiB,cpu=30GiB`` (a size per device; ``disk=`` bounds what may be spilled to
   the run's folder) or one size, which is the CPU's. Units: B, KB/MB/GB/TB (powers of 1000), KiB/MiB/GiB/TiB
-  (powers of 1024); a bare number is bytes.
+  (powers of 1024); a bare number is bytes. Parsed once where the budget enters (the command line, a settings
+  object): everything below takes its ``{device: bytes}`` dict.
 - ``Budget``: the bytes one device may hold, handed out to the parts of a run that keep things in memory
   (pinned layers, cached hidden states, head chunks) after a fixed reserve (``estimate.py``); what does not fit
   goes to the next tier (CPU memory below a GPU, then disk) or is recomputed.
@@ -51,10 +52,20 @@ def _device_key(name: str) -> str:
     raise UserError(f"--max-memory: unknown device {name!r}; {_MAX_MEMORY_HELP}")
 
 
-def parse_max_memory(text: str | None) -> dict[str, int] | None:
-    """``{"cpu": bytes, "cuda:0": bytes, "disk": bytes}`` from the option's text (None when not given)."""
+def parse_max_memory(text: str | dict | None) -> dict[str, int] | None:
+    """``{"cpu": bytes, "cuda:0": bytes, "disk": bytes}`` from the option's text (None when not given); a dict
+    of that form is checked and returned with its device names normalised."""
     if text is None:
         return None
+    if isinstance(text, dict):
+        out = {}
+        for dev, size in text.items():
+            key = _device_key(str(dev))
+            if key in out or not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+                raise UserError(f"--max-memory: {dev}={size!r} is not a positive number of bytes for a new device; "
+                                f"{_MAX_MEMORY_HELP}")
+            out[key] = size
+        return out
     if not str(text).strip():
         raise UserError(f"--max-memory: empty; {_MAX_MEMORY_HELP}")
     out = {}
@@ -104,6 +115,9 @@ class Budget:
 
     @classmethod
     def from_max_memory(cls, max_memory: dict, device, spill_dir: Path | None) -> "Budget":
+        """The budget of ``parse_max_memory``'s dict on ``device``."""
+        if not isinstance(max_memory, dict):
+            raise TypeError(f"max_memory is parse_max_memory's dict, not {type(max_memory).__name__}")
         device = torch.device(device)
         return_freed_memory()
         key = device_key(device)

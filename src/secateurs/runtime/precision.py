@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from ..defaults import DTYPE_CHOICES
 from ..errors import UserError
-
-DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 
 
 def dtype_name(dtype: torch.dtype) -> str:

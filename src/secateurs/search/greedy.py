@@ -52,7 +52,7 @@ from ..plan import PruningPlan
 from ..files import atomic_write_text
 from ..progress import progress_bar
 from ..runtime.head import HEAD_BLOCK
-from ..runtime.onload import Kept
+from ..runtime.onload import Kept, KeptStore
 from ..runtime.passes import batches_of, capture_batches, vocab_mass
 from ..runtime.placement import module_device, onloader_of, to_module_device
 
@@ -251,42 +251,36 @@ class Replayer:
 
 class _FileChunks:
     """The head chunks of an onloaded model: gathered once from the checkpoint in chunk order, the first ones
-    kept on the device within ``resident_bytes``, the rest in files of their own (``runtime.onload.SpillStore``:
-    one contiguous read per chunk) or, without room for those, gathered from the checkpoint again when used."""
+    kept on the device within ``resident_bytes``, the rest in files of their own (``runtime.onload.KeptStore``
+    on the model's spill store: one contiguous read per chunk) or, without room for those, gathered from the
+    checkpoint again when used."""
 
     def __init__(self, ol, rows: list, resident_bytes: int):
-        self.ol, self.kept, used = ol, [], 0
-        for idx in rows:
+        self.ol, self.kept, used = ol, KeptStore(ol.spill), 0
+        self.gather: list = []  # per chunk: its vocabulary rows when its tensors found no room, else None
+        for c, idx in enumerate(rows):
             w, bias = ol.head_rows(idx)
             n = w.numel() * w.element_size() + (0 if bias is None else bias.numel() * bias.element_size())
             tiers = ("device", "cpu", "disk") if used + n <= resident_bytes else ("cpu", "disk")
-            pair = [None if t is None else ol.spill.keep(t, tiers) for t in (w, bias)]
-            if pair[0] is None or (bias is not None and pair[1] is None):
-                for k in pair:
-                    if k is not None:
-                        k.release()
-                self.kept.append(idx.cpu())
+            kw = self.kept.put((c, "weight"), w, tiers)
+            if kw is None or (bias is not None and self.kept.put((c, "bias"), bias, tiers) is None):
+                self.kept.drop((c, "weight"))
+                self.gather.append(idx.cpu())
                 continue
-            used += n if pair[0].tier == "device" else 0
-            self.kept.append(pair)
+            used += n if kw.tier == "device" else 0
+            self.gather.append(None)
 
     def __len__(self) -> int:
-        return len(self.kept)
+        return len(self.gather)
 
     def __getitem__(self, c: int):
-        k = self.kept[c]
-        if isinstance(k, torch.Tensor):
-            return self.ol.head_rows(k)
-        w, bias = k
-        return w.get(), None if bias is None else bias.get()
+        if self.gather[c] is not None:
+            return self.ol.head_rows(self.gather[c])
+        return self.kept.get((c, "weight")), self.kept.get((c, "bias")) if (c, "bias") in self.kept else None
 
     def close(self) -> None:
-        for k in self.kept:
-            if not isinstance(k, torch.Tensor):
-                for h in k:
-                    if h is not None:
-                        h.release()
-        self.kept.clear()
+        self.kept.close()
+        self.gather.clear()
 
 
 def _nbytes(h) -> int:
@@ -306,7 +300,10 @@ class StateCache:
     pinned: set = field(default_factory=set)
     used: int = 0
     spill: object | None = None
-    spilled: set = field(default_factory=set)
+    spilled: KeptStore = field(init=False)  # the spilled states' handles, given back to the budget when dropped
+
+    def __post_init__(self):
+        self.spilled = KeptStore(self.spill)
 
     @staticmethod
     def key(b: int, pos: int, removed) -> tuple:
@@ -323,10 +320,9 @@ class StateCache:
             if self.used + size > self.budget_bytes:
                 if not pin:
                     return
-                h = self.spill.keep(h, ("cpu", "disk"))
+                h = self.spilled.put(key, h, ("cpu", "disk"))
                 if h is None:
                     return
-                self.spilled.add(key)
                 size = 0
         self.entries[key] = h
         self.used += size
@@ -344,9 +340,7 @@ class StateCache:
         h = self.entries.pop(k)
         self.used -= _nbytes(h)
         self.pinned.discard(k)
-        if k in self.spilled:
-            self.spilled.discard(k)
-            h.release()
+        self.spilled.drop(k)
 
     def latest(self, b: int, removed: frozenset, upto: int):
         """The cached state of batch ``b`` under ``removed`` at the latest position <= ``upto``."""

@@ -4,7 +4,7 @@
   tournament selection, per-layer uniform crossover, Gaussian mutation). The control experiment, and the
   fallback of the LLM proposers.
 - ``LlamaCppProposer`` (``--proposer local``): a GGUF chat model run in-process by llama.cpp
-  (``secateurs.eval.llamacpp.ChatModel``), every answer decoded under its JSON schema's grammar.
+  (``secateurs.llamacpp.chat.ChatModel``), every answer decoded under its JSON schema's grammar.
 - ``OpenAIProposer`` (``--proposer openai``): any OpenAI-compatible chat endpoint (vLLM, llama.cpp's servers,
   Ollama, hosted APIs), asked for structured output where it takes it.
 
@@ -320,7 +320,7 @@ class LlamaCppProposer(LLMProposer):
 
     def __init__(self, gguf_path, threads: int | None = None, source: str = "", **kw):
         super().__init__(**kw)
-        from ..eval.llamacpp import ChatModel
+        from ..llamacpp.chat import ChatModel
 
         self.model = ChatModel(gguf_path, threads=threads)
         self.source = source  # how the file was chosen (recorded)

@@ -30,9 +30,10 @@ def load_model(name_or_path: str, dtype=None, device: str = "cpu", trust_remote_
     """Returns (model, tokenizer) for an embedded name, a hub id, a local folder, a pruned secateurs folder or
     a ``.gguf`` file (``convert_dtype``: how a GGUF is stored when converted, ``sources.gguf``).
 
-    ``dtype``: ``auto`` (None) or a dtype name (``runtime.precision``); ``max_memory``: ``--max-memory`` text or
-    dict; ``spill_dir``: where states beyond the budget go; ``workload``: (rows per batch, tokens per row) of the
-    calibration passes to come, for the memory check (``runtime.loading``)."""
+    ``dtype``: ``auto`` (None) or a dtype name (``runtime.precision``); ``max_memory``: the dict of
+    ``runtime.placement.parse_max_memory``; ``spill_dir``: where states beyond the budget go; ``workload``:
+    (rows per batch, tokens per row) of the calibration passes to come, for the memory check
+    (``runtime.loading``)."""
     from transformers import AutoConfig, AutoTokenizer
 
     from ..export.checkpoint import load_pruned

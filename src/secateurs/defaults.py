@@ -1,0 +1,15 @@
+"""Defaults that the commands and the library share, in a module that imports nothing: the command line
+builds its help from them without importing torch (``secateurs.cli``).
+
+- ``HELD_OUT_SEQLEN`` / ``HELD_OUT_ROWS``: the held-out perplexity's row length and row count, the same for
+  ``eval``, ``prune`` and ``apply`` so that the numbers they print for the same model agree
+  (``eval.perplexity``);
+- ``DTYPE_CHOICES``: the working precisions ``--dtype`` accepts (``runtime.precision``);
+- ``ENGINE_CHOICES``: what ``--engine`` of ``eval`` and ``bench`` accepts, and the engine each names
+  (``eval.engines``).
+"""
+
+HELD_OUT_SEQLEN = 512
+HELD_OUT_ROWS = 16
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+ENGINE_CHOICES = {"pytorch": "torch", "llamacpp": "llama.cpp"}
