@@ -119,8 +119,8 @@ def main(argv=None) -> int:
            "settings": vars(a), "machine_before": before, "machine_after": after, "seconds": time.time() - t0,
            "rows": rows}
     stem = results / f"gguf-speed-{a.model}{'-fa' if a.flash_attn else ''}"
-    stem.with_suffix(".json").write_text(json.dumps(out, indent=1))
-    write_table(out, stem.with_suffix(".md"))
+    Path(f"{stem}.json").write_text(json.dumps(out, indent=1))
+    write_table(out, Path(f"{stem}.md"))
     print(f"gguf_speed: wrote {stem}.md and .json ({time.time() - t0:.0f}s)")
     return 0
 

@@ -112,14 +112,14 @@ def main(argv=None) -> int:
     out = {"command": "PYTHONPATH=src python benchmarks/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "settings": vars(a), "gpus": gpu, "steps": steps}
     stem = results / f"gpu-check-{a.model}"
-    stem.with_suffix(".json").write_text(json.dumps(out, indent=1))
+    Path(f"{stem}.json").write_text(json.dumps(out, indent=1))
     lines = [f"# GPU check: {a.model}", "", f"Command: `{out['command']}`", "", f"GPU: {'; '.join(gpu)}", "",
              "| step | rc | seconds | peak GPU MiB | wiki:test ppl (16 x 512) | ratio | search s |", "|---|---|---|---|---|---|---|"]
     for s in steps:
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
         lines.append(f"| {s['step']} | {s['returncode']} | {s['seconds']:.0f} | {s['peak_gpu_mib_above_start']} | "
                      f"{fmt(s.get('ppl'), '.2f')} | {fmt(s.get('ratio_achieved'), '.3f')} | {fmt(s.get('search_seconds'), '.0f')} |")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(f"gpu_check: wrote {stem}.md and .json")
     return 0 if all(s["returncode"] == 0 for s in steps) else 1
 

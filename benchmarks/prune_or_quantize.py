@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,14 +43,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--decode-tokens", type=int, default=64)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--work", default=str(ROOT / "runs" / "prune-or-quantize"))
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--name", default="", help="results file names without suffix (default prune-or-quantize-MODEL)")
     p.add_argument("--render", metavar="JSON", help="redraw the table and plot from a results JSON")
+    p.add_argument("--apply-max-memory", default=None,
+                   help="--max-memory of the re-application (layer by layer: the same weights in less memory)")
     p.add_argument("--prepare-only", action="store_true",
                    help="export and perplexity only (both hold under load); run again without it on a quiet machine to time")
     return p
@@ -64,11 +68,28 @@ def pairs(text: str) -> list[tuple[str, str]]:
     return out
 
 
+def timed(path: Path, reference: Path, a, out: Path, log: Path) -> None:
+    """``secateurs bench FILE --against REFERENCE`` as a library call in a fresh process, mixed tensor types
+    allowed (the command refuses them: this benchmark compares across types on purpose)."""
+    s = dict(prompt_len=a.prompt_len, decode_tokens=a.decode_tokens, reps=a.reps, warmup=a.warmup, threads=a.threads or 0)
+    code = ("import json, sys; from secateurs.llamacpp.bench import LlamaBenchSettings, bench; "
+            "from secateurs.result import versions; from secateurs.files import atomic_write_text; "
+            f"r = bench({str(path)!r}, {str(reference)!r}, LlamaBenchSettings(**{s!r}), mixed_types=True); "
+            f"r['versions'] = versions(); atomic_write_text({str(out)!r}, json.dumps(r, indent=1))")
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with open(log, "a") as f:
+        f.write(f"$ bench {path} --against {reference} {s} (mixed types allowed)\n")
+        f.flush()
+        r = subprocess.run([sys.executable, "-c", code], stdout=f, stderr=subprocess.STDOUT, env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"bench of {path} failed ({r.returncode}), see {log}")
+
+
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
     if a.render:
         data = json.loads(Path(a.render).read_text())
-        stem = Path(a.render).with_suffix("")
+        stem = Path(a.render).with_name(Path(a.render).stem)  # a dotted model name keeps its dots
         write(data, stem)
         return 0
     work, results, log = folders(a)
@@ -90,8 +111,9 @@ def main(argv=None) -> int:
             if kind == "pruned" and not any(Path(src).glob("*.safetensors")):  # weights dropped once measured
                 applied = work / f"{label}-applied"
                 print(f"prune_or_quantize: re-applying {src}/plan.json to {a.model} ({time.time() - t0:.0f}s)", flush=True)
+                budget = ["--max-memory", a.apply_max_memory] if a.apply_max_memory else []
                 cli(["apply", str(Path(src) / "plan.json"), a.model, "--out", str(applied), "--eval", "", "--overwrite",
-                     "--quiet"], log)
+                     "--quiet", *budget], log)
             print(f"prune_or_quantize: exporting {label} ({time.time() - t0:.0f}s)", flush=True)
             cli(["export", str(applied or src), "--format", "gguf", "--type", t, "--out", str(gg), "--quiet", *threads], log)
             if applied is not None:
@@ -106,9 +128,7 @@ def main(argv=None) -> int:
             continue
         if not bj.exists():
             print(f"prune_or_quantize: speed of {label} against {reference.name} ({time.time() - t0:.0f}s)", flush=True)
-            cli(["bench", str(gg), "--against", str(reference), "--prompt-len", str(a.prompt_len), "--decode-tokens",
-                 str(a.decode_tokens), "--reps", str(a.reps), "--warmup", str(a.warmup), "--quiet", *threads,
-                 "--json", str(bj)], log)
+            timed(gg, reference, a, bj, log)
         e, b = json.loads(ej.read_text()), json.loads(bj.read_text())
         src_result = Path(plans[label]) / "result.json" if kind == "pruned" else None
         rows.append({"label": label, "kind": kind, "type": t, "file": str(gg), "mib": gg.stat().st_size / 2**20,
@@ -123,7 +143,7 @@ def main(argv=None) -> int:
             "settings": vars(a), "machine_before": before, "machine_after": machine_state(),
             "seconds": time.time() - t0, "rows": rows}
     stem = results / (a.name or f"prune-or-quantize-{a.model}")
-    stem.with_suffix(".json").write_text(json.dumps(data, indent=1))
+    Path(f"{stem}.json").write_text(json.dumps(data, indent=1))
     write(data, stem)
     return 0
 
@@ -177,8 +197,8 @@ def write(data: dict, stem: Path) -> None:
         lines.append(f"| {r['label']} | {r['type']} | {ratio} | {r['mib']:.0f} | {r['ppl']:.2f} | {r['prompt_tps']:.1f} | "
                      f"{r['gen_tps']:.2f} | {r['prompt_speedup']:.2f} | {r['gen_speedup']:.2f} |")
     lines += ["", "## The answer, read off the dense quantization curve (linear in log-perplexity)", "", *answer(rows)]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    plot(rows, stem.with_suffix(".png"), a)
+    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
+    plot(rows, Path(f"{stem}.png"), a)
     print(f"prune_or_quantize: wrote {stem}.md, .json and .png")
 
 

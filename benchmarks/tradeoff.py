@@ -106,9 +106,9 @@ def main(argv=None) -> int:
     if a.render:
         data = json.loads(Path(a.render).read_text())
         a = argparse.Namespace(**{**vars(a), **data["settings"], "render": a.render})
-        stem = Path(a.render).with_suffix("")
-        write_table(a, data["rows"], stem.with_suffix(".md"), data["command"], data.get("notes", ""))
-        plot(data["rows"], stem.with_suffix(".png"), a)
+        stem = Path(a.render).with_name(Path(a.render).stem)  # a dotted model name keeps its dots
+        write_table(a, data["rows"], Path(f"{stem}.md"), data["command"], data.get("notes", ""))
+        plot(data["rows"], Path(f"{stem}.png"), a)
         print(f"tradeoff: redrew {stem}.md and .png from {a.render}")
         return 0
 

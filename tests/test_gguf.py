@@ -531,6 +531,11 @@ def test_bad_input_one_line_exit_2_nothing_left(tiny_folder, tmp_path, capsys):
     assert main(["export", str(tiny_folder), "--type", "q8_0", "--out", str(tmp_path / "q.gguf"), "--quiet", "--threads", "1"]) == 0
     capsys.readouterr()
     one_line_exit_2(capsys, ["bench", str(tmp_path / "q.gguf"), "--against", str(good)], "same GGUF type")
+    from secateurs.llamacpp.bench import LlamaBenchSettings, bench  # the library allows it when asked (prune or quantize)
+
+    r = bench(str(tmp_path / "q.gguf"), str(good), LlamaBenchSettings(prompt_len=8, decode_tokens=2, reps=1, warmup=0,
+                                                                     threads=1), memory=False, mixed_types=True)
+    assert (r["gguf_type"], r["against"]["gguf_type"]) == ("q8_0", "f16")
     one_line_exit_2(capsys, ["bench", str(good), "--against", str(tiny_folder)], "same kind")
     one_line_exit_2(capsys, ["eval", str(good), "--tasks", "piqa"], "perplexity only")
     one_line_exit_2(capsys, ["export", str(tiny_folder), "--out", str(good)], "exists")

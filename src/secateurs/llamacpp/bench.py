@@ -85,13 +85,15 @@ def peak_memory(path: str, s: LlamaBenchSettings) -> float | None:
 
 
 def bench(path: str, against: str | None = None, s: LlamaBenchSettings | None = None, memory: bool = True,
-          progress: bool = False) -> dict:
-    """Speed and memory of a GGUF file in llama.cpp, side by side with ``against`` (see the module docstring)."""
+          progress: bool = False, mixed_types: bool = False) -> dict:
+    """Speed and memory of a GGUF file in llama.cpp, side by side with ``against`` (see the module docstring).
+    Both files must have one tensor type, unless ``mixed_types`` (a pruned file against a dense one quantized
+    harder, benchmarks/prune_or_quantize.py: the ideal speedup from FLOPs then ignores the types)."""
     s = s or LlamaBenchSettings()
     s.threads = s.threads or default_threads()
     paths = [against, path] if against else [path]
     infos = [read_info(p) for p in paths]
-    if against and infos[0].file_type != infos[1].file_type:
+    if against and infos[0].file_type != infos[1].file_type and not mixed_types:
         raise UserError(f"compare files of the same GGUF type: {path} is {infos[1].type_name}, "
                         f"{against} is {infos[0].type_name} (export both with the same --type)")
     llms = [_open_for_bench(p, s) for p in paths]
