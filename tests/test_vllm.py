@@ -192,3 +192,27 @@ def test_cli_export_of_a_pruned_folder(smollm, tmp_path, capsys):
                  str(tmp_path / "y"), "--quiet"]) == 2
     assert main(["export", str(tmp_path / "pruned"), "--format", "onnx", "--out", str(tmp_path / "z"), "--quiet"]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned", "served"]
+
+
+def test_prune_export_vllm(tmp_path, capsys):
+    """`prune --export vllm` writes OUT/vllm; a plan vLLM cannot hold still leaves the pruned folder, exit 2."""
+    from conftest import tiny_bpe_tokenizer
+
+    tok = tiny_bpe_tokenizer(320, ["<|endoftext|>"], bos="<|endoftext|>", eos="<|endoftext|>")
+    folder = tmp_path / "tiny-llama"
+    tiny_model("llama", vocab_size=320, bos_token_id=0, eos_token_id=0).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    common = ["--nsamples", "2", "--seqlen", "32", "--eval", "", "--quiet", "--export", "vllm"]
+    out = tmp_path / "bp"
+    assert main(["prune", str(folder), "--method", "blockpruner", "--steps", "2", "--blocks", "mlp", *common,
+                 "--export-type", "f32", "--out", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert (result["vllm"]["folder"], result["vllm"]["architecture"]) == ("vllm", "DeciLMForCausalLM")
+    cfg = json.loads((out / "vllm" / "config.json").read_text())
+    assert sum(b["ffn"]["no_op"] for b in cfg["block_configs"]) == 2 and cfg["dtype"] == "float32"
+    capsys.readouterr()
+    flap = tmp_path / "flap"
+    assert main(["prune", str(folder), "--method", "flap", "--ratio", "0.3", *common, "--out", str(flap)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no vllm export" in err and "query heads" in err, err
+    assert "refused" in json.loads((flap / "result.json").read_text())["vllm"] and not (flap / "vllm").exists()

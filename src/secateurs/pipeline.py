@@ -36,6 +36,9 @@ from .workdir import cached, check_out, finish, open_work, work_of
 PPL_BATCH = 4  # rows per batch of the perplexity measured before and after
 
 
+EXPORTS = {"gguf": "model.gguf", "vllm": "vllm"}  # --export: what it writes inside OUT
+
+
 @dataclass
 class PruneSettings:
     model: str
@@ -50,8 +53,8 @@ class PruneSettings:
     eval_seqlen: int = HELD_OUT_SEQLEN
     device: str = "cpu"
     options: dict = field(default_factory=dict)  # method-specific options
-    export: str = ""  # "gguf": also write OUT/model.gguf for llama.cpp (secateurs.export.gguf)
-    export_type: str = "f16"  # export.gguf.DEFAULT_TYPE, as the CLI
+    export: str = ""  # "gguf": also write OUT/model.gguf for llama.cpp (secateurs.export.gguf); "vllm": OUT/vllm/
+    export_type: str = "f16"  # export.gguf.DEFAULT_TYPE, as the CLI (vllm takes it too, and auto/f32/bf16)
     dtype: str = "auto"  # working precision (runtime.precision)
     max_memory: str | None = None  # --max-memory (runtime.placement)
 
@@ -155,10 +158,14 @@ def _run_prune(s: PruneSettings, out: Path, overwrite: bool, progress: bool, log
     max_memory = parse_max_memory(s.max_memory)
     if not dry_run:
         check_out(out, overwrite)
-    if s.export:
+    if s.export == "vllm":
+        from .export.vllm import check_request as check_vllm
+
+        check_vllm(s.export_type, str(out / EXPORTS["vllm"]), True)
+    elif s.export:
         from .export.gguf import check_request as check_gguf
 
-        check_gguf(s.export, s.export_type, str(out / "model.gguf"), True)
+        check_gguf(s.export, s.export_type, str(out / EXPORTS["gguf"]), True)
     nsamples, seqlen, calib_source = api.calibration_size(cfg, s.nsamples, s.seqlen, dev.type)
     if calib_source != "given":
         log(f"secateurs: calibration {nsamples} rows x {seqlen} tokens ({calib_source}; --nsamples/--seqlen to change)")
@@ -180,7 +187,7 @@ def _run_prune(s: PruneSettings, out: Path, overwrite: bool, progress: bool, log
     streamed = onloader_of(model) is not None
     if s.export and streamed:
         raise UserError(f"--export {s.export} converts the pruned model in memory, and under --max-memory {s.max_memory} it "
-                        "runs layer by layer; prune without --export, then `secateurs export OUT --out OUT/model.gguf` "
+                        "runs layer by layer; prune without --export, then `secateurs export OUT --format {s.export} ...` "
                         "on a machine where the pruned model fits")
     spec = get_adapter(model).spec()
     dense_config = _plain_config(model.config)
@@ -237,25 +244,29 @@ def _run_prune(s: PruneSettings, out: Path, overwrite: bool, progress: bool, log
     refused = _export(s, work, model, tok, result, progress)
     _publish(work, out, result)
     if refused is not None:
-        raise UserError(f"pruned model written to {out}, but no GGUF: {refused}")
+        raise UserError(f"pruned model written to {out}, but no {s.export} export: {refused}")
     result["_model"] = model  # in-process callers (the demo) may keep using the pruned model
     result["_tokenizer"] = tok
     return result
 
 
 def _export(s: PruneSettings, work: Path, model, tok, result: dict, progress: bool) -> UserError | None:
-    """``--export gguf``: OUT/model.gguf, recorded in the result. A plan llama.cpp cannot hold still leaves the
-    pruned folder: the reason is recorded and returned, for the job to exit with it."""
+    """``--export gguf``: OUT/model.gguf; ``--export vllm``: the folder OUT/vllm; recorded in the result. A plan
+    the engine cannot hold still leaves the pruned folder: the reason is recorded and returned, for the job to
+    exit with it."""
     if not s.export:
         return None
-    from .export.gguf import export_model
-
+    if s.export == "vllm":
+        from .export.vllm import export_model
+    else:
+        from .export.gguf import export_model
+    name = EXPORTS[s.export]
     try:
-        result["gguf"] = export_model(s.model, str(work / "model.gguf"), s.export_type, progress=progress, model=model,
-                                      tokenizer=tok)
-        result["gguf"]["file"] = "model.gguf"
+        result[s.export] = export_model(s.model, str(work / name), s.export_type, progress=progress, model=model,
+                                        tokenizer=tok)
+        result[s.export]["file" if s.export == "gguf" else "folder"] = name
     except UserError as e:
-        result["gguf"] = {"refused": str(e)}
+        result[s.export] = {"refused": str(e)}
         return e
     return None
 
