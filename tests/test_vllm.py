@@ -272,3 +272,29 @@ def test_prune_export_vllm(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no vllm export" in err and "query heads" in err, err
     assert "refused" in json.loads((flap / "result.json").read_text())["vllm"] and not (flap / "vllm").exists()
+
+
+def test_prune_engine_vllm_keeps_every_head(tmp_path, capsys):
+    """--engine vllm: flap and wanda-sp prune channels only (flap keeps its compensation) and the export holds
+    the plan; a method that cannot keep heads is refused before any work, in one line."""
+    from conftest import tiny_bpe_tokenizer
+
+    tok = tiny_bpe_tokenizer(320, ["<|endoftext|>"], bos="<|endoftext|>", eos="<|endoftext|>")
+    folder = tmp_path / "tiny-llama"
+    tiny_model("llama", vocab_size=320, bos_token_id=0, eos_token_id=0).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    common = ["--ratio", "0.3", "--nsamples", "2", "--seqlen", "32", "--eval", "", "--quiet", "--engine", "vllm"]
+    for method in ("flap", "wanda-sp"):
+        out = tmp_path / method
+        assert main(["prune", str(folder), "--method", method, *common, "--export", "vllm", "--out", str(out)]) == 0
+        plan = PruningPlan.load(out / "plan.json")
+        assert all(lp.heads is None for lp in plan.layers) and any(lp.channels for lp in plan.layers)
+        assert abs(json.loads((out / "result.json").read_text())["ratio_achieved"] - 0.3) < 0.01
+        assert (method == "flap") == any(lp.mlp_bias for lp in plan.layers)
+        assert json.loads((out / "result.json").read_text())["settings"]["engine"] == "vllm"
+        assert json.loads((out / "vllm" / "config.json").read_text())["mlp_bias"] == (method == "flap")
+    capsys.readouterr()
+    assert main(["prune", str(folder), "--method", "self-pruner", *common, "--out", str(tmp_path / "sp")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "self-pruner narrows heads" in err and "flap" in err, err
+    assert not (tmp_path / "sp").exists() and not (tmp_path / "sp.partial").exists()

@@ -57,6 +57,7 @@ class PruneSettings:
     export_type: str = "f16"  # export.gguf.DEFAULT_TYPE, as the CLI (vllm takes it too, and auto/f32/bf16)
     dtype: str = "auto"  # working precision (runtime.precision)
     max_memory: str | None = None  # --max-memory (runtime.placement)
+    engine: str = ""  # --engine: the engine the plan must run in (defaults.PRUNE_ENGINES); "": any
 
 
 def estimates(cfg, model, calib, ratio: float | None, log=print, workers: int | None = None) -> dict:
@@ -153,7 +154,7 @@ def _run_prune(s: PruneSettings, out: Path, overwrite: bool, progress: bool, log
 
     # settings: every input checked before anything is loaded or written
     cfg = make_config(get_method(s.method), s.options)
-    method = api.check_request(cfg, s.ratio, workers=pool is not None)
+    method = api.check_request(cfg, s.ratio, workers=pool is not None, engine=s.engine or None)
     dev = check_device(s.device, present=pool is None)  # a pool checks its own placement when it opens
     max_memory = parse_max_memory(s.max_memory)
     if not dry_run:
@@ -200,6 +201,8 @@ def _run_prune(s: PruneSettings, out: Path, overwrite: bool, progress: bool, log
 
     # work folder: only now is anything written
     settings = asdict(s) | {"options": asdict(cfg)}
+    if not s.engine:
+        del settings["engine"]  # as the settings of runs before --engine were, so that those resume
     work = open_work(out, settings, overwrite, log)
     shutil.rmtree(work / "spill", ignore_errors=True)  # states spilled by an interrupted run are not reused
 
@@ -215,7 +218,7 @@ def _run_prune(s: PruneSettings, out: Path, overwrite: bool, progress: bool, log
 
     # prune
     ctx = PruneContext.build(model, calib, tokenizer=tok, ratio=s.ratio, seed=s.seed, workdir=work, progress=progress,
-                             pool=workers, model_ref=s.model)
+                             pool=workers, model_ref=s.model, engine=s.engine or None)
     plan, search_seconds = timed_method(method, ctx, cfg, work)
     plan.meta = {"settings": settings}
     placement = dict(getattr(model, "secateurs_placement", {}))

@@ -45,6 +45,11 @@ def add_arguments(p, method: str | None = None) -> None:
     g.add_argument("--export-type", default="f16", help="tensor type of the export: f32, f16, bf16, q8_0, q6_k, q5_k_m, "
                    "q4_k_m, q3_k_m, q2_k for gguf; auto (as the pruned model), f32, f16, bf16 for vllm (default f16, "
                    "as llama.cpp's own converter)")
+    from ..defaults import PRUNE_ENGINES
+
+    g.add_argument("--engine", default="", choices=["", *PRUNE_ENGINES],
+                   help="the engine the plan must run in: " + "; ".join(f"{k}: {v}" for k, v in PRUNE_ENGINES.items())
+                   + "; the plan records it")
     g = p.add_argument_group("worker pool (Ray; methods that search candidates: blockpruner, sleb, self-pruner)")
     g.add_argument("--workers", type=positive_int, default=None, metavar="N",
                    help="evaluate the search's candidates on N Ray workers, each holding a replica of the model "
@@ -83,7 +88,7 @@ def run(args):
                       nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, eval=args.eval,
                       eval_rows=args.eval_rows, eval_seqlen=args.eval_seqlen, device=where["device"], options=options,
                       export=args.export, export_type=args.export_type, dtype=args.dtype,
-                      max_memory=where["max_memory"])
+                      max_memory=where["max_memory"], engine=args.engine)
     r = run_prune(s, args.out, overwrite=args.overwrite, progress=not args.quiet, pool=pool,
                   dry_run=args.dry_run)
     if args.dry_run:

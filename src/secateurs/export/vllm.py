@@ -57,8 +57,8 @@ DECI_TYPE = "nemotron-nas"
 HOLDS = ("vLLM holds, per layer, attention or MLP removed, any MLP width and FLAP's bias compensation, with one "
          "query-head count for every layer that keeps attention (key/value heads may differ); query heads narrowed "
          "unevenly come from the width methods (flap, wanda-sp with --rates, tell's width options, self-pruner): "
-         "use a depth method (blockpruner, shortgpt, sleb, uniform-drop) or wanda-sp with one --ratio, or export "
-         "--format gguf for llama.cpp")
+         "prune with --engine vllm (flap and wanda-sp then keep every head), or with a depth method (blockpruner, "
+         "shortgpt, sleb, uniform-drop), or export --format gguf for llama.cpp")
 
 
 def exportable() -> str:
