@@ -210,7 +210,9 @@ def test_even_plans_are_stock_folders(smollm, tmp_path):
     model, tok = smollm
     spec = get_adapter(model).spec()
     pruned = apply_plan(copy.deepcopy(model), PruningPlan.from_removed_blocks(spec, [(7, "attn"), (7, "mlp")]))
-    r = vx.export_vllm(pruned, tok, tmp_path / "stock", "bf16")
+    from secateurs import api
+
+    r = api.export(pruned, tok, tmp_path / "stock", "bf16", format="vllm", progress=False)
     cfg = json.loads((tmp_path / "stock" / "config.json").read_text())
     assert (r["kind"], cfg["architectures"], cfg["num_hidden_layers"], cfg["dtype"]) == (
         "stock-depth", ["LlamaForCausalLM"], 29, "bfloat16")

@@ -206,12 +206,19 @@ def heal(pruned: str | Path, out: str | Path, *, overwrite: bool = False, progre
 
 
 def export(model, tokenizer, out: str | Path, type: str = "f32", *, overwrite: bool = False, threads: int | None = None,
-           progress: bool = True, model_ref: str | None = None) -> dict:
+           progress: bool = True, model_ref: str | None = None, format: str = "gguf") -> dict:
     """``secateurs export``: the model (dense, or pruned by ``apply_plan``) as a GGUF file for llama.cpp, of
-    tensor type ``type``; returns the export summary."""
+    tensor type ``type``, or (``format="vllm"``) as a folder vLLM serves (``type``: auto, f32, f16, bf16);
+    returns the export summary."""
+    if format == "vllm":
+        from .export.vllm import check_request as check_vllm, export_model as export_vllm
+
+        check_vllm(type, str(out), overwrite)
+        return export_vllm(model_ref or getattr(model, "name_or_path", "model"), str(out), type, progress, model=model,
+                           tokenizer=tokenizer)
     from .export.gguf import check_request as check_gguf, export_model
 
-    check_gguf("gguf", type, str(out), overwrite)
+    check_gguf(format, type, str(out), overwrite)
     return export_model(model_ref or getattr(model, "name_or_path", "model"), str(out), type, threads,
                         progress=progress, model=model, tokenizer=tokenizer)
 
