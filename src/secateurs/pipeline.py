@@ -36,6 +36,9 @@ from .workdir import cached, check_out, finish, open_work, work_of
 PPL_BATCH = 4  # rows per batch of the perplexity measured before and after
 
 
+EXPORTS = {"gguf": "model.gguf", "vllm": "vllm"}  # --export: what it writes inside OUT
+
+
 @dataclass
 class PruneSettings:
     model: str
@@ -50,10 +53,11 @@ class PruneSettings:
     eval_seqlen: int = HELD_OUT_SEQLEN
     device: str = "cpu"
     options: dict = field(default_factory=dict)  # method-specific options
-    export: str = ""  # "gguf": also write OUT/model.gguf for llama.cpp (secateurs.export.gguf)
-    export_type: str = "f16"  # export.gguf.DEFAULT_TYPE, as the CLI
+    export: str = ""  # "gguf": also write OUT/model.gguf for llama.cpp (secateurs.export.gguf); "vllm": OUT/vllm/
+    export_type: str = "f16"  # export.gguf.DEFAULT_TYPE, as the CLI (vllm takes it too, and auto/f32/bf16)
     dtype: str = "auto"  # working precision (runtime.precision)
     max_memory: str | None = None  # --max-memory (runtime.placement)
+    engine: str = ""  # --engine: the engine the plan must run in (defaults.PRUNE_ENGINES); "": any
 
 
 def estimates(cfg, model, calib, ratio: float | None, log=print, workers: int | None = None) -> dict:
@@ -150,15 +154,19 @@ def _run_prune(s: PruneSettings, out: Path, overwrite: bool, progress: bool, log
 
     # settings: every input checked before anything is loaded or written
     cfg = make_config(get_method(s.method), s.options)
-    method = api.check_request(cfg, s.ratio, workers=pool is not None)
+    method = api.check_request(cfg, s.ratio, workers=pool is not None, engine=s.engine or None)
     dev = check_device(s.device, present=pool is None)  # a pool checks its own placement when it opens
     max_memory = parse_max_memory(s.max_memory)
     if not dry_run:
         check_out(out, overwrite)
-    if s.export:
+    if s.export == "vllm":
+        from .export.vllm import check_request as check_vllm
+
+        check_vllm(s.export_type, str(out / EXPORTS["vllm"]), True)
+    elif s.export:
         from .export.gguf import check_request as check_gguf
 
-        check_gguf(s.export, s.export_type, str(out / "model.gguf"), True)
+        check_gguf(s.export, s.export_type, str(out / EXPORTS["gguf"]), True)
     nsamples, seqlen, calib_source = api.calibration_size(cfg, s.nsamples, s.seqlen, dev.type)
     if calib_source != "given":
         log(f"secateurs: calibration {nsamples} rows x {seqlen} tokens ({calib_source}; --nsamples/--seqlen to change)")
@@ -180,7 +188,7 @@ def _run_prune(s: PruneSettings, out: Path, overwrite: bool, progress: bool, log
     streamed = onloader_of(model) is not None
     if s.export and streamed:
         raise UserError(f"--export {s.export} converts the pruned model in memory, and under --max-memory {s.max_memory} it "
-                        "runs layer by layer; prune without --export, then `secateurs export OUT --out OUT/model.gguf` "
+                        "runs layer by layer; prune without --export, then `secateurs export OUT --format {s.export} ...` "
                         "on a machine where the pruned model fits")
     spec = get_adapter(model).spec()
     dense_config = _plain_config(model.config)
@@ -193,6 +201,8 @@ def _run_prune(s: PruneSettings, out: Path, overwrite: bool, progress: bool, log
 
     # work folder: only now is anything written
     settings = asdict(s) | {"options": asdict(cfg)}
+    if not s.engine:
+        del settings["engine"]  # as the settings of runs before --engine were, so that those resume
     work = open_work(out, settings, overwrite, log)
     shutil.rmtree(work / "spill", ignore_errors=True)  # states spilled by an interrupted run are not reused
 
@@ -208,7 +218,7 @@ def _run_prune(s: PruneSettings, out: Path, overwrite: bool, progress: bool, log
 
     # prune
     ctx = PruneContext.build(model, calib, tokenizer=tok, ratio=s.ratio, seed=s.seed, workdir=work, progress=progress,
-                             pool=workers, model_ref=s.model)
+                             pool=workers, model_ref=s.model, engine=s.engine or None)
     plan, search_seconds = timed_method(method, ctx, cfg, work)
     plan.meta = {"settings": settings}
     placement = dict(getattr(model, "secateurs_placement", {}))
@@ -237,25 +247,29 @@ def _run_prune(s: PruneSettings, out: Path, overwrite: bool, progress: bool, log
     refused = _export(s, work, model, tok, result, progress)
     _publish(work, out, result)
     if refused is not None:
-        raise UserError(f"pruned model written to {out}, but no GGUF: {refused}")
+        raise UserError(f"pruned model written to {out}, but no {s.export} export: {refused}")
     result["_model"] = model  # in-process callers (the demo) may keep using the pruned model
     result["_tokenizer"] = tok
     return result
 
 
 def _export(s: PruneSettings, work: Path, model, tok, result: dict, progress: bool) -> UserError | None:
-    """``--export gguf``: OUT/model.gguf, recorded in the result. A plan llama.cpp cannot hold still leaves the
-    pruned folder: the reason is recorded and returned, for the job to exit with it."""
+    """``--export gguf``: OUT/model.gguf; ``--export vllm``: the folder OUT/vllm; recorded in the result. A plan
+    the engine cannot hold still leaves the pruned folder: the reason is recorded and returned, for the job to
+    exit with it."""
     if not s.export:
         return None
-    from .export.gguf import export_model
-
+    if s.export == "vllm":
+        from .export.vllm import export_model
+    else:
+        from .export.gguf import export_model
+    name = EXPORTS[s.export]
     try:
-        result["gguf"] = export_model(s.model, str(work / "model.gguf"), s.export_type, progress=progress, model=model,
-                                      tokenizer=tok)
-        result["gguf"]["file"] = "model.gguf"
+        result[s.export] = export_model(s.model, str(work / name), s.export_type, progress=progress, model=model,
+                                        tokenizer=tok)
+        result[s.export]["file" if s.export == "gguf" else "folder"] = name
     except UserError as e:
-        result["gguf"] = {"refused": str(e)}
+        result[s.export] = {"refused": str(e)}
         return e
     return None
 

@@ -40,9 +40,16 @@ def add_arguments(p, method: str | None = None) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, help="output folder (work happens in OUT.partial, resumable)")
     g.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    g.add_argument("--export", default="", choices=["", "gguf"], help="also write OUT/model.gguf for llama.cpp")
-    g.add_argument("--export-type", default="f16", help="tensor type of the GGUF: f32, f16, bf16, q8_0, q6_k, q5_k_m, "
-                   "q4_k_m, q3_k_m, q2_k (default f16, as llama.cpp's own converter)")
+    g.add_argument("--export", default="", choices=["", "gguf", "vllm"],
+                   help="also write OUT/model.gguf for llama.cpp (gguf) or the folder OUT/vllm for vLLM (vllm)")
+    g.add_argument("--export-type", default="f16", help="tensor type of the export: f32, f16, bf16, q8_0, q6_k, q5_k_m, "
+                   "q4_k_m, q3_k_m, q2_k for gguf; auto (as the pruned model), f32, f16, bf16 for vllm (default f16, "
+                   "as llama.cpp's own converter)")
+    from ..defaults import PRUNE_ENGINES
+
+    g.add_argument("--engine", default="", choices=["", *PRUNE_ENGINES],
+                   help="the engine the plan must run in: " + "; ".join(f"{k}: {v}" for k, v in PRUNE_ENGINES.items())
+                   + "; the plan records it")
     g = p.add_argument_group("worker pool (Ray; methods that search candidates: blockpruner, sleb, self-pruner)")
     g.add_argument("--workers", type=positive_int, default=None, metavar="N",
                    help="evaluate the search's candidates on N Ray workers, each holding a replica of the model "
@@ -81,7 +88,7 @@ def run(args):
                       nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, eval=args.eval,
                       eval_rows=args.eval_rows, eval_seqlen=args.eval_seqlen, device=where["device"], options=options,
                       export=args.export, export_type=args.export_type, dtype=args.dtype,
-                      max_memory=where["max_memory"])
+                      max_memory=where["max_memory"], engine=args.engine)
     r = run_prune(s, args.out, overwrite=args.overwrite, progress=not args.quiet, pool=pool,
                   dry_run=args.dry_run)
     if args.dry_run:
@@ -91,7 +98,8 @@ def run(args):
           f"calib ppl ({rows_label(r['calibration']['nsamples'], r['calibration']['seqlen'])}) {r['ppl_calib_before']:.3f} -> {r['ppl_calib_after']:.3f}"
           + (f", {held_out_label(r)} {r['ppl_test_before']:.3f} -> {r['ppl_test_after']:.3f}" if r['eval_set'] else "")
           + f"; search {r['search_seconds']:.1f}s; written to {args.out}"
-          + (f" (GGUF: model.gguf, {r['gguf']['type']}, architecture {r['gguf']['arch']})" if "gguf" in r else ""))
+          + (f" (GGUF: model.gguf, {r['gguf']['type']}, architecture {r['gguf']['arch']})" if "gguf" in r else "")
+          + (f" (vLLM: vllm/, {r['vllm']['dtype']}, {r['vllm']['architecture']})" if "vllm" in r else ""))
 
 
 def _pool_settings(args):

@@ -47,6 +47,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -491,6 +492,27 @@ def open_folder(model_ref: str, progress: bool = True):
     return model, tok, ModuleWeights(model, SafetensorsSource(folder))
 
 
+@contextmanager
+def exported(model_ref: str, progress: bool = True, model=None, tokenizer=None, folder: str | Path | None = None):
+    """(model, tokenizer, weights) that an export reads: ``model`` when given (in memory; weights None), else
+    ``folder`` (or ``model_ref``) streamed from its files (``open_folder``), else ``model_ref`` loaded (a hub
+    id). The files are closed at the end."""
+    from ..sources import load_model
+
+    weights = None
+    if model is None:
+        opened = open_folder(str(folder or model_ref), progress)
+        if opened is not None:
+            model, tokenizer, weights = opened
+        else:
+            model, tokenizer = load_model(model_ref, device="cpu", progress=progress)
+    try:
+        yield model, tokenizer, weights
+    finally:
+        if weights is not None:
+            weights.close()
+
+
 # --- the command -------------------------------------------------------------------------------------------
 def check_request(fmt: str, ftype: str, out: str, overwrite: bool) -> None:
     """Everything about the command line that can be wrong, checked before the model is loaded."""
@@ -516,21 +538,10 @@ def export_model(model_ref: str, out: str, ftype: str = DEFAULT_TYPE, threads=No
     written from ``model_ref``, such as a prune's work folder); returns the summary. A folder is streamed from
     its files (``open_folder``); a hub id is loaded first."""
     from .._version import __version__
-    from ..sources import load_model
 
-    weights = None
-    if model is None:
-        opened = open_folder(str(folder or model_ref), progress)
-        if opened is not None:
-            model, tokenizer, weights = opened
-        else:
-            model, tokenizer = load_model(model_ref, device="cpu", progress=progress)
-    plan = getattr(model, "secateurs_plan", None)
-    name = f"{model_ref} (secateurs" + (f", {plan.method}" if plan is not None and plan.method else "") + ")"
-    try:
+    with exported(model_ref, progress, model, tokenizer, folder) as (model, tokenizer, weights):
+        plan = getattr(model, "secateurs_plan", None)
+        name = f"{model_ref} (secateurs" + (f", {plan.method}" if plan is not None and plan.method else "") + ")"
         return export_gguf(model, tokenizer, out, ftype, meta={"name": name, "source": model_ref,
                                                               "version": __version__},
                            threads=threads, weights=weights, progress=progress)
-    finally:
-        if weights is not None:
-            weights.close()

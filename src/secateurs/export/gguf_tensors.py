@@ -99,6 +99,11 @@ class ModuleWeights:
         key, source = self.keys[id(module), name], self.source
         return FileTensor(tuple(p.shape), lambda a, e: source.read(key, a, e).float())
 
+    def dtype(self, module, name: str):
+        """The dtype the parameter is stored in (in its file, or in memory)."""
+        p = getattr(module, name)
+        return p.dtype if self.source is None else self.source.dtype(self.keys[id(module), name])
+
     def close(self) -> None:
         if self.source is not None:
             self.source.close()

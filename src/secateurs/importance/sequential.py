@@ -51,7 +51,7 @@ def sequential_plan(ctx: PruneContext, rates: list[float], batch_size: int = 4, 
                     run_layer(ad, layer, *to_module_device(layer, hidden.get(b), kw[i]))
             heads = head_scores(wanda_column_scores(o.weight, st.l2("o")), spec.head_dim)
             channels = wanda_column_scores(down.weight, st.l2("down"))
-            plan.layers[i] = layer_plan_at_rate(spec, rates[i], heads.cpu(), channels.cpu())
+            plan.layers[i] = layer_plan_at_rate(spec, rates[i], heads.cpu(), channels.cpu(), ctx.keep_heads)
             with MaskedPlan(ad, spec, {i: plan.layers[i]}):
                 for b, kw in enumerate(kws):
                     hidden.put(b, run_layer(ad, layer, *to_module_device(layer, hidden.get(b), kw[i])))

@@ -158,13 +158,15 @@ def max_rate(spec) -> float:
     return 1.0 - keep / layer_width_params(spec)
 
 
-def layer_plan_at_rates(spec, attn_rate: float | None, mlp_rate: float | None, head_score, channel_score):
+def layer_plan_at_rates(spec, attn_rate: float | None, mlp_rate: float | None, head_score, channel_score,
+                        keep_heads: bool = False):
     """The LayerPlan of the rule above: the best-scoring heads and channels of a layer at one rate per block
-    (``None``: that block is removed whole)."""
+    (``None``: that block is removed whole). ``keep_heads`` (--engine vllm): no head goes, the channels take
+    the whole budget of the layer."""
     from ..plan import LayerPlan, removed_params, select_heads
 
     lp = LayerPlan(attn=attn_rate is not None, mlp=mlp_rate is not None)
-    if lp.attn and attn_rate > 0:
+    if lp.attn and attn_rate > 0 and not keep_heads:
         heads = select_heads(head_score, kept_heads_at(spec, attn_rate), spec.n_kv)
         lp.heads = heads if len(heads) < spec.n_heads else None
     if lp.mlp:
@@ -179,10 +181,10 @@ def layer_plan_at_rates(spec, attn_rate: float | None, mlp_rate: float | None, h
     return lp
 
 
-def layer_plan_at_rate(spec, rate: float, head_score, channel_score):
+def layer_plan_at_rate(spec, rate: float, head_score, channel_score, keep_heads: bool = False):
     """The LayerPlan of a layer at the layer rate ``rate`` (both blocks at ``rate``, clipped to [0, 1])."""
     rate = min(max(float(rate), 0.0), 1.0)
-    return layer_plan_at_rates(spec, rate, rate, head_score, channel_score)
+    return layer_plan_at_rates(spec, rate, rate, head_score, channel_score, keep_heads)
 
 
 def standardize(x: torch.Tensor) -> torch.Tensor:

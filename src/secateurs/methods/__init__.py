@@ -36,6 +36,9 @@ class MethodConfig:
     rule: ClassVar[RatioRule] = WIDTH  # how its plans meet --ratio, as `methods` and --help say it
     searches: ClassVar[bool] = False  # a search: on a CPU the default calibration is small (api.calibration_size)
     parallel: ClassVar[bool] = False  # evaluates candidates on a worker pool when given one (--workers)
+    # query heads: "kept" (never narrowed: depth methods), "optional" (kept when the engine asks, ``PruneContext.
+    # keep_heads``: --engine vllm), "narrowed" (narrowed per layer; cannot honour --engine vllm yet)
+    query_heads: ClassVar[str] = "narrowed"
 
     def check(self, ratio: float | None) -> None:
         """The options and the budget, before any work: a UserError saying what is wrong and what is accepted."""
@@ -69,7 +72,9 @@ class MethodConfig:
 
 class WidthConfig(MethodConfig):
     """The width methods' common part (flap, wanda-sp): a ``batch_size`` field (rows per forward pass), the
-    width reach, the input statistics they gather."""
+    width reach, the input statistics they gather; they keep every query head when the engine asks."""
+
+    query_heads = "optional"
 
     def check(self, ratio) -> None:
         super().check(ratio)
@@ -104,13 +109,20 @@ class PruneContext:
     extra: dict | None = None  # results a method wants recorded in result.json (e.g. per-block scores)
     pool: Any = None  # runtime.pool.WorkerPool (--workers) for methods whose config is parallel, else None
     model_ref: str | None = None  # how the user named the model (embedded name, folder, hub id)
+    engine: str | None = None  # --engine: the engine the plan must run in (defaults.PRUNE_ENGINES); None: any
+
+    @property
+    def keep_heads(self) -> bool:
+        """Whether the plan must keep every query head (--engine vllm)."""
+        return self.engine == "vllm"
 
     @classmethod
     def build(cls, model, calib: torch.Tensor | None, *, tokenizer=None, ratio: float | None = None, seed: int = 0,
-              workdir: str | Path, progress: bool = True, pool=None, model_ref: str | None = None) -> "PruneContext":
+              workdir: str | Path, progress: bool = True, pool=None, model_ref: str | None = None,
+              engine: str | None = None) -> "PruneContext":
         adapter = get_adapter(model)
         return cls(model, tokenizer, adapter, adapter.spec(), calib, ratio, seed, Path(workdir), progress, pool=pool,
-                   model_ref=model_ref)
+                   model_ref=model_ref, engine=engine)
 
     def count_ppl(self, n: int = 1) -> None:
         self.ppl_evaluations += n
@@ -151,6 +163,18 @@ def register_method(name: str, summary: str, config_cls: type):
         return fn
 
     return deco
+
+
+def check_engine(spec: MethodSpec, cfg, engine: str | None) -> None:
+    """A UserError, before any work, when the method cannot make plans that ``engine`` (--engine) runs."""
+    from ..defaults import PRUNE_ENGINES
+
+    if engine is not None and engine not in PRUNE_ENGINES:
+        raise UserError(f"unknown --engine {engine!r}; use one of {', '.join(PRUNE_ENGINES)}")
+    if engine == "vllm" and cfg.query_heads == "narrowed":
+        able = ", ".join(m.name for m in all_methods().values() if m.config_cls.query_heads != "narrowed")
+        raise UserError(f"--engine vllm needs every query head kept, and {spec.name} narrows heads per layer (it "
+                        f"cannot keep them yet); methods that can: {able}")
 
 
 def check_reach(spec: MethodSpec, model: ModelSpec, ratio: float | None, cfg) -> None:

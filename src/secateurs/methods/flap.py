@@ -39,14 +39,15 @@ def standardized_scores(ctx: PruneContext, stats) -> tuple[torch.Tensor, torch.T
     return heads, standardize(mlp)
 
 
-def plan_at_threshold(spec, heads: torch.Tensor, channels: torch.Tensor, t: float, t_ch: float | None = None) -> PruningPlan:
+def plan_at_threshold(spec, heads: torch.Tensor | None, channels: torch.Tensor, t: float,
+                      t_ch: float | None = None) -> PruningPlan:
     """Heads scoring above ``t`` and channels above ``t_ch`` (default ``t``) are kept (at least one of each
-    per layer; the head count is rounded down to a valid GQA selection)."""
+    per layer; the head count is rounded down to a valid GQA selection). ``heads`` None: every head is kept."""
     t_ch = t if t_ch is None else t_ch
     plan = PruningPlan.dense(spec, "flap")
     for i in range(spec.n_layers):
-        n_h = max(1, int((heads[i] > t).sum()))
-        kept_h = select_heads(heads[i].tolist(), n_h, spec.n_kv)
+        n_h = spec.n_heads if heads is None else max(1, int((heads[i] > t).sum()))
+        kept_h = list(range(spec.n_heads)) if heads is None else select_heads(heads[i].tolist(), n_h, spec.n_kv)
         keep_c = (channels[i] > t_ch).nonzero().flatten().tolist() or [int(channels[i].argmax())]
         plan.layers[i] = LayerPlan(heads=None if len(kept_h) == spec.n_heads else kept_h,
                                    channels=None if len(keep_c) == spec.intermediate else keep_c)
@@ -68,18 +69,20 @@ def _nearest(spec, cuts: torch.Tensor, make, ratio: float) -> tuple[float, Pruni
     return min(((float(cuts[k]), make(float(cuts[k]))) for k in (lo, hi)), key=lambda tp: abs(tp[1].ratio(spec) - ratio))
 
 
-def threshold_plan(spec, heads: torch.Tensor, channels: torch.Tensor, ratio: float) -> PruningPlan:
+def threshold_plan(spec, heads: torch.Tensor | None, channels: torch.Tensor, ratio: float) -> PruningPlan:
     """One global threshold over heads and channels, nearest to ``ratio``; then, the heads fixed, the channel
     threshold alone is refined so that the ratio lands within about one channel of the target (head counts
-    move in GQA-sized steps)."""
+    move in GQA-sized steps). ``heads`` None: every head is kept, the channels alone are cut."""
     minus_inf = torch.tensor([-float("inf")], dtype=torch.float64)
-    cuts = torch.cat([minus_inf, torch.cat([heads.flatten(), channels.flatten()]).sort().values])
+    scores = channels.flatten() if heads is None else torch.cat([heads.flatten(), channels.flatten()])
+    cuts = torch.cat([minus_inf, scores.sort().values])
     t, plan = _nearest(spec, cuts, lambda t: plan_at_threshold(spec, heads, channels, t), ratio)
     cuts_ch = torch.cat([minus_inf, channels.flatten().sort().values])
     _, plan = _nearest(spec, cuts_ch, lambda tc: plan_at_threshold(spec, heads, channels, t, tc), ratio)
     if abs(plan.ratio(spec) - ratio) > 0.005:
         raise UserError(f"ratio {ratio} is out of reach for flap on this model (nearest: {plan.ratio(spec):.4f}; "
-                        "every layer keeps at least one head and one channel)")
+                        "every layer keeps at least one head" + (" (all of them: --engine vllm)" if heads is None else "")
+                        + " and one channel)")
     return plan
 
 
@@ -94,7 +97,7 @@ def add_compensation(ctx: PruneContext, plan: PruningPlan, stats) -> None:
 def flap(ctx: PruneContext, cfg: FlapConfig) -> PruningPlan:
     stats = collect_stats(ctx.model, ctx.adapter, ctx.calib, cfg.batch_size)
     heads, channels = standardized_scores(ctx, stats)
-    plan = threshold_plan(ctx.spec, heads, channels, ctx.ratio)
+    plan = threshold_plan(ctx.spec, None if ctx.keep_heads else heads, channels, ctx.ratio)
     if cfg.compensate:
         add_compensation(ctx, plan, stats)
     ctx.record(kept=plan.kept_fraction(ctx.spec))

@@ -14,6 +14,7 @@ from . import MethodConfig, PruneContext, register_method
 @dataclass
 class ShortGPTConfig(MethodConfig):
     rule = RatioRule("layers")
+    query_heads = "kept"
 
     batch_size: int = field(default=1, metadata={"help": "calibration rows per forward pass"})
 

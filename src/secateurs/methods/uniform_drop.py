@@ -14,6 +14,7 @@ from . import MethodConfig, PruneContext, register_method
 @dataclass
 class UniformDropConfig(MethodConfig):
     rule = RatioRule("layers")
+    query_heads = "kept"
 
     def reach(self, spec):
         return reach(spec, layer_candidates(spec.n_layers, keep_ends=True))

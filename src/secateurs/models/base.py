@@ -120,6 +120,16 @@ class LlamaCppArch:
     why_not: str = ""
 
 
+@dataclass(frozen=True)
+class VllmArch:
+    """How vLLM holds one model type (the vLLM export): a plan whose remaining layers all keep both branches at
+    one size with no added bias runs as the stock architecture; any other plan as vLLM's ``DeciLMForCausalLM``
+    (Llama layers, per-layer blocks) when ``deci``, else ``why_not`` says why it cannot."""
+
+    deci: bool = False
+    why_not: str = ""
+
+
 def _numel(module: nn.Module | None) -> int:
     return 0 if module is None else sum(p.numel() for p in module.parameters())
 
@@ -136,6 +146,7 @@ class Adapter:
     bos_per_row = False  # whether every perplexity/calibration row must start with BOS
     norm_offset = 0.0  # the norms scale by (norm_offset + weight) (Gemma: 1 + w)
     llamacpp: dict[str, LlamaCppArch] = {}  # by model_type: how llama.cpp holds it (absent: no GGUF export)
+    vllm: dict[str, VllmArch] = {}  # by model_type: how vLLM holds it (absent: no vLLM export)
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -214,6 +225,9 @@ class Adapter:
 
     def llamacpp_arch(self) -> LlamaCppArch | None:
         return self.llamacpp.get(self.config.model_type)
+
+    def vllm_arch(self) -> VllmArch | None:
+        return self.vllm.get(self.config.model_type)
 
     def spec(self) -> ModelSpec:
         """Sizes of the model as it is now (call it on the dense model)."""

@@ -30,6 +30,7 @@ class SearchOptions(MethodConfig):
 
     searches = True
     parallel = True
+    query_heads = "kept"
 
     exact_reference: bool = field(default=False, metadata={"help": "run the straightforward search (every candidate through the whole model): slow, same result"})
     batch_size: int = field(default=1, metadata={"help": "calibration rows per forward pass; smaller batches let bad candidates be abandoned earlier"})
