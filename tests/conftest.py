@@ -2,6 +2,7 @@
 real embedded model (converted once into the cache, loaded per session)."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 import types
@@ -43,6 +44,24 @@ def tiny_config(model_type: str, **over):
     if model_type == "llama":
         kw.update(tie_word_embeddings=True)
     return AutoConfig.for_model(model_type, **kw)
+
+
+@contextlib.contextmanager
+def busy_machine(extra: int = 1):
+    """An artificial CPU load: a busy-loop process per core this process may use, and ``extra`` more, started
+    here and ended (by their own ids) when the block ends."""
+    import subprocess
+
+    from secateurs.eval.load import cores
+
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores() + extra)]
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
 
 
 def tiny_model(model_type: str, seed: int = 0, **over):

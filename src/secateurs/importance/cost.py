@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..eval.bench import prompt_ids, time_prefill
+from ..eval.bench import CLOCKS, prompt_ids, time_prefill, timing_threads
 from ..models.base import BLOCK_KINDS, ModelSpec
 from ..files import cache_dir
 from ..runtime import input_device, model_dtype, shared_copy
@@ -121,27 +121,18 @@ def model_key(model, spec: ModelSpec, prompt_len: int, reps: int, clock: str = "
     return hashlib.sha256(desc.encode()).hexdigest()[:16]
 
 
-CLOCKS = ("cpu", "wall")
-
-
 @torch.inference_mode()
 def prefill_time(model, prompt_len: int, clock: str = "wall", seed: int = 0) -> float:
     """Milliseconds of one prefill pass. ``wall``: wall time (``time_prefill``, the latency a user sees on a
     machine of their own). ``cpu``: CPU time of this process for the same pass, run on one thread; on a shared
     CPU it measures the pass's work without the time other processes take from it (wall time under a load of
     10 on 2 cores swings by seconds). On a GPU only ``wall`` is meaningful and is used."""
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
     device = input_device(model)
     ids = prompt_ids(model, prompt_len, seed)
-    if clock == "wall" or device.type != "cpu":
-        return time_prefill(model, ids)
-    if clock != "cpu":
-        raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return time_prefill(model, ids, clock="cpu")
-    finally:
-        torch.set_num_threads(threads)
+    with timing_threads(device, clock):
+        return time_prefill(model, ids, clock=clock)
 
 
 def paired_latency(dense, pruned, prompt_len: int, reps: int, seed: int = 0, clock: str = "wall") -> list[list[float]]:
