@@ -122,6 +122,11 @@ def timing_threads(device: torch.device, clock: str):
         torch.set_num_threads(threads)
 
 
+def timed_threads(device: torch.device, clock: str) -> int:
+    """The threads a timing by ``clock`` runs on (``timing_threads``): what it needs of the machine's cores."""
+    return 1 if clock == "cpu" and device.type == "cpu" else torch.get_num_threads()
+
+
 def timer_name(device: torch.device, clock: str) -> str:
     if device.type == "cuda":
         return "cuda events"
@@ -340,7 +345,7 @@ def bench(ref: str, against: str | None = None, s: BenchSettings | None = None, 
     refs = [against, ref] if against else [ref]  # the reference runs first in every round
     models = [load_model(r, device=device, dtype=dtype, progress=progress)[0] for r in refs]
     dev = _device(models[-1])
-    watch = LoadWatch(threads=1 if s.clock == "cpu" and dev.type == "cpu" else torch.get_num_threads())
+    watch = LoadWatch(threads=timed_threads(dev, s.clock))
     timings = time_models(models, s, watch)
     entries = []
     for r, m, t in zip(refs, models, timings):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import time
 from dataclasses import dataclass, field
 
 
@@ -81,3 +82,14 @@ def load_note(record: dict | None) -> str | None:
     return (f"note: the machine was busy while this was timed ({others:g} other runnable processes on "
             f"{record['cores']} cores, {record['threads']} needed): the speed figures may be off; rerun on a quiet "
             "machine before drawing a conclusion from them")
+
+
+def busy_now(threads: int = 1, samples: int = 5, interval: float = 0.05) -> bool | None:
+    """Whether a timing on ``threads`` threads would be loaded now (``samples`` samples ``interval`` seconds
+    apart); None where the load cannot be read."""
+    watch = LoadWatch(threads)
+    for k in range(samples):
+        if k:
+            time.sleep(interval)
+        watch.sample()
+    return watch.loaded

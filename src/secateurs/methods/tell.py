@@ -39,7 +39,7 @@ import torch
 
 from ..errors import UserError
 from ..importance.activations import InputStats
-from ..importance.cost import CostModel, load_or_measure, measured_speedup
+from ..importance.cost import CostModel, checked_speedup, load_or_measure
 from ..importance.interaction import block_importance, collect_streams
 from ..importance.response import measure_responses, plan_loss
 from ..importance.width import (collect_stats, head_scores, kept_channels_at, kept_heads_at, layer_compensation,
@@ -87,11 +87,11 @@ class TellConfig(MethodConfig):
     te_tokens: int = field(default=8192, metadata={"help": "calibration tokens used by the estimator (seeded subset)"})
     latency_len: int = field(default=256, metadata={"help": "prompt length of the cost micro-benchmark and latency checks"})
     latency_clock: str = field(default="cpu", metadata={"help": "timing of costs and speedup checks on a CPU: this process's CPU time on one thread (robust on a shared machine) or wall time; GPUs always use wall time", "choices": ["cpu", "wall"]})
-    latency_reps: int = field(default=3, metadata={"help": "alternated dense/pruned passes per timing"})
+    latency_reps: int = field(default=3, metadata={"help": "alternated dense/pruned pairs per timing, at least (more, up to 4x, until the median ratio is known to half a percent)"})
     speedup_rounds: int = field(default=2, metadata={"help": "re-assignments after a measured speedup misses the target"})
     speedup_tolerance: float = field(default=0.03, metadata={"help": "relative miss of the measured speedup that is accepted"})
     response_dtype: str = field(default="auto", metadata={"help": "response: precision of the measurement (auto = the working dtype, --dtype; another one measures on a copy of the model in it, not under --max-memory)", "choices": ["auto", "float32", "bfloat16"]})
-    refresh_costs: bool = field(default=False, metadata={"help": "measure the unit costs again instead of using the cache"})
+    refresh_costs: bool = field(default=False, metadata={"help": "measure the unit costs and the speedup checks again instead of using the ones cached for this device and model (measured once, again when they were measured on a busy machine and it is quiet now)"})
 
     def check_placement(self, onloaded: bool) -> None:
         """--speedup needs the whole model in memory."""
@@ -436,7 +436,8 @@ def assign_plan(ctx: PruneContext, cfg: TellConfig, prep: Prepared) -> tuple[Pru
             goal = cfg.speedup
             for rnd in range(cfg.speedup_rounds + 1):
                 plan, ratios, record = choose(goal, "predicted speedup")
-                m = measured_speedup(ctx.model, plan, spec, cfg.latency_len, cfg.latency_reps, ctx.seed, cfg.latency_clock)
+                m = checked_speedup(ctx.model, plan, spec, cfg.latency_len, cfg.latency_reps, ctx.seed, cfg.latency_clock,
+                                    refresh=cfg.refresh_costs)
                 rounds.append({"cost_model_goal": goal, "predicted": costs.speedup(spec, plan), **m})
                 log(f"tell: round {rnd}: cost-model goal {goal:.3f}, predicted {rounds[-1]['predicted']:.3f}, "
                     f"measured {m['speedup']:.3f} (target {cfg.speedup})")
@@ -494,7 +495,8 @@ def tell(ctx: PruneContext, cfg: TellConfig) -> PruningPlan:
         speedup_rounds=rounds,
         cost_model=None if costs is None else {
             "path": prep.cost_path, "device": costs.device, "prompt_len": costs.prompt_len, "clock": costs.clock,
-            "dense_ms": costs.dense_ms, "ms_per_param": costs.ms_per_param, "adjusted": costs.adjusted},
+            "dense_ms": costs.dense_ms, "ms_per_param": costs.ms_per_param, "adjusted": costs.adjusted,
+            "steadiness": costs.steadiness()},
         allocation=None if record is None else {k: v for k, v in record.items() if k != "choice"},
     )
     return plan
