@@ -470,6 +470,26 @@ def test_dry_run_counts_the_response_replays():
     assert TellConfig(assign="uniform").evaluations(spec, 0.2, 8)[0] == 1
 
 
+def test_dry_run_says_how_many_responses_are_new(tmp_path, monkeypatch):
+    """Before a run every first-stage response is new; after it, none; a further level adds only its own."""
+    import re
+
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
+    model = tiny_model("llama")
+    ctx = _ctx(model, tmp_path, 0.2)
+    blocks = 2 * ctx.spec.n_layers
+
+    def new(cfg):
+        line = cfg.cached_work(model, ctx.calib, ctx.seed)
+        return int(re.search(r"at most (\d+) of the first stage's (\d+)", line).group(1))
+
+    assert new(TellConfig(levels="0.5")) == 2 * blocks + 1  # two options per block and the dense loss
+    tell(ctx, TellConfig(levels="0.5"))
+    assert new(TellConfig(levels="0.5")) == 0
+    assert blocks // 2 <= new(TellConfig(levels="0.25,0.5")) <= blocks  # the new level's, where it changes a block
+    assert TellConfig(assign="uniform").cached_work(model, ctx.calib, ctx.seed) is None
+
+
 def test_ratio_rule_follows_the_assignment(tmp_path, monkeypatch):
     """--assign response takes whole options per block: it lands at or above --ratio (checked by run_method with
     the run's own rule); uniform lands within the width tolerance."""

@@ -62,8 +62,11 @@ def check_request(cfg, ratio: float | None, workers: bool = False) -> MethodSpec
     method = method_for(cfg)
     cfg.check(ratio)
     if workers and not cfg.parallel:
-        names = ", ".join(m.name for m in all_methods().values() if m.parallel)
-        raise UserError(f"--workers applies to the methods that search candidates ({names}), not {method.name}")
+        methods = all_methods().values()
+        names = ", ".join(m.name for m in methods if m.parallel and not m.config_cls.parallel_when)
+        some = "; ".join(f"{m.name} with {m.config_cls.parallel_when}" for m in methods if m.config_cls.parallel_when)
+        raise UserError(f"--workers applies to the methods that search candidates ({names}), not {method.name}"
+                        + (f"; and to {some}" if some else ""))
     return method
 
 

@@ -89,7 +89,7 @@ class Problem:
     saving: Callable[[int, str, LayerPlan], float]
     need: float
     options: list[Option]
-    measure: Callable  # (base plan, {pos: [LayerPlan]}, stage) -> (base loss, {pos: [loss]})
+    measure: Callable  # (base plan, {pos: [LayerPlan]}, stage, {pos: [(level, compensate)]}) -> (base loss, {pos: [loss]})
     tokens: int  # calibration tokens (losses are reported per token)
     joint: Callable | None = None  # plan -> its summed calibration loss (the local search's evaluations)
 
@@ -121,7 +121,8 @@ def allocate(p: Problem, stages: int = 1, log=None, refine: int = 0) -> dict:
                 seen.add(key)
                 opts[b.pos].append(o)
                 variants[b.pos].append(lp)
-        base_loss, losses = p.measure(base, {pos: v for pos, v in variants.items() if v}, stage)
+        labels = {pos: [(o.level, o.compensate) for o in opts[pos][1:]] for pos, v in variants.items() if v}
+        base_loss, losses = p.measure(base, {pos: v for pos, v in variants.items() if v}, stage, labels)
         groups, table = [], {}
         for b in blocks:
             rows = [(0.0, 0.0)]
