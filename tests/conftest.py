@@ -2,7 +2,6 @@
 real embedded model (converted once into the cache, loaded per session)."""
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import sys
 import types
@@ -46,22 +45,11 @@ def tiny_config(model_type: str, **over):
     return AutoConfig.for_model(model_type, **kw)
 
 
-@contextlib.contextmanager
 def busy_machine(extra: int = 1):
-    """An artificial CPU load: a busy-loop process per core this process may use, and ``extra`` more, started
-    here and ended (by their own ids) when the block ends."""
-    import subprocess
+    """The artificial load of the load tests (``secateurs.eval.load.busy_machine``)."""
+    from secateurs.eval.load import busy_machine as load
 
-    from secateurs.eval.load import cores
-
-    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores() + extra)]
-    try:
-        yield procs
-    finally:
-        for p in procs:
-            p.kill()
-        for p in procs:
-            p.wait()
+    return load(extra)
 
 
 def tiny_model(model_type: str, seed: int = 0, **over):

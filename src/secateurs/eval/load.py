@@ -9,8 +9,11 @@ demo) and recorded with its samples (tell's unit costs).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -93,3 +96,17 @@ def busy_now(threads: int = 1, samples: int = 5, interval: float = 0.05) -> bool
             time.sleep(interval)
         watch.sample()
     return watch.loaded
+
+
+@contextlib.contextmanager
+def busy_machine(extra: int = 1):
+    """An artificial CPU load for the load checks (tests, benchmarks/tell_steady.py): a busy-loop process per core
+    this process may use and ``extra`` more, started here and ended, by their own ids, when the block ends."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores() + extra)]
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
