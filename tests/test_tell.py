@@ -420,6 +420,7 @@ def test_explain_table(assign, tmp_path, capsys, monkeypatch):
     assert main(["explain", str(run)]) == 0
     out = capsys.readouterr().out
     assert "importance" in out and "cost model" in out
+    assert "speedup round:" in out and " pairs, spread " in out  # how steady the check was
     rows = [line for line in out.splitlines() if line.startswith(("attn", "mlp"))]
     assert len(rows) == 2 * ctx.spec.n_layers
     if assign == "response":
