@@ -188,6 +188,12 @@ register("tell-response-smollm2", 200, [
     "tell --assign response at 1.15x / 1.3x / 1.5x on SmolLM2-135M with the trade-off's calibration (240 measured "
     "responses at 36-65 s each on one busy core)", default=False)
 
+register("tell-steady-smollm2", 15, [
+    "{py} benchmarks/tell_steady.py --model smollm2-135m --nsamples 4 --seqlen 128 --results {results}"],
+    ["{results}/tell-steady-smollm2-135m.json", "{results}/tell-steady-smollm2-135m.md"],
+    "tell's responses on 2 workers against 1 (bitwise the same?), and its --speedup 1.3 plan quiet, under a busy "
+    "loop per core with its costs measured there, and under it with the cached costs", default=False)
+
 register("tradeoff-qwen", 240, [
     "{py} benchmarks/tradeoff.py --model qwen2.5-coder-1.5b --methods flap,wanda-sp,shortgpt --ratios 0.10,0.16,0.22 "
     "--eval-rows 16 --latency-reps 5 --drop-weights --work runs/tradeoff-qwen --name tradeoff-qwen2.5-coder-1.5b "

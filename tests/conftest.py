@@ -45,6 +45,13 @@ def tiny_config(model_type: str, **over):
     return AutoConfig.for_model(model_type, **kw)
 
 
+def busy_machine(extra: int = 1):
+    """The artificial load of the load tests (``secateurs.eval.load.busy_machine``)."""
+    from secateurs.eval.load import busy_machine as load
+
+    return load(extra)
+
+
 def tiny_model(model_type: str, seed: int = 0, **over):
     from transformers import AutoModelForCausalLM
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import tiny_model
+from conftest import busy_machine, tiny_model
 from secateurs.eval.bench import (BenchSettings, _attention_layers, _head_flops, _linear_flops_per_token, decode_flops,
                                   peak_memory_cpu, prefill_flops, time_models, weight_bytes)
 from secateurs.models import get_adapter, unique_param_count
@@ -134,3 +134,46 @@ def test_bad_settings_are_user_errors():
     from secateurs.cli import main
 
     assert main(["bench", "smollm2-135m", "--warmup", "-1"]) == 2
+
+
+def _prefill_speedup(dense, pruned, s):
+    from secateurs.eval.load import LoadWatch
+
+    watch = LoadWatch()
+    d, p = time_models([dense, pruned], s, watch)
+    return d["prefill_ms"] / p["prefill_ms"], watch
+
+
+def test_speedup_under_load_holds_or_says_the_machine_was_loaded():
+    """Under an artificial load (a busy loop per core and one more), the prefill speedup (CPU time on one
+    thread, alternated rounds) is within 10% of the quiet figure, or the load is detected: then bench prints
+    a note instead of a conclusion. No figure is asserted for itself."""
+    dense = tiny_model("llama", hidden_size=256, intermediate_size=1024)
+    pruned = apply_plan(copy.deepcopy(dense), PruningPlan.from_removed_blocks(get_adapter(dense).spec(),
+                                                                            [(1, "mlp"), (2, "mlp"), (3, "attn")]))
+    s = BenchSettings(prompt_len=64, decode_tokens=2, warmup=1, reps=5)
+    quiet, _ = _prefill_speedup(dense, pruned, s)
+    with busy_machine():
+        loaded, watch = _prefill_speedup(dense, pruned, s)
+    record = watch.record()
+    assert record["runnable"] and len(record["runnable"]) == s.warmup + s.reps + 1  # before, between rounds, after
+    assert record["loaded"] or abs(loaded / quiet - 1) <= 0.10, (quiet, loaded, record)
+
+
+def test_bench_prints_a_note_on_a_loaded_machine(tmp_path, tokenizer_dir, monkeypatch, capsys):
+    import secateurs.eval.load as load
+    from secateurs.cli import main
+
+    ref = _folder(tiny_model("llama"), tmp_path / "m", tokenizer_dir)
+    args = ["bench", ref, "--against", ref, "--prompt-len", "8", "--decode-tokens", "1", "--reps", "1", "--warmup", "0",
+            "--no-memory", "--json", str(tmp_path / "b.json"), "--quiet"]
+    monkeypatch.setattr(load, "runnable", lambda: 1)  # only this process
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "note:" not in out and "timer process_time, 1 thread" in out
+    assert json.loads((tmp_path / "b.json").read_text())["load"]["loaded"] is False
+    monkeypatch.setattr(load, "runnable", lambda: 2 * load.cores() + 1)
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "(machine busy: see the note)" in out and "note: the machine was busy while this was timed" in out
+    assert json.loads((tmp_path / "b.json").read_text())["load"]["loaded"] is True

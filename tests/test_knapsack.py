@@ -73,3 +73,21 @@ def test_local_search_improves_the_joint_loss_within_budget():
     assert [h["loss"] for h in history if h["accepted"]] == sorted((h["loss"] for h in history if h["accepted"]), reverse=True)
     _, none = local_search(rows, start, need, joint, budget=0)
     assert len(none) == 1  # budget 0: the start is evaluated, nothing else
+
+
+def test_local_search_never_scores_a_plan_twice():
+    """After an accepted swap, undoing it is the move the responses rank first; the memo skips it, so every
+    evaluation of the budget is a new plan and the same budget reaches further."""
+    from secateurs.search.allocate import local_search
+
+    rows = [[(0.0, 0.0), (1.0, 1.0)], [(0.0, 0.0), (1.0, 1.0)], [(0.0, 0.0), (1.0, 1.5)], [(0.0, 0.0), (1.0, 1.6)]]
+    seen = []
+
+    def joint(ch):
+        seen.append(tuple(ch))
+        return sum(rows[g][j][1] for g, j in enumerate(ch)) + (5.0 if ch[0] and ch[1] else 0.0)
+
+    start = solve(rows, 2.0).choice
+    choice, history = local_search(rows, start, 2.0, joint, budget=6)
+    assert len(seen) == len(set(seen)) == len(history) and len(history) == 7  # all 6 evaluations are new plans
+    assert joint(choice) == 2.5

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import secateurs
-from conftest import tiny_model
+from conftest import busy_machine, tiny_model
 from secateurs.errors import UserError
 from secateurs.importance.activations import capture
 from secateurs.importance.cost import CostModel, load_or_measure, measured_speedup, probe_plan
@@ -195,7 +195,10 @@ def test_cpu_clock_times_one_thread_and_restores_threads():
 
 
 def test_cost_benchmark_runs_floors_and_caches(tmp_path, monkeypatch):
+    import secateurs.eval.load as load
+
     monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path))
+    monkeypatch.setattr(load, "runnable", lambda: 1)  # a quiet machine: the cached costs are final
     model = tiny_model("llama")
     spec = get_adapter(model).spec()
     cm, path = load_or_measure(model, spec, prompt_len=16, reps=1)
@@ -208,6 +211,52 @@ def test_cost_benchmark_runs_floors_and_caches(tmp_path, monkeypatch):
     assert path2 == path and again == cm  # read from the cache (the same numbers), not measured again
     m = measured_speedup(model, probe_plan(spec, "mlp_block"), spec, prompt_len=16, reps=1)
     assert m["dense_ms"] > 0 and m["pruned_ms"] > 0
+
+
+def test_costs_record_their_steadiness_and_a_busy_measurement_is_provisional(tmp_path, monkeypatch):
+    """Each kind's saving is a fraction of the dense time with its spread and pair count, and the load while
+    measuring; costs measured on a busy machine are measured again once it is quiet, quiet ones are kept."""
+    import secateurs.eval.load as load
+
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path))
+    model = tiny_model("llama")
+    spec = get_adapter(model).spec()
+    monkeypatch.setattr(load, "runnable", lambda: 2 * load.cores() + 1)
+    busy, path = load_or_measure(model, spec, prompt_len=16, reps=2, clock="cpu")
+    st = busy.steadiness()
+    assert st["load"]["loaded"] is True and set(st["kinds"]) == set(UNIT_KINDS)
+    for k, v in st["kinds"].items():
+        assert 2 <= v["pairs"] <= 8 and v["spread"] >= 0 and -1 < v["fraction_saved"] < 1
+        assert busy.raw[k]["saved_ms"] == pytest.approx(v["fraction_saved"] * busy.dense_ms)
+    assert load_or_measure(model, spec, prompt_len=16, reps=2, clock="cpu")[0] == busy  # still busy: kept
+    monkeypatch.setattr(load, "runnable", lambda: 1)
+    quiet, path2 = load_or_measure(model, spec, prompt_len=16, reps=2, clock="cpu")
+    assert path2 == path and quiet.load["loaded"] is False  # measured again, now quiet
+    monkeypatch.setattr(load, "runnable", lambda: 2 * load.cores() + 1)
+    assert load_or_measure(model, spec, prompt_len=16, reps=2, clock="cpu")[0] == quiet  # a quiet one is kept
+
+
+def test_same_speedup_plan_under_load(tmp_path, monkeypatch):
+    """The same `tell --speedup` command, first on the machine as it is, then under an artificial load (a busy
+    loop per core and one more): the same plan. The unit costs and the speedup checks are measured once per
+    device and model, in pairs of ratios (``importance/cost.py``); the loaded run finds them cached and times
+    nothing, where its own timings would have differed by several percent."""
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
+    model = tiny_model("llama", hidden_size=128, intermediate_size=384)
+    calib = torch.randint(0, 128, (4, 32), generator=_gen(0))
+    cfg = TellConfig(speedup=1.3, levels="0.5", latency_len=32, latency_reps=2, latency_clock="cpu")
+
+    def run(name):
+        plan = secateurs.prune(model, None, cfg, calib=calib, workdir=tmp_path / name, progress=False)
+        return plan.to_dict()["layers"], plan.record["method_details"]
+
+    quiet, qd = run("quiet")
+    with busy_machine():
+        loaded, ld = run("loaded")
+    assert loaded == quiet
+    assert all(r["cached"] for r in ld["speedup_rounds"]) and not qd["speedup_rounds"][0]["cached"]
+    assert ld["cost_model"]["steadiness"] == qd["cost_model"]["steadiness"]
+    assert all(v["pairs"] >= 2 for v in qd["cost_model"]["steadiness"]["kinds"].values())
 
 
 # --- the method --------------------------------------------------------------------------------------------------
@@ -371,6 +420,7 @@ def test_explain_table(assign, tmp_path, capsys, monkeypatch):
     assert main(["explain", str(run)]) == 0
     out = capsys.readouterr().out
     assert "importance" in out and "cost model" in out
+    assert "speedup round:" in out and " pairs, spread " in out  # how steady the check was
     rows = [line for line in out.splitlines() if line.startswith(("attn", "mlp"))]
     assert len(rows) == 2 * ctx.spec.n_layers
     if assign == "response":
@@ -419,6 +469,26 @@ def test_dry_run_counts_the_response_replays():
     n2, _, _ = TellConfig(compensation="both", stages=2, refine=5).evaluations(spec, 0.2, 8)
     assert n2 == 1 + 2 * blocks * 7 // 2 + 5
     assert TellConfig(assign="uniform").evaluations(spec, 0.2, 8)[0] == 1
+
+
+def test_dry_run_says_how_many_responses_are_new(tmp_path, monkeypatch):
+    """Before a run every first-stage response is new; after it, none; a further level adds only its own."""
+    import re
+
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
+    model = tiny_model("llama")
+    ctx = _ctx(model, tmp_path, 0.2)
+    blocks = 2 * ctx.spec.n_layers
+
+    def new(cfg):
+        line = cfg.cached_work(model, ctx.calib, ctx.seed)
+        return int(re.search(r"at most (\d+) of the first stage's (\d+)", line).group(1))
+
+    assert new(TellConfig(levels="0.5")) == 2 * blocks + 1  # two options per block and the dense loss
+    tell(ctx, TellConfig(levels="0.5"))
+    assert new(TellConfig(levels="0.5")) == 0
+    assert blocks // 2 <= new(TellConfig(levels="0.25,0.5")) <= blocks  # the new level's, where it changes a block
+    assert TellConfig(assign="uniform").cached_work(model, ctx.calib, ctx.seed) is None
 
 
 def test_ratio_rule_follows_the_assignment(tmp_path, monkeypatch):

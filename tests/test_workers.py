@@ -224,3 +224,27 @@ def test_ray_missing(tmp_path, capsys, monkeypatch):
     assert "--workers needs Ray, which is not installed: pip install 'secateurs[ray]'" in capsys.readouterr().err
     assert not out.exists() and not out.with_name("out.partial").exists()
 
+
+
+def test_tell_responses_on_pool_equal_one_process(shared, tmp_path, monkeypatch):
+    """tell's block responses fanned out over 2 workers: bitwise the same responses (the same files), the same
+    whole-plan losses of --refine, the same plan as one process."""
+    from secateurs.methods.tell import TellConfig
+
+    calib = torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(2))
+    cfg = TellConfig(levels="0.5", refine=2)
+    runs = {}
+    for name, pool in (("one", None), ("pool", shared)):
+        monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / name / "cache"))
+        if pool is not None:
+            pool.loader = partial(tiny_model, "llama")
+            for fn in ("measure_responses", "plan_loss"):  # nothing measured here: on the workers only
+                monkeypatch.setattr(f"secateurs.methods.tell.{fn}", lambda *a, **k: pytest.fail("measured here"))
+        plan = secateurs.prune(tiny_model("llama"), None, cfg, ratio=0.3, calib=calib, workdir=tmp_path / name,
+                               workers=pool, progress=False)
+        files = sorted((tmp_path / name).glob("tell_responses_*.json"))
+        details = plan.record["method_details"]["allocation"]
+        runs[name] = (plan.to_dict()["layers"], [(f.name, f.read_bytes()) for f in files], details["refine"],
+                      details["evaluations_measured"])
+    assert runs["pool"] == runs["one"]
+    assert runs["one"][3] > 16 and len(runs["one"][2]) == 3  # every block's options; the start and 2 refine plans

@@ -64,8 +64,11 @@ def check_request(cfg, ratio: float | None, workers: bool = False, engine: str |
     cfg.check(ratio)
     check_engine(method, cfg, engine)
     if workers and not cfg.parallel:
-        names = ", ".join(m.name for m in all_methods().values() if m.parallel)
-        raise UserError(f"--workers applies to the methods that search candidates ({names}), not {method.name}")
+        methods = all_methods().values()
+        names = ", ".join(m.name for m in methods if m.parallel and not m.config_cls.parallel_when)
+        some = "; ".join(f"{m.name} with {m.config_cls.parallel_when}" for m in methods if m.config_cls.parallel_when)
+        raise UserError(f"--workers applies to the methods that search candidates ({names}), not {method.name}"
+                        + (f"; and to {some}" if some else ""))
     return method
 
 
@@ -225,14 +228,14 @@ def export(model, tokenizer, out: str | Path, type: str = "f32", *, overwrite: b
 
 def bench(model: str, against: str | None = None, *, prompt_len: int = 512, decode_tokens: int = 128, warmup: int = 2,
           reps: int = 5, seed: int = 0, memory: bool = True, device: str = "cpu", dtype: str = "auto",
-          threads: int | None = None, flash_attn: bool = False, progress: bool = False) -> dict:
+          threads: int | None = None, flash_attn: bool = False, progress: bool = False, clock: str = "cpu") -> dict:
     """``secateurs bench``: prefill latency, decode throughput, peak memory, parameters and FLOPs of the model
     named ``model`` (a name, folder, pruned folder or .gguf file), side by side with ``against``; the
     dictionary of ``bench --json``."""
     from .eval.bench import BenchSettings
     from .eval.engines import same_engine
 
-    s = BenchSettings(prompt_len=prompt_len, decode_tokens=decode_tokens, warmup=warmup, reps=reps, seed=seed)
+    s = BenchSettings(prompt_len=prompt_len, decode_tokens=decode_tokens, warmup=warmup, reps=reps, seed=seed, clock=clock)
     s.validate()
     return same_engine(model, against).bench(model, against, asdict(s), device=device, threads=threads, memory=memory,
                                              progress=progress, flash_attn=flash_attn, dtype=dtype)

@@ -197,7 +197,10 @@ def _run_prune(s: PruneSettings, out: Path, overwrite: bool, progress: bool, log
     est = estimates(cfg, model, calib, s.ratio, log, workers=pool.workers if pool is not None else None)
     calibration = {"nsamples": nsamples, "seqlen": seqlen, "source": calib_source}
     if dry_run:
-        return {"dry_run": True, "estimates": est, "calibration": calibration}
+        cached_work = cfg.cached_work(model, calib, s.seed)
+        if cached_work:
+            log(f"secateurs: {cached_work}")
+        return {"dry_run": True, "estimates": est, "calibration": calibration, "cached_work": cached_work}
 
     # work folder: only now is anything written
     settings = asdict(s) | {"options": asdict(cfg)}

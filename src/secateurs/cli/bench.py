@@ -29,6 +29,10 @@ def add_arguments(p):
     p.add_argument("--warmup", type=int, default=2, help="rounds run first and dropped (default 2)")
     p.add_argument("--reps", type=positive_int, default=5, help="timed rounds; figures are medians (default 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
+    p.add_argument("--clock", default="cpu", choices=["cpu", "wall"],
+                   help="PyTorch on a CPU: time this process's CPU time with torch on one thread (cpu, the default: "
+                        "the work of a pass, steady when other processes share the machine) or wall time on torch's "
+                        "threads (wall: the latency on a machine of your own); GPUs and llama.cpp use wall time")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.add_argument("--threads", type=positive_int, default=None, help="llama.cpp threads for .gguf files, the same for "
@@ -47,11 +51,12 @@ def run(args):
 
     from ..eval.bench import BenchSettings
     from ..eval.engines import same_engine
+    from ..eval.load import load_note
     from ..result import versions
     from ..files import atomic_write_text
 
     s = BenchSettings(prompt_len=args.prompt_len, decode_tokens=args.decode_tokens, warmup=args.warmup,
-                      reps=args.reps, seed=args.seed)
+                      reps=args.reps, seed=args.seed, clock=args.clock)
     s.validate()
     engine = same_engine(args.model, args.against, args.engine)
     device = args.device if engine.name != "torch" else placement_of(args)["device"]
@@ -68,14 +73,17 @@ def run(args):
         v = out[key] / 1e9 if key == "prefill_flops" else out[key]
         av = (a[key] / 1e9 if key == "prefill_flops" else a[key]) if a else None
         print(f"{label:18}{_fmt(v, spec):>16}" + (f"{_fmt(av, spec):>16}" if a else ""))
+    note = load_note(out.get("load"))
     if a:
         sp, ideal = out["speedup"], out["ideal_speedup"]
         print(f"speedup (measured / ideal from FLOPs): prefill {sp['prefill']:.2f}x / {ideal['prefill']:.2f}x, "
-              f"decode {sp['decode']:.2f}x / {ideal['decode']:.2f}x")
+              f"decode {sp['decode']:.2f}x / {ideal['decode']:.2f}x" + (" (machine busy: see the note)" if note else ""))
     where = out["settings"]["device"] + (f", llama.cpp {out['gguf_type']}, {out['settings']['threads']} threads"
                                          + (", flash attention" if out["settings"]["flash_attn"] else "")
                                          if out["settings"].get("engine") == "llama.cpp" else "")
     print(f"(batch 1, prompt {s.prompt_len}, {s.decode_tokens} decode tokens, medians of {s.reps} rounds after "
-          f"{s.warmup} warm-up, {where})")
+          f"{s.warmup} warm-up, {where}, timer {out['settings']['timer']})")
+    if note:
+        print(note)
     if args.json:
         atomic_write_text(args.json, json.dumps(out, indent=1))

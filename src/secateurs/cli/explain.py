@@ -49,12 +49,20 @@ def format_table(result: dict) -> str:
         lines[0] += f", predicted prefill speedup {d['predicted_speedup']:.3f}"
     for r in d.get("speedup_rounds", []):
         lines.append(f"  speedup round: cost-model goal {r['cost_model_goal']:.3f}, predicted {r['predicted']:.3f}, "
-                     f"measured {r['speedup']:.3f} ({r['dense_ms']:.1f} -> {r['pruned_ms']:.1f} ms, prompt {r['prompt_len']})")
+                     f"measured {r['speedup']:.3f} ({r['dense_ms']:.1f} -> {r['pruned_ms']:.1f} ms, prompt {r['prompt_len']}"
+                     + (f", {r['pairs']} pairs, spread {r['spread']:.3f}" if "pairs" in r else "")
+                     + (", cached" if r.get("cached") else "") + (", busy machine" if r.get("loaded") else "") + ")")
     cm = d.get("cost_model")
     if cm:
         per = ", ".join(f"{k} {v * 1e6:.3f}" for k, v in cm["ms_per_param"].items())
         lines.append(f"  cost model ({cm['device']}, prompt {cm['prompt_len']}, dense {cm['dense_ms']:.1f} ms): "
                      f"ms saved per million params removed: {per}")
+        st = cm.get("steadiness")
+        if st and st["kinds"]:
+            kinds = ", ".join(f"{k} {v['fraction_saved']:.3f} +- {v['spread']:.3f} ({v['pairs']} pairs)"
+                              for k, v in st["kinds"].items())
+            busy = " (measured on a busy machine: provisional)" if (st.get("load") or {}).get("loaded") else ""
+            lines.append(f"  fraction of the dense time saved, per-pair spread: {kinds}{busy}")
     alloc = d.get("allocation")
     blocks = d["blocks"]
     if alloc:

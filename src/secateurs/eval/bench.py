@@ -5,7 +5,13 @@ What is measured (batch 1, random prompt tokens drawn with ``seed``, no gradient
   every position (what ``model(input_ids)`` does).
 - **decode**: after an untimed prefill of the same prompt (with cache), ``decode_tokens`` greedy steps, one
   token at a time with the KV cache; throughput = tokens / time of those steps.
-- Timer: ``time.perf_counter`` on CPU; CUDA events on a GPU (synchronised).
+- Timer (``clock``): on a CPU by default (``cpu``) the CPU time of this process with torch on one thread, the
+  work of a pass, which holds up when other processes share the machine (the wall time of the same pair of models
+  under load swung by tens of percent, so a pruned model measured slower than the dense one); ``wall``:
+  ``time.perf_counter`` with torch's threads, the latency a user sees on a machine of their own. CUDA events on
+  a GPU (synchronised), whatever the clock.
+- Load: the runnable processes are sampled before, between the rounds and after (``eval.load``); a timing
+  done on a loaded machine says so (``load`` in the result, a note where a figure is printed).
 - Models are run in turn (``against``, ``model``, ``against``, ``model``, ...): ``warmup`` rounds that are
   dropped, then ``reps`` rounds; each figure is the median over the rounds. Speedup = against / model for
   prefill time, model / against for decode throughput: above 1 means ``model`` is faster.
@@ -31,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,6 +47,9 @@ from torch import nn
 from ..errors import UserError
 from ..runtime import input_device, model_dtype
 from ..models.base import get_adapter, unique_param_count
+from .load import LoadWatch
+
+CLOCKS = ("cpu", "wall")
 
 
 @dataclass
@@ -49,10 +59,13 @@ class BenchSettings:
     warmup: int = 2
     reps: int = 5
     seed: int = 0
+    clock: str = "cpu"  # on a CPU: this process's CPU time on one thread, or wall time (module docstring)
 
     def validate(self) -> None:
         if self.prompt_len < 2 or self.decode_tokens < 1 or self.reps < 1 or self.warmup < 0:
             raise UserError("bench needs --prompt-len >= 2, --decode-tokens >= 1, --reps >= 1 and --warmup >= 0")
+        if self.clock not in CLOCKS:
+            raise UserError(f"--clock must be one of {', '.join(CLOCKS)} (got {self.clock!r})")
 
 
 def _device(model) -> torch.device:
@@ -94,6 +107,32 @@ class _Timer:
             self.ms = (self.clock() - self.t0) * 1000
 
 
+@contextmanager
+def timing_threads(device: torch.device, clock: str):
+    """Torch on one thread while a CPU is timed by the ``cpu`` clock (its CPU time is then the pass's work, not
+    the sum over threads spinning for one another); the thread count is restored after."""
+    if clock != "cpu" or device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def timed_threads(device: torch.device, clock: str) -> int:
+    """The threads a timing by ``clock`` runs on (``timing_threads``): what it needs of the machine's cores."""
+    return 1 if clock == "cpu" and device.type == "cpu" else torch.get_num_threads()
+
+
+def timer_name(device: torch.device, clock: str) -> str:
+    if device.type == "cuda":
+        return "cuda events"
+    return "process_time, 1 thread" if clock == "cpu" else "perf_counter"
+
+
 @torch.inference_mode()
 def time_prefill(model, ids: torch.Tensor, clock: str = "wall") -> float:
     """Milliseconds of one forward pass over ``ids`` without cache, computing the logits of the last position
@@ -105,15 +144,16 @@ def time_prefill(model, ids: torch.Tensor, clock: str = "wall") -> float:
 
 
 @torch.inference_mode()
-def time_decode(model, ids: torch.Tensor, n_tokens: int) -> float:
-    """Tokens per second of ``n_tokens`` greedy steps with the KV cache, after an untimed prefill of ``ids``."""
+def time_decode(model, ids: torch.Tensor, n_tokens: int, clock: str = "wall") -> float:
+    """Tokens per second of ``n_tokens`` greedy steps with the KV cache, after an untimed prefill of ``ids``
+    (``clock``: see ``_Timer``)."""
     import inspect
 
     # transformers 5 renamed past_key_values to cache (the old name still works, with a warning)
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = model(input_ids=ids, use_cache=True)
     past, nxt = getattr(out, name), out.logits[:, -1:].argmax(-1)
-    with _Timer(ids.device) as t:
+    with _Timer(ids.device, clock) as t:
         for _ in range(n_tokens):
             out = model(input_ids=nxt, use_cache=True, **{name: past})
             past, nxt = getattr(out, name), out.logits[:, -1:].argmax(-1)
@@ -127,16 +167,21 @@ def prefill_ms(model, prompt_len: int = 512, reps: int = 5, warmup: int = 2, see
     return statistics.median(times[warmup:])
 
 
-def time_models(models: list, s: BenchSettings) -> list[dict]:
-    """Prefill ms and decode tokens/s of each model, run in turn round after round; medians over ``reps``."""
+def time_models(models: list, s: BenchSettings, watch: LoadWatch | None = None) -> list[dict]:
+    """Prefill ms and decode tokens/s of each model, run in turn round after round; medians over ``reps``.
+    ``watch`` samples the machine's load before, after and between the rounds."""
     prompts = [prompt_ids(m, s.prompt_len, s.seed) for m in models]
     pre, dec = [[] for _ in models], [[] for _ in models]
-    for r in range(s.warmup + s.reps):
-        for i, (m, ids) in enumerate(zip(models, prompts)):
-            p, d = time_prefill(m, ids), time_decode(m, ids, s.decode_tokens)
-            if r >= s.warmup:
-                pre[i].append(p)
-                dec[i].append(d)
+    watch = watch or LoadWatch()
+    with watch, timing_threads(_device(models[0]), s.clock):
+        for r in range(s.warmup + s.reps):
+            for i, (m, ids) in enumerate(zip(models, prompts)):
+                p, d = time_prefill(m, ids, s.clock), time_decode(m, ids, s.decode_tokens, s.clock)
+                if r >= s.warmup:
+                    pre[i].append(p)
+                    dec[i].append(d)
+            if r < s.warmup + s.reps - 1:
+                watch.sample()
     return [{"prefill_ms": statistics.median(p), "decode_tokens_per_s": statistics.median(d),
              "prefill_ms_runs": p, "decode_tokens_per_s_runs": d} for p, d in zip(pre, dec)]
 
@@ -299,7 +344,9 @@ def bench(ref: str, against: str | None = None, s: BenchSettings | None = None, 
     s.validate()
     refs = [against, ref] if against else [ref]  # the reference runs first in every round
     models = [load_model(r, device=device, dtype=dtype, progress=progress)[0] for r in refs]
-    timings = time_models(models, s)
+    dev = _device(models[-1])
+    watch = LoadWatch(threads=timed_threads(dev, s.clock))
+    timings = time_models(models, s, watch)
     entries = []
     for r, m, t in zip(refs, models, timings):
         if not memory:
@@ -313,12 +360,12 @@ def bench(ref: str, against: str | None = None, s: BenchSettings | None = None, 
                         **dict(zip(("prefill_flops", "decode_flops_per_token"), model_flops(m, s.prompt_len))),
                         "runs": {"prefill_ms": t["prefill_ms_runs"], "decode_tokens_per_s": t["decode_tokens_per_s_runs"]}})
     out = side_by_side(entries)
-    dev = _device(models[-1])
     out["settings"] = {**asdict(s), "batch_size": 1, "device": str(dev), "dtype": str(_dtype(models[-1])),
-                       "threads": torch.get_num_threads(), "order": "alternating, against first" if against else "single",
-                       "timer": "cuda events" if dev.type == "cuda" else "perf_counter",
+                       "threads": watch.threads, "order": "alternating, against first" if against else "single",
+                       "timer": timer_name(dev, s.clock),
                        "memory": None if not memory else ("cuda max_memory_allocated" if dev.type == "cuda"
                                                           else "weights + peak RSS growth in a fresh process")}
+    out["load"] = watch.record()
     return out
 
 

@@ -14,6 +14,7 @@ zeroed, compensation added by a hook; equal to surgery), removed blocks by skipp
 loss of the physically pruned model on the same rows (tested against surgery in ``tests/test_response.py``).
 
 ``on_block(pos, losses)`` sees each block's losses as they are measured (the caller keeps them: resume).
+``PositionReplay`` measures one position at a time, the same losses: a worker's side when they are fanned out.
 """
 from __future__ import annotations
 
@@ -68,29 +69,66 @@ def plan_loss(replayer, spec: ModelSpec, plan: PruningPlan) -> float:
                      for b in range(len(replayer.batches)))
 
 
+def variant_loss(replayer, spec: ModelSpec, base: PruningPlan, pos: int, lp: LayerPlan, states: list) -> float:
+    """Summed NLL with block ``pos`` under ``lp`` and the rest under ``base``, from the base states entering
+    ``pos`` (one per batch)."""
+    return math.fsum(replayer.loss(b, run_from(replayer, spec, base, b, run_block(replayer, spec, pos, lp, states[b], b),
+                                               pos + 1))
+                     for b in range(len(replayer.batches)))
+
+
+def advance(replayer, spec: ModelSpec, base: PruningPlan, pos: int, states: list) -> list:
+    """The base states entering ``pos + 1`` from those entering ``pos``."""
+    lp = base.layers[Block.at(pos).layer]
+    return [run_block(replayer, spec, pos, lp, h, b) for b, h in enumerate(states)]
+
+
 @torch.inference_mode()
 def measure_responses(replayer, spec: ModelSpec, base: PruningPlan, variants: dict[int, list[LayerPlan]],
                       progress: bool = False, on_block: Callable[[int, list[float]], None] | None = None, desc: str = "responses") -> dict:
     """``{pos: [loss of each variant]}`` for the blocks in ``variants`` (module docstring)."""
-    nb = len(replayer.batches)
-    states = [replayer.emb[b] for b in range(nb)]
+    states = [replayer.emb[b] for b in range(len(replayer.batches))]
     out = {}
     bar = progress_bar(total=sum(len(v) for v in variants.values()), desc=desc, enabled=progress)
     last = max(variants) if variants else -1
     for pos in range(last + 1):
-        layer = Block.at(pos).layer
         if pos in variants:
             losses = []
             for lp in variants[pos]:
-                losses.append(math.fsum(
-                    replayer.loss(b, run_from(replayer, spec, base, b,
-                                              run_block(replayer, spec, pos, lp, states[b], b), pos + 1))
-                    for b in range(nb)))
+                losses.append(variant_loss(replayer, spec, base, pos, lp, states))
                 bar.update(1)
             out[pos] = losses
             if on_block is not None:
                 on_block(pos, losses)
         if pos < last:
-            states = [run_block(replayer, spec, pos, base.layers[layer], states[b], b) for b in range(nb)]
+            states = advance(replayer, spec, base, pos, states)
     bar.close()
     return out
+
+
+class PositionReplay:
+    """A pool worker's side of ``measure_responses`` (``--workers``): the responses of one block position per
+    call. The base states entering the position asked are advanced from the last position asked on the same
+    base (from the embeddings when an earlier one is asked, or another base), by the same operations as one
+    process runs, so every loss is bitwise the one ``measure_responses`` gives on the same replayer settings."""
+
+    def __init__(self, replayer, spec: ModelSpec):
+        self.r, self.spec = replayer, spec
+        self.base, self.pos, self.states = None, 0, None
+
+    def close(self) -> None:
+        self.r.close()
+
+    @torch.inference_mode()
+    def responses(self, base: PruningPlan, pos: int, variants: list[LayerPlan]) -> list[float]:
+        if self.states is None or pos < self.pos or base.layers != self.base.layers:
+            self.base, self.pos = base, 0
+            self.states = [self.r.emb[b] for b in range(len(self.r.batches))]
+        while self.pos < pos:
+            self.states = advance(self.r, self.spec, base, self.pos, self.states)
+            self.pos += 1
+        return [variant_loss(self.r, self.spec, base, pos, lp, self.states) for lp in variants]
+
+    @torch.inference_mode()
+    def plan_loss(self, plan: PruningPlan) -> float:
+        return plan_loss(self.r, self.spec, plan)

@@ -6,6 +6,8 @@ same keys as ``secateurs.eval.bench`` gives for PyTorch.
 - Prompt: ``prompt_len`` random token ids (seeded), evaluated as one batch from an empty cache (tokens/s of that
   call). Generation: then ``decode_tokens`` greedy tokens one at a time with the cache (tokens/s, the argmax
   included).
+- Timer: wall time (``perf_counter``) on llama.cpp's threads, whatever ``clock`` says (llama.cpp's threads are
+  its own); the machine's load is sampled around the rounds (``eval.load``) and recorded under ``load``.
 - Peak memory: in a fresh process per model, the growth of the peak resident set size (Linux ``VmHWM``) from
   just before loading to the end of one prompt + generation run: the weights llama.cpp maps from the file and
   touches, the KV cache and the compute buffers.
@@ -26,6 +28,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..eval.bench import BenchSettings, count_flops, peak_memory_in_fresh_process, proc_status_kb, side_by_side
+from ..eval.load import LoadWatch
 from .binding import binding, default_threads
 from .model import GGUFInfo, last_logits, open_model, read_info
 
@@ -99,12 +102,14 @@ def bench(path: str, against: str | None = None, s: LlamaBenchSettings | None = 
     llms = [_open_for_bench(p, s) for p in paths]
     prompts = [_prompt(i.n_vocab, s.prompt_len, s.seed) for i in infos]
     pp, tg = [[] for _ in paths], [[] for _ in paths]
-    for r in range(s.warmup + s.reps):
-        for i, (llm, prompt) in enumerate(zip(llms, prompts)):
-            a, b = time_round(llm, prompt, s.decode_tokens)
-            if r >= s.warmup:
-                pp[i].append(a)
-                tg[i].append(b)
+    with LoadWatch(threads=s.threads) as watch:
+        for r in range(s.warmup + s.reps):
+            for i, (llm, prompt) in enumerate(zip(llms, prompts)):
+                a, b = time_round(llm, prompt, s.decode_tokens)
+                if r >= s.warmup:
+                    pp[i].append(a)
+                    tg[i].append(b)
+            watch.sample()
     del llms
     entries = []
     for p, info, a, b in zip(paths, infos, pp, tg):
@@ -120,6 +125,7 @@ def bench(path: str, against: str | None = None, s: LlamaBenchSettings | None = 
     out["settings"] = {**asdict(s), "engine": "llama.cpp", "batch_size": 1, "device": "cpu",
                        "order": "alternating, against first" if against else "single", "timer": "perf_counter",
                        "memory": None if not memory else "peak RSS growth (VmHWM) in a fresh process, load + one round"}
+    out["load"] = watch.record()
     return out
 
 

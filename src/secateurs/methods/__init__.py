@@ -39,6 +39,7 @@ class MethodConfig:
     # query heads: "kept" (never narrowed: depth methods), "optional" (kept when the engine asks, ``PruneContext.
     # keep_heads``: --engine vllm), "narrowed" (narrowed per layer; cannot honour --engine vllm yet)
     query_heads: ClassVar[str] = "narrowed"
+    parallel_when: ClassVar[str] = ""  # the options under which it does, where only some do (a property then)
 
     def check(self, ratio: float | None) -> None:
         """The options and the budget, before any work: a UserError saying what is wrong and what is accepted."""
@@ -63,6 +64,10 @@ class MethodConfig:
     def evaluations(self, spec: ModelSpec, ratio: float | None, rows: int) -> tuple[int, int, str]:
         """(evaluations, calibration rows per evaluation, what is counted) the run will do (``runtime.estimate``)."""
         return 1, rows, "one calibration pass"
+
+    def cached_work(self, model, calib, seed: int) -> str | None:
+        """For ``prune --dry-run``: a line on how much of the counted work is already cached (None: nothing to say)."""
+        return None
 
     def held(self, sizes, rows: int, seqlen: int, onload: bool) -> list:
         """What the method keeps beyond the weights and one batch's working set (``runtime.estimate.Held``),

@@ -39,9 +39,9 @@ import torch
 
 from ..errors import UserError
 from ..importance.activations import InputStats
-from ..importance.cost import CostModel, load_or_measure, measured_speedup
+from ..importance.cost import CostModel, checked_speedup, load_or_measure
 from ..importance.interaction import block_importance, collect_streams
-from ..importance.response import measure_responses, plan_loss
+from ..importance.response import PositionReplay, measure_responses, plan_loss
 from ..importance.width import (collect_stats, head_scores, kept_channels_at, kept_heads_at, layer_compensation,
                                 layer_plan_at_rates, output_projections, projection_scores)
 from ..models import get_adapter
@@ -69,6 +69,7 @@ TELL_RULE = RatioRule(text="at or above the target with --assign response (the d
 class TellConfig(MethodConfig):
     needs_ratio = False  # --ratio or --speedup (check)
     rule = TELL_RULE
+    parallel_when = "--assign response"
 
     speedup: float | None = field(default=None, metadata={"help": "target measured prefill speedup (> 1), instead of --ratio"})
     assign: str = field(default="response", metadata={"help": "how much in every block: from measured loss responses and an exact knapsack (response, the default and the best measured: one calibration replay per block option, 10-20 min for a 135M model on one CPU core, --dry-run counts them), the same ratio everywhere (uniform: FLAP-style, seconds), or from transfer entropy (importance); see docs/tell.md", "choices": list(ASSIGNMENTS)})
@@ -87,11 +88,16 @@ class TellConfig(MethodConfig):
     te_tokens: int = field(default=8192, metadata={"help": "calibration tokens used by the estimator (seeded subset)"})
     latency_len: int = field(default=256, metadata={"help": "prompt length of the cost micro-benchmark and latency checks"})
     latency_clock: str = field(default="cpu", metadata={"help": "timing of costs and speedup checks on a CPU: this process's CPU time on one thread (robust on a shared machine) or wall time; GPUs always use wall time", "choices": ["cpu", "wall"]})
-    latency_reps: int = field(default=3, metadata={"help": "alternated dense/pruned passes per timing"})
+    latency_reps: int = field(default=3, metadata={"help": "alternated dense/pruned pairs per timing, at least (more, up to 4x, until the median ratio is known to half a percent)"})
     speedup_rounds: int = field(default=2, metadata={"help": "re-assignments after a measured speedup misses the target"})
     speedup_tolerance: float = field(default=0.03, metadata={"help": "relative miss of the measured speedup that is accepted"})
     response_dtype: str = field(default="auto", metadata={"help": "response: precision of the measurement (auto = the working dtype, --dtype; another one measures on a copy of the model in it, not under --max-memory)", "choices": ["auto", "float32", "bfloat16"]})
-    refresh_costs: bool = field(default=False, metadata={"help": "measure the unit costs again instead of using the cache"})
+    refresh_costs: bool = field(default=False, metadata={"help": "measure the unit costs and the speedup checks again instead of using the ones cached for this device and model (measured once, again when they were measured on a busy machine and it is quiet now)"})
+
+    @property
+    def parallel(self) -> bool:
+        """The response assignment fans its block responses out over the worker pool (``--workers``)."""
+        return self.assign == "response"
 
     def check_placement(self, onloaded: bool) -> None:
         """--speedup needs the whole model in memory."""
@@ -121,6 +127,26 @@ class TellConfig(MethodConfig):
         return n, rows, (f"{self.stages} stage(s) of {per_stage} block options ({2 * spec.n_layers} blocks x "
                          f"{widths + 1} options), each replayed from its block on, counted as half a pass; "
                          f"{self.refine} refine evaluations; cached responses are not measured again (an upper bound)")
+
+    def cached_work(self, model, calib, seed: int) -> str | None:
+        """How many of the first stage's responses (on the dense model) the response cache holds for this model,
+        calibration and option set; later stages and --refine depend on what is measured."""
+        if self.assign != "response":
+            return None
+        ctx = PruneContext.build(model, calib, seed=seed, workdir=".", progress=False)
+        path = ResponseStore(ctx, self).paths(PruningPlan.dense(ctx.spec))[1]
+        try:
+            state = json.loads(path.read_text()) if path.exists() else {}
+        except json.JSONDecodeError:
+            state = {}
+        held = {tuple(v) for v in state.get("labels", {}).values()}
+        wanted = [(b.pos, o.level, o.compensate) for b in all_blocks(ctx.spec.n_layers)
+                  for o in block_options(self.level_list(), self.compensation)[1:]]
+        new = sum(w not in held for w in wanted) + (state.get("base_loss") is None)
+        return (f"tell: at most {new} of the first stage's {len(wanted) + 1} responses are new, the rest are in the "
+                f"response cache ({path.parent}; options that give the same structure are measured once); "
+                + ("later stages and --refine measure on top of what is chosen, not counted here"
+                   if self.stages > 1 or self.refine else "nothing is measured after it"))
 
     def ratio_rule(self) -> RatioRule:
         """How this run meets --ratio: the knapsack takes one whole option per block (keep, a width level,
@@ -319,6 +345,22 @@ def saving_fn(spec: ModelSpec, costs: CostModel | None):
     return lambda layer, kind, lp: sum(costs.ms_per_param[k] * v for k, v in block_params_saved(spec, layer, kind, lp).items())
 
 
+def response_replayer(model, calib: torch.Tensor, rows: int, dtype: str) -> Replayer:
+    """The replay the responses are measured on: ``model`` in ``dtype`` (a copy when it works in another,
+    ``--response-dtype``), ``rows`` calibration rows per batch, the loss head in one piece."""
+    if str(next(model.parameters()).dtype).removeprefix("torch.") != dtype:
+        import copy
+
+        model = copy.deepcopy(model).to(getattr(torch, dtype))
+    return Replayer(model, get_adapter(model), calib, rows, head_chunk=0)
+
+
+def _replica_responses(model, calib: torch.Tensor, rows: int, dtype: str) -> PositionReplay:
+    """A pool worker's side of the responses (``runtime.pool``: built on the worker's replica of the model)."""
+    with torch.inference_mode():
+        return PositionReplay(response_replayer(model, calib, rows, dtype), get_adapter(model).spec())
+
+
 def _rows_per_batch(cfg: TellConfig, ctx: PruneContext) -> int:
     if cfg.response_batch:
         return cfg.response_batch
@@ -329,7 +371,12 @@ def _rows_per_batch(cfg: TellConfig, ctx: PruneContext) -> int:
 class ResponseStore:
     """Measured responses, one file per base plan with one loss per variant (block position and layer plan), in
     the run's workdir (resume) and in ``cache_dir()/tell/responses-<key>.json``: other budgets, stages and option
-    sets on the same model and calibration reuse every response already measured."""
+    sets on the same model and calibration reuse every response already measured.
+
+    With a worker pool (``--workers``) the blocks' responses and the whole-plan losses run on the workers, one
+    block position per call (``PositionReplay``), each worker on its own replica; a loss is bitwise the one this
+    process computes, and the files are written with sorted keys, so a run gives the same responses and the
+    same files with any number of workers."""
 
     def __init__(self, ctx: PruneContext, cfg: TellConfig):
         self.ctx, self.cfg = ctx, cfg
@@ -340,21 +387,31 @@ class ResponseStore:
                             f"(--max-memory) cannot hold; use --dtype {self.dtype} instead")
         self.model_key = model_key(ctx, what="responses", dtype=self.dtype)
         self._replayer = None
+        self._workers = None
         self.evaluations = 0  # losses the allocation used (responses, base and whole-plan losses)
         self.measured = 0  # of which measured in this run (the rest came from a cache)
 
     def replayer(self) -> Replayer:
         if self._replayer is None:
-            model = self.ctx.model
-            if str(next(model.parameters()).dtype).removeprefix("torch.") != self.dtype:  # --response-dtype: a copy
-                import copy
-
-                model = copy.deepcopy(model).to(getattr(torch, self.dtype))
-            self._replayer = Replayer(model, get_adapter(model), self.ctx.calib,
-                                      _rows_per_batch(self.cfg, self.ctx), head_chunk=0)
+            self._replayer = response_replayer(self.ctx.model, self.ctx.calib, _rows_per_batch(self.cfg, self.ctx),
+                                               self.dtype)
         return self._replayer
 
+    def workers(self):
+        """The pool's workers set up for the responses (started on first use), or None without a pool."""
+        if self._workers is None and self.ctx.pool is not None:
+            self._workers = self.ctx.pool.start(_replica_responses, self.ctx.calib, _rows_per_batch(self.cfg, self.ctx),
+                                                self.dtype, progress=self.ctx.progress)
+        return self._workers
+
+    def plan_loss(self, plan: PruningPlan) -> float:
+        workers = self.workers()
+        return workers.call("plan_loss", plan) if workers is not None else plan_loss(self.replayer(), self.ctx.spec, plan)
+
     def close(self) -> None:
+        if self._workers is not None:
+            self._workers.close()
+            self._workers = None
         if self._replayer is not None:
             self._replayer.close()
             self._replayer = None
@@ -363,23 +420,28 @@ class ResponseStore:
     def _digest(obj) -> str:
         return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
 
-    def __call__(self, base: PruningPlan, variants: dict, stage: int):
+    def paths(self, base: PruningPlan) -> list:
         key = self._digest([self.model_key, base.to_dict()["layers"]])
-        paths = [self.ctx.workdir / f"tell_responses_{key}.json", cache_dir() / "tell" / f"responses-{key}.json"]
-        state = {"base_loss": None, "losses": {}}
+        return [self.ctx.workdir / f"tell_responses_{key}.json", cache_dir() / "tell" / f"responses-{key}.json"]
+
+    def __call__(self, base: PruningPlan, variants: dict, stage: int, labels: dict | None = None):
+        """(base loss, {pos: [loss of each variant]}), measuring what no file holds. ``labels``: the option of
+        every variant, (level, compensate), kept with its loss (``prune --dry-run`` counts the cached ones)."""
+        paths = self.paths(base)
+        state = {"base_loss": None, "losses": {}, "labels": {}}
         for path in paths:
             if path.exists():
                 state = json.loads(path.read_text())
                 break
 
-        def save():
+        def save():  # sorted: the same file whatever order the workers' results came in
             for path in paths:
-                atomic_write_text(path, json.dumps(state))
+                atomic_write_text(path, json.dumps(state, sort_keys=True))
 
         vkeys = {pos: [self._digest([pos, vars(lp)]) for lp in lps] for pos, lps in variants.items()}
         self.evaluations += 1 + sum(len(v) for v in variants.values())
         if state["base_loss"] is None:
-            state["base_loss"] = plan_loss(self.replayer(), self.ctx.spec, base)
+            state["base_loss"] = self.plan_loss(base)
             self.measured += 1
             save()
         todo = {pos: [lp for lp, k in zip(lps, vkeys[pos]) if k not in state["losses"]] for pos, lps in variants.items()}
@@ -387,12 +449,24 @@ class ResponseStore:
         if todo:
             self.measured += sum(len(v) for v in todo.values())
 
+            label_of = {k: lb for pos, ks in vkeys.items() for k, lb in zip(ks, (labels or {}).get(pos, []))}
+
             def on_block(pos, losses):
                 for lp, loss in zip(todo[pos], losses):
-                    state["losses"][self._digest([pos, vars(lp)])] = loss
+                    k = self._digest([pos, vars(lp)])
+                    state["losses"][k] = loss
+                    if k in label_of:
+                        state.setdefault("labels", {})[k] = [pos, *label_of[k]]
                 save()
-            measure_responses(self.replayer(), self.ctx.spec, base, todo, self.ctx.progress, on_block=on_block,
-                              desc=f"tell: responses, stage {stage + 1}")
+            desc = f"tell: responses, stage {stage + 1}"
+            workers = self.workers()
+            if workers is None:
+                measure_responses(self.replayer(), self.ctx.spec, base, todo, self.ctx.progress, on_block=on_block,
+                                  desc=desc)
+            else:  # ascending positions: each worker advances its base states through the positions it is given
+                workers.map(sorted(todo), "responses", lambda pos: (base, pos, todo[pos]),
+                            on_result=lambda pos, w, losses: on_block(pos, losses), progress=self.ctx.progress,
+                            desc=f"{desc} ({len(workers.alive)} workers)")
         return state["base_loss"], {pos: [state["losses"][k] for k in ks] for pos, ks in vkeys.items()}
 
 
@@ -436,7 +510,8 @@ def assign_plan(ctx: PruneContext, cfg: TellConfig, prep: Prepared) -> tuple[Pru
             goal = cfg.speedup
             for rnd in range(cfg.speedup_rounds + 1):
                 plan, ratios, record = choose(goal, "predicted speedup")
-                m = measured_speedup(ctx.model, plan, spec, cfg.latency_len, cfg.latency_reps, ctx.seed, cfg.latency_clock)
+                m = checked_speedup(ctx.model, plan, spec, cfg.latency_len, cfg.latency_reps, ctx.seed, cfg.latency_clock,
+                                    refresh=cfg.refresh_costs)
                 rounds.append({"cost_model_goal": goal, "predicted": costs.speedup(spec, plan), **m})
                 log(f"tell: round {rnd}: cost-model goal {goal:.3f}, predicted {rounds[-1]['predicted']:.3f}, "
                     f"measured {m['speedup']:.3f} (target {cfg.speedup})")
@@ -494,7 +569,8 @@ def tell(ctx: PruneContext, cfg: TellConfig) -> PruningPlan:
         speedup_rounds=rounds,
         cost_model=None if costs is None else {
             "path": prep.cost_path, "device": costs.device, "prompt_len": costs.prompt_len, "clock": costs.clock,
-            "dense_ms": costs.dense_ms, "ms_per_param": costs.ms_per_param, "adjusted": costs.adjusted},
+            "dense_ms": costs.dense_ms, "ms_per_param": costs.ms_per_param, "adjusted": costs.adjusted,
+            "steadiness": costs.steadiness()},
         allocation=None if record is None else {k: v for k, v in record.items() if k != "choice"},
     )
     return plan

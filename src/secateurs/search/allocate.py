@@ -89,7 +89,7 @@ class Problem:
     saving: Callable[[int, str, LayerPlan], float]
     need: float
     options: list[Option]
-    measure: Callable  # (base plan, {pos: [LayerPlan]}, stage) -> (base loss, {pos: [loss]})
+    measure: Callable  # (base plan, {pos: [LayerPlan]}, stage, {pos: [(level, compensate)]}) -> (base loss, {pos: [loss]})
     tokens: int  # calibration tokens (losses are reported per token)
     joint: Callable | None = None  # plan -> its summed calibration loss (the local search's evaluations)
 
@@ -121,7 +121,8 @@ def allocate(p: Problem, stages: int = 1, log=None, refine: int = 0) -> dict:
                 seen.add(key)
                 opts[b.pos].append(o)
                 variants[b.pos].append(lp)
-        base_loss, losses = p.measure(base, {pos: v for pos, v in variants.items() if v}, stage)
+        labels = {pos: [(o.level, o.compensate) for o in opts[pos][1:]] for pos, v in variants.items() if v}
+        base_loss, losses = p.measure(base, {pos: v for pos, v in variants.items() if v}, stage, labels)
         groups, table = [], {}
         for b in blocks:
             rows = [(0.0, 0.0)]
@@ -194,10 +195,19 @@ def local_search(rows, choice: list[int], need: float, joint: Callable, budget: 
     evaluations at most. A move changes one or two blocks' options and keeps the summed saving at least ``need``;
     moves are tried in the order of their loss change predicted by the responses (``rows[g][j] = (saving, loss
     increase)``), smallest first: the near-ties of the additive model, where the blocks' interactions decide.
-    Returns the final choice and one record per evaluation."""
+    A plan already scored is never scored again (``scored``: the undoing of an accepted move would otherwise be
+    the first candidate after it), so every evaluation is a new plan. Returns the final choice and one record
+    per evaluation."""
     best = joint(choice)
     history = [{"moves": [], "loss": best, "accepted": True}]
-    tried = set()
+    scored = {tuple(choice)}
+
+    def after(move) -> tuple:
+        trial = list(choice)
+        for g, j in move:
+            trial[g] = j
+        return tuple(trial)
+
     while len(history) <= budget:
         total = sum(rows[g][j][0] for g, j in enumerate(choice))
         # (saving change, loss change) of every single move
@@ -211,13 +221,11 @@ def local_search(rows, choice: list[int], need: float, joint: Callable, budget: 
                 if gb != ga and dsb < 0 and total + dsa + dsb >= need:
                     cands.append((dva + dvb, ((ga, ja), (gb, jb))))
         cands.sort(key=lambda c: c[0])
-        move = next((m for _, m in cands if (tuple(choice), m) not in tried), None)
+        move = next((m for _, m in cands if after(m) not in scored), None)
         if move is None:
             break
-        tried.add((tuple(choice), move))
-        trial = choice.copy()
-        for g, j in move:
-            trial[g] = j
+        trial = list(after(move))
+        scored.add(tuple(trial))
         loss = joint(trial)
         accepted = loss < best
         history.append({"moves": list(move), "loss": loss, "accepted": accepted})
