@@ -124,28 +124,34 @@ def main(argv=None) -> int:
             cli(["eval", str(gg), "--ppl", a.eval_set, "--rows", str(a.rows), "--seqlen", str(a.seqlen), "--quiet",
                  *threads, "--json", str(ej)], log)
         bj = work / f"bench-{gg.stem}.json"
-        if a.prepare_only:
-            continue
-        if not bj.exists():
+        if not a.prepare_only and not bj.exists():
             print(f"prune_or_quantize: speed of {label} against {reference.name} ({time.time() - t0:.0f}s)", flush=True)
             timed(gg, reference, a, bj, log)
-        e, b = json.loads(ej.read_text()), json.loads(bj.read_text())
+        e = json.loads(ej.read_text())
+        b = json.loads(bj.read_text()) if bj.exists() else None
         src_result = Path(plans[label]) / "result.json" if kind == "pruned" else None
         rows.append({"label": label, "kind": kind, "type": t, "file": str(gg), "mib": gg.stat().st_size / 2**20,
-                     "ppl": e["ppl"][a.eval_set]["ppl"], "prompt_tps": b["prompt_tokens_per_s"],
-                     "gen_tps": b["decode_tokens_per_s"], "prompt_speedup": b["speedup"]["prefill"],
-                     "gen_speedup": b["speedup"]["decode"],
+                     "ppl": e["ppl"][a.eval_set]["ppl"],
+                     "prompt_tps": b and b["prompt_tokens_per_s"], "gen_tps": b and b["decode_tokens_per_s"],
+                     "prompt_speedup": b and b["speedup"]["prefill"], "gen_speedup": b and b["speedup"]["decode"],
+                     "machine": b and b.get("load"),
                      "ratio": json.loads(src_result.read_text())["ratio_achieved"] if src_result else None})
+        # the results so far, after every file: a run cut off leaves what it measured, saying what is missing
+        missing = [f[0] for f in files[len(rows):]]
+        save(a, argv, before, t0, rows, missing, results)
     if a.prepare_only:
         print(f"prune_or_quantize: files and perplexities ready in {work} ({time.time() - t0:.0f}s); time them without --prepare-only")
-        return 0
+    return 0
+
+
+def save(a, argv, before, t0, rows: list[dict], missing: list[str], results: Path) -> None:
     data = {"command": "PYTHONPATH=src python benchmarks/prune_or_quantize.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "settings": vars(a), "machine_before": before, "machine_after": machine_state(),
-            "seconds": time.time() - t0, "rows": rows}
+            "seconds": time.time() - t0, "rows": rows, "missing": missing,
+            "untimed": [r["label"] for r in rows if r["gen_tps"] is None]}
     stem = results / (a.name or f"prune-or-quantize-{a.model}")
     Path(f"{stem}.json").write_text(json.dumps(data, indent=1))
     write(data, stem)
-    return 0
 
 
 def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
@@ -167,6 +173,9 @@ def answer(rows: list[dict]) -> list[str]:
     for r in (r for r in rows if r["kind"] == "pruned"):
         parts = []
         for key, what in (("mib", "file size"), ("prompt_tps", "prompt speed"), ("gen_tps", "generation speed")):
+            if r[key] is None or any(d[key] is None for d in dense):
+                parts.append(f"at its {what}: not timed yet")
+                continue
             q = interpolate([(d[key], d["ppl"]) for d in dense], r[key])
             if q is None:
                 span = f"{min(d[key] for d in dense):.0f}-{max(d[key] for d in dense):.0f}"
@@ -192,10 +201,17 @@ def write(data: dict, stem: Path) -> None:
              "start: " + ("; ".join(f"`{b}`" for b in mb["busy"]) or "none") + ".", "",
              "| file | type | ratio | MiB | wiki ppl | prompt tok/s | gen tok/s | prompt x | gen x |",
              "|---|---|---|---|---|---|---|---|---|"]
+    def num(x, f):
+        return "not timed" if x is None else format(x, f)
+
     for r in rows:
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}"
-        lines.append(f"| {r['label']} | {r['type']} | {ratio} | {r['mib']:.0f} | {r['ppl']:.2f} | {r['prompt_tps']:.1f} | "
-                     f"{r['gen_tps']:.2f} | {r['prompt_speedup']:.2f} | {r['gen_speedup']:.2f} |")
+        lines.append(f"| {r['label']} | {r['type']} | {ratio} | {r['mib']:.0f} | {r['ppl']:.2f} | {num(r['prompt_tps'], '.1f')} | "
+                     f"{num(r['gen_tps'], '.2f')} | {num(r['prompt_speedup'], '.2f')} | {num(r['gen_speedup'], '.2f')} |")
+    if data.get("missing") or data.get("untimed"):
+        lines += ["", "**Incomplete.** " + (f"Not measured yet: {', '.join(data['missing'])}. " if data.get("missing") else "")
+                  + (f"Not timed yet: {', '.join(data['untimed'])} (the same command again resumes: files, perplexities "
+                     "and timings that exist are reused)." if data.get("untimed") else "")]
     lines += ["", "## The answer, read off the dense quantization curve (linear in log-perplexity)", "", *answer(rows)]
     Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
     plot(rows, Path(f"{stem}.png"), a)
@@ -210,13 +226,18 @@ def plot(rows: list[dict], path: Path, a: dict) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, key, xlabel in ((axes[0], "mib", "file size (MiB)"), (axes[1], "gen_tps", "generation tokens/s (llama.cpp)")):
-        dense = sorted((r for r in rows if r["kind"] == "dense"), key=lambda r: r[key])
+        if any(r[key] is None for r in rows):
+            ax.text(0.5, 0.5, "not timed yet", ha="center", transform=ax.transAxes)
+            rows_here = [r for r in rows if r[key] is not None]
+        else:
+            rows_here = rows
+        dense = sorted((r for r in rows_here if r["kind"] == "dense"), key=lambda r: r[key])
         ax.plot([r[key] for r in dense], [r["ppl"] for r in dense], "o-", color="tab:blue", label="dense, quantized harder")
-        for r in rows:
+        for r in rows_here:
             style = {"dense": ("o", "tab:blue"), "source": ("s", "tab:gray"), "pruned": ("D", "tab:red")}[r["kind"]]
             ax.plot(r[key], r["ppl"], style[0], color=style[1], label=None)
             ax.annotate(f"{r['label']}", (r[key], r["ppl"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        pr = [r for r in rows if r["kind"] == "pruned"]
+        pr = [r for r in rows_here if r["kind"] == "pruned"]
         if pr:
             ax.plot([], [], "D", color="tab:red", label=f"pruned, {a['pruned_type']}")
         ax.set_xlabel(xlabel)

@@ -21,6 +21,15 @@ ROOT = Path(__file__).resolve().parents[1]
 ROWS = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(3))
 
 
+def test_export_and_heal_stay_functions_after_their_subpackages_import():
+    code = ("import secateurs, secateurs.export.gguf, secateurs.heal.job; from secateurs import api; "
+            "from secateurs.export import vllm; "
+            "assert secateurs.export is api.export, secateurs.export; assert secateurs.heal is api.heal, secateurs.heal; "
+            "assert vllm.__name__ == 'secateurs.export.vllm'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
 def test_import_is_light_and_exports_every_config():
     code = ("import sys, secateurs; assert 'torch' not in sys.modules, 'torch imported by import secateurs'; "
             "print(sorted(n for n in secateurs.__all__))")

@@ -11,6 +11,9 @@ Every name but ``UserError`` and ``__version__`` is imported on first use (``imp
 the functions from ``secateurs.api``, ``PruningPlan``/``LayerPlan`` from ``secateurs.plan``, and every method's
 config class (``FlapConfig``, ``BlockPrunerConfig``, ...) from the method registry (``secateurs.methods``).
 """
+import sys
+import types
+
 from ._version import __version__
 from .errors import UserError
 
@@ -42,6 +45,27 @@ def __getattr__(name):  # lazy: keep `import secateurs` light
 
 def __dir__():
     return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """``secateurs.export`` and ``secateurs.heal`` are API functions and also the names of subpackages. Importing
+    a subpackage sets it as an attribute of its parent, which would hide the function from then on; these
+    properties keep the function (the subpackages stay importable by their dotted names)."""
+
+    def _api(name):
+        def get(self):
+            from . import api
+
+            return getattr(api, name)
+
+        return property(get, lambda self, value: None)  # the import system's setattr of the subpackage
+
+    export = _api("export")
+    heal = _api("heal")
+    del _api
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 __all__ = [*API, *PLAN, "UserError", "__version__"]
