@@ -100,7 +100,7 @@ def measure_llamacpp(out: Path, model_name: str) -> dict | None:
             if not files[which].exists():
                 print(f"exporting the {which} model to GGUF ({GGUF_TYPE}) ...", flush=True)
                 export_model(ref, str(files[which]), GGUF_TYPE, threads=settings["threads"], progress=False)
-        print(f"measuring speed in llama.cpp ({settings['threads']} threads): dense and pruned in turn ...", flush=True)
+        print(f"measuring speed in llama.cpp ({plural(settings['threads'], 'thread')}): dense and pruned in turn ...", flush=True)
         b = bench(str(files["pruned"]), str(files["dense"]),
                   LlamaBenchSettings(**SPEED, threads=settings["threads"]), memory=False)
     except UserError as e:  # llama.cpp missing: the PyTorch figures still stand
@@ -109,6 +109,10 @@ def measure_llamacpp(out: Path, model_name: str) -> dict | None:
     b["demo_settings"], b["versions"] = settings, versions()
     atomic_write_text(path, json.dumps(b, indent=1))
     return b
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def main() -> int:
@@ -159,7 +163,7 @@ def main() -> int:
         print(notes[0])
     if g is not None:
         ga, gs = g["against"], g["speedup"]
-        print(f"in llama.cpp ({GGUF_TYPE} GGUF, {g['settings']['threads']} threads, medians of {SPEED['reps']} rounds): prompt "
+        print(f"in llama.cpp ({GGUF_TYPE} GGUF, {plural(g['settings']['threads'], 'thread')}, medians of {SPEED['reps']} rounds): prompt "
               f"{ga['prompt_tokens_per_s']:.0f} -> {g['prompt_tokens_per_s']:.0f} tokens/s ({gs['prefill']:.2f}x), "
               f"generation {ga['decode_tokens_per_s']:.1f} -> {g['decode_tokens_per_s']:.1f} tokens/s ({gs['decode']:.2f}x); "
               f"files {ga['file_bytes'] / 2**20:.0f} -> {g['file_bytes'] / 2**20:.0f} MiB")
