@@ -17,7 +17,7 @@ from secateurs.methods import PruneContext
 from secateurs.methods.tell import TellConfig
 from secateurs.models import get_adapter
 from secateurs.models.base import all_blocks
-from secateurs.plan import UNIT_KINDS, PruningPlan, removed_params
+from secateurs.plan import UNIT_KINDS, WIDTH, PruningPlan, removed_params
 from secateurs.search.assign import assign_ratios, load_weights
 from secateurs.surgery import apply_plan
 
@@ -504,3 +504,100 @@ def test_ratio_rule_follows_the_assignment(tmp_path, monkeypatch):
     ctx = _ctx(tiny_model("llama"), tmp_path, 0.3)
     plan = run_method(spec_m, ctx, TellConfig(levels="0.5"))  # the default assignment, through the rule check
     assert plan.ratio(ctx.spec) >= 0.3
+
+
+# --- --engine vllm: every query head kept ----------------------------------------------------------------------
+def _fixed_costs(monkeypatch, spec):
+    """A fixed cost model (layers: 90% of a 100 ms prefill), so that --speedup times only its speedup checks."""
+    import secateurs.methods.tell as tell_mod
+
+    layer_params = sum(spec.attn_block_params + spec.mlp_block_params)
+    fixed = CostModel("test", 16, 100.0, {k: 90.0 / layer_params for k in UNIT_KINDS})
+    monkeypatch.setattr(tell_mod, "load_or_measure", lambda *a, **k: (fixed, "fixed"))
+
+
+def _tell_vllm(model, tmp_path, cfg, ratio=None, calib=None, engine="vllm"):
+    calib = torch.randint(0, 128, (6, 48), generator=_gen(0)) if calib is None else calib
+    return secateurs.prune(model, None, cfg, ratio=ratio, calib=calib, workdir=tmp_path, progress=False, engine=engine)
+
+
+@pytest.mark.parametrize("assign", ["response", "uniform", "importance"])
+@pytest.mark.parametrize("budget", ["ratio", "speedup"])
+def test_engine_vllm_keeps_every_query_head(assign, budget, tmp_path, monkeypatch):
+    """With --engine vllm every layer keeps all its query heads or loses its attention whole, in every assignment
+    and for both budgets; the MLPs are still narrowed with compensation; the settings record the engine."""
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
+    model = tiny_model("llama")
+    spec = get_adapter(model).spec()
+    _fixed_costs(monkeypatch, spec)
+    speedup = {"speedup": 1.25, "speedup_rounds": 0} if budget == "speedup" else {}
+    cfg = TellConfig(assign=assign, levels="0.25,0.5", te_rank=4, latency_len=16, latency_reps=1, **speedup)
+    plan = _tell_vllm(model, tmp_path / "run", cfg, ratio=0.3 if budget == "ratio" else None)
+    assert all(lp.heads is None and lp.attn_bias is None for lp in plan.layers)
+    narrowed = [lp for lp in plan.layers if lp.mlp and lp.channels is not None]
+    assert narrowed and all(lp.mlp_bias and any(lp.mlp_bias) for lp in narrowed)
+    assert plan.meta["settings"]["engine"] == "vllm"
+    details = plan.record["method_details"]
+    if budget == "ratio":
+        assert plan.ratio(spec) >= 0.3 - WIDTH.tolerance
+    else:
+        assert details["predicted_speedup"] >= 1.25 - 1e-6
+    if assign == "response":
+        attn = [o["option"] for st in details["allocation"]["stages"] for name, b in st["blocks"].items()
+                if name.startswith("attn") for o in b["options"]]
+        assert set(attn) == {"keep", "remove"}
+        assert not any(b["option"].startswith("heads") for b in details["blocks"])
+
+
+def test_engine_vllm_stages_refine_and_explain(tmp_path, monkeypatch, capsys):
+    """--stages and --refine keep every head too; explain lists no head-narrowing option and says why."""
+    from secateurs.cli import main
+
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
+    model = tiny_model("llama")
+    plan = _tell_vllm(model, tmp_path / "run", TellConfig(levels="0.5", stages=2, refine=3), ratio=0.3)
+    assert all(lp.heads is None for lp in plan.layers)
+    details = plan.record["method_details"]
+    assert len(details["allocation"]["stages"]) == 2 and details["allocation"]["refine"]
+    run = tmp_path / "out"
+    run.mkdir()
+    (run / "result.json").write_text(json.dumps({"method": "tell", "model": "tiny", "ratio_achieved": plan.ratio(
+        get_adapter(model).spec()), "settings": plan.meta["settings"], "method_details": details}))
+    assert main(["explain", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "--engine vllm: every query head kept" in out and "channels-50%" in out
+    assert "heads-" not in out
+
+
+def test_engine_vllm_shares_the_response_cache(tmp_path, monkeypatch):
+    """A response is kept under the block plan it measured: a run with --engine vllm after one without measures
+    nothing new (its options are a subset); in a fresh cache the other order measures only the attention widths.
+    --dry-run counts the new responses of each option set apart."""
+    import re
+
+    model = tiny_model("llama")
+    spec = get_adapter(model).spec()
+    L = spec.n_layers
+    calib = torch.randint(0, 128, (6, 48), generator=_gen(0))
+    cfg = TellConfig(levels="0.5")
+
+    def run(name, engine):
+        plan = _tell_vllm(model, tmp_path / name, cfg, ratio=0.3, calib=calib, engine=engine)
+        return plan, plan.record["method_details"]["allocation"]["evaluations_measured"]
+
+    def new(engine):
+        line = cfg.cached_work(model, calib, 0, engine)
+        return int(re.search(r"at most (\d+) of the first stage's (\d+)", line).group(1))
+
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache-a"))
+    assert run("free", None)[1] == 4 * L + 1  # every block's width and removal, and the dense loss
+    kept, measured = run("kept", "vllm")
+    assert measured == 0 and all(lp.heads is None for lp in kept.layers)
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache-b"))
+    assert new("vllm") == 3 * L + 1
+    again, measured = run("kept-first", "vllm")
+    assert measured == 3 * L + 1 and again.to_dict()["layers"] == kept.to_dict()["layers"]
+    assert (new("vllm"), new(None)) == (0, L)  # the attention widths alone are missing
+    assert run("free-after", None)[1] == L
+    n, _, what = cfg.evaluations(spec, 0.3, 6, "vllm")
+    assert n == 1 + -(-3 * L // 2) and f"{L} attn blocks x 1 option(s)" in what

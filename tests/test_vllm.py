@@ -72,6 +72,21 @@ def width_with_compensation(spec) -> PruningPlan:
     return plan
 
 
+def tell_for_vllm(model, tok, cache: Path) -> PruningPlan:
+    """tell's default assignment with --engine vllm at ratio 0.2, on a tiny calibration (2 rows of 32 tokens,
+    one width level: about 20 s here) in a private response cache: attention blocks kept whole or removed, MLPs
+    narrowed with compensation or removed."""
+    import secateurs
+    from secateurs.methods.tell import TellConfig
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SECATEURS_CACHE", str(cache))
+        plan = secateurs.prune(model, tok, TellConfig(levels="0.5"), ratio=0.2, nsamples=2, seqlen=32,
+                               progress=False, engine="vllm")
+    assert plan.meta["settings"]["engine"] == "vllm" and all(lp.heads is None for lp in plan.layers)
+    return plan
+
+
 def tiny_qwen2_plan(spec) -> PruningPlan:
     """Qwen2's q/k/v biases with o_proj and down_proj compensation: every bias switch of vLLM's DeciLM."""
     gen = torch.Generator().manual_seed(1)
@@ -106,6 +121,7 @@ def served(smollm, vllm_python, tmp_path_factory):
     for name, m, plan, ps, tokenizer in (
             ("blockpruner", model, blockpruner_style(spec), prompts, tok),
             ("width", model, width_with_compensation(spec), prompts, tok),
+            ("tell-vllm", model, tell_for_vllm(model, tok, base / "cache"), prompts, tok),
             ("tiny-qwen2", tiny, tiny_qwen2_plan(get_adapter(tiny).spec()), tiny_prompts, None)):
         pruned = apply_plan(copy.deepcopy(m), plan)
         out = base / name
@@ -179,7 +195,7 @@ def ask_server(vllm_python: Path, case: dict, tok, timeout: float = 600) -> list
             proc.wait()
 
 
-@pytest.mark.parametrize("name", ["blockpruner", "width", "tiny-qwen2"])
+@pytest.mark.parametrize("name", ["blockpruner", "width", "tell-vllm", "tiny-qwen2"])
 def test_vllm_serves_the_export_as_pytorch_computes_it(served, name):
     summary, refs, got = served[name]
     assert summary["kind"] == "deci" and summary["architecture"] == "DeciLMForCausalLM"
@@ -194,6 +210,10 @@ def test_bias_switches_and_layout(served, tmp_path):
     assert cfg["num_attention_heads"] == 6 and cfg["head_dim"] == 64
     assert cfg["block_configs"][3]["attention"] == {"no_op": True, "replace_with_linear": False}
     assert "ffn_mult" not in json.dumps(cfg["block_configs"])
+    t = json.loads((Path(served["tell-vllm"][0]["folder"]) / "config.json").read_text())
+    kept = [b["attention"] for b in t["block_configs"] if not b["attention"]["no_op"]]
+    assert t["num_attention_heads"] == 9 and {a["n_heads_in_group"] for a in kept} == {3}  # every head kept
+    assert (t["attention_bias"], t["mlp_bias"]) == (False, True)  # tell's compensation on down_proj only
     q = json.loads((Path(served["tiny-qwen2"][0]["folder"]) / "config.json").read_text())
     assert (q["attention_bias"], q["qkv_bias"], q["mlp_bias"]) == (True, True, True)
     bp = Path(served["blockpruner"][0]["folder"])
@@ -224,7 +244,10 @@ def test_refused_plans_write_nothing(smollm, tmp_path):
     spec = get_adapter(model).spec()
     plan = PruningPlan.dense(spec)
     plan.layers[4].heads = [0, 1, 3, 4, 6, 7]  # 6 query heads here, 9 elsewhere
-    with pytest.raises(UserError, match="layer 4 keeps 6 query heads.*flap"):
+    with pytest.raises(UserError, match="layer 4 keeps 6 query heads.*without --engine vllm.*prune --engine vllm.*tell"):
+        vx.export_vllm(apply_plan(copy.deepcopy(model), plan), tok, tmp_path / "x")
+    plan.meta = {"settings": {"engine": "vllm"}}  # a method's promise broken: a bug, not the user's mistake
+    with pytest.raises(RuntimeError, match="internal error.*--engine vllm.*layer 4 keeps 6 query heads"):
         vx.export_vllm(apply_plan(copy.deepcopy(model), plan), tok, tmp_path / "x")
     qwen3 = tiny_model("qwen3")
     q_plan = PruningPlan.from_removed_blocks(get_adapter(qwen3).spec(), [(1, "mlp")])
@@ -276,10 +299,12 @@ def test_prune_export_vllm(tmp_path, capsys):
     assert "refused" in json.loads((flap / "result.json").read_text())["vllm"] and not (flap / "vllm").exists()
 
 
-def test_prune_engine_vllm_keeps_every_head(tmp_path, capsys):
-    """--engine vllm: flap and wanda-sp prune channels only (flap keeps its compensation) and the export holds
-    the plan; a method that cannot keep heads is refused before any work, in one line."""
+def test_prune_engine_vllm_keeps_every_head(tmp_path, capsys, monkeypatch):
+    """--engine vllm: flap and wanda-sp prune channels only (flap keeps its compensation), tell narrows no head,
+    and the export holds the plans; a method that cannot keep heads is refused before any work, in one line."""
     from conftest import tiny_bpe_tokenizer
+
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))  # tell's responses
 
     tok = tiny_bpe_tokenizer(320, ["<|endoftext|>"], bos="<|endoftext|>", eos="<|endoftext|>")
     folder = tmp_path / "tiny-llama"
@@ -295,6 +320,12 @@ def test_prune_engine_vllm_keeps_every_head(tmp_path, capsys):
         assert (method == "flap") == any(lp.mlp_bias for lp in plan.layers)
         assert json.loads((out / "result.json").read_text())["settings"]["engine"] == "vllm"
         assert json.loads((out / "vllm" / "config.json").read_text())["mlp_bias"] == (method == "flap")
+    out = tmp_path / "tell"  # tell's default assignment: attention kept whole or removed, MLPs narrowed
+    assert main(["prune", str(folder), "--method", "tell", "--levels", "0.5", *common, "--export", "vllm", "--out",
+                 str(out)]) == 0
+    assert all(lp.heads is None for lp in PruningPlan.load(out / "plan.json").layers)
+    assert json.loads((out / "result.json").read_text())["settings"]["engine"] == "vllm"
+    assert (out / "vllm" / "config.json").exists()
     capsys.readouterr()
     assert main(["prune", str(folder), "--method", "self-pruner", *common, "--out", str(tmp_path / "sp")]) == 2
     err = capsys.readouterr().err.strip()

@@ -8,7 +8,8 @@ builds its help from them without importing torch (``secateurs.cli``).
 - ``ENGINE_CHOICES``: what ``--engine`` of ``eval`` and ``bench`` accepts, and the engine each names
   (``eval.engines``);
 - ``PRUNE_ENGINES``: what ``--engine`` of ``prune`` accepts, and what it asks of the plan (``methods``:
-  ``MethodConfig.query_heads``).
+  ``MethodConfig.query_heads``); ``KEEP_HEADS_ENGINES``: those whose plans keep every query head
+  (``methods.keeps_heads``).
 """
 
 HELD_OUT_SEQLEN = 512
@@ -16,5 +17,7 @@ HELD_OUT_ROWS = 16
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 ENGINE_CHOICES = {"pytorch": "torch", "llamacpp": "llama.cpp"}
 PRUNE_ENGINES = {"pytorch": "no constraint (the default)",
-                 "vllm": "every query head kept, channels pruned only (vLLM's DeciLM model has one query-head count "
-                         "for all layers; docs/vllm.md)"}
+                 "vllm": "every query head kept (flap and wanda-sp prune MLP channels only; tell narrows MLPs and "
+                         "removes whole blocks; depth methods are unchanged; a method that cannot keep heads is "
+                         "refused): vLLM's DeciLM model has one query-head count for all layers (docs/vllm.md)"}
+KEEP_HEADS_ENGINES = ("vllm",)

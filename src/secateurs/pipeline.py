@@ -60,11 +60,12 @@ class PruneSettings:
     engine: str = ""  # --engine: the engine the plan must run in (defaults.PRUNE_ENGINES); "": any
 
 
-def estimates(cfg, model, calib, ratio: float | None, log=print, workers: int | None = None) -> dict:
+def estimates(cfg, model, calib, ratio: float | None, log=print, workers: int | None = None,
+              engine: str | None = None) -> dict:
     """Estimated peak memory per device and search time (``runtime.estimate``), printed and returned: the
-    number of evaluations the method will run (``cfg.evaluations``) times one evaluation (one calibration batch
-    timed through the model, times the batches of an evaluation), divided among ``workers`` (``--workers``)
-    for the methods that run their evaluations on the pool."""
+    number of evaluations the method will run for ``engine`` (``cfg.evaluations``) times one evaluation (one
+    calibration batch timed through the model, times the batches of an evaluation), divided among ``workers``
+    (``--workers``) for the methods that run their evaluations on the pool."""
     from .runtime.estimate import estimate_peak, format_duration, model_sizes
     from .runtime.placement import format_size
     from .runtime.passes import row_nll
@@ -77,7 +78,7 @@ def estimates(cfg, model, calib, ratio: float | None, log=print, workers: int | 
     b = ol.budget if ol is not None else None
     peak = estimate_peak(sizes, cfg, calib.shape[0], calib.shape[1], batch, str(dev),
                          b.device_bytes if b else None, b.cpu_bytes if b else None, b.disk_bytes if b else None)
-    n, rows, what = cfg.evaluations(get_adapter(model).spec(), ratio, calib.shape[0])
+    n, rows, what = cfg.evaluations(get_adapter(model).spec(), ratio, calib.shape[0], engine)
     if ol is None:  # a first pass warms up kernels and allocator (an onloaded pass pays its reads every time)
         row_nll(model, calib[:batch], batch)
     t0 = time.perf_counter()
@@ -194,10 +195,11 @@ def _run_prune(s: PruneSettings, out: Path, overwrite: bool, progress: bool, log
     dense_config = _plain_config(model.config)
     calib = calib_rows(tok, model, s.calib, nsamples, seqlen, s.seed)
     test = eval_rows(tok, model, s.eval, s.eval_seqlen, s.eval_rows) if s.eval else None
-    est = estimates(cfg, model, calib, s.ratio, log, workers=pool.workers if pool is not None else None)
+    est = estimates(cfg, model, calib, s.ratio, log, workers=pool.workers if pool is not None else None,
+                    engine=s.engine or None)
     calibration = {"nsamples": nsamples, "seqlen": seqlen, "source": calib_source}
     if dry_run:
-        cached_work = cfg.cached_work(model, calib, s.seed)
+        cached_work = cfg.cached_work(model, calib, s.seed, s.engine or None)
         if cached_work:
             log(f"secateurs: {cached_work}")
         return {"dry_run": True, "estimates": est, "calibration": calibration, "cached_work": cached_work}

@@ -94,6 +94,11 @@ class PruningPlan:
             for lp in self.layers
         ]
 
+    @property
+    def engine(self) -> str | None:
+        """The engine the plan was made for (``prune --engine``, in its settings); None: no constraint."""
+        return (self.meta.get("settings") or {}).get("engine") or None
+
     # --- validation ----------------------------------------------------------------------------------
     def validate(self, spec: ModelSpec) -> None:
         """Raises UserError naming what does not fit the model."""

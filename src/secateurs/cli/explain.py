@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..defaults import KEEP_HEADS_ENGINES
+
 
 def register(sub):
     p = sub.add_parser("explain", help="per block of a tell run: measured response, importance, cost, chosen option and why",
@@ -47,6 +49,11 @@ def format_table(result: dict) -> str:
     ]
     if d.get("predicted_speedup") is not None:
         lines[0] += f", predicted prefill speedup {d['predicted_speedup']:.3f}"
+    engine = (result.get("settings") or {}).get("engine")
+    if engine in KEEP_HEADS_ENGINES:
+        lines.append(f"  --engine {engine}: every query head kept, attention blocks kept or removed whole"
+                     + ("" if d.get("allocation") else "; a kept attention block's assigned share is taken by its "
+                        "layer's MLP channels"))
     for r in d.get("speedup_rounds", []):
         lines.append(f"  speedup round: cost-model goal {r['cost_model_goal']:.3f}, predicted {r['predicted']:.3f}, "
                      f"measured {r['speedup']:.3f} ({r['dense_ms']:.1f} -> {r['pruned_ms']:.1f} ms, prompt {r['prompt_len']}"

@@ -23,8 +23,9 @@ Which model a folder gets (``choose_folder``; the adapter's ``vllm`` facts say w
   attention's work in that one layer.
 - **Refused**, before anything is written, with one line: query-head counts that differ between the layers that
   keep attention (vLLM gives every DeciLM layer ``num_attention_heads`` query heads; the key/value heads may
-  differ), uneven plans of model types DeciLM cannot hold (the adapters' ``why_not``), a Mistral sliding window
-  shorter than the context (DeciLM's layers would attend to everything).
+  differ; the line names ``prune --engine vllm``, and a plan made with it that narrows heads anyway is an
+  internal error, not the user's), uneven plans of model types DeciLM cannot hold (the adapters' ``why_not``),
+  a Mistral sliding window shorter than the context (DeciLM's layers would attend to everything).
 
 Tensors stream as in the GGUF export: a folder is not loaded (``gguf.open_folder``: the skeleton on the meta
 device, every tensor read from its safetensors a block of rows at a time). The folder is written under a
@@ -55,10 +56,7 @@ CONFIG_TEMPLATE = Path(__file__).with_name(CONFIG_FILE)
 DECI = "DeciLMForCausalLM"
 DECI_TYPE = "nemotron-nas"
 HOLDS = ("vLLM holds, per layer, attention or MLP removed, any MLP width and FLAP's bias compensation, with one "
-         "query-head count for every layer that keeps attention (key/value heads may differ); query heads narrowed "
-         "unevenly come from the width methods (flap, wanda-sp with --rates, tell's width options, self-pruner): "
-         "prune with --engine vllm (flap and wanda-sp then keep every head), or with a depth method (blockpruner, "
-         "shortgpt, sleb, uniform-drop), or export --format gguf for llama.cpp")
+         "query-head count for every layer that keeps attention (key/value heads may differ)")
 
 
 def exportable() -> str:
@@ -87,8 +85,20 @@ def _parameters(model):
                 yield (f"{mname}.{pname}" if mname else pname), mod, pname
 
 
-def _refuse(model_type: str, why: str) -> UserError:
-    return UserError(f"vLLM cannot hold this {model_type} plan: {why}; {HOLDS}")
+def _uneven_heads(model, model_type: str, why: str) -> Exception:
+    """The refusal of query heads that differ between layers: a UserError for a plan made without an engine
+    constraint, naming what makes plans vLLM holds; an internal error for one made with ``prune --engine vllm``,
+    which promises plans vLLM holds (a bug of the method, not the user's mistake)."""
+    from ..methods import head_keeping_methods
+
+    plan = getattr(model, "secateurs_plan", None)
+    if plan is not None and plan.engine == "vllm":
+        return RuntimeError(f"internal error: this {plan.method or model_type} plan was made with --engine vllm, "
+                            f"which keeps every query head, yet {why}; please report it")
+    made = f"{plan.method} plan" if plan is not None and plan.method else "plan"
+    return UserError(f"vLLM cannot hold this {model_type} plan: {why}; {HOLDS}; this {made} was made without "
+                     f"--engine vllm: `secateurs prune --engine vllm` makes plans vLLM holds (methods: "
+                     f"{', '.join(head_keeping_methods())}), or export --format gguf for llama.cpp")
 
 
 def _deci_config(model, adapter, structure) -> tuple[dict, dict]:
@@ -111,8 +121,9 @@ def _deci_config(model, adapter, structure) -> tuple[dict, dict]:
     heads = attn[0][1]["heads"] if attn else c.num_attention_heads
     for i, s in attn:
         if s["heads"] != heads:
-            raise _refuse(mt, f"remaining layer {i} keeps {s['heads']} query heads where layer {attn[0][0]} keeps "
-                              f"{heads} (vLLM's DeciLM model gives every layer num_attention_heads query heads)")
+            raise _uneven_heads(model, mt, f"remaining layer {i} keeps {s['heads']} query heads where layer "
+                                           f"{attn[0][0]} keeps {heads} (vLLM's DeciLM model gives every layer "
+                                           "num_attention_heads query heads)")
     layers = adapter.layers()
     q_bias = any(getattr(adapter.block(layers[i], "attn"), adapter.q).bias is not None for i, _ in attn)
     switches = {"attention_bias": any(s["o_bias"] for s in structure),

@@ -37,7 +37,7 @@ class MethodConfig:
     searches: ClassVar[bool] = False  # a search: on a CPU the default calibration is small (api.calibration_size)
     parallel: ClassVar[bool] = False  # evaluates candidates on a worker pool when given one (--workers)
     # query heads: "kept" (never narrowed: depth methods), "optional" (kept when the engine asks, ``PruneContext.
-    # keep_heads``: --engine vllm), "narrowed" (narrowed per layer; cannot honour --engine vllm yet)
+    # keep_heads``: --engine vllm; flap, wanda-sp, tell), "narrowed" (narrowed per layer; cannot honour --engine vllm yet)
     query_heads: ClassVar[str] = "narrowed"
     parallel_when: ClassVar[str] = ""  # the options under which it does, where only some do (a property then)
 
@@ -61,11 +61,12 @@ class MethodConfig:
         """Calibration rows per forward pass (a method's --batch-size)."""
         return PASS_ROWS
 
-    def evaluations(self, spec: ModelSpec, ratio: float | None, rows: int) -> tuple[int, int, str]:
-        """(evaluations, calibration rows per evaluation, what is counted) the run will do (``runtime.estimate``)."""
+    def evaluations(self, spec: ModelSpec, ratio: float | None, rows: int, engine: str | None = None) -> tuple[int, int, str]:
+        """(evaluations, calibration rows per evaluation, what is counted) the run will do (``runtime.estimate``) for
+        ``engine`` (--engine)."""
         return 1, rows, "one calibration pass"
 
-    def cached_work(self, model, calib, seed: int) -> str | None:
+    def cached_work(self, model, calib, seed: int, engine: str | None = None) -> str | None:
         """For ``prune --dry-run``: a line on how much of the counted work is already cached (None: nothing to say)."""
         return None
 
@@ -96,6 +97,14 @@ class WidthConfig(MethodConfig):
         return [input_stats(sizes)]
 
 
+def keeps_heads(engine: str | None) -> bool:
+    """Whether plans for ``engine`` (--engine, ``defaults.PRUNE_ENGINES``) must keep every query head: vLLM's
+    DeciLM model has one query-head count for all layers (docs/vllm.md)."""
+    from ..defaults import KEEP_HEADS_ENGINES
+
+    return engine in KEEP_HEADS_ENGINES
+
+
 @dataclass
 class PruneContext:
     """Everything a method may use. ``workdir`` holds resumable state; ``count_ppl`` counts evaluations.
@@ -119,7 +128,7 @@ class PruneContext:
     @property
     def keep_heads(self) -> bool:
         """Whether the plan must keep every query head (--engine vllm)."""
-        return self.engine == "vllm"
+        return keeps_heads(self.engine)
 
     @classmethod
     def build(cls, model, calib: torch.Tensor | None, *, tokenizer=None, ratio: float | None = None, seed: int = 0,
@@ -176,10 +185,14 @@ def check_engine(spec: MethodSpec, cfg, engine: str | None) -> None:
 
     if engine is not None and engine not in PRUNE_ENGINES:
         raise UserError(f"unknown --engine {engine!r}; use one of {', '.join(PRUNE_ENGINES)}")
-    if engine == "vllm" and cfg.query_heads == "narrowed":
-        able = ", ".join(m.name for m in all_methods().values() if m.config_cls.query_heads != "narrowed")
-        raise UserError(f"--engine vllm needs every query head kept, and {spec.name} narrows heads per layer (it "
-                        f"cannot keep them yet); methods that can: {able}")
+    if keeps_heads(engine) and cfg.query_heads == "narrowed":
+        raise UserError(f"--engine {engine} needs every query head kept, and {spec.name} narrows heads per layer (it "
+                        f"cannot keep them yet); methods that can: {', '.join(head_keeping_methods())}")
+
+
+def head_keeping_methods() -> list[str]:
+    """The methods that make plans keeping every query head, when asked (``prune --engine vllm``) or always."""
+    return [m.name for m in all_methods().values() if m.config_cls.query_heads != "narrowed"]
 
 
 def check_reach(spec: MethodSpec, model: ModelSpec, ratio: float | None, cfg) -> None:

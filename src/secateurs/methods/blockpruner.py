@@ -34,7 +34,7 @@ class BlockPrunerConfig(SearchOptions):
     def reach(self, spec):
         return None if self.from_order else reach(spec, block_candidates(spec.n_layers, self.blocks))
 
-    def evaluations(self, spec, ratio, rows) -> tuple[int, int, str]:
+    def evaluations(self, spec, ratio, rows, engine=None) -> tuple[int, int, str]:
         """What the search will run (``runtime.estimate``): candidate evaluations over all calibration rows."""
         if self.from_order or (self.steps is None and ratio is None):
             return 0, rows, "no search" + (": the plan comes from --from-order" if self.from_order else "")

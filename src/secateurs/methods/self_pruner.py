@@ -101,7 +101,7 @@ class SelfPrunerConfig(MethodConfig):
         return [Held("hidden states of the calibration rows (final wanda-sp pass)", hidden_bytes(sizes, rows, seqlen)),
                 input_stats(sizes), Held("hidden states of the fitness rows", fit if onload else 0)]
 
-    def evaluations(self, spec, ratio, rows) -> tuple[int, int, str]:
+    def evaluations(self, spec, ratio, rows, engine=None) -> tuple[int, int, str]:
         """What the search will run (``runtime.estimate``): fitness evaluations on --fitness-rows rows."""
         n = max(0, self.population) + max(0, self.generations) * max(0, self.crossover + self.mutation)
         return n, min(self.fitness_rows or FITNESS_ROWS, rows), (f"at most {n} fitness evaluations (population {self.population}, "

@@ -23,6 +23,12 @@ ratio, or with ``--speedup`` the speedup predicted from the unit costs measured 
 ``--assign importance``: per-block ratios from transfer entropy (``importance/interaction.py``,
 ``search/assign.py``), the same width rule inside a block.
 
+``prune --engine vllm`` (``PruneContext.keep_heads``): every query head is kept in every assignment. The
+attention blocks' options are keep and remove (response), or an attention block below ``--block-threshold``
+is kept and its layer's MLP channels take its share (uniform, importance: ``layer_plan_at_rates(keep_heads)``);
+the MLP blocks are narrowed as without it. The response cache holds each response under the block plan it
+measured, so a run with and one without the engine share the options they have in common.
+
 With ``--speedup``, the plan's prefill speedup is then measured on a pruned copy; if it is off by more than
 ``--speedup-tolerance``, the cost-model target is rescaled by target/measured and the plan chosen again
 (``--speedup-rounds`` times at most). Every round is recorded. Work whose result the options do not use is
@@ -55,7 +61,7 @@ from ..runtime.passes import parameter_tensors
 from ..search.allocate import Option, Problem, allocate, block_options
 from ..search.assign import assign_ratios, load_weights
 from ..search.greedy import Replayer
-from . import MethodConfig, PruneContext, register_method
+from . import MethodConfig, PruneContext, keeps_heads, register_method
 
 ASSIGNMENTS = ("uniform", "response", "importance")
 RESPONSE_RULE = RatioRule(unit="block options", text="at or above the target (--assign response: one whole option per block)")
@@ -70,6 +76,7 @@ class TellConfig(MethodConfig):
     needs_ratio = False  # --ratio or --speedup (check)
     rule = TELL_RULE
     parallel_when = "--assign response"
+    query_heads = "optional"  # --engine vllm: attention blocks kept or removed (module docstring)
 
     speedup: float | None = field(default=None, metadata={"help": "target measured prefill speedup (> 1), instead of --ratio"})
     assign: str = field(default="response", metadata={"help": "how much in every block: from measured loss responses and an exact knapsack (response, the default and the best measured: one calibration replay per block option, 10-20 min for a 135M model on one CPU core, --dry-run counts them), the same ratio everywhere (uniform: FLAP-style, seconds), or from transfer entropy (importance); see docs/tell.md", "choices": list(ASSIGNMENTS)})
@@ -114,34 +121,40 @@ class TellConfig(MethodConfig):
             raise UserError(f"--levels must be comma-separated fractions strictly between 0 and 1 (got {self.levels!r})")
         return levels
 
-    def evaluations(self, spec, ratio, rows) -> tuple[int, int, str]:
+    def options(self, keep_heads: bool = False) -> dict:
+        """Every block kind's options for --assign response (``search.allocate.block_options``; ``keep_heads``:
+        --engine vllm)."""
+        return block_options(self.level_list(), self.compensation, keep_heads)
+
+    def evaluations(self, spec, ratio, rows, engine=None) -> tuple[int, int, str]:
         """What the run will measure (``runtime.estimate``): with --assign response one calibration replay per block
         option and stage (an upper bound: options cached from an earlier run are not measured again), plus the
         --refine evaluations; otherwise one calibration pass."""
         if self.assign != "response":
             return 1, rows, "one calibration pass" + (" (and the transfer-entropy estimate)" if self.uses_te else "")
-        widths = len(self.level_list()) * (2 if self.compensation == "both" else 1)
-        per_stage = 2 * spec.n_layers * (widths + 1)
+        per_kind = {kind: len(opts) - 1 for kind, opts in self.options(keeps_heads(engine)).items()}  # keep: none
+        per_stage = spec.n_layers * sum(per_kind.values())
         # a response replays from its block to the end: half a calibration pass on average
         n = 1 + -(-self.stages * per_stage // 2) + self.refine
-        return n, rows, (f"{self.stages} stage(s) of {per_stage} block options ({2 * spec.n_layers} blocks x "
-                         f"{widths + 1} options), each replayed from its block on, counted as half a pass; "
-                         f"{self.refine} refine evaluations; cached responses are not measured again (an upper bound)")
+        blocks = ", ".join(f"{spec.n_layers} {kind} blocks x {k} option(s)" for kind, k in per_kind.items())
+        return n, rows, (f"{self.stages} stage(s) of {per_stage} block options ({blocks}), each replayed from its "
+                         f"block on, counted as half a pass; {self.refine} refine evaluations; cached responses are "
+                         "not measured again (an upper bound)")
 
-    def cached_work(self, model, calib, seed: int) -> str | None:
+    def cached_work(self, model, calib, seed: int, engine=None) -> str | None:
         """How many of the first stage's responses (on the dense model) the response cache holds for this model,
         calibration and option set; later stages and --refine depend on what is measured."""
         if self.assign != "response":
             return None
-        ctx = PruneContext.build(model, calib, seed=seed, workdir=".", progress=False)
+        ctx = PruneContext.build(model, calib, seed=seed, workdir=".", progress=False, engine=engine)
         path = ResponseStore(ctx, self).paths(PruningPlan.dense(ctx.spec))[1]
         try:
             state = json.loads(path.read_text()) if path.exists() else {}
         except json.JSONDecodeError:
             state = {}
         held = {tuple(v) for v in state.get("labels", {}).values()}
-        wanted = [(b.pos, o.level, o.compensate) for b in all_blocks(ctx.spec.n_layers)
-                  for o in block_options(self.level_list(), self.compensation)[1:]]
+        options = self.options(ctx.keep_heads)
+        wanted = [(b.pos, o.level, o.compensate) for b in all_blocks(ctx.spec.n_layers) for o in options[b.kind][1:]]
         new = sum(w not in held for w in wanted) + (state.get("base_loss") is None)
         return (f"tell: at most {new} of the first stage's {len(wanted) + 1} responses are new, the rest are in the "
                 f"response cache ({path.parent}; options that give the same structure are measured once); "
@@ -215,16 +228,17 @@ def _bias(ctx: PruneContext, ws: WidthScores, layer: int, kind: str, kept) -> li
 
 def build_plan(ctx: PruneContext, ratios: list[float], ws: WidthScores, compensate: bool) -> PruningPlan:
     """The plan of per-block ratios (in ``all_blocks`` order): 1.0 removes the block; otherwise the best-scoring
-    heads / channels are kept, as many as the rate rule says (``layer_plan_at_rates``, importance/width.py).
-    ``compensate=False`` puts zero placeholders where compensation biases go (same parameter count, no
-    computation)."""
+    heads / channels are kept, as many as the rate rule says (``layer_plan_at_rates``, importance/width.py; with
+    ``ctx.keep_heads`` every head, the channels taking the layer's budget). ``compensate=False`` puts zero
+    placeholders where compensation biases go (same parameter count, no computation)."""
     spec = ctx.spec
     plan = PruningPlan.dense(spec, "tell")
     zeros = [0.0] * spec.hidden
     for i in range(spec.n_layers):
         r_attn, r_mlp = (ratios[Block(i, k).pos] for k in BLOCK_KINDS)
         lp = plan.layers[i] = layer_plan_at_rates(spec, r_attn if r_attn < 1.0 else None,
-                                                  r_mlp if r_mlp < 1.0 else None, ws.heads[i], ws.channels[i])
+                                                  r_mlp if r_mlp < 1.0 else None, ws.heads[i], ws.channels[i],
+                                                  ctx.keep_heads)
         if lp.heads is not None:
             lp.attn_bias = _bias(ctx, ws, i, "attn", lp.heads) if compensate else zeros
         if lp.channels is not None:
@@ -476,7 +490,7 @@ def response_plan(ctx: PruneContext, cfg: TellConfig, prep: Prepared, store: Res
     log = print if ctx.progress else (lambda *a: None)
     need = goal * spec.total_params / 1e6 if costs is None else costs.dense_ms * (1.0 - 1.0 / goal)
     problem = Problem(spec, lambda layer, kind, o: option_plan(ctx, prep.ws, layer, kind, o), saving_fn(spec, costs),
-                      need, block_options(cfg.level_list(), cfg.compensation), store, ctx.calib.shape[0] * (ctx.calib.shape[1] - 1),
+                      need, cfg.options(ctx.keep_heads), store, ctx.calib.shape[0] * (ctx.calib.shape[1] - 1),
                       joint=lambda plan: store(plan, {}, -1)[0])
     out = allocate(problem, cfg.stages, log, cfg.refine)
     return out["plan"], {"choice": {Block.at(p).name: o.label(Block.at(p).kind) for p, o in out["choice"].items()},

@@ -19,7 +19,7 @@ class UniformDropConfig(MethodConfig):
     def reach(self, spec):
         return reach(spec, layer_candidates(spec.n_layers, keep_ends=True))
 
-    def evaluations(self, spec, ratio, rows) -> tuple[int, int, str]:
+    def evaluations(self, spec, ratio, rows, engine=None) -> tuple[int, int, str]:
         """No search and no calibration pass (``runtime.estimate``)."""
         return 0, rows, "no calibration"
 

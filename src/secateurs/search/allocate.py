@@ -3,7 +3,8 @@
 Every block (``models.base.Block``) has a few *options*: keep it, narrow it (a fraction ``level`` of its
 attention heads or MLP channels removed, with or without bias compensation), or remove it whole. An option has
 a *saving* (what it buys: prefill milliseconds from the cost model, or parameters) and a *response* (the
-calibration-loss increase measured with that block alone changed, ``importance.response``).
+calibration-loss increase measured with that block alone changed, ``importance.response``). With ``prune
+--engine vllm`` an attention block is kept or removed, never narrowed (``block_options``).
 
 One stage: measure every block's options that go at least as deep as what is committed, on top of the
 committed plan; choose one option per block minimizing the summed loss increase with the summed saving at
@@ -54,11 +55,13 @@ class Option:
         return f"{unit}-{round(self.level * 100):d}%" + ("" if self.compensate else " no-bias")
 
 
-def block_options(levels: list[float], compensation: str) -> list[Option]:
-    """Keep, every width level (compensated, uncompensated, or both: ``compensation`` on / off / both) and
-    whole removal."""
+def block_options(levels: list[float], compensation: str, keep_heads: bool = False) -> dict[str, list[Option]]:
+    """Every block kind's options: keep, every width level (compensated, uncompensated, or both: ``compensation``
+    on / off / both) and whole removal. ``keep_heads`` (``prune --engine vllm``): the attention blocks' are keep
+    and remove only, so no query head is narrowed."""
     comp = {"on": (True,), "off": (False,), "both": (True, False)}[compensation]
-    return [Option(0.0)] + [Option(l, c) for l in sorted(levels) for c in comp] + [Option(1.0)]
+    every = [Option(0.0)] + [Option(l, c) for l in sorted(levels) for c in comp] + [Option(1.0)]
+    return {"attn": [Option(0.0), Option(1.0)] if keep_heads else every, "mlp": every}
 
 
 def _lp_key(lp: LayerPlan, kind: str) -> str:
@@ -82,13 +85,14 @@ def set_block(lp: LayerPlan, kind: str, part: LayerPlan) -> LayerPlan:
 class Problem:
     """What the allocation needs to know about the model: the block plan of an option
     (``make(layer, kind, option) -> LayerPlan`` with that block set, the other block dense), the saving of a
-    block plan (``saving(layer, kind, lp)``), the required total saving and how to measure."""
+    block plan (``saving(layer, kind, lp)``), the required total saving, every block kind's options (keep first)
+    and how to measure."""
 
     spec: ModelSpec
     make: Callable[[int, str, Option], LayerPlan]
     saving: Callable[[int, str, LayerPlan], float]
     need: float
-    options: list[Option]
+    options: dict[str, list[Option]]  # block kind -> its options
     measure: Callable  # (base plan, {pos: [LayerPlan]}, stage, {pos: [(level, compensate)]}) -> (base loss, {pos: [loss]})
     tokens: int  # calibration tokens (losses are reported per token)
     joint: Callable | None = None  # plan -> its summed calibration loss (the local search's evaluations)
@@ -111,7 +115,7 @@ def allocate(p: Problem, stages: int = 1, log=None, refine: int = 0) -> dict:
             base_saving[b.pos] = p.saving(b.layer, b.kind, base.layers[b.layer])
             seen = {_lp_key(base.layers[b.layer], b.kind)}
             opts[b.pos], variants[b.pos] = [cur], []
-            for o in p.options:
+            for o in p.options[b.kind]:
                 if o.level <= cur.level:
                     continue
                 lp = set_block(base.layers[b.layer], b.kind, p.make(b.layer, b.kind, o))
