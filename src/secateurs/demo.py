@@ -46,7 +46,9 @@ def prune_once(out: Path, method: str, ratio: float) -> dict:
     if (out / "result.json").exists():
         r = json.loads((out / "result.json").read_text())
         mine = {k: v for k, v in r.get("settings", {}).items() if k != "options"}
-        if mine == {k: v for k, v in vars(s).items() if k != "options"}:
+        # as the pipeline records them: no engine key for a run without --engine
+        wanted = {k: v for k, v in vars(s).items() if k != "options" and not (k == "engine" and not v)}
+        if mine == wanted:
             print(f"(reusing the finished run in {out}; delete it to recompute)", flush=True)
             return r
         print(f"({out} holds a run with other settings: pruning again)", flush=True)

@@ -33,6 +33,8 @@ from .runtime.pool import PoolSettings
 from .sources import load_model
 from .workdir import cached, check_out, finish, open_work, work_of
 
+FORMAT_NAMES = {"gguf": "GGUF", "vllm": "vLLM"}  # --export's formats as the messages name them
+
 PPL_BATCH = 4  # rows per batch of the perplexity measured before and after
 
 
@@ -252,7 +254,7 @@ def _run_prune(s: PruneSettings, out: Path, overwrite: bool, progress: bool, log
     refused = _export(s, work, model, tok, result, progress)
     _publish(work, out, result)
     if refused is not None:
-        raise UserError(f"pruned model written to {out}, but no {s.export} export: {refused}")
+        raise UserError(f"pruned model written to {out}, but no {FORMAT_NAMES.get(s.export, s.export)} export: {refused}")
     result["_model"] = model  # in-process callers (the demo) may keep using the pruned model
     result["_tokenizer"] = tok
     return result
