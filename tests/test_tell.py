@@ -213,6 +213,21 @@ def test_cost_benchmark_runs_floors_and_caches(tmp_path, monkeypatch):
     assert m["dense_ms"] > 0 and m["pruned_ms"] > 0
 
 
+def test_cost_cache_keeps_a_dotted_device_name(tmp_path, monkeypatch):
+    """A CPU model name with a dot (``2.20GHz``) stays whole in the cache file's name: two models, two files."""
+    import secateurs.importance.cost as cost
+
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path))
+    monkeypatch.setattr(cost, "device_name", lambda device: "cpu-x86_64-Xeon_CPU_2.20GHz-1t")
+    paths = set()
+    for kind in ("llama", "qwen2"):
+        model = tiny_model(kind)
+        p = cost._cache_path(model, get_adapter(model).spec(), 16, 1, "cpu", ".json")
+        assert p.name.startswith("cpu-x86_64-Xeon_CPU_2.20GHz-1t-") and p.name.endswith(".json")
+        paths.add(p)
+    assert len(paths) == 2
+
+
 def test_costs_record_their_steadiness_and_a_busy_measurement_is_provisional(tmp_path, monkeypatch):
     """Each kind's saving is a fraction of the dense time with its spread and pair count, and the load while
     measuring; costs measured on a busy machine are measured again once it is quiet, quiet ones are kept."""

@@ -89,10 +89,10 @@ def _uneven_heads(model, model_type: str, why: str) -> Exception:
     """The refusal of query heads that differ between layers: a UserError for a plan made without an engine
     constraint, naming what makes plans vLLM holds; an internal error for one made with ``prune --engine vllm``,
     which promises plans vLLM holds (a bug of the method, not the user's mistake)."""
-    from ..methods import head_keeping_methods
+    from ..methods import head_keeping_methods, keeps_heads
 
     plan = getattr(model, "secateurs_plan", None)
-    if plan is not None and plan.engine == "vllm":
+    if plan is not None and keeps_heads(plan.engine):
         return RuntimeError(f"internal error: this {plan.method or model_type} plan was made with --engine vllm, "
                             f"which keeps every query head, yet {why}; please report it")
     made = f"{plan.method} plan" if plan is not None and plan.method else "plan"

@@ -248,9 +248,11 @@ def measure_costs(model, spec: ModelSpec, prompt_len: int = 256, reps: int = 5, 
             per[f"{kind}_block"] = per[f"{kind}_width"]
     return CostModel(device_name(device), prompt_len, dense_ms, per, raw, adjusted, clock, watch.record())
 
-def _cache_stem(model, spec: ModelSpec, prompt_len: int, reps: int, clock: str) -> Path:
+def _cache_path(model, spec: ModelSpec, prompt_len: int, reps: int, clock: str, suffix: str) -> Path:
+    """The cache file of this device and model (``suffix``: ``.json`` for the costs, ``-speedups.json`` for the
+    speedup checks), the device name's dots kept (a CPU model name such as ``2.20GHz`` has them)."""
     device = input_device(model)
-    return cache_dir() / "costs" / f"{device_name(device)}-{model_key(model, spec, prompt_len, reps, clock)}"
+    return cache_dir() / "costs" / f"{device_name(device)}-{model_key(model, spec, prompt_len, reps, clock)}{suffix}"
 
 
 def _measure_again(load: dict | None, model, clock: str) -> bool:
@@ -263,7 +265,7 @@ def load_or_measure(model, spec: ModelSpec, prompt_len: int = 256, reps: int = 5
     """The cached cost model of this device and model, measured on first use (and again when the cached one was
     measured on a busy machine and this one is quiet now). Returns (model, cache path); with ``measure=False``
     (a model that runs layer by layer cannot be timed whole) the model is None when nothing is cached."""
-    path = _cache_stem(model, spec, prompt_len, reps, clock).with_suffix(".json")
+    path = _cache_path(model, spec, prompt_len, reps, clock, ".json")
     if path.exists() and not refresh:
         try:
             cm = CostModel(**json.loads(path.read_text()))
@@ -286,7 +288,7 @@ def checked_speedup(model, plan: PruningPlan, spec: ModelSpec, prompt_len: int =
     """``measured_speedup`` of ``plan``, measured once per device and model like the unit costs (a table beside
     them, keyed by the plan; provisional when measured on a busy machine) and marked ``cached`` when read back:
     the same command on this device then checks its plans against the same figures, whatever the load."""
-    path = Path(str(_cache_stem(model, spec, prompt_len, reps, clock)) + "-speedups.json")
+    path = _cache_path(model, spec, prompt_len, reps, clock, "-speedups.json")
     try:
         table = json.loads(path.read_text()) if path.exists() else {}
     except json.JSONDecodeError:

@@ -17,6 +17,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
+from ..defaults import KEEP_HEADS_ENGINES, PRUNE_ENGINES
 from ..errors import UserError
 from ..importance.width import width_reach
 from ..models import get_adapter
@@ -100,8 +101,6 @@ class WidthConfig(MethodConfig):
 def keeps_heads(engine: str | None) -> bool:
     """Whether plans for ``engine`` (--engine, ``defaults.PRUNE_ENGINES``) must keep every query head: vLLM's
     DeciLM model has one query-head count for all layers (docs/vllm.md)."""
-    from ..defaults import KEEP_HEADS_ENGINES
-
     return engine in KEEP_HEADS_ENGINES
 
 
@@ -181,8 +180,6 @@ def register_method(name: str, summary: str, config_cls: type):
 
 def check_engine(spec: MethodSpec, cfg, engine: str | None) -> None:
     """A UserError, before any work, when the method cannot make plans that ``engine`` (--engine) runs."""
-    from ..defaults import PRUNE_ENGINES
-
     if engine is not None and engine not in PRUNE_ENGINES:
         raise UserError(f"unknown --engine {engine!r}; use one of {', '.join(PRUNE_ENGINES)}")
     if keeps_heads(engine) and cfg.query_heads == "narrowed":
