@@ -33,7 +33,7 @@ from .runtime.pool import PoolSettings
 from .sources import load_model
 from .workdir import cached, check_out, finish, open_work, work_of
 
-FORMAT_NAMES = {"gguf": "GGUF", "vllm": "vLLM"}  # --export's formats as the messages name them
+FORMAT_NAMES = {"gguf": "GGUF"}  # --export formats as the messages name them (others: as --export spells them)
 
 PPL_BATCH = 4  # rows per batch of the perplexity measured before and after
 
