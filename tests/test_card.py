@@ -139,6 +139,29 @@ def test_uneven_gemma3_card_says_there_is_no_gguf(tmp_path):
     save_pruned(apply_plan(model, plan, spec), None, plan, _plain_config(model.config), tmp_path / "g")
     text = (tmp_path / "g" / "README.md").read_text()
     assert "no GGUF for this plan" in text and "gemma3 graph" in text and "secateurs export" not in text
+    assert "vLLM: no folder for this plan" in text and "(1 + w) norms" in text
+
+
+def test_card_says_how_vllm_serves_the_plan(tmp_path):
+    """The vLLM line follows the plan: uneven blocks run as DeciLM (remote code), whole layers removed as the
+    stock architecture, query heads that differ between layers nowhere (with the way to make plans it holds)."""
+    from secateurs.export.checkpoint import _plain_config, save_pruned
+    from secateurs.surgery import apply_plan
+
+    model = tiny_model("llama", num_hidden_layers=4)
+    spec = get_adapter(model).spec()
+    uneven_heads = PruningPlan.dense(spec)
+    uneven_heads.layers[1].heads = [0, 2]
+    plans = {"blocks": PruningPlan.from_removed_blocks(spec, [(0, "attn"), (2, "mlp")]),
+             "layers": PruningPlan.from_removed_blocks(spec, [(1, "attn"), (1, "mlp")]), "heads": uneven_heads}
+    lines = {}
+    for name, plan in plans.items():
+        save_pruned(apply_plan(tiny_model("llama", num_hidden_layers=4), plan, spec), None, plan,
+                    _plain_config(model.config), tmp_path / name)
+        lines[name] = next(x for x in (tmp_path / name / "README.md").read_text().splitlines() if x.startswith("vLLM"))
+    assert "--format vllm" in lines["blocks"] and "vllm serve DIR --trust-remote-code" in lines["blocks"]
+    assert "--format vllm" in lines["layers"] and "vllm serve DIR`" in lines["layers"]
+    assert "no folder" in lines["heads"] and "query heads" in lines["heads"] and "--engine vllm" in lines["heads"]
 
 
 def test_heal_writes_a_card_with_its_figures(tmp_path):

@@ -564,6 +564,22 @@ def test_engine_vllm_keeps_every_query_head(assign, budget, tmp_path, monkeypatc
         assert not any(b["option"].startswith("heads") for b in details["blocks"])
 
 
+def test_engine_vllm_with_both_compensations(tmp_path, monkeypatch):
+    """--compensation both with --engine vllm: the MLP width options are measured with and without compensation,
+    attention is only kept or removed, and the plan keeps every query head (vLLM's bias switch holds either)."""
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
+    model = tiny_model("llama")
+    _fixed_costs(monkeypatch, get_adapter(model).spec())
+    cfg = TellConfig(levels="0.25,0.5", compensation="both", te_rank=4, latency_len=16, latency_reps=1)
+    plan = _tell_vllm(model, tmp_path / "run", cfg, ratio=0.3)
+    assert all(lp.heads is None and lp.attn_bias is None for lp in plan.layers)
+    options = {o["option"] for st in plan.record["method_details"]["allocation"]["stages"]
+               for name, b in st["blocks"].items() for o in b["options"]}
+    assert {"keep", "remove"} <= options and not any(o.startswith("heads") for o in options)
+    mlp = {o for o in options if o.startswith("channels")}
+    assert mlp == {"channels-25%", "channels-25% no-bias", "channels-50%", "channels-50% no-bias"}, options
+
+
 def test_engine_vllm_stages_refine_and_explain(tmp_path, monkeypatch, capsys):
     """--stages and --refine keep every head too; explain lists no head-narrowing option and says why."""
     from secateurs.cli import main

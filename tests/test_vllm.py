@@ -291,12 +291,14 @@ def test_prune_export_vllm(tmp_path, capsys):
     assert (result["vllm"]["folder"], result["vllm"]["architecture"]) == ("vllm", "DeciLMForCausalLM")
     cfg = json.loads((out / "vllm" / "config.json").read_text())
     assert sum(b["ffn"]["no_op"] for b in cfg["block_configs"]) == 2 and cfg["dtype"] == "float32"
+    assert "`vllm serve vllm --trust-remote-code`" in (out / "README.md").read_text()
     capsys.readouterr()
     flap = tmp_path / "flap"
     assert main(["prune", str(folder), "--method", "flap", "--ratio", "0.3", *common, "--out", str(flap)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no vllm export" in err and "query heads" in err, err
     assert "refused" in json.loads((flap / "result.json").read_text())["vllm"] and not (flap / "vllm").exists()
+    assert "vLLM: no folder for this plan (vLLM cannot hold this llama plan: remaining layer" in (flap / "README.md").read_text()
 
 
 def test_prune_engine_vllm_keeps_every_head(tmp_path, capsys, monkeypatch):
@@ -331,3 +333,31 @@ def test_prune_engine_vllm_keeps_every_head(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "self-pruner narrows heads" in err and "flap" in err, err
     assert not (tmp_path / "sp").exists() and not (tmp_path / "sp.partial").exists()
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "qwen3"])
+def test_engine_vllm_refuses_uneven_plans_of_types_deci_cannot_hold(model_type, tmp_path, capsys):
+    """--engine vllm on a type vLLM holds only as its stock architecture (Gemma 3, Qwen3): a method whose plans are
+    uneven is refused once the model is loaded, before any work, in one line naming the methods that make stock
+    plans; wanda-sp's uniform rate makes one (every layer at one width), exported as the stock architecture."""
+    from conftest import tiny_bpe_tokenizer
+
+    tok = tiny_bpe_tokenizer(320, ["<bos>", "<eos>"], bos="<bos>", eos="<eos>")
+    folder = tmp_path / f"tiny-{model_type}"
+    tiny_model(model_type, vocab_size=320, bos_token_id=0, eos_token_id=1).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    common = ["--ratio", "0.3", "--nsamples", "2", "--seqlen", "32", "--eval", "", "--quiet", "--engine", "vllm"]
+    for method, extra in (("flap", []), ("tell", ["--levels", "0.5"]), ("blockpruner", ["--steps", "1"]),
+                          ("wanda-sp", ["--rates", "0.1,0.2,0.3,0.4"])):
+        capsys.readouterr()
+        args = [a for a in common if a != "--ratio" and a != "0.3"] if method == "wanda-sp" else common
+        out = tmp_path / method
+        assert main(["prune", str(folder), "--method", method, *args, *extra, "--out", str(out)]) == 2, method
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"--engine vllm on {model_type}" in err, err
+        assert f"{method} with these options makes uneven plans" in err and "shortgpt" in err and "wanda-sp" in err
+        assert not out.exists() and not Path(f"{out}.partial").exists()
+    out = tmp_path / "wanda-sp"
+    assert main(["prune", str(folder), "--method", "wanda-sp", *common, "--export", "vllm", "--out", str(out)]) == 0
+    cfg = json.loads((out / "vllm" / "config.json").read_text())
+    assert cfg["model_type"] == model_type and cfg["intermediate_size"] < 96 and cfg["num_attention_heads"] == 4

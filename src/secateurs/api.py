@@ -27,7 +27,8 @@ from .data import calib_rows, eval_rows
 from .errors import UserError
 from .eval.perplexity import HELD_OUT_ROWS, HELD_OUT_SEQLEN, perplexity
 from .export.checkpoint import _plain_config, save_pruned
-from .methods import PASS_ROWS, MethodSpec, PruneContext, all_methods, check_engine, check_reach, method_for, run_method
+from .methods import (PASS_ROWS, MethodSpec, PruneContext, all_methods, check_engine, check_engine_model, check_reach,
+                      method_for, run_method)
 from .models import get_adapter
 from .plan import PruningPlan
 from .result import held_out, make_result, plan_counts
@@ -72,10 +73,13 @@ def check_request(cfg, ratio: float | None, workers: bool = False, engine: str |
     return method
 
 
-def check_model(method: MethodSpec, cfg, model, ratio: float | None) -> None:
-    """What needs the placed model, before any work: the placement the method needs and the ratio's reach."""
+def check_model(method: MethodSpec, cfg, model, ratio: float | None, engine: str | None = None) -> None:
+    """What needs the placed model, before any work: the placement the method needs, the ratio's reach and
+    whether the engine can hold the method's plans of this model type."""
     cfg.check_placement(onloader_of(model) is not None)
-    check_reach(method, get_adapter(model).spec(), ratio, cfg)
+    adapter = get_adapter(model)
+    check_reach(method, adapter.spec(), ratio, cfg)
+    check_engine_model(method, cfg, adapter, engine)
 
 
 def calibration_size(cfg, nsamples: int | None, seqlen: int | None, device_type: str) -> tuple[int, int, str]:
@@ -121,7 +125,7 @@ def prune(model, tokenizer, config, *, ratio: float | None = None, speedup: floa
     ``vllm`` keeps every query head), recorded in the plan's settings."""
     config = with_speedup(config, speedup)
     method = check_request(config, ratio, workers is not None, engine)
-    check_model(method, config, model, ratio)
+    check_model(method, config, model, ratio, engine)
     device = device or input_device(model).type
     if isinstance(calib, torch.Tensor):
         rows, name = calib, "rows given"

@@ -7,7 +7,8 @@
 - The settings and the figures of the folder's own ``result.json``, with their rows: a figure the file does
   not record is not written, so the card claims nothing that was not measured for that folder.
 - How to load it: transformers (``trust_remote_code`` only when the folder carries its modeling file),
-  ``secateurs.load``, and llama.cpp through ``secateurs export`` (or the folder's ``model.gguf``).
+  ``secateurs.load``, llama.cpp through ``secateurs export`` (or the folder's ``model.gguf``), and vLLM through
+  ``secateurs export --format vllm`` (or the folder's ``vllm/``), each where the plan allows.
 
 ``write_card(folder)`` is called once ``result.json`` is final (prune, apply, heal).
 """
@@ -276,6 +277,15 @@ def _load_lines(folder: Path, meta: dict, r: dict) -> list[str]:
         lines += ["", f"llama.cpp: no GGUF for this plan ({g['refused'].split('; exportable')[0]})."]
     else:
         lines += ["", _gguf_line(plan_model_type(meta), PruningPlan.load(folder / "plan.json"))]
+    v = r.get("vllm") or {}
+    if v.get("folder"):
+        flag = " --trust-remote-code" if v.get("architecture") == "DeciLMForCausalLM" else ""
+        lines += ["", f"vLLM: `vllm serve {v['folder']}{flag}` (the folder `{v['folder']}` beside this card, "
+                      f"architecture {v.get('architecture')})."]
+    elif v.get("refused"):
+        lines += ["", f"vLLM: no folder for this plan ({v['refused'].split('; ')[0]})."]
+    else:
+        lines += ["", _vllm_line(plan_model_type(meta), PruningPlan.load(folder / "plan.json"))]
     return lines
 
 
@@ -283,14 +293,35 @@ def plan_model_type(meta: dict) -> str | None:
     return (meta.get("dense_config") or {}).get("model_type")
 
 
+def _even(plan: PruningPlan) -> bool:
+    """Whether the plan leaves the stock architecture: every remaining layer whole, at one size, no added bias
+    (whole layers removed leave a stock model)."""
+    kept = [lp for lp in plan.layers if lp.attn or lp.mlp]
+    return (all(lp.attn and lp.mlp and not lp.attn_bias and not lp.mlp_bias for lp in kept)
+            and len({(len(lp.heads or ()), len(lp.channels or ())) for lp in kept}) == 1)
+
+
+def _vllm_line(model_type: str | None, plan: PruningPlan) -> str:
+    """How to serve it in vLLM, from the adapter's vLLM facts (``export.vllm``): whether vLLM can hold it."""
+    facts = adapter_class(model_type).vllm.get(model_type) if model_type in supported_model_types() else None
+    if facts is None:
+        return f"vLLM: no vLLM export for model_type {model_type!r}."
+    even = _even(plan)
+    if not even and not facts.deci:
+        return f"vLLM: no folder for this plan: its layers differ in size and {facts.why_not}."
+    if not even and len({len(lp.heads) if lp.heads is not None else None for lp in plan.layers if lp.attn}) > 1:
+        return ("vLLM: no folder for this plan: its layers keep different numbers of query heads, and vLLM's "
+                "DeciLM model gives every layer the same (`secateurs prune --engine vllm` makes plans it holds).")
+    return ("vLLM: `secateurs export FOLDER --format vllm --out DIR`, then `vllm serve DIR"
+            + ("`" if even else " --trust-remote-code` (vLLM's DeciLMForCausalLM: per-layer blocks)") + ".")
+
+
 def _gguf_line(model_type: str | None, plan: PruningPlan) -> str:
     """How to get a GGUF, from the adapter's llama.cpp facts: whether llama.cpp can hold this plan at all."""
     facts = adapter_class(model_type).llamacpp.get(model_type) if model_type in supported_model_types() else None
     if facts is None:
         return f"llama.cpp: no GGUF export for model_type {model_type!r}."
-    kept = [lp for lp in plan.layers if lp.attn or lp.mlp]  # whole layers removed leave a stock model
-    even = (all(lp.attn and lp.mlp and not lp.attn_bias and not lp.mlp_bias for lp in kept)
-            and len({(len(lp.heads or ()), len(lp.channels or ())) for lp in kept}) == 1)
+    even = _even(plan)
     if not even and facts.uneven is None:
         return f"llama.cpp: no GGUF for this plan: its layers differ in size and {facts.why_not}."
     return ("llama.cpp, ollama, LM Studio: `secateurs export FOLDER --type q4_k_m --out model.gguf` writes a GGUF "

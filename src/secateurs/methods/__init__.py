@@ -58,6 +58,12 @@ class MethodConfig:
         """The largest ratio the method can reach on this model (None where it cannot tell before it runs)."""
         return None
 
+    def stock_plans(self) -> bool:
+        """Whether every plan of these options runs as the model's stock architecture (whole layers removed, or
+        every layer at one width with no added bias): the only plans vLLM holds of a model type that its DeciLM
+        model cannot (``check_engine_model``)."""
+        return self.rule.unit == "layers"
+
     def pass_rows(self) -> int:
         """Calibration rows per forward pass (a method's --batch-size)."""
         return PASS_ROWS
@@ -185,6 +191,29 @@ def check_engine(spec: MethodSpec, cfg, engine: str | None) -> None:
     if keeps_heads(engine) and cfg.query_heads == "narrowed":
         raise UserError(f"--engine {engine} needs every query head kept, and {spec.name} narrows heads per layer (it "
                         f"cannot keep them yet); methods that can: {', '.join(head_keeping_methods())}")
+
+
+def check_engine_model(spec: MethodSpec, cfg, adapter, engine: str | None) -> None:
+    """A UserError, once the model is loaded and before any work, when ``engine`` cannot hold any plan of this
+    method on this model type: vLLM holds uneven plans only of the types its DeciLM model can (``VllmArch``)."""
+    if engine != "vllm":
+        return
+    mt, arch = adapter.config.model_type, adapter.vllm_arch()
+    if arch is None:
+        raise UserError(f"--engine vllm: no vLLM export for model_type={mt!r}")
+    if not arch.deci and not cfg.stock_plans():
+        stock = [m.name for m in all_methods().values() if _default_stock(m)]
+        raise UserError(f"--engine vllm on {mt}: vLLM holds only its stock plans (whole layers removed, or every "
+                        f"layer at one width with no added bias; uneven plans: {arch.why_not}), and {spec.name} with "
+                        f"these options makes uneven plans; methods that make stock plans (with their default options): "
+                        f"{', '.join(stock)}")
+
+
+def _default_stock(spec: MethodSpec) -> bool:
+    try:
+        return spec.config_cls().stock_plans()
+    except TypeError:  # a config without defaults for every option
+        return False
 
 
 def head_keeping_methods() -> list[str]:

@@ -30,6 +30,9 @@ class WandaSpConfig(WidthConfig):
         if (self.rates is None) == (ratio is None):
             raise UserError("wanda-sp needs exactly one of --ratio (uniform rate) and --rates (one rate per layer)")
 
+    def stock_plans(self) -> bool:
+        return self.rates is None  # one uniform rate: every layer keeps the same heads and channels
+
     def held(self, sizes, rows, seqlen, onload):
         return [Held("hidden states of the calibration rows", hidden_bytes(sizes, rows, seqlen)),
                 *super().held(sizes, rows, seqlen, onload)]
