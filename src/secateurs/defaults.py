@@ -19,5 +19,6 @@ ENGINE_CHOICES = {"pytorch": "torch", "llamacpp": "llama.cpp"}
 PRUNE_ENGINES = {"pytorch": "no constraint (the default)",
                  "vllm": "every query head kept (flap and wanda-sp prune MLP channels only; tell narrows MLPs and "
                          "removes whole blocks; depth methods are unchanged; a method that cannot keep heads is "
-                         "refused): vLLM's DeciLM model has one query-head count for all layers (docs/vllm.md)"}
+                         "refused): vLLM's DeciLM model has one query-head count for all layers; on gemma3 and qwen3, "
+                         "which it holds only as their stock architecture, only methods with stock plans (docs/vllm.md)"}
 KEEP_HEADS_ENGINES = ("vllm",)
