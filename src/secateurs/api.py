@@ -72,10 +72,12 @@ def check_request(cfg, ratio: float | None, workers: bool = False, engine: str |
     return method
 
 
-def check_model(method: MethodSpec, cfg, model, ratio: float | None) -> None:
-    """What needs the placed model, before any work: the placement the method needs and the ratio's reach."""
+def check_model(method: MethodSpec, cfg, model, ratio: float | None, model_ref: str | None = None) -> None:
+    """What needs the placed model, before any work: the placement the method needs, the ratio's reach, and what
+    else the method checks against the loaded model (``cfg.check_loaded``; ``model_ref``: as the command named it)."""
     cfg.check_placement(onloader_of(model) is not None)
     check_reach(method, get_adapter(model).spec(), ratio, cfg)
+    cfg.check_loaded(model, model_ref)
 
 
 def calibration_size(cfg, nsamples: int | None, seqlen: int | None, device_type: str) -> tuple[int, int, str]:
