@@ -44,7 +44,10 @@ class StubHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (its timeout)
+            pass
 
     def do_GET(self):
         self._send(200, {"object": "list", "data": [{"id": "served-model", "object": "model", "owned_by": "me"}]})

@@ -171,3 +171,15 @@ def test_bad_proposer_files_are_one_line_before_any_work(tmp_path, capsys, monke
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "needs about" in err and "50.00 MiB" in err and "--proposer classic" in err
     assert not any(tmp_path.glob("a*")) and not any(tmp_path.glob("b*"))
+
+
+def test_endpoint_that_hangs_is_one_line_and_resumable(tmp_path, capsys, stub):
+    """An endpoint that hangs past --endpoint-timeout for longer than --endpoint-wait: exit 2, one line, the run
+    kept for the same command to resume. (Prose answers fall back: test_openai_proposer_against_stub.)"""
+    cmd = [a if a != "local" else "openai" for a in CLI] + ["--endpoint", stub, "--proposer-model", "m",
+                                                          "--endpoint-timeout", "1", "--endpoint-wait", "2"]
+    StubHandler.script = [("slow", 3, "{}")] * 4
+    assert main(cmd + ["--out", str(tmp_path / "hang")]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if "trying again" not in x]
+    assert len(err) == 1 and "did not answer within 1 s" in err[0] and "run the same command again" in err[0]
+    assert (tmp_path / "hang.partial" / "settings.json").exists() and not (tmp_path / "hang").exists()
