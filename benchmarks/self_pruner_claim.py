@@ -1,11 +1,20 @@
 """Does an LLM help the Self-Pruner search? LLM-driven against classic operators at the same number of fitness
-evaluations, on SmolLM2-135M, with the model being pruned as its own proposer (its offline GGUF in llama.cpp,
-answers under the schemas' grammars).
+evaluations, for a model, ratios, seeds, a proposer and formulations of what the LLM is asked (by default
+SmolLM2-135M with the model being pruned as its own proposer: its offline GGUF in llama.cpp, answers under the
+schemas' grammars).
 
     python benchmarks/self_pruner_claim.py --out runs/sp-claim            # the full comparison (resumable)
     python benchmarks/self_pruner_claim.py --out runs/sp-claim --report   # summary.md, curves.png again
+    python benchmarks/self_pruner_claim.py --out runs/sp-llm --ratios 0.2 --seeds 0 \
+        --proposer-model qwen2.5-coder-1.5b --formulations vectors/llm edits/uniform --results benchmarks/results
     python benchmarks/self_pruner_claim.py --out runs/sp-tiny --ratios 0.2 --seeds 0 --population 3 \
         --generations 1 --crossover 1 --mutation 1 --nsamples 2 --seqlen 64 --fitness-rows 1 --eval-rows 2
+
+``--proposer-model``: an embedded model's name or a GGUF chat model file (default: the model itself).
+``--formulations``: one LLM search per ``TASK/START`` (``--llm-task`` / ``--llm-start`` of ``secateurs prune
+--method self-pruner``); ``vectors/llm`` is named ``local`` (the runs before formulations existed), the others
+``local-TASK-START``. ``--responses``: the LLM is shown tell's cached per-block responses for this model and
+calibration (when the cache holds them; said in the output).
 
 One process: the model, the calibration rows, the one-shot Wanda-sp scores of the fitness (``MaskedFitness``)
 and the proposer's GGUF are loaded once. For every ratio and seed, each proposer runs the same search
@@ -16,9 +25,10 @@ no evaluation) and the best vector within ``E`` of each is pruned for real (the 
 ``secateurs prune --method self-pruner`` does) and measured on wiki:test.
 
 Writes ``OUT/<proposer>-r<ratio>-s<seed>/search.jsonl``, ``OUT/summary.json`` (settings, per run: the curve of
-best fitness against evaluations, the LLM's answer counts, tokens and seconds; per pair: ``E``, best fitness
-and wiki:test perplexity of both), ``OUT/summary.md`` and ``OUT/curves.png``. A run whose search is complete is
-not redone; an interrupted one resumes from its log.
+best fitness against evaluations, the LLM's answer counts, tokens and seconds per answer, seconds per fitness
+evaluation; per (ratio, seed): ``E``, best fitness and wiki:test perplexity of every proposer), ``OUT/summary.md``
+and ``OUT/curves.png``. A run whose search is complete is not redone; an interrupted one resumes from its log
+(every generation is logged).
 """
 from __future__ import annotations
 
@@ -64,26 +74,46 @@ def read_log(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
+def run_names(settings: dict) -> list[str]:
+    """The searches of every (ratio, seed): classic and one per LLM formulation (see the module docstring)."""
+    names = ["classic"] if "classic" in settings["proposers"] else []
+    if "local" in settings["proposers"]:
+        for f in settings.get("formulations") or ["vectors/llm"]:
+            names.append("local" if f == "vectors/llm" else "local-" + f.replace("/", "-"))
+    return names
+
+
+def label(name: str, settings: dict) -> str:
+    if name == "classic":
+        return "classic operators"
+    who = settings.get("proposer_model") or f"{settings['model']} itself"
+    form = "vectors/llm" if name == "local" else name.removeprefix("local-").replace("-", "/")
+    return f"LLM ({who}, {form})"
+
+
 def plot(summary: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
-    ratios = summary["settings"]["ratios"]
+    s = summary["settings"]
+    ratios = s["ratios"]
     fig = Figure(figsize=(5.5 * len(ratios), 4.2))
-    colors = {"classic": "tab:blue", "local": "tab:orange"}
+    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
     for k, ratio in enumerate(ratios):
         ax = fig.add_subplot(1, len(ratios), k + 1)
-        for prop in summary["settings"]["proposers"]:
+        for c, prop in enumerate(run_names(s)):
             runs = [r for r in summary["runs"] if r["ratio"] == ratio and r["proposer"] == prop]
+            if not runs:
+                continue
             for r in runs:
-                ax.plot(range(1, len(r["curve"]) + 1), r["curve"], color=colors.get(prop), alpha=0.35, lw=1)
+                ax.plot(range(1, len(r["curve"]) + 1), r["curve"], color=palette[c % 5], alpha=0.35, lw=1)
             n = min(len(r["curve"]) for r in runs)
             med = [statistics.median(r["curve"][i] for r in runs) for i in range(n)]
-            label = {"classic": "classic operators", "local": "LLM operators (SmolLM2 itself)"}.get(prop, prop)
-            ax.plot(range(1, n + 1), med, color=colors.get(prop), lw=2.2, label=f"{label}, median of {len(runs)} seeds")
+            ax.plot(range(1, n + 1), med, color=palette[c % 5], lw=2.2,
+                    label=f"{label(prop, s)}, median of {len(runs)} seed(s)")
         ax.set_yscale("log")
         ax.set_xlabel("fitness evaluations")
         ax.set_ylabel("best fitness so far (calibration perplexity)")
-        ax.set_title(f"SmolLM2-135M, ratio {ratio:.0%}")
+        ax.set_title(f"{s['model']}, ratio {ratio:.0%}")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -92,27 +122,40 @@ def plot(summary: dict, path: Path) -> None:
 
 def table(summary: dict) -> str:
     s = summary["settings"]
-    lines = [f"| ratio | seed | E | best fitness classic / LLM | wiki:test PPL classic / LLM | evaluations classic / LLM |",
+    names = [n for n in run_names(s) if all(n in p for p in summary["pairs"])]
+    slash = " / ".join(names)
+    lines = [f"Searches: {'; '.join(f'{n} = {label(n, s)}' for n in names)}.", "",
+             f"| ratio | seed | E | best fitness {slash} | wiki:test PPL {slash} | evaluations {slash} |",
              "|---|---|---|---|---|---|"]
     for p in summary["pairs"]:
-        c, l = p["classic"], p["local"]
-        lines.append(f"| {p['ratio']:.0%} | {p['seed']} | {p['budget']} | {c['best_fitness']:.2f} / {l['best_fitness']:.2f} | "
-                     f"{c['ppl_test']:.2f} / {l['ppl_test']:.2f} | {c['evaluations']} / {l['evaluations']} |")
-    lines += ["", "LLM answers (rate vectors and selections) of the local proposer, per run: usable = no classical "
-              "fallback; retried = a second attempt was needed; projected = rate vectors the mean-rate projection "
-              "changed; repeats = rate vectors already evaluated (no new evaluation). Seconds per answer were "
+        col = lambda key, fmt: " / ".join(format(p[n][key], fmt) for n in names)
+        lines.append(f"| {p['ratio']:.0%} | {p['seed']} | {p['budget']} | {col('best_fitness', '.2f')} | "
+                     f"{col('ppl_test', '.2f')} | {col('evaluations', 'd')} |")
+    lines += ["", "LLM answers (rate vectors and selections) per run: usable = no classical fallback; retried = a "
+              "second attempt was needed; projected = rate vectors the mean-rate projection changed; repeats = rate "
+              "vectors already evaluated (no new evaluation). Seconds per answer and per fitness evaluation were "
               "measured under the load stated in the results file.", "",
-              "| ratio | seed | LLM answers | usable (no fallback) | retried | repaired | projected | repeats | fallback "
-              "| s per answer, median / mean | prompt / completion tokens per answer |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| search | ratio | seed | LLM answers | usable (no fallback) | retried | repaired | projected | repeats "
+              "| fallback | s per answer, median / mean | s per fitness evaluation | prompt / completion tokens per answer |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["runs"]:
         a = r.get("llm_answers")
-        if r["proposer"] != "local" or not a:
+        if not a:
             continue
         n = a["answers"]
-        lines.append(f"| {r['ratio']:.0%} | {r['seed']} | {n} | {a['usable']} ({a['usable'] / n:.1%}) | {a['retried']} | "
-                     f"{a['repaired']} | {a['projected']} | {a['repeats']} | {a['fallback']} | "
+        fit = r.get("fitness_seconds_per_evaluation")
+        lines.append(f"| {r['proposer']} | {r['ratio']:.0%} | {r['seed']} | {n} | {a['usable']} ({a['usable'] / n:.1%}) | "
+                     f"{a['retried']} | {a['repaired']} | {a['projected']} | {a['repeats']} | {a['fallback']} | "
                      f"{a['seconds_per_answer_median']:.1f} / {a['seconds_per_answer']:.1f} | "
+                     f"{'-' if fit is None else format(fit, '.2f')} | "
                      f"{r['tokens']['prompt'] / n:.0f} / {r['tokens']['completion'] / n:.0f} |")
+    m = summary.get("machine", {})
+    if m:
+        lines += ["", f"Load average (1, 5, 15 min) at the start {m['load_average_start']}, at the end "
+                  f"{m['load_average_end']}; {m['cpus']} CPUs; wall {m['wall_s'] / 60:.0f} min."
+                  + (f" Note: {summary['note']}" if summary.get("note") else "")]
+    if summary.get("command"):
+        lines += ["", f"Command: `{summary['command']}`"]
     return "\n".join(lines) + "\n"
 
 
@@ -123,7 +166,7 @@ def write(summary: dict, out: Path, results: str | None) -> None:
     plot(summary, out / "curves.png")
     if results:
         Path(results).mkdir(parents=True, exist_ok=True)
-        stem = Path(results) / f"self-pruner-claim-{summary['settings']['model']}"
+        stem = Path(results) / (summary["settings"].get("name") or f"self-pruner-claim-{summary['settings']['model']}")
         for src, suffix in (("summary.json", ".json"), ("summary.md", "-table.md"), ("curves.png", ".png")):
             shutil.copyfile(out / src, f"{stem}{suffix}")
     print(table(summary))
@@ -138,6 +181,7 @@ def report(out: Path, results: str | None, note: str | None = None) -> None:
         summary["note"] = note
     for r in summary["runs"]:
         r["llm_answers"] = llm_answer_stats(read_log(out / f"{r['proposer']}-r{r['ratio']:g}-s{r['seed']}" / "search.jsonl"))
+    summary["settings"].setdefault("proposers", ["classic", "local"])
     write(summary, out, results)
 
 
@@ -148,6 +192,13 @@ def main():
     p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--proposers", nargs="+", default=["classic", "local"], choices=["classic", "local"])
+    p.add_argument("--proposer-model", default=None, help="the LLM: an embedded model's name or a GGUF chat model "
+                   "file (default: the model itself, its offline GGUF)")
+    p.add_argument("--formulations", nargs="+", default=["vectors/llm"], help="TASK/START of each LLM search: "
+                   "TASK vectors or edits (--llm-task), START llm or uniform (--llm-start)")
+    p.add_argument("--responses", action="store_true", help="show the LLM tell's cached per-block responses")
+    p.add_argument("--name", default=None, help="stem of the files copied to --results (default "
+                   "self-pruner-claim-MODEL)")
     p.add_argument("--population", type=int, default=8)
     p.add_argument("--generations", type=int, default=5)
     p.add_argument("--crossover", type=int, default=4)
@@ -159,10 +210,13 @@ def main():
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default $OMP_NUM_THREADS)")
     p.add_argument("--results", default=None, help="also copy the summary, table and plot to this folder "
-                   "(benchmarks/results) as self-pruner-claim-MODEL.json, -table.md and .png")
+                   "(benchmarks/results) as NAME.json, NAME-table.md and NAME.png")
     p.add_argument("--note", default=None, help="what else ran on the machine (recorded in summary.json)")
     p.add_argument("--report", action="store_true", help="only rebuild summary.md and curves.png from OUT/summary.json")
     a = p.parse_args()
+    for f in a.formulations:
+        if f.count("/") != 1 or f.split("/")[0] not in ("vectors", "edits") or f.split("/")[1] not in ("llm", "uniform"):
+            p.error(f"--formulations: {f!r} is not TASK/START with TASK vectors or edits, START llm or uniform")
     if a.report:
         return report(Path(a.out), a.results, a.note)
 
@@ -176,9 +230,10 @@ def main():
     from secateurs.methods.self_pruner import MaskedFitness
     from secateurs.models import get_adapter
     from secateurs.sources import load_model
-    from secateurs.sources import embedded_gguf
     from secateurs.result import versions
     from secateurs.search.evolution import EvolutionConfig, SearchSpace, evolve, llm_answer_stats
+    from secateurs.methods.self_pruner import SelfPrunerConfig, check_proposer_memory, proposer_gguf
+    from secateurs.methods.tell import dense_responses
     from secateurs.search.proposers import ClassicProposer, LlamaCppProposer
     from secateurs.surgery import apply_plan
 
@@ -192,13 +247,32 @@ def main():
     calib = calib_rows(tok, model, "wiki", a.nsamples, a.seqlen, 0)
     test = eval_rows(tok, model, "wiki:test", a.seqlen, a.eval_rows)
     ctx = PruneContext.build(model, calib, tokenizer=tok, workdir=out, progress=False, model_ref=a.model)
-    fitness = MaskedFitness(model, MaskedFitness.scores(ctx, a.batch_size), calib[: a.fitness_rows].clone(), a.batch_size)
+    masked = MaskedFitness(model, MaskedFitness.scores(ctx, a.batch_size), calib[: a.fitness_rows].clone(), a.batch_size)
+    timed = {"seconds": 0.0, "n": 0}
+
+    def fitness(rates):
+        t0 = time.perf_counter()
+        try:
+            return masked(rates)
+        finally:
+            timed["seconds"] += time.perf_counter() - t0
+            timed["n"] += 1
+
+    responses = dense_responses(ctx) if a.responses else None
+    if a.responses:
+        print(f"tell's response cache: {'responses of ' + str(len(responses)) + ' blocks shown' if responses else 'none for this model and calibration'}")
     proposers = {}
     if "classic" in a.proposers:
         proposers["classic"] = ClassicProposer()
     if "local" in a.proposers:
-        proposers["local"] = LlamaCppProposer(embedded_gguf(a.model), threads=a.threads,
-                                              source=f"the offline GGUF of {a.model} (the model being pruned)")
+        gguf, source = proposer_gguf(SelfPrunerConfig(proposer="local", proposer_model=a.proposer_model), ctx, print)
+        check_proposer_memory(gguf, model)
+        chat = None
+        for f, name in zip(a.formulations, run_names(vars(a))[1 if "classic" in a.proposers else 0:]):
+            task, start = f.split("/")
+            proposers[name] = LlamaCppProposer(gguf, threads=a.threads, source=source, task=task, start=start,
+                                               responses=responses, chat=chat)
+            chat = proposers[name].model  # one model in memory for every formulation
     cfg = dict(population=a.population, generations=a.generations, crossover=a.crossover, mutation=a.mutation)
     ppl_dense = perplexity(model, test, a.batch_size).ppl
     runs, pairs = [], []
@@ -210,6 +284,7 @@ def main():
                 folder = out / f"{name}-r{ratio:g}-s{seed}"
                 folder.mkdir(exist_ok=True)
                 log = folder / "search.jsonl"
+                timed.update(seconds=0.0, n=0)
                 if len(read_log(log)) < a.generations + 1:
                     print(f"[{time.strftime('%H:%M:%S')}] {name} ratio {ratio} seed {seed}", flush=True)
                     res = evolve(space, fitness, prop, EvolutionConfig(**cfg, seed=seed), log,
@@ -222,7 +297,8 @@ def main():
                              "evaluations": res.evaluations, "best_fitness": res.best.fitness,
                              "uniform_fitness": res.uniform.fitness, "search_wall_s": res.wall_s,
                              "by_source": res.stats["by_source"], "tokens": res.stats["tokens"],
-                             "llm_answers": llm_answer_stats(recs), "proposer_model": res.stats["proposer_model"]})
+                             "llm_answers": llm_answer_stats(recs), "proposer_model": res.stats["proposer_model"],
+                             "fitness_seconds_per_evaluation": timed["seconds"] / timed["n"] if timed["n"] else None})
             budget = min(len(curve(r)) for r in logs.values())
             pair = {"ratio": ratio, "seed": seed, "budget": budget}
             for name, recs in logs.items():
@@ -244,14 +320,15 @@ def main():
             print(f"[{time.strftime('%H:%M:%S')}] ratio {ratio} seed {seed} at E={budget}: "
                   + ", ".join(f"{n} fitness {pair[n]['best_fitness']:.2f} wiki:test {pair[n]['ppl_test']:.2f}" for n in logs),
                   flush=True)
-    for prop in proposers.values():
+    for prop in proposers.values():  # the formulations share one model, closed by the proposer that opened it
         prop.close()
     argv = [sys.executable, *sys.argv]
     summary = {
         "command": "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "") + " " + shlex.join(argv),
         "settings": {**vars(a), "calibration": "wiki (= wiki:calib), seed 0, the same for every run",
                      "eval": f"wiki:test, {a.eval_rows} rows of {a.seqlen} tokens", "rate_bounds": [0.0, 0.9, 0.01],
-                     "llm": "temperature 0.7, top-k 40, retries 2", "model": a.model},
+                     "llm": "temperature 0.7, top-k 40, retries 2", "model": a.model,
+                     "responses_shown": bool(responses)},
         "note": a.note, "ppl_test_dense": ppl_dense, "runs": runs, "pairs": pairs,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average_start": load_start,
                     "load_average_end": os.getloadavg(), "wall_s": time.time() - t_start,

@@ -84,7 +84,8 @@ def test_prune_with_llama_cpp_server(tmp_path, capsys):
     assert abs(res["ratio_achieved"] - 0.2) <= 0.005
     s = res["method_details"]["search"]
     assert s["proposer_model"] == {"kind": "openai", "endpoint": url, "model": str(gguf),
-                                   "structured_output": "json_object+schema"}
+                                   "structured_output": "json_object+schema", "task": "vectors", "start": "llm",
+                                   "responses_shown": False}
     assert s["llm_answers"]["answers"] == s["llm_answers"]["usable"] == 3  # 1 initial, 1 selection, 1 crossover
     assert s["failed_attempts"] == 0 and s["tokens"]["prompt"] > 0 and s["tokens"]["completion"] > 0
     recs = [json.loads(x) for x in (out / "search.jsonl").read_text().splitlines()]

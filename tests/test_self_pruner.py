@@ -7,20 +7,17 @@ import math
 import random
 import subprocess
 import sys
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import needs_llama_cpp, prune, tiny_model
+from llm_stubs import Scripted, StubHandler, stub  # noqa: F401  (stub is a fixture)
 from secateurs.errors import UserError
 from secateurs.methods import PruneContext, get_method, make_config
 from secateurs.models import get_adapter
 from secateurs.search.evolution import EvolutionConfig, Individual, InvalidAnswer, SearchSpace, evolve
-from secateurs.search.proposers import (ClassicProposer, EndpointDown, LLMProposer, OpenAIProposer, first_json,
+from secateurs.search.proposers import (ClassicProposer, EndpointDown, OpenAIProposer, first_json,
                                        rates_schema, selection_schema)
 
 SPACE = SearchSpace(6, 0.35, 0.0, 0.9, 0.01)
@@ -70,25 +67,6 @@ def test_first_json_is_strict():
     for bad in ["no json here", "__import__('os').system('true')", '{"rates": [1, 2,', "{'a': (1, 2)}"]:
         with pytest.raises(InvalidAnswer):
             first_json(bad)
-
-
-class Scripted(LLMProposer):
-    """An LLM proposer whose 'model' answers from a script (to test the answer cycle without a model)."""
-
-    name = "scripted"
-
-    def __init__(self, answers, **kw):
-        super().__init__(**kw)
-        self.answers = list(answers)
-        self.prompts, self.schemas = [], []
-
-    def chat(self, messages, schema, seed, max_tokens):
-        self.prompts.append(messages[-1]["content"])
-        self.schemas.append(schema)
-        a = self.answers.pop(0)
-        if isinstance(a, Exception):
-            raise a
-        return a, {"prompt": 10, "completion": 5}
 
 
 POP = [Individual([0.3, 0.3, 0.4, 0.4, 0.35, 0.35], 10.0), Individual([0.35] * 6, 11.0), Individual([0.5, 0.2] * 3, 12.0)]
@@ -219,63 +197,6 @@ def test_option_misuse_is_a_user_error(tmp_path, opts, msg):
         prune(tiny_model("llama"), "self-pruner", 0.3, torch.zeros(4, 8, dtype=torch.long), tmp_path, **opts)
 
 
-class StubHandler(BaseHTTPRequestHandler):
-    """An OpenAI-compatible endpoint that replies from a script. An item is the answer's content, or
-    ("status", code) for an HTTP error, ("slow", seconds, content) for a late answer, "drop" to close the
-    connection without an answer, or ("refuse", form, code) to refuse a request with that response_format."""
-
-    script: list = []
-    seen: list = []
-
-    def _send(self, code, payload):
-        data = json.dumps(payload).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self):
-        self._send(200, {"object": "list", "data": [{"id": "served-model", "object": "model", "owned_by": "me"}]})
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        StubHandler.seen.append({"auth": self.headers.get("Authorization"), "body": body, "path": self.path})
-        item = StubHandler.script.pop(0) if StubHandler.script else "out of script"
-        fmt = (body.get("response_format") or {}).get("type")
-        while isinstance(item, tuple) and item[0] == "refuse":
-            if fmt == item[1]:
-                return self._send(item[2], {"error": {"message": f"body.response_format.type: {fmt} not supported", "type": "x"}})
-            item = StubHandler.script.pop(0)
-        if item == "drop":
-            self.close_connection = True
-            self.connection.shutdown(2)
-            return
-        if isinstance(item, tuple) and item[0] == "status":
-            return self._send(item[1], {"error": {"message": f"stub error {item[1]}", "type": "server_error"}})
-        if isinstance(item, tuple) and item[0] == "slow":
-            time.sleep(item[1])
-            item = item[2]
-        self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                         "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": item}}],
-                         "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}})
-
-    def log_message(self, *a):
-        pass
-
-
-@pytest.fixture
-def stub():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), StubHandler)
-    server.daemon_threads = True
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    StubHandler.script, StubHandler.seen = [], []
-    yield f"http://127.0.0.1:{server.server_port}/v1"
-    server.shutdown()
-    server.server_close()
-
-
 def test_openai_proposer_against_stub(stub, tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-secret-123")
     space = SearchSpace(4, 0.3, 0.0, 0.9, 0.01)
@@ -309,7 +230,8 @@ def test_openai_proposer_against_stub(stub, tmp_path, monkeypatch):
     assert fmt["type"] == "json_schema" and fmt["json_schema"]["schema"] == rates_schema(space)
     assert StubHandler.seen[4]["body"]["response_format"]["json_schema"]["schema"] == selection_schema(4, 1, 1)
     assert recs[1]["proposer_model"] == {"kind": "openai", "endpoint": stub, "model": "stub-model",
-                                         "structured_output": "json_schema"}
+                                         "structured_output": "json_schema", "task": "vectors", "start": "llm",
+                                         "responses_shown": False}
     a = res.stats["llm_answers"]
     assert a == {"answers": 6, "usable": 5, "repaired": 1, "projected": 1, "fallback": 1,
                  "seconds_per_answer": pytest.approx(a["seconds_per_answer"]),
@@ -407,7 +329,7 @@ def test_prompts_have_no_example_answer_and_schemas_are_exact():
     p.initial(SPACE, 1, random.Random(0))
     for prompt in p.prompts:  # no numbers to copy beyond the task's own (the old prompt had an example answer)
         assert "[[0, 1]" not in prompt and "[...]" not in prompt and "for example {" not in prompt
-    assert "they add up to 210" in p.prompts[1] and "(none yet)" in p.prompts[1]
+    assert "210" in p.prompts[1] and "(none yet)" in p.prompts[1]  # the sum the rates must keep
     sel, rates = p.schemas
     assert sel == selection_schema(3, 1, 1) and rates == rates_schema(SPACE)
     items = rates["properties"]["rates"]

@@ -187,7 +187,7 @@ def _run_prune(s: PruneSettings, out: Path, overwrite: bool, progress: bool, log
     torch.manual_seed(s.seed)
     model, tok = load_model(s.model, device=s.device, dtype=s.dtype, progress=progress, max_memory=max_memory,
                             spill_dir=None if dry_run else work / "spill", workload=workload)
-    api.check_model(method, cfg, model, s.ratio, s.engine or None)
+    api.check_model(method, cfg, model, s.ratio, s.engine or None, s.model)
     streamed = onloader_of(model) is not None
     if s.export and streamed:
         raise UserError(f"--export {s.export} converts the pruned model in memory, and under --max-memory {s.max_memory} it "
@@ -201,7 +201,7 @@ def _run_prune(s: PruneSettings, out: Path, overwrite: bool, progress: bool, log
                     engine=s.engine or None)
     calibration = {"nsamples": nsamples, "seqlen": seqlen, "source": calib_source}
     if dry_run:
-        cached_work = cfg.cached_work(model, calib, s.seed, s.engine or None)
+        cached_work = cfg.cached_work(model, calib, s.seed, s.engine or None, model_ref=s.model)
         if cached_work:
             log(f"secateurs: {cached_work}")
         return {"dry_run": True, "estimates": est, "calibration": calibration, "cached_work": cached_work}

@@ -1,9 +1,10 @@
 """A GGUF chat model whose answers are decoded under a JSON schema's grammar (``ChatModel``: the Self-Pruner's
 local proposer, ``secateurs.search.proposers``).
 
-- **Prompt**: the messages are rendered by the file's own chat template (``tokenizer.chat_template``; plain
-  ``role: text`` lines when the file has none). The KV cache keeps the previous prompt, and a new prompt only
-  evaluates what follows the common prefix.
+- **Prompt**: the messages are rendered by the file's own chat template (``tokenizer.chat_template``; a file
+  without one is not a chat model and is refused, ``check_chat_file``). The KV cache keeps the previous prompt,
+  and a new prompt only evaluates what follows the common prefix.
+- **Memory** (``chat_model_bytes``): the file (its weights) plus an f16 KV cache of ``N_CTX`` tokens.
 - **Grammar**: llama.cpp's grammar sampler for the schema (llama-cpp-python's converter, ``json_schema_to_gbnf``).
 - **Sampling**: the ``top_k`` likeliest tokens are passed through the grammar and the valid ones sampled at
   ``temperature`` (a seeded NumPy generator; 0 = greedy); only when none of them is valid is the whole
@@ -23,7 +24,24 @@ import numpy as np
 
 from ..errors import UserError
 from .binding import binding, quiet
-from .model import FTYPE_NAMES, last_logits, open_model
+from .model import FTYPE_NAMES, GGUFInfo, last_logits, open_model, read_info
+
+N_CTX = 8192  # the context a ChatModel opens (the prompt and its answer must fit)
+
+
+def check_chat_file(path: str | Path) -> GGUFInfo:
+    """The file's GGUF info, or a UserError when it is not a chat model (no chat template in its metadata)."""
+    info = read_info(path)
+    if not info.chat_template:
+        raise UserError(f"{path} is not a chat model: its GGUF metadata has no tokenizer.chat_template (a base "
+                        "model, or a file written without its tokenizer's template); give an instruct/chat model's GGUF")
+    return info
+
+
+def chat_model_bytes(path: str | Path, n_ctx: int = N_CTX) -> int:
+    """Memory a ``ChatModel`` of this file takes: the file (weights, mapped) and its KV cache of ``n_ctx`` tokens."""
+    info = read_info(path)
+    return info.bytes + info.kv_bytes(n_ctx)
 
 
 @dataclass
@@ -38,29 +56,24 @@ class Reply:
 class ChatModel:
     """A GGUF chat model whose answers are decoded under a JSON schema's grammar (see the module docstring)."""
 
-    def __init__(self, path: str | Path, n_ctx: int = 8192, threads: int | None = None, top_k: int = 40):
+    def __init__(self, path: str | Path, n_ctx: int = N_CTX, threads: int | None = None, top_k: int = 40):
         lc = binding()
         self.path, self.top_k = str(path), top_k
-        self.llm = open_model(path, n_ctx=n_ctx, threads=threads)  # checks the file first (read_info)
+        check_chat_file(path)
+        self.llm = open_model(path, n_ctx=n_ctx, threads=threads)
         train = lc.llama_model_n_ctx_train(self.llm.model)
         self.n_ctx = min(self.llm.n_ctx(), train) if train > 0 else self.llm.n_ctx()  # what the model was trained for
         self.vocab = lc.llama_model_get_vocab(self.llm.model)
-        template = self.llm.metadata.get("tokenizer.chat_template")
-        self.template = None
-        if template:
-            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-            piece = lambda t: self.llm.detokenize([t], special=True).decode("utf-8", "replace") if t >= 0 else ""
-            self.template = Jinja2ChatFormatter(template, eos_token=piece(self.llm.token_eos()),
-                                                bos_token=piece(self.llm.token_bos()))
+        piece = lambda t: self.llm.detokenize([t], special=True).decode("utf-8", "replace") if t >= 0 else ""
+        self.template = Jinja2ChatFormatter(self.llm.metadata["tokenizer.chat_template"],
+                                            eos_token=piece(self.llm.token_eos()), bos_token=piece(self.llm.token_bos()))
         self._grammars: dict[str, str] = {}
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        if self.template is not None:
-            text = self.template(messages=messages).prompt
-            return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-        text = "".join(f"{m['role']}: {m['content']}\n\n" for m in messages) + "assistant: "
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+        text = self.template(messages=messages).prompt
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
     def gbnf(self, schema: dict) -> str:
         key = json.dumps(schema, sort_keys=True)
@@ -144,5 +157,5 @@ class ChatModel:
         meta, lc = self.llm.metadata, binding()
         ftype = int(meta.get("general.file_type", -1))
         return {"file": self.path, "arch": meta.get("general.architecture"), "type": FTYPE_NAMES.get(ftype, f"file_type {ftype}"),
-                "params": int(lc.llama_model_n_params(self.llm.model)), "chat_template": self.template is not None,
+                "params": int(lc.llama_model_n_params(self.llm.model)), "chat_template": True,
                 "n_ctx": self.n_ctx, "top_k": self.top_k}

@@ -37,6 +37,11 @@ class GGUFInfo:
     layers: list[dict]  # per block: heads, kv_heads, channels (kept sizes), head_dim, window (None: full attention)
     hidden: int
     tied: bool
+    chat_template: bool = False  # the file's metadata holds tokenizer.chat_template (a chat model)
+
+    def kv_bytes(self, n_ctx: int) -> int:
+        """llama.cpp's default (f16) KV cache for ``n_ctx`` tokens."""
+        return n_ctx * sum(2 * L["kv_heads"] * L["head_dim"] * 2 for L in self.layers)
 
 
 def _field(reader, key, default=None):
@@ -102,7 +107,7 @@ def read_info(path: str | Path) -> GGUFInfo:
         model_type=(str(_field(r, "secateurs.model_type")) if _field(r, "secateurs.model_type") else None),
         add_bos=bool(_field(r, "tokenizer.ggml.add_bos_token", False)), n_vocab=n_vocab,
         params=sum(int(np.prod(s)) for s in shapes.values()), bytes=p.stat().st_size, layers=layers,
-        hidden=hidden, tied="output.weight" not in shapes)
+        hidden=hidden, tied="output.weight" not in shapes, chat_template=bool(_field(r, "tokenizer.chat_template")))
 
 
 def needs_bos(info: GGUFInfo) -> bool:

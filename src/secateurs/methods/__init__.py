@@ -50,6 +50,10 @@ class MethodConfig:
     def check_placement(self, onloaded: bool) -> None:
         """The placement, once the model is placed (``onloaded``: layer by layer, under --max-memory)."""
 
+    def check_loaded(self, model, model_ref: str | None) -> None:
+        """What else must hold beside the loaded model before any work (a UserError when it does not);
+        ``model_ref``: the model as the command named it (None through the API)."""
+
     def ratio_rule(self) -> RatioRule:
         """The rule this run's plan is checked by (``run_method``), where options change it."""
         return self.rule
@@ -73,8 +77,10 @@ class MethodConfig:
         ``engine`` (--engine)."""
         return 1, rows, "one calibration pass"
 
-    def cached_work(self, model, calib, seed: int, engine: str | None = None) -> str | None:
-        """For ``prune --dry-run``: a line on how much of the counted work is already cached (None: nothing to say)."""
+    def cached_work(self, model, calib, seed: int, engine: str | None = None, model_ref: str | None = None) -> str | None:
+        """For ``prune --dry-run``: a line on what the estimate of the evaluations leaves out: how much of the
+        counted work is already cached, or what else the search costs (None: nothing to say). ``model_ref``: the
+        model as the command named it."""
         return None
 
     def held(self, sizes, rows: int, seqlen: int, onload: bool) -> list:

@@ -12,9 +12,15 @@ applied by wanda-sp.
   generation's new vectors are scored on the worker pool, every worker masking its own replica.
 - Loop and log: ``secateurs.search.evolution`` (``search.jsonl`` in the run folder; resumable).
 - Operators: ``--proposer classic|local|openai`` (``secateurs.search.proposers``). ``local`` runs a GGUF chat
-  model in llama.cpp with grammar-constrained answers; by default the model being pruned proposes for itself
-  (``proposer_gguf``): an embedded model's offline GGUF, or else the model converted once to q8_0 by the GGUF
+  model in llama.cpp with grammar-constrained answers (``proposer_gguf``): ``--proposer-model``, a GGUF file or
+  an embedded model's name (its offline GGUF, fetched on first use), or by default the model being pruned
+  proposing for itself: an embedded model's offline GGUF, or else the model converted once to q8_0 by the GGUF
   export and cached under ``$SECATEURS_CACHE/proposers/`` (keyed by a fingerprint of its weights and tokenizer).
+  A local proposer must be a chat model and fit the memory left beside the model being pruned (its file plus
+  its KV cache, ``check_proposer_memory``): else the run stops before the search.
+- What the LLM is asked and shown: ``--llm-task vectors|edits``, ``--llm-start llm|uniform`` and the screen of
+  ``search.screen``, with tell's measured per-block responses when its cache holds them for this model and
+  calibration (``methods.tell.dense_responses``).
 - The final plan is built by the full sequential wanda-sp at the best rates found.
 """
 from __future__ import annotations
@@ -72,6 +78,13 @@ class SelfPrunerConfig(MethodConfig):
     endpoint_wait: float = field(default=600.0, metadata={
         "help": "openai: how long to keep retrying an endpoint that does not answer before the search stops "
                 "(resumable: run the same command again)"})
+    llm_task: str = field(default="vectors", metadata={
+        "help": "what the LLM is asked for: vectors (a whole rate vector per child) or edits (2 to 8 layer: new-rate "
+                "changes to the child's parent, the uniform plan for the first population)",
+        "choices": ["vectors", "edits"]})
+    llm_start: str = field(default="llm", metadata={
+        "help": "who writes the first population: llm, or uniform (the classic perturbations of the uniform rates; "
+                "the LLM takes over from the first generation)", "choices": ["llm", "uniform"]})
     llm_retries: int = field(default=2, metadata={"help": "retries of an unusable LLM answer before the classical operator fills in"})
     llm_temperature: float = field(default=0.7, metadata={"help": "LLM sampling temperature (seeded)"})
     llm_max_tokens: int = field(default=1024, metadata={"help": "upper bound of tokens per LLM answer"})
@@ -89,6 +102,18 @@ class SelfPrunerConfig(MethodConfig):
             raise UserError(f"--endpoint applies to --proposer openai (the proposer is {self.proposer})")
         if self.proposer_model and self.proposer == "classic":
             raise UserError("--proposer-model applies to --proposer local or openai (the proposer is classic)")
+        if self.proposer == "classic" and (self.llm_task != "vectors" or self.llm_start != "llm"):
+            raise UserError("--llm-task and --llm-start apply to --proposer local or openai (the proposer is classic)")
+        if self.proposer == "local" and self.proposer_model:
+            proposer_file(self.proposer_model)
+
+    def check_loaded(self, model, model_ref):
+        """A local proposer that is an embedded model's or the given file fits the memory left beside the model."""
+        from ..sources import EMBEDDED
+
+        if self.proposer == "local" and (self.proposer_model or model_ref in EMBEDDED):
+            name = self.proposer_model or model_ref
+            check_proposer_memory(proposer_file(name), model)
 
     def reach(self, spec):
         return width_reach(spec, self.rate_max)
@@ -108,6 +133,52 @@ class SelfPrunerConfig(MethodConfig):
                                                  f"{self.generations} generations of {self.crossover + self.mutation} "
                                                  "children; repeated vectors are not evaluated again)")
 
+    def cached_work(self, model, calib, seed: int, engine=None, model_ref=None) -> str | None:
+        """For ``prune --dry-run``: the LLM proposer's answers beside the fitness evaluations: how many, one timed
+        here (local: a mutation prompt showing the first population, from an empty KV cache), and its memory."""
+        if self.proposer == "classic":
+            return None
+        n = llm_answers(self)
+        if self.proposer == "openai":
+            return f"self-pruner: about {n} LLM answers from the endpoint beside the evaluations (not timed by --dry-run)"
+        from ..runtime.estimate import format_duration
+        from ..runtime.placement import format_size
+        from ..sources import EMBEDDED
+
+        if not self.proposer_model and model_ref not in EMBEDDED:
+            return (f"self-pruner: about {n} LLM answers beside the evaluations; the model is converted to a q8_0 "
+                    "GGUF to propose for itself first (not timed by --dry-run)")
+        ctx = PruneContext.build(model, calib, seed=seed, workdir=".", progress=False, model_ref=model_ref)
+        gguf, _ = proposer_gguf(self, ctx, None)
+        mem = check_proposer_memory(gguf, model)
+        seconds = time_one_answer(self, gguf, ctx)
+        left = "" if mem["left_bytes"] is None else f", {format_size(mem['left_bytes'])} left beside the model"
+        return (f"self-pruner: about {n} LLM answers beside the evaluations; one took {seconds:.1f} s here ({gguf.name}, "
+                f"--llm-task {self.llm_task}; later prompts show more history but reuse the KV cache's common start): "
+                f"about {format_duration(n * seconds)} of LLM time; the proposer needs {format_size(mem['proposer_bytes'])}"
+                f"{left}")
+
+
+def time_one_answer(cfg: SelfPrunerConfig, gguf: Path, ctx: PruneContext) -> float:
+    """Seconds of one mutation answer of the local proposer, its prompt showing a first population (classic
+    vectors, placeholder fitness): what ``--dry-run`` multiplies by the answers."""
+    import random
+
+    from ..search.evolution import Individual
+    from ..search.proposers import ClassicProposer
+
+    spec = ctx.spec
+    space = SearchSpace(spec.n_layers, min(0.2, cfg.rate_max / 2), cfg.rate_min, cfg.rate_max, cfg.rate_step)
+    rng = random.Random(0)
+    shown = [space.uniform()] + [p.rates for p in ClassicProposer().initial(space, min(cfg.population, 8) - 1, rng)]
+    population = [Individual(r, 100.0 + i) for i, r in enumerate(shown)]
+    proposer = make_proposer("local", gguf=gguf, retries=0, temperature=cfg.llm_temperature,
+                             max_tokens=cfg.llm_max_tokens, task=cfg.llm_task, responses=responses_for(cfg, ctx, None))
+    try:
+        return proposer.mutate(space, population, 0, rng).seconds
+    finally:
+        proposer.close()
+
 
 def fingerprint(model, tokenizer) -> str:
     """A key of the weights and tokenizer (names, shapes, dtypes and a strided sample of every tensor)."""
@@ -120,20 +191,38 @@ def fingerprint(model, tokenizer) -> str:
     return h.hexdigest()[:20]
 
 
+def proposer_file(name: str, progress: bool = False) -> Path:
+    """The GGUF file of ``--proposer-model`` (an embedded model's name: its offline GGUF, fetched on first use;
+    else a file), checked to be a chat model (``llamacpp.chat.check_chat_file``)."""
+    from ..llamacpp.chat import check_chat_file
+    from ..sources import EMBEDDED, embedded_gguf
+
+    if name in EMBEDDED:
+        return embedded_gguf(name, progress=progress)
+    p = Path(name).expanduser()
+    if p.suffix.lower() != ".gguf" or not p.is_file():
+        raise UserError(f"--proposer-model for --proposer local is a GGUF chat model file or one of {sorted(EMBEDDED)} "
+                        f"(got {name!r})")
+    check_chat_file(p)
+    return p
+
+
 def proposer_gguf(cfg: SelfPrunerConfig, ctx: PruneContext, log) -> tuple[Path, str]:
     """(GGUF file, how it was chosen) of the local proposer: ``--proposer-model``, else the model itself."""
     from ..sources import EMBEDDED, embedded_gguf
     from ..files import cache_dir
 
     if cfg.proposer_model:
-        p = Path(cfg.proposer_model).expanduser()
-        if p.suffix.lower() != ".gguf" or not p.is_file():
-            raise UserError(f"--proposer-model for --proposer local is a GGUF chat model file (got {cfg.proposer_model!r})")
-        return p, "--proposer-model"
+        kind = "the offline GGUF of " if cfg.proposer_model in EMBEDDED else ""
+        return proposer_file(cfg.proposer_model, log is not None), f"{kind}{cfg.proposer_model} (--proposer-model)"
     if ctx.model_ref in EMBEDDED:
         return embedded_gguf(ctx.model_ref), f"the offline GGUF of {ctx.model_ref} (the model being pruned)"
     if ctx.tokenizer is None:
         raise UserError("the model being pruned has no tokenizer to propose with; pass --proposer-model FILE.gguf")
+    if getattr(ctx.tokenizer, "chat_template", None) is None:
+        raise UserError(f"{ctx.model_ref} is not a chat model (its tokenizer has no chat template), so it cannot "
+                        "propose for itself; pass --proposer-model (a chat model's GGUF or an embedded name such as "
+                        "qwen2.5-coder-1.5b) or --proposer classic")
     from ..export.gguf import export_gguf
 
     path = cache_dir() / "proposers" / f"{fingerprint(ctx.model, ctx.tokenizer)}.q8_0.gguf"
@@ -146,6 +235,48 @@ def proposer_gguf(cfg: SelfPrunerConfig, ctx: PruneContext, log) -> tuple[Path, 
             raise UserError(f"the model being pruned cannot propose for itself ({e}); pass --proposer-model "
                             "FILE.gguf or --proposer classic") from e
     return path, f"{ctx.model_ref} (the model being pruned) converted to q8_0"
+
+
+def check_proposer_memory(gguf: Path, model) -> dict:
+    """The local proposer's memory (its file and KV cache, ``llamacpp.chat.chat_model_bytes``) against what is
+    left beside the model being pruned: the system's available memory, less what the model's ``--max-memory``
+    budget may still take when it runs layer by layer. A proposer that does not fit is a UserError, before the
+    search; what was compared is returned (recorded)."""
+    from ..llamacpp.chat import N_CTX, chat_model_bytes, check_chat_file
+    from ..runtime.placement import available_memory, format_size
+
+    check_chat_file(gguf)
+    need = chat_model_bytes(gguf)
+    left = available_memory()
+    ol = onloader_of(model)
+    if left is not None and ol is not None:
+        left -= ol.budget.free("device" if ol.budget.cpu_bytes == 0 else "cpu")
+    out = {"proposer_bytes": need, "left_bytes": left}
+    if left is not None and need > left:
+        raise UserError(f"the proposer {gguf} needs about {format_size(need)} (its file and a KV cache of {N_CTX} "
+                        f"tokens) and {format_size(max(left, 0))} of memory is left beside the model being pruned"
+                        f"{' and its --max-memory budget' if ol is not None else ''}; use a smaller proposer (a q4_k_m "
+                        "GGUF, a smaller model), --proposer openai with the model served elsewhere, or --proposer classic")
+    return out
+
+
+def llm_answers(cfg: SelfPrunerConfig) -> int:
+    """The requests an LLM proposer answers in a full search (rate vectors and selections; retries not counted)."""
+    first = cfg.population - 1 if cfg.llm_start == "llm" else 0
+    return first + cfg.generations * (1 + cfg.crossover + cfg.mutation)
+
+
+def responses_for(cfg: SelfPrunerConfig, ctx: PruneContext, log) -> dict | None:
+    """tell's measured per-block responses for this model and calibration, shown to an LLM proposer."""
+    if cfg.proposer == "classic":
+        return None
+    from .tell import dense_responses
+
+    found = dense_responses(ctx)
+    if found and log:
+        log(f"self-pruner: the LLM is shown tell's measured responses of {len(found)} blocks (tell's response cache "
+            "for this model and calibration)")
+    return found
 
 
 class MaskedFitness:
@@ -202,9 +333,11 @@ def self_pruner(ctx: PruneContext, cfg: SelfPrunerConfig) -> PruningPlan:
     space = SearchSpace(spec.n_layers, mean_rate_for_ratio(spec, ctx.ratio), cfg.rate_min, cfg.rate_max, cfg.rate_step)
     log = print if ctx.progress else None
     gguf, source = proposer_gguf(cfg, ctx, log) if cfg.proposer == "local" else (None, "")
+    memory = check_proposer_memory(gguf, ctx.model) if gguf is not None else None
     proposer = make_proposer(cfg.proposer, gguf=gguf, gguf_source=source, endpoint=cfg.endpoint,
                              model=cfg.proposer_model, retries=cfg.llm_retries, temperature=cfg.llm_temperature,
-                             max_tokens=cfg.llm_max_tokens, timeout=cfg.endpoint_timeout, wait=cfg.endpoint_wait)
+                             max_tokens=cfg.llm_max_tokens, timeout=cfg.endpoint_timeout, wait=cfg.endpoint_wait,
+                             task=cfg.llm_task, start=cfg.llm_start, responses=responses_for(cfg, ctx, log))
     scores = MaskedFitness.scores(ctx, cfg.batch_size)
     n_fit = fitness_rows(cfg, ctx, log)
     rows = ctx.calib[:n_fit].clone()
@@ -234,5 +367,5 @@ def self_pruner(ctx: PruneContext, cfg: SelfPrunerConfig) -> PruningPlan:
     ctx.record(fitness_rows=n_fit, rates=result.best.rates, mean_rate=space.mean, best_fitness=result.best.fitness,
                uniform_fitness=result.uniform.fitness, fitness_evaluations=result.evaluations,
                fitness_evaluations_this_run=result.new_evaluations, search_wall_s=result.wall_s,
-               search=result.stats, kept=plan.kept_fraction(spec))
+               search=result.stats, kept=plan.kept_fraction(spec), proposer_memory=memory)
     return plan

@@ -40,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -141,17 +142,13 @@ class TellConfig(MethodConfig):
                          f"block on, counted as half a pass; {self.refine} refine evaluations; cached responses are "
                          "not measured again (an upper bound)")
 
-    def cached_work(self, model, calib, seed: int, engine=None) -> str | None:
+    def cached_work(self, model, calib, seed: int, engine=None, model_ref=None) -> str | None:
         """How many of the first stage's responses (on the dense model) the response cache holds for this model,
         calibration and option set; later stages and --refine depend on what is measured."""
         if self.assign != "response":
             return None
         ctx = PruneContext.build(model, calib, seed=seed, workdir=".", progress=False, engine=engine)
-        path = ResponseStore(ctx, self).paths(PruningPlan.dense(ctx.spec))[1]
-        try:
-            state = json.loads(path.read_text()) if path.exists() else {}
-        except json.JSONDecodeError:
-            state = {}
+        path, state = dense_response_state(ctx, self)
         held = {tuple(v) for v in state.get("labels", {}).values()}
         options = self.options(ctx.keep_heads)
         wanted = [(b.pos, o.level, o.compensate) for b in all_blocks(ctx.spec.n_layers) for o in options[b.kind][1:]]
@@ -380,6 +377,35 @@ def _rows_per_batch(cfg: TellConfig, ctx: PruneContext) -> int:
         return cfg.response_batch
     vocab = ctx.adapter.lm_head().weight.shape[0]
     return max(1, min(ctx.calib.shape[0], (64 << 20) // (ctx.calib.shape[1] * vocab)))
+
+
+def dense_response_state(ctx: PruneContext, cfg: TellConfig | None = None) -> tuple[Path, dict]:
+    """(the shared cache file of the responses measured on the dense model for this model and calibration, what
+    it holds: ``{"base_loss", "losses", "labels"}``, ``{}`` when nothing is cached)."""
+    path = ResponseStore(ctx, cfg or TellConfig()).paths(PruningPlan.dense(ctx.spec))[1]
+    try:
+        return path, json.loads(path.read_text()) if path.exists() else {}
+    except json.JSONDecodeError:
+        return path, {}
+
+
+def dense_responses(ctx: PruneContext) -> dict[tuple[int, str], list[tuple[float, bool, float]]] | None:
+    """What tell's response cache measured on the dense model for this model and calibration (``--calib``,
+    ``--nsamples``, ``--seqlen``, ``--seed`` and dtype as a tell run with the default options): per block
+    ``(layer, kind)`` its options ``(level, compensate, loss increase per calibration token in nats)``, level 1
+    = the block removed. None when the cache holds none."""
+    _, state = dense_response_state(ctx)
+    base = state.get("base_loss")
+    if base is None or not state.get("labels"):
+        return None
+    tokens = ctx.calib.numel()
+    out: dict = {}
+    for key, (pos, level, compensate) in state["labels"].items():
+        if key in state.get("losses", {}):
+            b = Block.at(pos)
+            out.setdefault((b.layer, b.kind), []).append((float(level), bool(compensate),
+                                                          (state["losses"][key] - base) / tokens))
+    return {k: sorted(v) for k, v in sorted(out.items())} or None
 
 
 class ResponseStore:

@@ -52,6 +52,17 @@ def _device_key(name: str) -> str:
     raise UserError(f"--max-memory: unknown device {name!r}; {_MAX_MEMORY_HELP}")
 
 
+def available_memory() -> int | None:
+    """Bytes of CPU memory the system can still hand out (``MemAvailable``; None where it is not known)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def parse_max_memory(text: str | dict | None) -> dict[str, int] | None:
     """``{"cpu": bytes, "cuda:0": bytes, "disk": bytes}`` from the option's text (None when not given); a dict
     of that form is checked and returned with its device names normalised."""

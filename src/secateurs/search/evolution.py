@@ -243,6 +243,7 @@ def evolve(space: SearchSpace, fitness: Callable[[list[float]], float] | None, p
         t0 = time.time()
         rng = rng_for(cfg.seed, gen)
         selection = None
+        proposer.observe(records)
         if gen == 0:
             props = [Proposal(space.uniform(), "init", "uniform")]
             props += proposer.initial(space, cfg.population - 1, rng)
@@ -269,6 +270,8 @@ def evolve(space: SearchSpace, fitness: Callable[[list[float]], float] | None, p
             "fallbacks": sum(p.source == "fallback" for p in props) + sum(s.source == "fallback" for s in parts),
             "repaired": sum(p.source == "llm-repaired" for p in props) + sum(s.source == "llm-repaired" for s in parts),
             "projected": sum(p.projected for p in props),
+            # LLM vectors that (after projection) repeat an evaluated one: no new evaluation
+            "repeated": sum(p.cached for p in props if p.source in ("llm", "llm-repaired")),
             "tokens": _tokens([p.tokens for p in props] + [s.tokens for s in parts]),
             "llm_seconds": sum(p.seconds for p in props) + sum(s.seconds for s in parts),
             "wall_s": time.time() - t0,
@@ -279,6 +282,7 @@ def evolve(space: SearchSpace, fitness: Callable[[list[float]], float] | None, p
         if log:
             log(f"self-pruner: generation {gen}: best fitness {rec['best_fitness']:.4f}, {rec['new_evaluations']} new "
                 f"evaluations, {rec['fallbacks']} fallbacks, {rec['repaired']} repaired, {rec['projected']} projected, "
+                f"{rec['repeated']} repeated, "
                 f"{rec['wall_s']:.1f}s")
     return _result(space, records, cache, new_evals)
 

@@ -8,12 +8,17 @@
 - ``OpenAIProposer`` (``--proposer openai``): any OpenAI-compatible chat endpoint (vLLM, llama.cpp's servers,
   Ollama, hosted APIs), asked for structured output where it takes it.
 
-An LLM proposer performs each operator by a chat request. The prompt states the task, the rules (the number
-of rates, their bounds, their mean and the sum that gives it), the evaluated plans with their fitness (best
-first) and the operator; no example answer (a small model copies one). Rates appear in prompts and answers as
-whole percents.
+An LLM proposer performs each operator by a chat request. The prompt shows one screen (``search.screen``: the
+task, the rules with the mean stated as the sum the rates must keep, the best evaluated plans with their
+fitness, what the last generations changed, and tell's measured per-layer responses when cached), then the
+operator; no example answer (a small model copies one). Rates appear in prompts and answers as whole percents.
+What is asked (``--llm-task``): ``vectors``, a whole rate vector per child; or ``edits``, 2 to ``EDITS``
+``{"layer", "rate"}`` changes to the child's parent (the first parent of a crossover, the uniform plan for the
+first population), applied to it before the projection. Who writes the first population (``--llm-start``):
+``llm``, or ``uniform``: the classic operators' perturbations of the uniform rates, the LLM taking over from the
+first selection.
 
-The answer's JSON schema (``rates_schema``, ``selection_schema``) is exact: a fixed-length list of integers
+The answer's JSON schema (``rates_schema``, ``edits_schema``, ``selection_schema``) is exact: a fixed-length list of integers
 from an ``enum`` (the rates' percent range; for selection the population's indices). The same schema is the
 grammar of the local proposer (llama.cpp's converter turns ``enum`` and ``minItems = maxItems`` into exact
 rules) and the ``response_format`` sent to an endpoint. No schema language can state the mean, so after
@@ -45,12 +50,20 @@ from typing import Callable
 
 from ..errors import UserError
 from .evolution import Individual, InvalidAnswer, Proposal, SearchSpace, Selection
+from .screen import Screen, pct, pct_bounds, pct_sum
+
+TASKS = ("vectors", "edits")  # --llm-task: an answer is a whole rate vector, or a few edits of its parent
+STARTS = ("llm", "uniform")  # --llm-start: the LLM writes the first population, or the classic perturbations
+EDITS = 8  # the most layers one edits answer may change
 
 
 class Proposer:
     """The four operators of the evolutionary loop."""
 
     name = "proposer"
+
+    def observe(self, records: list[dict]) -> None:
+        """The search log's generation records so far, given before every generation (an LLM is shown them)."""
 
     def initial(self, space: SearchSpace, n: int, rng: random.Random) -> list[Proposal]:
         raise NotImplementedError
@@ -111,11 +124,6 @@ class ClassicProposer(Proposer):
 
 # --- the answers' schemas ---------------------------------------------------------------------------------
 
-def pct_bounds(space: SearchSpace) -> tuple[int, int]:
-    """The whole percents a rate may take."""
-    return math.ceil(100 * space.low - 1e-9), math.floor(100 * space.high + 1e-9)
-
-
 def _int_list(values: range, n: int) -> dict:
     return {"type": "array", "items": {"type": "integer", "enum": list(values)}, "minItems": n, "maxItems": n}
 
@@ -125,6 +133,17 @@ def rates_schema(space: SearchSpace) -> dict:
     lo, hi = pct_bounds(space)
     return {"type": "object", "properties": {"rates": _int_list(range(lo, hi + 1), space.n)},
             "required": ["rates"], "additionalProperties": False}
+
+
+def edits_schema(space: SearchSpace) -> dict:
+    """``{"edits": [2 to EDITS {"layer": index, "rate": whole percent within the bounds}]}``."""
+    lo, hi = pct_bounds(space)
+    edit = {"type": "object", "properties": {"layer": {"type": "integer", "enum": list(range(space.n))},
+                                             "rate": {"type": "integer", "enum": list(range(lo, hi + 1))}},
+            "required": ["layer", "rate"], "additionalProperties": False}
+    return {"type": "object", "properties": {"edits": {"type": "array", "items": edit, "minItems": 2,
+                                                       "maxItems": min(EDITS, space.n)}},
+            "required": ["edits"], "additionalProperties": False}
 
 
 def selection_schema(n_pop: int, n_cross: int, n_mut: int) -> dict:
@@ -145,10 +164,6 @@ def first_json(text: str):
             except json.JSONDecodeError:
                 continue
     raise InvalidAnswer("no JSON object in the answer")
-
-
-def _pct(rates) -> str:
-    return "[" + ", ".join(f"{100 * r:.0f}" for r in rates) + "]"
 
 
 # --- LLM proposers ----------------------------------------------------------------------------------------
@@ -173,36 +188,43 @@ class LLMProposer(Proposer):
     """Builds the prompts, parses, validates, projects, retries; subclasses only implement ``chat``."""
 
     def __init__(self, retries: int = 2, temperature: float = 0.7, max_tokens: int = 1024, show: int = 8,
-                 fallback: ClassicProposer | None = None):
-        self.retries, self.temperature, self.max_tokens, self.show = retries, temperature, max_tokens, show
+                 fallback: ClassicProposer | None = None, task: str = "vectors", start: str = "llm",
+                 responses: dict | None = None):
+        if task not in TASKS or start not in STARTS:
+            raise UserError(f"--llm-task is one of {', '.join(TASKS)} and --llm-start one of {', '.join(STARTS)} "
+                            f"(got {task!r}, {start!r})")
+        self.retries, self.temperature, self.max_tokens = retries, temperature, max_tokens
+        self.task_kind, self.start = task, start
+        self.screen = Screen(show, responses=responses)
         self.fallback = fallback or ClassicProposer()
         self.endpoint_errors: list[str] = []  # what went wrong on the way during the current request
+
+    def observe(self, records):
+        self.screen.observe(records)
+
+    def formulation(self) -> dict:
+        """What the LLM is asked and shown (recorded with the proposer)."""
+        return {"task": self.task_kind, "start": self.start, "responses_shown": bool(self.screen.responses)}
 
     def chat(self, messages: list[dict], schema: dict, seed: int, max_tokens: int) -> tuple[str, dict]:
         """The answer text and token counts ``{"prompt": n, "completion": m}``; ``schema`` is the answer's JSON
         schema (a proposer constrains the decoding to it where it can)."""
         raise NotImplementedError
 
-    # --- prompts ----------------------------------------------------------------------------------------
-    def task(self, space: SearchSpace) -> str:
-        lo, hi = pct_bounds(space)
-        total = space.target_units * space.step * 100
-        return (f"Task: a language model with {space.n} layers must be pruned. A plan gives each layer a pruning "
-                f"rate in percent (layer 0 first): the share of that layer's attention heads and MLP channels "
-                f"that is removed. Rules: a plan has exactly {space.n} rates, whole numbers, each between {lo} "
-                f"and {hi}, and their mean must be {100 * space.mean:.1f} (they add up to {total:.0f}). "
-                f"Fitness is the perplexity of the pruned model on calibration text: lower is better.")
-
-    def table(self, population: list[Individual]) -> str:
-        return "\n".join(f"#{i} fitness {p.fitness:.3f}: {_pct(p.rates)}" for i, p in enumerate(population[: self.show]))
-
+    # --- prompts (what is shown: ``search.screen``) --------------------------------------------------------
     def population_text(self, space, population) -> str:
-        return (f"{self.task(space)}\nEvaluated plans, best first ({min(len(population), self.show)} of "
-                f"{len(population)}; rates of layers 0 to {space.n - 1}):\n{self.table(population)}\n")
+        return self.screen.population(space, population)
 
     def rates_format(self, space) -> str:
         return (f'Answer with a JSON object whose only key "rates" holds a list of exactly {space.n} whole '
                 f'numbers, one per layer.')
+
+    def edits_format(self, space, parent: list[float]) -> str:
+        return (f'Answer with a JSON object whose only key "edits" holds a list of 2 to {min(EDITS, space.n)} '
+                f'changes, each {{"layer": a layer number from 0 to {space.n - 1}, "rate": its new rate}}; the '
+                f'layers you do not list keep their rate. The plan you change adds up to {round(100 * sum(parent))}; '
+                f'after your changes the rates must still add up to {pct_sum(space)}: lower some layers by as much '
+                f'as you raise others.')
 
     # --- the ask / validate / retry cycle -----------------------------------------------------------------
     def ask(self, prompt: str, schema: dict, parse: Callable, rng: random.Random, max_tokens: int) -> Asked:
@@ -226,22 +248,46 @@ class LLMProposer(Proposer):
                 out.endpoint_errors += self.endpoint_errors
         return out
 
-    def rates_answer(self, space: SearchSpace, prompt: str, op: str, rng, fallback: Callable[[], Proposal]) -> Proposal:
-        def parse(obj):
+    def rates_answer(self, space: SearchSpace, prompt: str, op: str, rng, fallback: Callable[[], Proposal],
+                     parent: list[float] | None = None) -> Proposal:
+        """A whole rate vector, or (``--llm-task edits``, given the ``parent``) a few layers' new rates applied
+        to the parent; then clipped and projected onto the mean like any vector."""
+        def parse_vector(obj):
             raw = obj.get("rates") if isinstance(obj, dict) else obj
-            return space.check(raw)
+            rates = space.check(raw)
+            return rates, [int(x) if x == int(x) else x for x in rates]
 
-        got = self.ask(prompt + "\n" + self.rates_format(space), rates_schema(space), parse, rng, 8 * space.n + 40)
+        def parse_edits(obj):
+            edits = obj.get("edits") if isinstance(obj, dict) else obj
+            if not isinstance(edits, list) or not edits:
+                raise InvalidAnswer('expected an object whose key "edits" holds a list of {"layer", "rate"} changes')
+            x, written = [100 * r for r in parent], []
+            for e in edits:
+                layer, rate = (e.get("layer"), e.get("rate")) if isinstance(e, dict) else (None, None)
+                if not (isinstance(layer, int) and not isinstance(layer, bool) and 0 <= layer < space.n):
+                    raise InvalidAnswer(f"every edit needs a layer number from 0 to {space.n - 1}")
+                if not (isinstance(rate, (int, float)) and not isinstance(rate, bool) and math.isfinite(rate)):
+                    raise InvalidAnswer("every edit needs a finite rate")
+                x[layer] = rate
+                written.append([layer, int(rate) if rate == int(rate) else rate])
+            return x, written
+
+        if parent is None:
+            got = self.ask(prompt + "\n" + self.rates_format(space), rates_schema(space), parse_vector, rng,
+                           8 * space.n + 40)
+        else:
+            got = self.ask(prompt + "\n" + self.edits_format(space, parent), edits_schema(space), parse_edits, rng,
+                           16 * min(EDITS, space.n) + 40)
         if got.value is None:
             p = fallback()
             p.source = "fallback"
         else:
-            decoded = [x / 100 for x in got.value]
+            vector, written = got.value
+            decoded = [x / 100 for x in vector]
             rates, notes = space.repair(decoded)
             clipped = [min(max(r, space.low), space.high) for r in decoded]
             repairs = [n for n in notes if n.startswith("clipped")]
-            p = Proposal(rates, op, "llm-repaired" if repairs else "llm", repairs=repairs,
-                         answer=[int(x) if x == int(x) else x for x in got.value],
+            p = Proposal(rates, op, "llm-repaired" if repairs else "llm", repairs=repairs, answer=written,
                          projected=space.key(rates) != space.key(clipped))
         p.attempts, p.errors, p.tokens = got.attempts, got.errors, got.tokens
         p.seconds, p.endpoint_errors = got.seconds, got.endpoint_errors
@@ -249,15 +295,28 @@ class LLMProposer(Proposer):
 
     # --- the operators ------------------------------------------------------------------------------------
     def initial(self, space, n, rng):
+        if self.start == "uniform":  # the classic operators' first population: perturbations of the uniform rates
+            return self.fallback.initial(space, n, rng)
         out = []
         lo, hi = pct_bounds(space)
+        uniform = space.uniform()
+        head = "\n".join(x for x in (self.screen.task(space), self.screen.response_lines()) if x)
         for _ in range(n):
-            shown = "\n".join(_pct(p.rates) for p in out[-self.show:]) or "(none yet)"
-            prompt = (f"{self.task(space)}\nThe first population is being written; the uniform plan (every layer "
-                      f"at {100 * space.mean:.1f}) is already in it. Plans written so far (not evaluated yet):\n"
-                      f"{shown}\nWrite one new plan, different from these: prune some layers more and others less, "
-                      f"anywhere between {lo} and {hi}.")
-            out.append(self.rates_answer(space, prompt, "init", rng, lambda: self.fallback.initial(space, 1, rng)[0]))
+            shown = "\n".join(pct(p.rates) for p in out[-self.screen.show:]) or "(none yet)"
+            if self.task_kind == "edits":
+                prompt = (f"{head}\nThe first population is being written by changing the uniform plan in a few "
+                          f"layers. The uniform plan: {pct(uniform)}\nPlans written so far (not evaluated yet):\n"
+                          f"{shown}\nChange the uniform plan into a new plan, different from these: prune some "
+                          f"layers more and others less, anywhere between {lo} and {hi}.")
+                parent = uniform
+            else:
+                prompt = (f"{head}\nThe first population is being written; the uniform plan (every layer at "
+                          f"{100 * space.mean:.1f}) is already in it. Plans written so far (not evaluated yet):\n"
+                          f"{shown}\nWrite one new plan, different from these: prune some layers more and others "
+                          f"less, anywhere between {lo} and {hi}.")
+                parent = None
+            out.append(self.rates_answer(space, prompt, "init", rng, lambda: self.fallback.initial(space, 1, rng)[0],
+                                         parent))
         return out
 
     def select(self, space, population, n_cross, n_mut, rng):
@@ -276,7 +335,7 @@ class LLMProposer(Proposer):
                 raise InvalidAnswer("no parents chosen")
             return [tuple(p) for p in pairs], list(singles)
 
-        shown = min(n, self.show)
+        shown = min(n, self.screen.show)
         prompt = (f"{self.population_text(space, population)}"
                   f"Choose the parents of the next generation by their # number (0 to {shown - 1}): {n_cross} pairs "
                   f"of plans to cross over and {n_mut} plans to mutate. Prefer plans with a low fitness, but keep "
@@ -299,18 +358,27 @@ class LLMProposer(Proposer):
 
     def crossover(self, space, population, i, j, rng):
         a, b = population[i], population[j]
+        edits = self.task_kind == "edits"
+        how = (f"change parent A where parent B looks better: the child is A with the changes you list (for "
+               f"instance B's rate on some layers, or a value between them)" if edits else
+               "combine them into one child plan that keeps the good parts of both (layer by layer, the rate of "
+               "either parent or a value between them)")
         prompt = (f"{self.population_text(space, population)}"
-                  f"Crossover: combine parent A (#{i}) and parent B (#{j}) into one child plan that keeps the good "
-                  f"parts of both (layer by layer, the rate of either parent or a value between them).\n"
-                  f"A (fitness {a.fitness:.3f}): {_pct(a.rates)}\nB (fitness {b.fitness:.3f}): {_pct(b.rates)}")
-        return self.rates_answer(space, prompt, "crossover", rng, lambda: self.fallback.crossover(space, population, i, j, rng))
+                  f"Crossover of parent A (#{i}) and parent B (#{j}): {how}.\n"
+                  f"A (fitness {a.fitness:.3f}): {pct(a.rates)}\nB (fitness {b.fitness:.3f}): {pct(b.rates)}")
+        return self.rates_answer(space, prompt, "crossover", rng, lambda: self.fallback.crossover(space, population, i, j, rng),
+                                 a.rates if edits else None)
 
     def mutate(self, space, population, i, rng):
         a = population[i]
+        edits = self.task_kind == "edits"
+        how = ("change plan #{i} in a few layers to explore nearby plans" if edits else
+               "write a plan close to plan #{i} that explores nearby plans: raise the rates of a few layers and "
+               "lower others by the same total").format(i=i)
         prompt = (f"{self.population_text(space, population)}"
-                  f"Mutation: write a plan close to plan #{i} that explores nearby plans: raise the rates of a few "
-                  f"layers and lower others by the same total.\nPlan #{i} (fitness {a.fitness:.3f}): {_pct(a.rates)}")
-        return self.rates_answer(space, prompt, "mutation", rng, lambda: self.fallback.mutate(space, population, i, rng))
+                  f"Mutation: {how}.\nPlan #{i} (fitness {a.fitness:.3f}): {pct(a.rates)}")
+        return self.rates_answer(space, prompt, "mutation", rng, lambda: self.fallback.mutate(space, population, i, rng),
+                                 a.rates if edits else None)
 
 
 class LlamaCppProposer(LLMProposer):
@@ -318,11 +386,14 @@ class LlamaCppProposer(LLMProposer):
 
     name = "local"
 
-    def __init__(self, gguf_path, threads: int | None = None, source: str = "", **kw):
+    def __init__(self, gguf_path, threads: int | None = None, source: str = "", chat=None, **kw):
+        """``chat``: a ``ChatModel`` of that file already open (another proposer's: it stays open when this one
+        closes)."""
         super().__init__(**kw)
         from ..llamacpp.chat import ChatModel
 
-        self.model = ChatModel(gguf_path, threads=threads)
+        self.shared = chat is not None
+        self.model = chat if chat is not None else ChatModel(gguf_path, threads=threads)
         self.source = source  # how the file was chosen (recorded)
 
     def chat(self, messages, schema, seed, max_tokens):
@@ -331,10 +402,11 @@ class LlamaCppProposer(LLMProposer):
 
     def describe(self):
         return {"kind": self.name, "engine": "llama.cpp", "constraint": "grammar from the JSON schema",
-                "source": self.source, **self.model.describe()}
+                "source": self.source, **self.model.describe(), **self.formulation()}
 
     def close(self):
-        self.model.close()
+        if not self.shared:
+            self.model.close()
 
 
 class EndpointDown(UserError):
@@ -372,7 +444,8 @@ class OpenAIProposer(LLMProposer):
         self.form = 0  # index into STRUCTURED
 
     def describe(self):
-        return {"kind": self.name, "endpoint": self.base_url, "model": self.model, "structured_output": STRUCTURED[self.form]}
+        return {"kind": self.name, "endpoint": self.base_url, "model": self.model, "structured_output": STRUCTURED[self.form],
+                **self.formulation()}
 
     def _why(self, e) -> str:
         o = self.openai
@@ -456,12 +529,14 @@ class _FormatRefused(Exception):
 
 
 def make_proposer(kind: str, *, gguf=None, gguf_source="", endpoint=None, model=None, retries=2, temperature=0.7,
-                  max_tokens=1024, timeout=120.0, wait=600.0) -> Proposer:
-    kw = dict(retries=retries, temperature=temperature, max_tokens=max_tokens)
+                  max_tokens=1024, timeout=120.0, wait=600.0, task="vectors", start="llm", responses=None,
+                  threads=None) -> Proposer:
+    kw = dict(retries=retries, temperature=temperature, max_tokens=max_tokens, task=task, start=start,
+              responses=responses)
     if kind == "classic":
         return ClassicProposer()
     if kind == "openai":
         return OpenAIProposer(endpoint, model, timeout=timeout, wait=wait, **kw)
     if kind == "local":
-        return LlamaCppProposer(gguf, source=gguf_source, **kw)
+        return LlamaCppProposer(gguf, source=gguf_source, threads=threads, **kw)
     raise UserError(f"unknown proposer {kind!r}; choose classic, local or openai")
