@@ -66,7 +66,9 @@ class SelfPrunerConfig(MethodConfig):
     rate_step: float = field(default=0.01, metadata={"help": "grid of the per-layer rates"})
     fitness_rows: int | None = field(default=None, metadata={
         "help": f"calibration rows of the fitness perplexity (default {FITNESS_ROWS}, or every calibration row when "
-                "--nsamples gives fewer)"})
+                "--nsamples gives fewer). Each row is one forward pass per evaluation; on qwen2.5-coder-1.5b (one "
+                "thread, 256 tokens) a row took 14 s, and the order of 5 candidates agreed with 16 rows' order at "
+                "Kendall tau 0.6 / 0.8 / 1.0 with 1 / 2 / 4 rows (docs/width.md)"})
     proposer_model: str | None = field(default=None, metadata={
         "aliases": ["--llm-model"],
         "help": "local: a GGUF chat model file (default: the model being pruned, its offline GGUF or its cached "
