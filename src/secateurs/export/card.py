@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -270,13 +271,14 @@ def _load_lines(folder: Path, meta: dict, r: dict) -> list[str]:
         lines.append(f"Needs torch and transformers{tf}: the stock architecture with changed sizes, no custom code.")
     lines += ["", _weights(folder), "",
               "With secateurs: `secateurs.load(folder)` (never runs the folder's code); `secateurs eval FOLDER`."]
+    plan = functools.cache(lambda: PruningPlan.load(folder / "plan.json"))  # read once, only if a line needs it
     g = r.get("gguf") or {}
     if g.get("file"):
         lines += ["", f"llama.cpp, ollama, LM Studio: `{g['file']}` in this folder (GGUF {g.get('type')})."]
     elif g.get("refused"):
         lines += ["", f"llama.cpp: no GGUF for this plan ({g['refused'].split('; exportable')[0]})."]
     else:
-        lines += ["", _gguf_line(plan_model_type(meta), PruningPlan.load(folder / "plan.json"))]
+        lines += ["", _gguf_line(plan_model_type(meta), plan())]
     v = r.get("vllm") or {}
     if v.get("folder"):
         flag = " --trust-remote-code" if v.get("architecture") == "DeciLMForCausalLM" else ""
@@ -285,7 +287,7 @@ def _load_lines(folder: Path, meta: dict, r: dict) -> list[str]:
     elif v.get("refused"):
         lines += ["", f"vLLM: no folder for this plan ({v['refused'].split('; ')[0]})."]
     else:
-        lines += ["", _vllm_line(plan_model_type(meta), PruningPlan.load(folder / "plan.json"))]
+        lines += ["", _vllm_line(plan_model_type(meta), plan())]
     return lines
 
 
