@@ -10,7 +10,10 @@ against measured speedup, one line per method) and ``RESULTS/tradeoff-<model>.js
 
 Resumable: a run folder that already has ``result.json`` is not pruned again, one with ``eval.json`` not
 evaluated again, one with ``latency.json`` not timed again (``--retime`` times all again, against the dense model
-of this process). Methods that are not registered are skipped with a message.
+of this process). Methods that are not registered are skipped with a message. ``--resume-from FILE.json`` fills
+the run folders from a results JSON of an earlier run with the same settings (its rows keep their own figures,
+each speedup measured against the dense model of its own process; only the runs it lacks are measured), so a
+committed partial result can be finished on a fresh machine; its hand-written notes are carried over.
 
 A method may carry options: ``tell[assign=uniform]`` runs ``--method tell --assign uniform`` under its own name;
 ``as=LABEL`` names the line instead (``blockpruner[from-order=order.json,as=blockpruner]`` takes the plans from a
@@ -97,6 +100,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-weights", action="store_true", help="delete a run's model.safetensors once measured")
     p.add_argument("--at", default="1.15,1.3,1.5", help="speedups at which every method's perplexity is read off its curve")
     p.add_argument("--name", default="", help="results file names without suffix (default tradeoff-MODEL)")
+    p.add_argument("--resume-from", metavar="JSON", help="take the runs of a results JSON of an earlier run with "
+                   "the same settings as measured, and measure only the others")
     p.add_argument("--render", metavar="JSON", help="redraw the table and plot from a results JSON this script wrote")
     return p
 
@@ -124,6 +129,7 @@ def main(argv=None) -> int:
     ratios = [float(r) for r in a.ratios.split(",") if r]
     speedups = [float(s) for s in a.speedups.split(",") if s]
     work, results, log_path = folders(a)
+    notes = resume_from(a, work) if a.resume_from else ""
 
     runs = []  # (label, method, opts, budget flag, value)
     for spec in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", a.methods):
@@ -186,10 +192,44 @@ def main(argv=None) -> int:
                      "search_s": result["search_seconds"], "ppl_evaluations": result.get("ppl_evaluations"),
                      "removed": f"{len(result['removed_blocks'])} blocks", "removed_blocks": result["removed_blocks"],
                      "options": opts, "pairs": lat["pairs"], "folder": folder.name})
-        write_table(a, rows, results / f"{stem}.md")  # after every run: partial results survive
+        write_table(a, rows, results / f"{stem}.md", notes=notes)  # after every run: partial results survive
         plot(rows, results / f"{stem}.png", a)
     print(f"tradeoff: wrote {results}/{stem}.md, .json and .png ({time.time() - t_start:.0f}s)", flush=True)
     return 0
+
+
+# The settings a resumed run must share with the results it resumes: those that change a figure.
+SAME = ("model", "nsamples", "seqlen", "calib", "seed", "eval_set", "eval_rows", "eval_seqlen", "latency_len",
+        "latency_reps", "clock")
+
+
+def resume_from(a, work: Path) -> str:
+    """Write each measured row of ``a.resume_from`` into its run folder as the files a finished run leaves
+    (``result.json``, ``eval.json``, ``latency.json``; ``dense/eval.json``), where the folder has none yet;
+    returns the results' notes. A file of other settings is refused: its figures would not compare."""
+    data = json.loads(Path(a.resume_from).read_text())
+    theirs = data["settings"]
+    differ = [f"{k} {theirs.get(k)!r} there, {getattr(a, k)!r} here" for k in SAME if theirs.get(k) != getattr(a, k)]
+    if differ:
+        raise SystemExit(f"tradeoff: --resume-from {a.resume_from}: other settings ({'; '.join(differ)})")
+    for r in data["rows"]:
+        folder = work / ("dense" if r["method"] == "dense" else r["folder"])
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / "eval.json").exists():
+            (folder / "eval.json").write_text(json.dumps({"ppl": {a.eval_set: {"ppl": r["ppl"]}},
+                                                          "resumed_from": a.resume_from}, indent=1))
+        if r["method"] == "dense":
+            continue
+        if not (folder / "result.json").exists():
+            (folder / "result.json").write_text(json.dumps({
+                "ratio_achieved": r["ratio"], "search_seconds": r["search_s"], "removed_blocks": r["removed_blocks"],
+                "ppl_evaluations": r.get("ppl_evaluations"), "resumed_from": a.resume_from}, indent=1))
+        if not (folder / "latency.json").exists():
+            (folder / "latency.json").write_text(json.dumps({
+                "dense_ms": r["dense_ms"], "pruned_ms": r["pruned_ms"], "speedup": r["speedup"], "pairs": r["pairs"],
+                "resumed_from": a.resume_from}, indent=1))
+    print(f"tradeoff: resumed {len(data['rows'])} rows from {a.resume_from}", flush=True)
+    return data.get("notes", "")
 
 
 def at_speedup(points: list[tuple[float, float]], s: float) -> float | None:
