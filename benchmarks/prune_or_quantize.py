@@ -10,7 +10,10 @@ DENSE``). ``--source-gguf`` adds the file the user started from (measured, not r
 
 Writes ``RESULTS/NAME.md`` (table, answer at equal size and equal speed, settings, what else was running),
 ``.json`` (raw rows, settings) and ``.png`` (perplexity against file size and against generation speed).
-Resumable: files, ``eval-*.json`` and ``bench-*.json`` that exist are reused.
+Resumable: files, ``eval-*.json`` and ``bench-*.json`` that exist are reused. ``--resume-from FILE.json`` takes
+the rows of an earlier run with the same settings as measured (each speed against the dense file of its own
+process), so a committed result can be extended with new pruned files on a fresh machine: only the reference
+file is exported again, to time the new ones against.
 
     PYTHONPATH=src python benchmarks/prune_or_quantize.py --model qwen2.5-coder-1.5b \\
         --pruned flap-0.15=runs/tradeoff/qwen2.5-coder-1.5b/flap-ratio0.15,...
@@ -51,6 +54,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--name", default="", help="results file names without suffix (default prune-or-quantize-MODEL)")
     p.add_argument("--render", metavar="JSON", help="redraw the table and plot from a results JSON")
+    p.add_argument("--resume-from", metavar="JSON", help="take the rows of a results JSON of an earlier run with "
+                   "the same settings as measured, and measure only the other files")
     p.add_argument("--apply-max-memory", default=None,
                    help="--max-memory of the re-application (layer by layer: the same weights in less memory)")
     p.add_argument("--prepare-only", action="store_true",
@@ -104,8 +109,13 @@ def main(argv=None) -> int:
         files.append((label, "pruned", a.pruned_type, work / f"{label}-{a.pruned_type}.gguf", folder))
     plans = {label: folder for label, folder in pairs(a.pruned)}
     reference = files[0][3]
+    earlier = resumed(a)
     rows = []
     for label, kind, t, gg, src in files:
+        if label in earlier:
+            rows.append(earlier[label])
+            if gg != reference or all(f[0] in earlier for f in files):
+                continue
         if src is not None and not gg.exists():
             applied = None
             if kind == "pruned" and not any(Path(src).glob("*.safetensors")):  # weights dropped once measured
@@ -119,14 +129,16 @@ def main(argv=None) -> int:
             if applied is not None:
                 shutil.rmtree(applied)
         ej = work / f"eval-{gg.stem}.json"
-        if not ej.exists():
+        if label not in earlier and not ej.exists():
             print(f"prune_or_quantize: perplexity of {label} ({time.time() - t0:.0f}s)", flush=True)
             cli(["eval", str(gg), "--ppl", a.eval_set, "--rows", str(a.rows), "--seqlen", str(a.seqlen), "--quiet",
                  *threads, "--json", str(ej)], log)
         bj = work / f"bench-{gg.stem}.json"
-        if not a.prepare_only and not bj.exists():
+        if label not in earlier and not a.prepare_only and not bj.exists():
             print(f"prune_or_quantize: speed of {label} against {reference.name} ({time.time() - t0:.0f}s)", flush=True)
             timed(gg, reference, a, bj, log)
+        if label in earlier:
+            continue  # the reference, exported again only to time the new files against
         e = json.loads(ej.read_text())
         b = json.loads(bj.read_text()) if bj.exists() else None
         src_result = Path(plans[label]) / "result.json" if kind == "pruned" else None
@@ -142,6 +154,24 @@ def main(argv=None) -> int:
     if a.prepare_only:
         print(f"prune_or_quantize: files and perplexities ready in {work} ({time.time() - t0:.0f}s); time them without --prepare-only")
     return 0
+
+
+# The settings a resumed run must share with the rows it takes over: those that change a figure.
+SAME = ("model", "eval_set", "rows", "seqlen", "prompt_len", "decode_tokens", "reps", "warmup", "threads", "dense_types",
+        "pruned_type")
+
+
+def resumed(a) -> dict[str, dict]:
+    """The rows of ``a.resume_from`` by label ({} without it); a file of other settings is refused."""
+    if not a.resume_from:
+        return {}
+    data = json.loads(Path(a.resume_from).read_text())
+    differ = [f"{k} {data['settings'].get(k)!r} there, {getattr(a, k)!r} here" for k in SAME
+              if data["settings"].get(k) != getattr(a, k)]
+    if differ:
+        raise SystemExit(f"prune_or_quantize: --resume-from {a.resume_from}: other settings ({'; '.join(differ)})")
+    print(f"prune_or_quantize: {len(data['rows'])} rows taken from {a.resume_from}", flush=True)
+    return {r["label"]: {**r, "resumed_from": a.resume_from} for r in data["rows"]}
 
 
 def save(a, argv, before, t0, rows: list[dict], missing: list[str], results: Path) -> None:
