@@ -197,22 +197,27 @@ def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
 
 
 def answer(rows: list[dict]) -> list[str]:
-    """Each pruned file against the dense quantization curve at its own size and its own speeds."""
+    """Each pruned file against the dense quantization curve at its own size and its own speeds. Speeds are
+    compared as speedups against the reference file timed in the same process: tokens/s of rows timed in other
+    processes (another load, another session under --resume-from) do not compare."""
     dense = [r for r in rows if r["kind"] == "dense"]
     out = []
     for r in (r for r in rows if r["kind"] == "pruned"):
         parts = []
-        for key, what in (("mib", "file size"), ("prompt_tps", "prompt speed"), ("gen_tps", "generation speed")):
+        for key, what in (("mib", "file size"), ("prompt_speedup", "prompt speedup"),
+                          ("gen_speedup", "generation speedup")):
             if r[key] is None or any(d[key] is None for d in dense):
                 parts.append(f"at its {what}: not timed yet")
                 continue
             q = interpolate([(d[key], d["ppl"]) for d in dense], r[key])
             if q is None:
-                span = f"{min(d[key] for d in dense):.0f}-{max(d[key] for d in dense):.0f}"
-                parts.append(f"at its {what} ({r[key]:.0f}) no dense quantization compares (dense span {span})")
+                f = ".0f" if key == "mib" else ".2f"
+                span = f"{min(d[key] for d in dense):{f}}-{max(d[key] for d in dense):{f}}"
+                parts.append(f"at its {what} ({r[key]:{f}}) no dense quantization compares (dense span {span})")
             else:
                 better = "pruning wins" if r["ppl"] < q else "quantizing harder wins"
-                parts.append(f"at equal {what} ({r[key]:.0f}) dense quantization reads {q:.2f} against its {r['ppl']:.2f}: {better}")
+                f = ".0f" if key == "mib" else ".2f"
+                parts.append(f"at equal {what} ({r[key]:{f}}) dense quantization reads {q:.2f} against its {r['ppl']:.2f}: {better}")
         out.append(f"- **{r['label']}** ({r['type']}): " + "; ".join(parts) + ".")
     return out
 
@@ -243,6 +248,8 @@ def write(data: dict, stem: Path) -> None:
                   + (f"Not timed yet: {', '.join(data['untimed'])} (the same command again resumes: files, perplexities "
                      "and timings that exist are reused)." if data.get("untimed") else "")]
     lines += ["", "## The answer, read off the dense quantization curve (linear in log-perplexity)", "", *answer(rows)]
+    if data.get("notes", "").strip():  # written by hand into the JSON; --render keeps them
+        lines += ["", data["notes"].strip()]
     Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
     plot(rows, Path(f"{stem}.png"), a)
     print(f"prune_or_quantize: wrote {stem}.md, .json and .png")
@@ -255,7 +262,7 @@ def plot(rows: list[dict], path: Path, a: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, key, xlabel in ((axes[0], "mib", "file size (MiB)"), (axes[1], "gen_tps", "generation tokens/s (llama.cpp)")):
+    for ax, key, xlabel in ((axes[0], "mib", "file size (MiB)"), (axes[1], "gen_speedup", "generation speedup against dense q4_k_m (llama.cpp)")):
         if any(r[key] is None for r in rows):
             ax.text(0.5, 0.5, "not timed yet", ha="center", transform=ax.transAxes)
             rows_here = [r for r in rows if r[key] is not None]
