@@ -438,13 +438,13 @@ def dense_response_state(ctx: PruneContext, cfg: TellConfig | None = None) -> tu
 def dense_responses(ctx: PruneContext) -> dict[tuple[int, str], list[tuple[float, bool, float]]] | None:
     """What tell's response cache measured on the dense model for this model and calibration (``--calib``,
     ``--nsamples``, ``--seqlen``, ``--seed`` and dtype as a tell run with the default options): per block
-    ``(layer, kind)`` its options ``(level, compensate, loss increase per calibration token in nats)``, level 1
-    = the block removed. None when the cache holds none."""
+    ``(layer, kind)`` its options ``(level, compensate, loss increase per predicted token in nats)`` (rows x
+    (seqlen - 1), as the knapsack's ``dloss``), level 1 = the block removed. None when the cache holds none."""
     _, state = dense_response_state(ctx)
     base = state.get("base_loss")
     if base is None or not state.get("labels"):
         return None
-    tokens = ctx.calib.numel()
+    tokens = Replayer.count_tokens(ctx.calib)  # the positions the losses sum over, as the knapsack's dloss
     out: dict = {}
     for key, (pos, level, compensate) in state["labels"].items():
         if key in state.get("losses", {}):
