@@ -116,9 +116,10 @@ def test_cached_responses_reach_the_prompt(tmp_path, monkeypatch, stub):
     assert dense_responses(ctx) is None
     path, _ = dense_response_state(ctx)
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"base_loss": 100.0, "losses": {"a": 100.5, "b": 196.0, "c": 400.0},
+    path.write_text(json.dumps({"base_loss": 100.0, "losses": {"a": 100.5, "b": 192.0, "c": 400.0},
                                 "labels": {"a": [0, 0.25, True], "b": [7, 1.0, True], "c": [2, 0.5, False]}}))
-    assert dense_responses(ctx) == {(0, "attn"): [(0.25, True, 0.5 / 96)], (1, "attn"): [(0.5, False, 300 / 96)],
+    # per predicted position (4 rows x 23), as tell's knapsack and result.json count them
+    assert dense_responses(ctx) == {(0, "attn"): [(0.25, True, 0.5 / 92)], (1, "attn"): [(0.5, False, 300 / 92)],
                                     (3, "mlp"): [(1.0, True, 1.0)]}
     StubHandler.script = ['{"rates": [30, 30, 30, 30]}']
     prune(model, "self-pruner", 0.3, calib, tmp_path / "run", proposer="openai", endpoint=stub, proposer_model="m",
@@ -126,7 +127,7 @@ def test_cached_responses_reach_the_prompt(tmp_path, monkeypatch, stub):
     prompt = StubHandler.seen[0]["body"]["messages"][-1]["content"]
     lines = {x.split(":")[0]: x for x in prompt.splitlines() if re.match(r"layer \d+:", x)}
     assert set(lines) == {"layer 0", "layer 1", "layer 3"}
-    assert f"{0.5 / 96:+.4f}" in lines["layer 0"] and f"{300 / 96:+.4f}" in lines["layer 1"]
+    assert f"{0.5 / 92:+.4f}" in lines["layer 0"] and f"{300 / 92:+.4f}" in lines["layer 1"]
     assert "+1.0000" in lines["layer 3"]
 
 

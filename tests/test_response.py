@@ -112,6 +112,33 @@ def test_response_default_on_smollm(tmp_path, monkeypatch, capsys):
     assert "mlp29" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_kl_responses_on_smollm(tmp_path, monkeypatch):
+    """--response-loss kl through the CLI on the real model, the smallest calibration: finite non-negative
+    responses, exactly 0 for the dense model, a plan that meets the ratio, the loss in the settings."""
+    import json as _json
+    import math
+
+    from secateurs.cli import main
+    from secateurs.files import cache_dir
+
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "models").symlink_to(cache_dir() / "models")  # real weights, private tell cache
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert main(["prune", "smollm2-135m", "--method", "tell", "--response-loss", "kl", "--ratio", "0.1", "--nsamples", "2",
+                 "--seqlen", "32", "--levels", "0.5", "--eval", "", "--quiet", "--out", str(out)]) == 0
+    result = _json.loads((out / "result.json").read_text())
+    alloc = result["method_details"]["allocation"]
+    assert result["settings"]["options"]["response_loss"] == "kl" and alloc["response_loss"] == "kl"
+    assert _json.loads((out / "plan.json").read_text())["meta"]["settings"]["options"]["response_loss"] == "kl"
+    assert 0.1 <= result["ratio_achieved"] < 0.1 + 0.01
+    assert alloc["evaluations_measured"] == 121 and alloc["stages"][0]["base_loss"] == 0.0
+    dlosses = [o["dloss"] for b in alloc["stages"][0]["blocks"].values() for o in b["options"] if o["option"] != "keep"]
+    assert len(dlosses) == 120 and all(math.isfinite(v) and v >= 0 for v in dlosses) and max(dlosses) > 1.0
+    assert math.isfinite(result["ppl_calib_after"])
+
+
 def test_response_assignment_with_local_search(tmp_path, monkeypatch):
     monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
     model = tiny_model("llama")
@@ -124,3 +151,77 @@ def test_response_assignment_with_local_search(tmp_path, monkeypatch):
     tokens = ctx.calib.shape[0] * (ctx.calib.shape[1] - 1)
     assert plan_loss(r, ctx.spec, plan) / tokens == pytest.approx(final, rel=1e-6)  # the plan is the best evaluated
     assert final <= hist[0]["loss"] and plan.ratio(ctx.spec) >= 0.25 - 1e-9
+
+
+# --- --response-loss kl ---------------------------------------------------------------------------------------
+def _surgery_kl(model, plan, spec, rows) -> float:
+    """Summed KL(dense || pruned) of the next-token distributions, from the two models' own forward passes."""
+    pruned = apply_plan(copy.deepcopy(model), plan, spec)
+    with torch.no_grad():
+        logp, logq = (torch.log_softmax(m(input_ids=rows, use_cache=False).logits[:, :-1].double(), -1)
+                      for m in (model, pruned))
+    return float((logp.exp() * (logp - logq)).sum())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_kl_responses_equal_the_pruned_models_kl(arch, tmp_path):
+    """KLReplayer's loss of a plan is KL(dense || plan) summed over the NLL's positions, as the physically
+    pruned model gives it; the dense plan's is exactly 0; every variant's is positive. Batches of 4 and 2 rows
+    and slices of 3 positions (several per batch) give the same values."""
+    from secateurs.importance import response as resp
+
+    model = tiny_model(arch)
+    ctx = _ctx(model, tmp_path, 0.3)
+    spec = ctx.spec
+    ws = width_scores(ctx, collect_stats(model, ctx.adapter, ctx.calib))
+    options = {Block(0, "mlp").pos: [Option(0.25), Option(1.0)], Block(1, "attn").pos: [Option(0.5, False), Option(1.0)],
+               Block(3, "mlp").pos: [Option(0.75)]}
+    variants = {pos: [option_plan(ctx, ws, Block.at(pos).layer, Block.at(pos).kind, o) for o in opts]
+                for pos, opts in options.items()}
+    dense = PruningPlan.dense(spec)
+    r = resp.KLReplayer(model, ctx.adapter, ctx.calib, 4, spec)
+    assert len(r.dense) == 2 and sum(z.shape[0] for d in r.dense for z, _ in d) == Replayer.count_tokens(ctx.calib)
+    assert plan_loss(r, spec, dense) == 0.0
+    losses = measure_responses(r, spec, dense, variants)
+    for pos, lps in variants.items():
+        for lp, got in zip(lps, losses[pos]):
+            plan = copy.deepcopy(dense)
+            plan.layers[Block.at(pos).layer] = lp
+            assert got > 0 and got == pytest.approx(_surgery_kl(model, plan, spec, ctx.calib), rel=1e-6)
+    small = resp.KLReplayer(model, ctx.adapter, ctx.calib, 2, spec, positions=3)
+    assert plan_loss(small, spec, dense) == 0.0
+    again = measure_responses(small, spec, dense, variants)
+    assert all(a == pytest.approx(b, rel=1e-5) for pos in losses for a, b in zip(losses[pos], again[pos]))
+
+
+def test_kl_response_assignment_and_its_cache(tmp_path, monkeypatch):
+    """--response-loss kl end to end on a tiny model: non-negative finite responses, a plan that meets the
+    ratio, the loss recorded; its responses are cached apart from nll's (neither run reuses the other's, each
+    reuses its own), and the nll cache key is the one from before the option."""
+    import math
+
+    from secateurs.methods.tell import ResponseStore, model_key
+
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
+    model = tiny_model("llama")
+    runs = {}
+    for name, loss in (("kl", "kl"), ("nll", "nll"), ("kl2", "kl"), ("nll2", "nll")):
+        (tmp_path / name).mkdir()
+        ctx = _ctx(model, tmp_path / name, 0.25)
+        plan = tell(ctx, TellConfig(levels="0.5", response_loss=loss))
+        alloc = ctx.extra["allocation"]
+        runs[name] = (plan.to_dict()["layers"], alloc["evaluations_measured"], sorted(
+            p.name for p in (tmp_path / name).glob("tell_responses_*.json")))
+        assert alloc["response_loss"] == loss and plan.ratio(ctx.spec) >= 0.25 - 1e-9
+        dlosses = [o["dloss"] for b in alloc["stages"][0]["blocks"].values() for o in b["options"]]
+        assert all(math.isfinite(v) for v in dlosses)
+        if loss == "kl":
+            assert alloc["stages"][0]["base_loss"] == 0.0 and min(dlosses) >= 0.0 and max(dlosses) > 0
+    blocks = 2 * ctx.spec.n_layers
+    assert runs["kl"][1] == runs["nll"][1] == 2 * blocks + 1  # the nll run measured everything again
+    assert runs["kl2"][1] == runs["nll2"][1] == 0  # and each reuses its own
+    kl_file, nll_file = (runs[k][2][0].removeprefix("tell_responses_") for k in ("kl", "nll"))
+    assert kl_file != nll_file
+    assert sorted(p.name for p in (tmp_path / "cache" / "tell").glob("responses-*.json")) == sorted(
+        f"responses-{f}" for f in (kl_file, nll_file))
+    assert ResponseStore(ctx, TellConfig()).model_key == model_key(ctx, what="responses", dtype="float32")

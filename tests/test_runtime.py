@@ -172,6 +172,26 @@ def test_tell_speedup_refused_layer_by_layer(folders, tmp_path):
         _run("tell", _ctx(lazy, ROWS, tmp_path, ratio=None), speedup=1.2)
 
 
+def test_tell_kl_refused_layer_by_layer_or_beyond_the_budget(folders, tmp_path):
+    """--response-loss kl keeps the dense log-probabilities: refused for a layer-by-layer model, and for a
+    resident one whose --max-memory budget cannot hold them beside the weights."""
+    lazy = _load(folders["llama"], _tight(folders["llama"], workload=(4, 16)), tmp_path, (4, 16))
+    with pytest.raises(UserError, match="--response-loss kl .* layer-by-layer model"):
+        _run("tell", _ctx(lazy, ROWS, tmp_path), response_loss="kl")
+    from secateurs.importance.response import kl_cache_bytes
+    from secateurs.methods.tell import TellConfig
+
+    sizes = model_sizes(_load(folders["llama"]))
+    cache = kl_cache_bytes(*ROWS.shape, sizes.vocab)
+    tight = sizes.weights + working_bytes(sizes, 4, 16) + cache // 2  # holds the model, not the cache beside it
+    model = _load(folders["llama"], {"cpu": tight}, tmp_path, (4, 16))
+    assert onloader_of(model) is None
+    with pytest.raises(UserError, match="--response-loss kl keeps .* more than the --max-memory budget"):
+        _run("tell", _ctx(model, ROWS, tmp_path / "r"), response_loss="kl")
+    TellConfig(response_loss="kl").check_calibration(_load(folders["llama"], {"cpu": tight + cache}, tmp_path, (4, 16)),
+                                                     *ROWS.shape)
+
+
 # --- whole runs through the command line --------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tok_folder(tmp_path_factory):
@@ -343,3 +363,27 @@ def test_eval_and_apply_with_budget(tok_folder, tmp_path):
     ta, tb = _tensors(tmp_path / "a"), _tensors(tmp_path / "b")
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     assert all(torch.equal(v, _tensors(tmp_path / "p")[k]) for k, v in ta.items())
+
+
+def test_tell_kl_refusals_are_one_line_exit_2_nothing_written(tok_folder, tmp_path, capsys):
+    """--response-loss kl refused: with an assignment that measures no responses (before loading), with a
+    dense log-probability cache over 4 GiB (before the calibration rows are drawn), and layer by layer."""
+    from secateurs.importance.response import kl_cache_bytes
+    from secateurs.runtime.placement import format_size
+
+    sizes = model_sizes(_load(tok_folder))
+    lazy = str(min_budget(sizes, 4, 32) + 2**20)
+    capsys.readouterr()
+    for extra, message in [
+        (["--assign", "uniform"], "--response-loss kl applies to --assign response"),
+        (["--assign", "importance"], "--assign importance measures none"),
+        (["--nsamples", "200", "--seqlen", "128"], f"200 x 127 positions over a vocabulary of 49,152, "
+                                                   f"{format_size(kl_cache_bytes(200, 128, 49152))}, more than its limit"),
+        (["--max-memory", lazy], "which a layer-by-layer model (--max-memory) cannot hold"),
+    ]:
+        out = tmp_path / "out"
+        code = main(["prune", str(tok_folder), "--method", "tell", "--response-loss", "kl", "--ratio", "0.1",
+                     "--nsamples", "2", "--seqlen", "32", "--quiet", "--out", str(out), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists() and not (tmp_path / "out.partial").exists()

@@ -405,6 +405,16 @@ def test_budget_validation(ratio, speedup, msg):
         TellConfig(block_threshold=1.5).check(0.25)
 
 
+def test_response_loss_validation():
+    TellConfig(response_loss="kl").check(0.25)
+    for assign in ("uniform", "importance"):
+        with pytest.raises(UserError, match=f"--response-loss kl applies to --assign response .* --assign {assign} measures none"):
+            TellConfig(response_loss="kl", assign=assign).check(0.25)
+        TellConfig(response_loss="nll", assign=assign).check(0.25)
+    with pytest.raises(UserError, match="--response-loss must be one of nll, kl"):
+        TellConfig(response_loss="mse").check(0.25)
+
+
 def test_cli_rejects_bad_budget_before_loading(tmp_path, capsys):
     from secateurs.cli import main
 
@@ -484,6 +494,8 @@ def test_dry_run_counts_the_response_replays():
     n2, _, _ = TellConfig(compensation="both", stages=2, refine=5).evaluations(spec, 0.2, 8)
     assert n2 == 1 + 2 * blocks * 7 // 2 + 5
     assert TellConfig(assign="uniform").evaluations(spec, 0.2, 8)[0] == 1
+    n3, _, what3 = TellConfig(response_loss="kl").evaluations(spec, 0.2, 8)  # and one pass for the dense log-probs
+    assert n3 == n + 1 and "dense log-probabilities" in what3
 
 
 def test_dry_run_says_how_many_responses_are_new(tmp_path, monkeypatch):

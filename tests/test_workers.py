@@ -226,13 +226,15 @@ def test_ray_missing(tmp_path, capsys, monkeypatch):
 
 
 
-def test_tell_responses_on_pool_equal_one_process(shared, tmp_path, monkeypatch):
+@pytest.mark.parametrize("loss", ["nll", "kl"])
+def test_tell_responses_on_pool_equal_one_process(shared, tmp_path, monkeypatch, loss):
     """tell's block responses fanned out over 2 workers: bitwise the same responses (the same files), the same
-    whole-plan losses of --refine, the same plan as one process."""
+    whole-plan losses of --refine, the same plan as one process; with either --response-loss (kl: each worker
+    computes the dense log-probabilities from its own replica)."""
     from secateurs.methods.tell import TellConfig
 
     calib = torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(2))
-    cfg = TellConfig(levels="0.5", refine=2)
+    cfg = TellConfig(levels="0.5", refine=2, response_loss=loss)
     runs = {}
     for name, pool in (("one", None), ("pool", shared)):
         monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / name / "cache"))

@@ -74,15 +74,18 @@ def check_request(cfg, ratio: float | None, workers: bool = False, engine: str |
 
 
 def check_model(method: MethodSpec, cfg, model, ratio: float | None, engine: str | None = None,
-                model_ref: str | None = None) -> None:
+                model_ref: str | None = None, calib_shape: tuple[int, int] | None = None) -> None:
     """What needs the placed model, before any work: the placement the method needs, the ratio's reach, whether
     the engine can hold the method's plans of this model type, and what else the method checks against the
-    loaded model (``cfg.check_loaded``; ``model_ref``: as the command named it)."""
+    loaded model (``cfg.check_loaded``; ``model_ref``: as the command named it) and the calibration size
+    (``cfg.check_calibration``; ``calib_shape``: rows, tokens per row)."""
     cfg.check_placement(onloader_of(model) is not None)
     adapter = get_adapter(model)
     check_reach(method, adapter.spec(), ratio, cfg)
     check_engine_model(method, cfg, adapter, engine)
     cfg.check_loaded(model, model_ref)
+    if calib_shape is not None:
+        cfg.check_calibration(model, *calib_shape)
 
 
 def calibration_size(cfg, nsamples: int | None, seqlen: int | None, device_type: str) -> tuple[int, int, str]:
@@ -128,12 +131,15 @@ def prune(model, tokenizer, config, *, ratio: float | None = None, speedup: floa
     ``vllm`` keeps every query head), recorded in the plan's settings."""
     config = with_speedup(config, speedup)
     method = check_request(config, ratio, workers is not None, engine)
-    check_model(method, config, model, ratio, engine, model_ref)
     device = device or input_device(model).type
+    if isinstance(calib, torch.Tensor):
+        n, tokens = calib.shape
+    else:
+        n, tokens, _ = calibration_size(config, nsamples, seqlen, device.split(":")[0])
+    check_model(method, config, model, ratio, engine, model_ref, (n, tokens))
     if isinstance(calib, torch.Tensor):
         rows, name = calib, "rows given"
     else:
-        n, tokens, _ = calibration_size(config, nsamples, seqlen, device.split(":")[0])
         rows, name = calib_rows(tokenizer, model, calib, n, tokens, seed), calib
     ref = model_ref or getattr(model, "name_or_path", None)
     with ExitStack() as stack:

@@ -187,7 +187,7 @@ def _run_prune(s: PruneSettings, out: Path, overwrite: bool, progress: bool, log
     torch.manual_seed(s.seed)
     model, tok = load_model(s.model, device=s.device, dtype=s.dtype, progress=progress, max_memory=max_memory,
                             spill_dir=None if dry_run else work / "spill", workload=workload)
-    api.check_model(method, cfg, model, s.ratio, s.engine or None, s.model)
+    api.check_model(method, cfg, model, s.ratio, s.engine or None, s.model, (nsamples, seqlen))
     streamed = onloader_of(model) is not None
     if s.export and streamed:
         raise UserError(f"--export {s.export} converts the pruned model in memory, and under --max-memory {s.max_memory} it "

@@ -75,7 +75,8 @@ def format_table(result: dict) -> str:
     if alloc:
         unit = alloc["saving_unit"]
         st = alloc["stages"]
-        lines.append(f"  assignment: measured responses + exact knapsack, {len(st)} stage(s), "
+        kl = " (--response-loss kl: KL divergence from the dense model, nats/token)" if alloc.get("response_loss") == "kl" else ""
+        lines.append(f"  assignment: measured responses{kl} + exact knapsack, {len(st)} stage(s), "
                      f"{alloc.get('evaluations_measured', '?')} responses measured ({alloc.get('evaluations', '?')} used); "
                      f"price at the margin {_price(st[-1].get('price'))} nats/token per {unit} saved")
         head = (f"{'block':<7} {'params':>10} {'importance':>10} {'cost_ms':>7} {'remove':>8}  {'chosen':<16} {'saving':>8} "

@@ -15,6 +15,10 @@ loss of the physically pruned model on the same rows (tested against surgery in 
 
 ``on_block(pos, losses)`` sees each block's losses as they are measured (the caller keeps them: resume).
 ``PositionReplay`` measures one position at a time, the same losses: a worker's side when they are fanned out.
+
+The loss is the replayer's (``loss(b, h)``): the summed next-token NLL (``search.greedy.Replayer``), or with
+``KLReplayer`` (tell's ``--response-loss kl``) the summed KL divergence of the changed model's next-token
+distributions from the dense model's, over the same positions.
 """
 from __future__ import annotations
 
@@ -26,6 +30,9 @@ import torch
 from ..models.base import Block, ModelSpec
 from ..plan import LayerPlan, PruningPlan
 from ..progress import progress_bar
+from ..runtime.head import _logits
+from ..runtime.placement import module_device
+from ..search.greedy import Replayer
 from .activations import run_branch
 from .width import MaskedPlan
 
@@ -132,3 +139,58 @@ class PositionReplay:
     @torch.inference_mode()
     def plan_loss(self, plan: PruningPlan) -> float:
         return plan_loss(self.r, self.spec, plan)
+
+
+KL_SLICE = 4 << 20  # logits per slice of positions in the KL head (its float64 temporaries: 32 MB each)
+
+
+def kl_cache_bytes(rows: int, seqlen: int, vocab: int) -> int:
+    """Bytes of the dense model's next-token distributions ``KLReplayer`` keeps: float32 logits, a float64
+    log-normalizer per position."""
+    return rows * (seqlen - 1) * (vocab * 4 + 8)
+
+
+class KLReplayer(Replayer):
+    """A replayer whose loss is the summed KL divergence ``KL(dense || changed)`` of the next-token
+    distributions, in nats, over the positions the NLL sums over (every position but the last of each row,
+    ``Replayer.count_tokens``).
+
+    The dense model's distributions are computed once, by the same replay and head as every other plan's
+    (``run_from`` under the dense plan), and kept as their float32 logits ``z`` (as the head computes them)
+    and float64 log-normalizers ``lse`` (``kl_cache_bytes``). A loss computes, per slice of positions, in
+    float64: ``KL = sum_v p_v (z_v - z'_v) - (lse - lse') sum_v p_v`` with ``p = exp(z - lse)``: the
+    difference of the logits is taken before anything is rounded to float32 (KL is second order in it, so
+    float32 log-probabilities would leave rounding of the order of the KL of a small change). So the dense
+    plan's loss is exactly 0, and a loss is one fixed sequence of operations wherever it is computed (a pool
+    worker builds the cache from its own replica: bitwise the one of this process). Per position the KL is
+    floored at 0 (it is non-negative; the floor only drops rounding)."""
+
+    def __init__(self, model, adapter, rows: torch.Tensor, batch_size: int, spec: ModelSpec, positions: int = 0):
+        """``positions``: positions per slice of the head (0: ``KL_SLICE`` logits' worth)."""
+        super().__init__(model, adapter, rows, batch_size, head_chunk=0)
+        dense = PruningPlan.dense(spec)
+        self.slice = positions or max(1, KL_SLICE // self.vocab)
+        with torch.inference_mode():
+            self.dense = [list(self._slices(run_from(self, spec, dense, b, self.emb[b], 0)))
+                          for b in range(len(self.batches))]
+
+    def _slices(self, h: torch.Tensor):
+        """(float32 logits [positions, vocab], float64 log-normalizers [positions]) of the next tokens after
+        the final hidden states ``h`` [rows, seqlen, H], one slice of positions at a time."""
+        norm, head = self.adapter.final_norm(), self.adapter.lm_head()
+        x = norm(h.to(module_device(norm, h.device)))[:, :-1]
+        x = x.reshape(-1, x.shape[-1]).to(module_device(head, x.device))
+        for a in range(0, x.shape[0], self.slice):
+            z = _logits(self.adapter, x[a:a + self.slice], head.weight, head.bias)
+            yield z, torch.logsumexp(z.double(), -1)
+
+    def loss(self, b: int, h: torch.Tensor) -> float:
+        """Summed KL(dense || this) over batch ``b``'s positions, from its final hidden states."""
+        total = []
+        for (z, lse), (zd, lsed) in zip(self._slices(h), self.dense[b]):
+            zd = zd.to(z.device).double()
+            p = torch.exp(zd - lsed.to(z.device)[:, None])
+            kl = (p * zd.sub_(z.double())).sum(-1) - (lsed.to(z.device) - lse) * p.sum(-1)
+            total.append(kl.clamp_min(0).sum())
+        self.heads_run += 1
+        return float(torch.stack(total).sum())

@@ -54,6 +54,10 @@ class MethodConfig:
         """What else must hold beside the loaded model before any work (a UserError when it does not);
         ``model_ref``: the model as the command named it (None through the API)."""
 
+    def check_calibration(self, model, rows: int, seqlen: int) -> None:
+        """What must hold of the calibration size (``rows`` x ``seqlen`` tokens) for the loaded model, before
+        the rows are drawn (a UserError when it does not)."""
+
     def ratio_rule(self) -> RatioRule:
         """The rule this run's plan is checked by (``run_method``), where options change it."""
         return self.rule

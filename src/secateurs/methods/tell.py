@@ -48,7 +48,7 @@ from ..errors import UserError
 from ..importance.activations import InputStats
 from ..importance.cost import CostModel, checked_speedup, load_or_measure
 from ..importance.interaction import block_importance, collect_streams
-from ..importance.response import PositionReplay, measure_responses, plan_loss
+from ..importance.response import KLReplayer, PositionReplay, kl_cache_bytes, measure_responses, plan_loss
 from ..importance.width import (collect_stats, head_scores, kept_channels_at, kept_heads_at, layer_compensation,
                                 layer_plan_at_rates, output_projections, projection_scores)
 from ..models import get_adapter
@@ -65,6 +65,8 @@ from ..search.greedy import Replayer
 from . import MethodConfig, PruneContext, keeps_heads, register_method
 
 ASSIGNMENTS = ("uniform", "response", "importance")
+RESPONSE_LOSSES = ("nll", "kl")
+KL_CACHE_LIMIT = 4 << 30  # bytes of the dense log-probabilities --response-loss kl may keep
 RESPONSE_RULE = RatioRule(unit="block options", text="at or above the target (--assign response: one whole option per block)")
 THRESHOLD_RULE = RatioRule(unit="blocks", text="at or above the target (--block-threshold below 1: blocks assigned "
                                               "that much are removed whole)")
@@ -100,6 +102,7 @@ class TellConfig(MethodConfig):
     speedup_rounds: int = field(default=2, metadata={"help": "re-assignments after a measured speedup misses the target"})
     speedup_tolerance: float = field(default=0.03, metadata={"help": "relative miss of the measured speedup that is accepted"})
     response_dtype: str = field(default="auto", metadata={"help": "response: precision of the measurement (auto = the working dtype, --dtype; another one measures on a copy of the model in it, not under --max-memory)", "choices": ["auto", "float32", "bfloat16"]})
+    response_loss: str = field(default="nll", metadata={"help": "response: what a response measures on the calibration rows: the NLL of the observed next tokens (nll), or the KL divergence of the changed model's next-token distributions from the dense model's (kl: keeps the dense log-probabilities in memory, rows x (seqlen - 1) x vocabulary x 4 bytes, at most 4 GiB; opt-in, not yet measured to beat nll); see docs/tell.md", "choices": list(RESPONSE_LOSSES)})
     refresh_costs: bool = field(default=False, metadata={"help": "measure the unit costs and the speedup checks again instead of using the ones cached for this device and model (measured once, again when they were measured on a busy machine and it is quiet now)"})
 
     @property
@@ -108,10 +111,39 @@ class TellConfig(MethodConfig):
         return self.assign == "response"
 
     def check_placement(self, onloaded: bool) -> None:
-        """--speedup needs the whole model in memory."""
+        """--speedup and --response-loss kl need the whole model in memory."""
         if onloaded and self.speedup is not None:
             raise UserError("tell --speedup times the whole model and its pruned probes, which a layer-by-layer model "
                             "(--max-memory) cannot hold; use --ratio, or drop --max-memory")
+        if onloaded and self.response_loss == "kl":
+            raise UserError("tell --response-loss kl keeps the dense model's next-token log-probabilities and reads "
+                            "the whole output head per position, which a layer-by-layer model (--max-memory) cannot "
+                            "hold; use --response-loss nll, or drop --max-memory")
+
+    def check_calibration(self, model, rows: int, seqlen: int) -> None:
+        """--response-loss kl: the dense log-probabilities of the calibration rows fit ``KL_CACHE_LIMIT`` and,
+        under --max-memory, the compute device's budget beside the whole model."""
+        if self.response_loss != "kl":
+            return
+        from ..runtime.estimate import model_sizes, working_bytes
+        from ..runtime.placement import device_key, format_size
+
+        vocab = get_adapter(model).lm_head().weight.shape[0]
+        need = kl_cache_bytes(rows, seqlen, vocab)
+        if need > KL_CACHE_LIMIT:
+            raise UserError(f"--response-loss kl keeps the dense log-probabilities of {rows} x {seqlen - 1} positions "
+                            f"over a vocabulary of {vocab:,}, {format_size(need)}, more than its limit of "
+                            f"{format_size(KL_CACHE_LIMIT)}; use fewer rows (--nsamples) or shorter ones (--seqlen), or "
+                            "--response-loss nll")
+        param = next(model.parameters())
+        budget = ((getattr(model, "secateurs_placement", None) or {}).get("max_memory") or {}).get(device_key(param.device))
+        if budget is not None and onloader_of(model) is None:  # layer by layer: check_placement
+            sizes = model_sizes(model, param.dtype)
+            if sizes.weights + working_bytes(sizes, self.pass_rows(), seqlen) + need > budget:
+                raise UserError(f"--response-loss kl keeps {format_size(need)} of dense log-probabilities beside the "
+                                f"model ({format_size(sizes.weights)} of weights), more than the --max-memory budget of "
+                                f"{format_size(budget)} on {param.device}; use --response-loss nll, fewer rows "
+                                "(--nsamples), or a larger budget")
 
     def level_list(self) -> list[float]:
         try:
@@ -136,11 +168,13 @@ class TellConfig(MethodConfig):
         per_kind = {kind: len(opts) - 1 for kind, opts in self.options(keeps_heads(engine)).items()}  # keep: none
         per_stage = spec.n_layers * sum(per_kind.values())
         # a response replays from its block to the end: half a calibration pass on average
-        n = 1 + -(-self.stages * per_stage // 2) + self.refine
+        n = 1 + -(-self.stages * per_stage // 2) + self.refine + (self.response_loss == "kl")
         blocks = ", ".join(f"{spec.n_layers} {kind} blocks x {k} option(s)" for kind, k in per_kind.items())
         return n, rows, (f"{self.stages} stage(s) of {per_stage} block options ({blocks}), each replayed from its "
-                         f"block on, counted as half a pass; {self.refine} refine evaluations; cached responses are "
-                         "not measured again (an upper bound)")
+                         f"block on, counted as half a pass; {self.refine} refine evaluations; "
+                         + ("one pass for the dense log-probabilities (--response-loss kl); "
+                            if self.response_loss == "kl" else "")
+                         + "cached responses are not measured again (an upper bound)")
 
     def cached_work(self, model, calib, seed: int, engine=None, model_ref=None) -> str | None:
         """How many of the first stage's responses (on the dense model) the response cache holds for this model,
@@ -177,6 +211,9 @@ class TellConfig(MethodConfig):
         if self.assign == "response":
             held += [Held("embeddings of the calibration rows and layer arguments (the replay)", h),
                      Held("the base model's state entering the measured block", h)]
+            if self.response_loss == "kl":
+                held.append(Held("the dense model's next-token log-probabilities (--response-loss kl, float32)",
+                                 kl_cache_bytes(rows, seqlen, sizes.vocab)))
         if self.uses_te:
             tokens = min(self.te_tokens, rows * (seqlen - 1))
             held.append(Held("residual streams at every block boundary (float32, CPU)",
@@ -192,6 +229,11 @@ class TellConfig(MethodConfig):
             raise UserError(f"--speedup must be greater than 1 (got {self.speedup})")
         if self.assign not in ASSIGNMENTS:
             raise UserError(f"--assign must be one of {', '.join(ASSIGNMENTS)} (got {self.assign!r})")
+        if self.response_loss not in RESPONSE_LOSSES:
+            raise UserError(f"--response-loss must be one of {', '.join(RESPONSE_LOSSES)} (got {self.response_loss!r})")
+        if self.response_loss != "nll" and self.assign != "response":
+            raise UserError(f"--response-loss {self.response_loss} applies to --assign response (the measured "
+                            f"responses); --assign {self.assign} measures none")
         self.level_list()
         if self.stages < 1 or self.response_batch < 0 or self.refine < 0:
             raise UserError("--stages must be >= 1, --response-batch and --refine >= 0")
@@ -356,20 +398,24 @@ def saving_fn(spec: ModelSpec, costs: CostModel | None):
     return lambda layer, kind, lp: sum(costs.ms_per_param[k] * v for k, v in block_params_saved(spec, layer, kind, lp).items())
 
 
-def response_replayer(model, calib: torch.Tensor, rows: int, dtype: str) -> Replayer:
+def response_replayer(model, calib: torch.Tensor, rows: int, dtype: str, loss: str = "nll") -> Replayer:
     """The replay the responses are measured on: ``model`` in ``dtype`` (a copy when it works in another,
-    ``--response-dtype``), ``rows`` calibration rows per batch, the loss head in one piece."""
+    ``--response-dtype``), ``rows`` calibration rows per batch, the loss head in one piece; its loss the summed
+    NLL, or with ``loss`` kl the summed KL divergence from the dense model (``KLReplayer``)."""
     if str(next(model.parameters()).dtype).removeprefix("torch.") != dtype:
         import copy
 
         model = copy.deepcopy(model).to(getattr(torch, dtype))
-    return Replayer(model, get_adapter(model), calib, rows, head_chunk=0)
+    adapter = get_adapter(model)
+    if loss == "kl":
+        return KLReplayer(model, adapter, calib, rows, adapter.spec())
+    return Replayer(model, adapter, calib, rows, head_chunk=0)
 
 
-def _replica_responses(model, calib: torch.Tensor, rows: int, dtype: str) -> PositionReplay:
+def _replica_responses(model, calib: torch.Tensor, rows: int, dtype: str, loss: str = "nll") -> PositionReplay:
     """A pool worker's side of the responses (``runtime.pool``: built on the worker's replica of the model)."""
     with torch.inference_mode():
-        return PositionReplay(response_replayer(model, calib, rows, dtype), get_adapter(model).spec())
+        return PositionReplay(response_replayer(model, calib, rows, dtype, loss), get_adapter(model).spec())
 
 
 def _rows_per_batch(cfg: TellConfig, ctx: PruneContext) -> int:
@@ -392,13 +438,13 @@ def dense_response_state(ctx: PruneContext, cfg: TellConfig | None = None) -> tu
 def dense_responses(ctx: PruneContext) -> dict[tuple[int, str], list[tuple[float, bool, float]]] | None:
     """What tell's response cache measured on the dense model for this model and calibration (``--calib``,
     ``--nsamples``, ``--seqlen``, ``--seed`` and dtype as a tell run with the default options): per block
-    ``(layer, kind)`` its options ``(level, compensate, loss increase per calibration token in nats)``, level 1
-    = the block removed. None when the cache holds none."""
+    ``(layer, kind)`` its options ``(level, compensate, loss increase per predicted token in nats)`` (rows x
+    (seqlen - 1), as the knapsack's ``dloss``), level 1 = the block removed. None when the cache holds none."""
     _, state = dense_response_state(ctx)
     base = state.get("base_loss")
     if base is None or not state.get("labels"):
         return None
-    tokens = ctx.calib.numel()
+    tokens = Replayer.count_tokens(ctx.calib)  # the positions the losses sum over, as the knapsack's dloss
     out: dict = {}
     for key, (pos, level, compensate) in state["labels"].items():
         if key in state.get("losses", {}):
@@ -425,7 +471,9 @@ class ResponseStore:
         if self.dtype != working and onloader_of(ctx.model) is not None:
             raise UserError(f"--response-dtype {self.dtype} needs a copy of the model, which a layer-by-layer model "
                             f"(--max-memory) cannot hold; use --dtype {self.dtype} instead")
-        self.model_key = model_key(ctx, what="responses", dtype=self.dtype)
+        # the loss in the key (kl only: the nll key is the one of the caches from before --response-loss)
+        loss = {} if cfg.response_loss == "nll" else {"loss": cfg.response_loss}
+        self.model_key = model_key(ctx, what="responses", dtype=self.dtype, **loss)
         self._replayer = None
         self._workers = None
         self.evaluations = 0  # losses the allocation used (responses, base and whole-plan losses)
@@ -434,14 +482,14 @@ class ResponseStore:
     def replayer(self) -> Replayer:
         if self._replayer is None:
             self._replayer = response_replayer(self.ctx.model, self.ctx.calib, _rows_per_batch(self.cfg, self.ctx),
-                                               self.dtype)
+                                               self.dtype, self.cfg.response_loss)
         return self._replayer
 
     def workers(self):
         """The pool's workers set up for the responses (started on first use), or None without a pool."""
         if self._workers is None and self.ctx.pool is not None:
             self._workers = self.ctx.pool.start(_replica_responses, self.ctx.calib, _rows_per_batch(self.cfg, self.ctx),
-                                                self.dtype, progress=self.ctx.progress)
+                                                self.dtype, self.cfg.response_loss, progress=self.ctx.progress)
         return self._workers
 
     def plan_loss(self, plan: PruningPlan) -> float:
@@ -520,7 +568,8 @@ def response_plan(ctx: PruneContext, cfg: TellConfig, prep: Prepared, store: Res
                       joint=lambda plan: store(plan, {}, -1)[0])
     out = allocate(problem, cfg.stages, log, cfg.refine)
     return out["plan"], {"choice": {Block.at(p).name: o.label(Block.at(p).kind) for p, o in out["choice"].items()},
-                         "stages": out["stages"], "refine": out["refine"], "saving_unit": "Mparams" if costs is None else "ms"}
+                         "stages": out["stages"], "refine": out["refine"], "saving_unit": "Mparams" if costs is None else "ms",
+                         "response_loss": cfg.response_loss}
 
 
 def assign_plan(ctx: PruneContext, cfg: TellConfig, prep: Prepared) -> tuple[PruningPlan, list | None, list | None, list, dict | None]:
