@@ -95,7 +95,11 @@ def main():
         print(f"exact: {t_exact:8.1f} s wall {c_exact:8.1f} s CPU  {work(r_exact)}  order {[s['removed'] for s in exact['steps']]}", flush=True)
     fast, t_fast, c_fast, r_fast = run(model, calib, steps, False, a)
     print(f"fast:  {t_fast:8.1f} s wall {c_fast:8.1f} s CPU  {work(r_fast)}  order {[s['removed'] for s in fast['steps']]}", flush=True)
-    if a.fast_only:
+    if a.fast_only:  # no comparison: the fast search's own figures
+        if a.json:
+            with open(a.json, "w") as fh:
+                json.dump({"settings": settings, "fast_seconds": t_fast, "fast_cpu_seconds": c_fast,
+                           "load_after": os.getloadavg(), "fast": fast}, fh, indent=1)
         return
     if not a.exact_first:
         exact, t_exact, c_exact, r_exact = run(model, calib, steps, True, a)
