@@ -209,6 +209,14 @@ register("tell-steady-smollm2", 15, [
     "tell's responses on 2 workers against 1 (bitwise the same?), and its --speedup 1.3 plan quiet, under a busy "
     "loop per core with its costs measured there, and under it with the cached costs", default=False)
 
+register("tell-small-calibration-smollm2", 75, [
+    "{py} benchmarks/tell_small_calibration.py --model smollm2-135m --shapes 4x128,4x256 --seeds 0,1,2 "
+    "--variants flap,tell,tell-kl --work runs/tell-small --name tell-small-calibration-smollm2-135m-table "
+    "--results {results}"],
+    ["{results}/tell-small-calibration-smollm2-135m-table.json", "{results}/tell-small-calibration-smollm2-135m-table.md"],
+    "tell (nll and --response-loss kl) against flap at ratio 0.2 on small calibrations (4 x 128, 4 x 256), three "
+    "seeds: the check behind tell's response loss (about 6 min per tell run at 4 x 128, 10 at 4 x 256)", default=False)
+
 register("tradeoff-qwen", 240, [
     "{py} benchmarks/tradeoff.py --model qwen2.5-coder-1.5b --methods flap,wanda-sp,shortgpt --ratios 0.10,0.16,0.22 "
     "--eval-rows 16 --latency-reps 5 --drop-weights --work runs/tradeoff-qwen --name tradeoff-qwen2.5-coder-1.5b "
