@@ -332,6 +332,24 @@ def test_smallest_budget_named_works(tok_folder, tmp_path, capsys):
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
 
 
+def test_search_time_estimate_on_a_busy_machine(tok_folder, tmp_path, monkeypatch, capsys):
+    """prune's timing pass for the search-time estimate: on a quiet machine wall time, no note; on a busy one
+    (the runnable count faked) the CPU time of the pass and a note that says so."""
+    import secateurs.eval.load as load
+
+    args = ["prune", str(tok_folder), "--method", "blockpruner", "--ratio", "0.02", "--nsamples", "2", "--seqlen", "32",
+            "--quiet", "--dry-run", "--out", str(tmp_path / "o")]
+    monkeypatch.setattr(load, "runnable", lambda: 1)
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "estimated search time" in out and "busy while timing" not in out
+    monkeypatch.setattr(load, "runnable", lambda: 2 * load.cores() + 1)
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "the machine was busy while timing" in out and "timed by the CPU time of the pass" in out
+    assert "estimated search time" in out and not (tmp_path / "o").exists()
+
+
 def test_dtype_the_device_cannot_run(monkeypatch):
     from secateurs.runtime import precision
 

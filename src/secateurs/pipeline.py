@@ -20,6 +20,7 @@ import torch
 from . import api
 from .data import calib_rows, eval_rows
 from .errors import UserError
+from .eval.load import LoadWatch, cores
 from .eval.perplexity import HELD_OUT_ROWS, HELD_OUT_SEQLEN, perplexity, rows_label
 from .export.checkpoint import _plain_config, load_pruned, write_pruned
 from .export.card import write_card
@@ -83,9 +84,15 @@ def estimates(cfg, model, calib, ratio: float | None, log=print, workers: int | 
     n, rows, what = cfg.evaluations(get_adapter(model).spec(), ratio, calib.shape[0], engine)
     if ol is None:  # a first pass warms up kernels and allocator (an onloaded pass pays its reads every time)
         row_nll(model, calib[:batch], batch)
-    t0 = time.perf_counter()
-    row_nll(model, calib[:batch], batch)
-    per_batch = time.perf_counter() - t0
+    threads = torch.get_num_threads()
+    with LoadWatch(threads) as watch:
+        t0, c0 = time.perf_counter(), time.process_time()
+        row_nll(model, calib[:batch], batch)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    # on a busy CPU the pass waited for the cores: what it costs on a quiet one is the CPU time it used, spread
+    # over its threads (an onloaded pass also waits for its reads, which CPU time leaves out: wall time there)
+    busy = dev.type == "cpu" and ol is None and bool(watch.loaded)
+    per_batch = min(wall, cpu / threads) if busy else wall
     per_eval = per_batch * -(-rows // batch)
     total = n * per_eval
     share = workers if workers and cfg.parallel else 1
@@ -96,13 +103,18 @@ def estimates(cfg, model, calib, ratio: float | None, log=print, workers: int | 
     if share > 1:
         log(f"secateurs: each of the {share} workers holds its own replica of the model: the figures above per worker "
             f"and once more for this process")
+    if busy:
+        log(f"secateurs: the machine was busy while timing ({watch.samples[-1]} threads runnable on {cores()} cores): "
+            f"timed by the CPU time of the pass, {per_batch:.2f} s per batch against {wall:.2f} s of wall time; "
+            "the search takes longer while the machine stays busy")
     log(f"secateurs: estimated search time: {n} x {format_duration(per_eval)}" + (f" / {share} workers" if share > 1 else "")
         + f" = {format_duration(total)} ({what}; one evaluation = {-(-rows // batch)} batches of {batch} x "
         f"{calib.shape[1]} tokens, {per_batch:.2f} s per batch timed on {dev})")
     return {"peak_bytes": peak.per_place, "method_state_bytes": {h.what: h.nbytes for h in peak.held},
             "weights_bytes": sizes.weights,
             "onload": peak.onload, "evaluations": n, "rows_per_evaluation": rows, "what": what,
-            "seconds_per_batch": per_batch, "seconds_per_evaluation": per_eval, "workers": share, "search_seconds": total}
+            "seconds_per_batch": per_batch, "seconds_per_batch_wall": wall, "timing_load": watch.record(),
+            "seconds_per_evaluation": per_eval, "workers": share, "search_seconds": total}
 
 
 SPENT = "search_seconds.json"
