@@ -65,7 +65,7 @@ def table(runs: list[dict], variants: list[str]) -> str:
 def write(a, runs: list[dict], variants: list[str], load: list) -> None:
     stem = Path(a.results) / a.name
     stem.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(a).items()}
+    settings = dict(vars(a))
     Path(f"{stem}.json").write_text(json.dumps({"command": " ".join(sys.argv), "settings": settings,
                                                 "load": load, "runs": runs}, indent=1))
     dense = runs[0]["test_before"] if runs else float("nan")

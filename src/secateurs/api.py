@@ -132,15 +132,10 @@ def prune(model, tokenizer, config, *, ratio: float | None = None, speedup: floa
     config = with_speedup(config, speedup)
     method = check_request(config, ratio, workers is not None, engine)
     device = device or input_device(model).type
-    if isinstance(calib, torch.Tensor):
-        n, tokens = calib.shape
-    else:
-        n, tokens, _ = calibration_size(config, nsamples, seqlen, device.split(":")[0])
+    given = isinstance(calib, torch.Tensor)
+    n, tokens = calib.shape if given else calibration_size(config, nsamples, seqlen, device.split(":")[0])[:2]
     check_model(method, config, model, ratio, engine, model_ref, (n, tokens))
-    if isinstance(calib, torch.Tensor):
-        rows, name = calib, "rows given"
-    else:
-        rows, name = calib_rows(tokenizer, model, calib, n, tokens, seed), calib
+    rows, name = (calib, "rows given") if given else (calib_rows(tokenizer, model, calib, n, tokens, seed), calib)
     ref = model_ref or getattr(model, "name_or_path", None)
     with ExitStack() as stack:
         folder = Path(workdir) if workdir is not None else Path(stack.enter_context(

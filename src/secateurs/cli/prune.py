@@ -50,10 +50,11 @@ def add_arguments(p, method: str | None = None) -> None:
     g.add_argument("--engine", default="", choices=["", *PRUNE_ENGINES],
                    help="the engine the plan must run in: " + "; ".join(f"{k}: {v}" for k, v in PRUNE_ENGINES.items())
                    + "; the plan records it")
-    g = p.add_argument_group("worker pool (Ray; methods that search candidates: blockpruner, sleb, self-pruner)")
+    g = p.add_argument_group("worker pool (Ray; methods that search candidates: blockpruner, sleb, self-pruner; "
+                             "and tell --assign response)")
     g.add_argument("--workers", type=positive_int, default=None, metavar="N",
-                   help="evaluate the search's candidates on N Ray workers, each holding a replica of the model "
-                        "(same result as one process)")
+                   help="evaluate the search's candidates (tell: its block responses) on N Ray workers, each holding "
+                        "a replica of the model (same result as one process)")
     g.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="join this Ray cluster (HOST:PORT, ray://HOST:PORT or auto) instead of starting one here: "
                         "the way to use several machines")

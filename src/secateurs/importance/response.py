@@ -188,9 +188,9 @@ class KLReplayer(Replayer):
         """Summed KL(dense || this) over batch ``b``'s positions, from its final hidden states."""
         total = []
         for (z, lse), (zd, lsed) in zip(self._slices(h), self.dense[b]):
-            zd = zd.to(z.device).double()
-            p = torch.exp(zd - lsed.to(z.device)[:, None])
-            kl = (p * zd.sub_(z.double())).sum(-1) - (lsed.to(z.device) - lse) * p.sum(-1)
+            zd, lsed = zd.to(z.device).double(), lsed.to(z.device)
+            p = torch.exp(zd - lsed[:, None])
+            kl = (p * zd.sub_(z.double())).sum(-1) - (lsed - lse) * p.sum(-1)
             total.append(kl.clamp_min(0).sum())
         self.heads_run += 1
         return float(torch.stack(total).sum())
