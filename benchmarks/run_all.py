@@ -107,13 +107,15 @@ register("tradeoff-tell-smollm2", 120, [
 register("tradeoff-tell-gemma3", 120, [
     "{py} benchmarks/tradeoff.py --model gemma3-270m --nsamples 4 --seqlen 256 --methods \"flap,wanda-sp,"
     "shortgpt[ratios=0.03;0.05;0.1],blockpruner[from-order=benchmarks/results/order-gemma3-270m-4x256-fp32.json,"
-    "ratios=0.03;0.05;0.1;0.15,as=blockpruner],tell[assign=response,response-dtype=bfloat16,ratios=,as=tell-response]\" "
+    "ratios=0.03;0.05;0.1;0.15,as=blockpruner],tell[assign=response,response-dtype=bfloat16,ratios=,as=tell-response],"
+    "tell[assign=response,response-dtype=bfloat16,ratios=,refine=20,as=tell-response-refine20],"
+    "tell[assign=response,response-dtype=bfloat16,response-loss=kl,ratios=,as=tell-response-kl]\" "
     "--ratios 0.05,0.10,0.15 --speedups 1.1,1.15,1.3,1.5,1.65 --eval-rows 8 --latency-reps 5 --work runs/tradeoff-tell "
     "--name tradeoff-tell-gemma3-270m --results {results}"],
     ["{results}/tradeoff-tell-gemma3-270m.md", "{results}/tradeoff-tell-gemma3-270m.json",
      "{results}/tradeoff-tell-gemma3-270m.png"],
-    "the same on Gemma-3-270M (flap, wanda-sp, shortgpt, blockpruner; 144 responses, about 70 min on a busy core, "
-    "cached)", default=False)
+    "the same on Gemma-3-270M (flap, wanda-sp, shortgpt, blockpruner; tell with and without --refine 20 and with "
+    "--response-loss kl; 144 responses per loss, 5 min on 2 workers, cached; about an hour in all)", default=False)
 
 register("peak-memory-gemma3", 25, ["{py} benchmarks/peak_memory.py --model gemma3-270m --nsamples 4 --seqlen 256 "
                                     "--eval-rows 4 --json {results}/peak_memory_gemma3-270m.json "
