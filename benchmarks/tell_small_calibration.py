@@ -38,6 +38,7 @@ def command(a, variant: str, rows: int, seqlen: int, seed: int, out: Path) -> li
     return [sys.executable, "-m", "secateurs", "prune", a.model, *VARIANTS[variant], "--ratio", str(a.ratio),
             "--nsamples", str(rows), "--seqlen", str(seqlen), "--seed", str(seed), "--eval", a.eval_set,
             "--eval-rows", str(a.eval_rows), "--eval-seqlen", str(a.eval_seqlen), "--device", "cpu", "--quiet",
+            "--dtype", a.dtype, *(["--workers", str(a.workers)] if a.workers and variant.startswith("tell") else []),
             "--out", str(out)]
 
 
@@ -91,6 +92,8 @@ def main():
     p.add_argument("--shapes", default="4x128,4x256", help="calibration sizes ROWSxTOKENS, comma-separated")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--variants", default="flap,tell,tell-kl", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--dtype", default="auto", help="prune's --dtype (bfloat16 halves a 1.5B model's memory)")
+    p.add_argument("--workers", type=int, default=0, help="prune's --workers for the tell variants (0: one process)")
     p.add_argument("--eval-set", default="wiki:test")
     p.add_argument("--eval-rows", type=int, default=16)
     p.add_argument("--eval-seqlen", type=int, default=256)
