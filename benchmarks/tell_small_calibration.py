@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {  # name: the method's options
     "flap": ["--method", "flap"],
+    "shortgpt": ["--method", "shortgpt"],
     "tell": ["--method", "tell"],
     "tell-kl": ["--method", "tell", "--response-loss", "kl"],
     "tell-refine": ["--method", "tell", "--refine", "20"],
