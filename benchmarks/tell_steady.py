@@ -8,7 +8,8 @@
    (b) under an artificial load (``eval.load.busy_machine``: a busy loop per core and one more) with
        ``--refresh-costs``: every timing taken under the load, as every run timed its costs before they were
        cached per device;
-   (c) under the same load without it: the costs and speedup checks of (a) from the cache.
+   (c) under the same load without it: the costs and speedup checks of (a) from the cache (run before (b),
+       which rewrites the cache).
    Per run: the blocks removed whole and narrowed, the costs (fraction of the dense time saved per kind, spread,
    pairs), the machine's load while measuring, and the speedup rounds.
 
@@ -102,9 +103,10 @@ def main(argv=None) -> int:
     if "plan" not in skip:
         base = dict(speedup=a.speedup, latency_len=a.latency_len, latency_reps=a.latency_reps)
         shutil.rmtree(cache / "costs", ignore_errors=True)  # (a) measures afresh
+        # (c) before (b): (c) must read (a)'s costs from the cache, not those (b) re-measures under load
         for name, cfg, loaded in (("a-as-is", TellConfig(**base), False),
-                                  ("b-loaded-refresh", TellConfig(**base, refresh_costs=True), True),
-                                  ("c-loaded-cached", TellConfig(**base), True)):
+                                  ("c-loaded-cached", TellConfig(**base), True),
+                                  ("b-loaded-refresh", TellConfig(**base, refresh_costs=True), True)):
             with busy_machine() if loaded else contextlib.nullcontext():
                 plan, seconds = prune(name, cfg, cache)
             d = plan.record["method_details"]
