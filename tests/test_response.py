@@ -225,3 +225,21 @@ def test_kl_response_assignment_and_its_cache(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "cache" / "tell").glob("responses-*.json")) == sorted(
         f"responses-{f}" for f in (kl_file, nll_file))
     assert ResponseStore(ctx, TellConfig()).model_key == model_key(ctx, what="responses", dtype="float32")
+
+
+def test_response_replayer_copies_or_converts_its_own():
+    """--response-dtype another than the working one: the replay runs on a copy in that dtype, the user's model
+    untouched; a pool worker (``own``) converts its replica in place instead; both give the same losses."""
+    from secateurs.methods.tell import response_replayer
+
+    calib = torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(3))
+    model = tiny_model("llama")
+    copied = response_replayer(model, calib, 2, "bfloat16")
+    assert copied.model is not model and next(copied.model.parameters()).dtype == torch.bfloat16
+    assert next(model.parameters()).dtype == torch.float32
+    spec = copied.adapter.spec()
+    dense = PruningPlan.dense(spec)
+    want = plan_loss(copied, spec, dense)
+    own = response_replayer(model, calib, 2, "bfloat16", own=True)
+    assert own.model is model and next(model.parameters()).dtype == torch.bfloat16
+    assert plan_loss(own, spec, dense) == want

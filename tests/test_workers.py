@@ -226,15 +226,16 @@ def test_ray_missing(tmp_path, capsys, monkeypatch):
 
 
 
-@pytest.mark.parametrize("loss", ["nll", "kl"])
-def test_tell_responses_on_pool_equal_one_process(shared, tmp_path, monkeypatch, loss):
+@pytest.mark.parametrize("loss,dtype", [("nll", "auto"), ("kl", "auto"), ("nll", "bfloat16")])
+def test_tell_responses_on_pool_equal_one_process(shared, tmp_path, monkeypatch, loss, dtype):
     """tell's block responses fanned out over 2 workers: bitwise the same responses (the same files), the same
     whole-plan losses of --refine, the same plan as one process; with either --response-loss (kl: each worker
-    computes the dense log-probabilities from its own replica)."""
+    computes the dense log-probabilities from its own replica), and with --response-dtype bfloat16 (one
+    process measures on a copy, a worker converts its replica in place)."""
     from secateurs.methods.tell import TellConfig
 
     calib = torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(2))
-    cfg = TellConfig(levels="0.5", refine=2, response_loss=loss)
+    cfg = TellConfig(levels="0.5", refine=2, response_loss=loss, response_dtype=dtype)
     runs = {}
     for name, pool in (("one", None), ("pool", shared)):
         monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / name / "cache"))
@@ -242,8 +243,10 @@ def test_tell_responses_on_pool_equal_one_process(shared, tmp_path, monkeypatch,
             pool.loader = partial(tiny_model, "llama")
             for fn in ("measure_responses", "plan_loss"):  # nothing measured here: on the workers only
                 monkeypatch.setattr(f"secateurs.methods.tell.{fn}", lambda *a, **k: pytest.fail("measured here"))
-        plan = secateurs.prune(tiny_model("llama"), None, cfg, ratio=0.3, calib=calib, workdir=tmp_path / name,
+        model = tiny_model("llama")
+        plan = secateurs.prune(model, None, cfg, ratio=0.3, calib=calib, workdir=tmp_path / name,
                                workers=pool, progress=False)
+        assert next(model.parameters()).dtype == torch.float32  # the user's model is not converted
         files = sorted((tmp_path / name).glob("tell_responses_*.json"))
         details = plan.record["method_details"]["allocation"]
         runs[name] = (plan.to_dict()["layers"], [(f.name, f.read_bytes()) for f in files], details["refine"],

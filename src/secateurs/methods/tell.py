@@ -398,14 +398,16 @@ def saving_fn(spec: ModelSpec, costs: CostModel | None):
     return lambda layer, kind, lp: sum(costs.ms_per_param[k] * v for k, v in block_params_saved(spec, layer, kind, lp).items())
 
 
-def response_replayer(model, calib: torch.Tensor, rows: int, dtype: str, loss: str = "nll") -> Replayer:
-    """The replay the responses are measured on: ``model`` in ``dtype`` (a copy when it works in another,
-    ``--response-dtype``), ``rows`` calibration rows per batch, the loss head in one piece; its loss the summed
-    NLL, or with ``loss`` kl the summed KL divergence from the dense model (``KLReplayer``)."""
+def response_replayer(model, calib: torch.Tensor, rows: int, dtype: str, loss: str = "nll",
+                      own: bool = False) -> Replayer:
+    """The replay the responses are measured on: ``model`` in ``dtype`` (``--response-dtype``: when it works in
+    another, a copy, or with ``own`` the model itself converted, as a pool worker does with its replica),
+    ``rows`` calibration rows per batch, the loss head in one piece; its loss the summed NLL, or with ``loss``
+    kl the summed KL divergence from the dense model (``KLReplayer``)."""
     if str(next(model.parameters()).dtype).removeprefix("torch.") != dtype:
         import copy
 
-        model = copy.deepcopy(model).to(getattr(torch, dtype))
+        model = (model if own else copy.deepcopy(model)).to(getattr(torch, dtype))
     adapter = get_adapter(model)
     if loss == "kl":
         return KLReplayer(model, adapter, calib, rows, adapter.spec())
@@ -413,9 +415,10 @@ def response_replayer(model, calib: torch.Tensor, rows: int, dtype: str, loss: s
 
 
 def _replica_responses(model, calib: torch.Tensor, rows: int, dtype: str, loss: str = "nll") -> PositionReplay:
-    """A pool worker's side of the responses (``runtime.pool``: built on the worker's replica of the model)."""
+    """A pool worker's side of the responses (``runtime.pool``: built on the worker's replica of the model, which
+    belongs to this search: converted to ``dtype`` in place, not copied, so a worker holds one model)."""
     with torch.inference_mode():
-        return PositionReplay(response_replayer(model, calib, rows, dtype, loss), get_adapter(model).spec())
+        return PositionReplay(response_replayer(model, calib, rows, dtype, loss, own=True), get_adapter(model).spec())
 
 
 def _rows_per_batch(cfg: TellConfig, ctx: PruneContext) -> int:
