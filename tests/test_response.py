@@ -143,7 +143,7 @@ def test_response_assignment_with_local_search(tmp_path, monkeypatch):
     monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
     model = tiny_model("llama")
     ctx = _ctx(model, tmp_path, 0.25)
-    plan = tell(ctx, TellConfig(assign="response", refine=3))
+    plan = tell(ctx, TellConfig(assign="response", refine=3, response_loss="nll"))  # the NLL replayed below
     hist = ctx.extra["allocation"]["refine"]
     assert 1 <= len(hist) <= 4 and hist[0]["accepted"] and not hist[0]["moves"]
     final = min(h["loss"] for h in hist if h["accepted"])
@@ -224,7 +224,8 @@ def test_kl_response_assignment_and_its_cache(tmp_path, monkeypatch):
     assert kl_file != nll_file
     assert sorted(p.name for p in (tmp_path / "cache" / "tell").glob("responses-*.json")) == sorted(
         f"responses-{f}" for f in (kl_file, nll_file))
-    assert ResponseStore(ctx, TellConfig()).model_key == model_key(ctx, what="responses", dtype="float32")
+    assert ResponseStore(ctx, TellConfig(response_loss="nll")).model_key == model_key(ctx, what="responses",
+                                                                                      dtype="float32")
 
 
 def test_response_replayer_copies_or_converts_its_own():

@@ -178,6 +178,9 @@ def test_tell_kl_refused_layer_by_layer_or_beyond_the_budget(folders, tmp_path):
     lazy = _load(folders["llama"], _tight(folders["llama"], workload=(4, 16)), tmp_path, (4, 16))
     with pytest.raises(UserError, match="--response-loss kl .* layer-by-layer model"):
         _run("tell", _ctx(lazy, ROWS, tmp_path), response_loss="kl")
+    from secateurs.methods.tell import TellConfig as _Tell  # auto (the default): nll there, and said why
+    assert _Tell().loss_for(lazy, *ROWS.shape) == ("nll", "auto: a layer-by-layer model (--max-memory) cannot hold "
+                                                          "the dense log-probabilities kl needs")
     from secateurs.importance.response import kl_cache_bytes
     from secateurs.methods.tell import TellConfig
 
@@ -188,6 +191,7 @@ def test_tell_kl_refused_layer_by_layer_or_beyond_the_budget(folders, tmp_path):
     assert onloader_of(model) is None
     with pytest.raises(UserError, match="--response-loss kl keeps .* more than the --max-memory budget"):
         _run("tell", _ctx(model, ROWS, tmp_path / "r"), response_loss="kl")
+    assert TellConfig().loss_for(model, *ROWS.shape)[0] == "nll"  # auto: the budget cannot hold kl's cache
     TellConfig(response_loss="kl").check_calibration(_load(folders["llama"], {"cpu": tight + cache}, tmp_path, (4, 16)),
                                                      *ROWS.shape)
 

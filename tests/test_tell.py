@@ -411,8 +411,28 @@ def test_response_loss_validation():
         with pytest.raises(UserError, match=f"--response-loss kl applies to --assign response .* --assign {assign} measures none"):
             TellConfig(response_loss="kl", assign=assign).check(0.25)
         TellConfig(response_loss="nll", assign=assign).check(0.25)
-    with pytest.raises(UserError, match="--response-loss must be one of nll, kl"):
+    with pytest.raises(UserError, match="--response-loss must be one of auto, nll, kl"):
         TellConfig(response_loss="mse").check(0.25)
+    for assign in ("uniform", "importance"):  # auto (the default) measures nothing there, and is no error
+        TellConfig(assign=assign).check(0.25)
+
+
+def test_response_loss_auto_chooses_kl_where_it_fits(monkeypatch):
+    """auto: kl where the dense log-probabilities fit the limit, nll beyond it; a given loss stays as given."""
+    import secateurs.methods.tell as tell_mod
+    from secateurs.importance.response import kl_cache_bytes
+
+    model = tiny_model("llama")
+    vocab = model.get_output_embeddings().weight.shape[0]
+    assert TellConfig().response_loss == "auto"
+    assert TellConfig().loss_for(model, 4, 24)[0] == "kl"
+    assert TellConfig(response_loss="nll").loss_for(model, 4, 24) == ("nll", "--response-loss nll")
+    monkeypatch.setattr(tell_mod, "KL_CACHE_LIMIT", kl_cache_bytes(4, 24, vocab) - 1)
+    loss, why = TellConfig().loss_for(model, 4, 24)
+    assert loss == "nll" and f"4 x 23 positions x {vocab:,} tokens" in why and "over its" in why
+    assert TellConfig().loss_for(model, 4, 23)[0] == "kl"  # one position fewer fits
+    with pytest.raises(UserError, match="more than its limit"):  # kl asked for: refused, not replaced
+        TellConfig(response_loss="kl").check_calibration(model, 4, 24)
 
 
 def test_cli_rejects_bad_budget_before_loading(tmp_path, capsys):
@@ -489,13 +509,14 @@ def test_dry_run_counts_the_response_replays():
     """--dry-run's estimate: one replay per block option and stage, each half a pass; uniform: one pass."""
     spec = get_adapter(tiny_model("llama")).spec()
     blocks = 2 * spec.n_layers
-    n, rows, what = TellConfig().evaluations(spec, 0.2, 8)  # the default: response, 3 levels, compensation on
+    n, rows, what = TellConfig(response_loss="nll").evaluations(spec, 0.2, 8)  # response, 3 levels, compensation on
     assert (n, rows) == (1 + blocks * 4 // 2, 8) and "half a pass" in what
-    n2, _, _ = TellConfig(compensation="both", stages=2, refine=5).evaluations(spec, 0.2, 8)
+    n2, _, _ = TellConfig(compensation="both", stages=2, refine=5, response_loss="nll").evaluations(spec, 0.2, 8)
     assert n2 == 1 + 2 * blocks * 7 // 2 + 5
     assert TellConfig(assign="uniform").evaluations(spec, 0.2, 8)[0] == 1
     n3, _, what3 = TellConfig(response_loss="kl").evaluations(spec, 0.2, 8)  # and one pass for the dense log-probs
     assert n3 == n + 1 and "dense log-probabilities" in what3
+    assert TellConfig().evaluations(spec, 0.2, 8)[0] == n3  # the default, auto: kl where it fits (an upper bound)
 
 
 def test_dry_run_says_how_many_responses_are_new(tmp_path, monkeypatch):
@@ -643,4 +664,4 @@ def test_engine_vllm_shares_the_response_cache(tmp_path, monkeypatch):
     assert (new("vllm"), new(None)) == (0, L)  # the attention widths alone are missing
     assert run("free-after", None)[1] == L
     n, _, what = cfg.evaluations(spec, 0.3, 6, "vllm")
-    assert n == 1 + -(-3 * L // 2) and f"{L} attn blocks x 1 option(s)" in what
+    assert n == 2 + -(-3 * L // 2) and f"{L} attn blocks x 1 option(s)" in what  # + the kl pass (auto)

@@ -75,7 +75,9 @@ def format_table(result: dict) -> str:
     if alloc:
         unit = alloc["saving_unit"]
         st = alloc["stages"]
-        kl = " (--response-loss kl: KL divergence from the dense model, nats/token)" if alloc.get("response_loss") == "kl" else ""
+        loss, why = alloc.get("response_loss"), alloc.get("response_loss_why") or "--response-loss kl"
+        kl = f" ({why}: KL divergence from the dense model, nats/token)" if loss == "kl" else (
+            f" (NLL, {why})" if why.startswith("auto") else "")
         lines.append(f"  assignment: measured responses{kl} + exact knapsack, {len(st)} stage(s), "
                      f"{alloc.get('evaluations_measured', '?')} responses measured ({alloc.get('evaluations', '?')} used); "
                      f"price at the margin {_price(st[-1].get('price'))} nats/token per {unit} saved")

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -65,7 +65,7 @@ from ..search.greedy import Replayer
 from . import MethodConfig, PruneContext, keeps_heads, register_method
 
 ASSIGNMENTS = ("uniform", "response", "importance")
-RESPONSE_LOSSES = ("nll", "kl")
+RESPONSE_LOSSES = ("auto", "nll", "kl")
 KL_CACHE_LIMIT = 4 << 30  # bytes of the dense log-probabilities --response-loss kl may keep
 RESPONSE_RULE = RatioRule(unit="block options", text="at or above the target (--assign response: one whole option per block)")
 THRESHOLD_RULE = RatioRule(unit="blocks", text="at or above the target (--block-threshold below 1: blocks assigned "
@@ -102,13 +102,32 @@ class TellConfig(MethodConfig):
     speedup_rounds: int = field(default=2, metadata={"help": "re-assignments after a measured speedup misses the target"})
     speedup_tolerance: float = field(default=0.03, metadata={"help": "relative miss of the measured speedup that is accepted"})
     response_dtype: str = field(default="auto", metadata={"help": "response: precision of the measurement (auto = the working dtype, --dtype; another one measures on a copy of the model in it, not under --max-memory)", "choices": ["auto", "float32", "bfloat16"]})
-    response_loss: str = field(default="nll", metadata={"help": "response: what a response measures on the calibration rows: the NLL of the observed next tokens (nll), or the KL divergence of the changed model's next-token distributions from the dense model's (kl: keeps the dense log-probabilities in memory, rows x (seqlen - 1) x vocabulary x 4 bytes, at most 4 GiB; opt-in; on small calibrations, 4 x 128 or 4 x 256 on SmolLM2, kl gave a 17-33%% lower held-out perplexity than nll); see docs/tell.md", "choices": list(RESPONSE_LOSSES)})
+    response_loss: str = field(default="auto", metadata={"help": "response: what a response measures on the calibration rows: the KL divergence of the changed model's next-token distributions from the dense model's (kl: keeps the dense log-probabilities in memory, rows x (seqlen - 1) x vocabulary x 4 bytes, at most 4 GiB), the NLL of the observed next tokens (nll), or auto (the default): kl where those log-probabilities fit (and the model is whole in memory), nll otherwise, said at the start and recorded. kl gave the lower held-out perplexity in every comparison measured: at equal ratio 11-36%% under nll (SmolLM2 4 x 128, 4 x 256, 16 x 256; Gemma-3-270M and Qwen2.5-Coder-1.5B at 4 x 256), and at equal measured speed (1.15x / 1.3x / 1.5x) 3-19%% on SmolLM2 and 17-33%% on Gemma; its responses take 1-2.2x nll's time (more with a larger vocabulary). At the default calibration of 32 x 512 it fits for SmolLM2 (3.2 GB), not for Gemma (262,144 tokens) or the 1.5B (151,936), which get nll unless --nsamples / --seqlen are smaller; see docs/tell.md", "choices": list(RESPONSE_LOSSES)})
     refresh_costs: bool = field(default=False, metadata={"help": "measure the unit costs and the speedup checks again instead of using the ones cached for this device and model (measured once, again when they were measured on a busy machine and it is quiet now)"})
 
     @property
     def parallel(self) -> bool:
         """The response assignment fans its block responses out over the worker pool (``--workers``)."""
         return self.assign == "response"
+
+    def loss_for(self, model, rows: int, seqlen: int) -> tuple[str, str]:
+        """(the loss this run's responses measure, why): --response-loss as given, or with auto kl where the dense
+        log-probabilities of ``rows`` x ``seqlen`` fit ``KL_CACHE_LIMIT`` (and the --max-memory budget beside the
+        whole model), nll otherwise (and for a layer-by-layer model)."""
+        if self.response_loss != "auto":
+            return self.response_loss, "--response-loss " + self.response_loss
+        if onloader_of(model) is not None:
+            return "nll", "auto: a layer-by-layer model (--max-memory) cannot hold the dense log-probabilities kl needs"
+        try:
+            replace(self, response_loss="kl").check_calibration(model, rows, seqlen)
+        except UserError:
+            from ..runtime.placement import format_size
+
+            vocab = get_adapter(model).lm_head().weight.shape[0]
+            return "nll", (f"auto: kl would keep {format_size(kl_cache_bytes(rows, seqlen, vocab))} of dense "
+                           f"log-probabilities ({rows} x {seqlen - 1} positions x {vocab:,} tokens), over its "
+                           f"{format_size(KL_CACHE_LIMIT)} limit or the --max-memory budget")
+        return "kl", "auto: the dense log-probabilities of this calibration fit in memory"
 
     def check_placement(self, onloaded: bool) -> None:
         """--speedup and --response-loss kl need the whole model in memory."""
@@ -168,12 +187,12 @@ class TellConfig(MethodConfig):
         per_kind = {kind: len(opts) - 1 for kind, opts in self.options(keeps_heads(engine)).items()}  # keep: none
         per_stage = spec.n_layers * sum(per_kind.values())
         # a response replays from its block to the end: half a calibration pass on average
-        n = 1 + -(-self.stages * per_stage // 2) + self.refine + (self.response_loss == "kl")
+        n = 1 + -(-self.stages * per_stage // 2) + self.refine + (self.response_loss != "nll")
         blocks = ", ".join(f"{spec.n_layers} {kind} blocks x {k} option(s)" for kind, k in per_kind.items())
         return n, rows, (f"{self.stages} stage(s) of {per_stage} block options ({blocks}), each replayed from its "
                          f"block on, counted as half a pass; {self.refine} refine evaluations; "
-                         + ("one pass for the dense log-probabilities (--response-loss kl); "
-                            if self.response_loss == "kl" else "")
+                         + ("one pass for the dense log-probabilities (--response-loss kl, or auto where kl "
+                            "is chosen); " if self.response_loss != "nll" else "")
                          + "cached responses are not measured again (an upper bound)")
 
     def cached_work(self, model, calib, seed: int, engine=None, model_ref=None) -> str | None:
@@ -211,7 +230,8 @@ class TellConfig(MethodConfig):
         if self.assign == "response":
             held += [Held("embeddings of the calibration rows and layer arguments (the replay)", h),
                      Held("the base model's state entering the measured block", h)]
-            if self.response_loss == "kl":
+            if self.response_loss == "kl" or (self.response_loss == "auto" and not onload
+                                              and kl_cache_bytes(rows, seqlen, sizes.vocab) <= KL_CACHE_LIMIT):
                 held.append(Held("the dense model's next-token log-probabilities (--response-loss kl, float32)",
                                  kl_cache_bytes(rows, seqlen, sizes.vocab)))
         if self.uses_te:
@@ -231,7 +251,7 @@ class TellConfig(MethodConfig):
             raise UserError(f"--assign must be one of {', '.join(ASSIGNMENTS)} (got {self.assign!r})")
         if self.response_loss not in RESPONSE_LOSSES:
             raise UserError(f"--response-loss must be one of {', '.join(RESPONSE_LOSSES)} (got {self.response_loss!r})")
-        if self.response_loss != "nll" and self.assign != "response":
+        if self.response_loss == "kl" and self.assign != "response":
             raise UserError(f"--response-loss {self.response_loss} applies to --assign response (the measured "
                             f"responses); --assign {self.assign} measures none")
         self.level_list()
@@ -431,7 +451,7 @@ def _rows_per_batch(cfg: TellConfig, ctx: PruneContext) -> int:
 def dense_response_state(ctx: PruneContext, cfg: TellConfig | None = None) -> tuple[Path, dict]:
     """(the shared cache file of the responses measured on the dense model for this model and calibration, what
     it holds: ``{"base_loss", "losses", "labels"}``, ``{}`` when nothing is cached)."""
-    path = ResponseStore(ctx, cfg or TellConfig()).paths(PruningPlan.dense(ctx.spec))[1]
+    path = ResponseStore(ctx, cfg or TellConfig(response_loss="nll")).paths(PruningPlan.dense(ctx.spec))[1]
     try:
         return path, json.loads(path.read_text()) if path.exists() else {}
     except json.JSONDecodeError:
@@ -440,7 +460,8 @@ def dense_response_state(ctx: PruneContext, cfg: TellConfig | None = None) -> tu
 
 def dense_responses(ctx: PruneContext) -> dict[tuple[int, str], list[tuple[float, bool, float]]] | None:
     """What tell's response cache measured on the dense model for this model and calibration (``--calib``,
-    ``--nsamples``, ``--seqlen``, ``--seed`` and dtype as a tell run with the default options): per block
+    ``--nsamples``, ``--seqlen``, ``--seed`` and dtype as a tell run with the default options, the NLL
+    responses: ``--response-loss nll``, or auto where it chose nll; kl responses are not read here): per block
     ``(layer, kind)`` its options ``(level, compensate, loss increase per predicted token in nats)`` (rows x
     (seqlen - 1), as the knapsack's ``dloss``), level 1 = the block removed. None when the cache holds none."""
     _, state = dense_response_state(ctx)
@@ -474,8 +495,9 @@ class ResponseStore:
         if self.dtype != working and onloader_of(ctx.model) is not None:
             raise UserError(f"--response-dtype {self.dtype} needs a copy of the model, which a layer-by-layer model "
                             f"(--max-memory) cannot hold; use --dtype {self.dtype} instead")
+        self.loss, self.loss_why = cfg.loss_for(ctx.model, *ctx.calib.shape)  # --response-loss (auto: chosen)
         # the loss in the key (kl only: the nll key is the one of the caches from before --response-loss)
-        loss = {} if cfg.response_loss == "nll" else {"loss": cfg.response_loss}
+        loss = {} if self.loss == "nll" else {"loss": self.loss}
         self.model_key = model_key(ctx, what="responses", dtype=self.dtype, **loss)
         self._replayer = None
         self._workers = None
@@ -485,14 +507,14 @@ class ResponseStore:
     def replayer(self) -> Replayer:
         if self._replayer is None:
             self._replayer = response_replayer(self.ctx.model, self.ctx.calib, _rows_per_batch(self.cfg, self.ctx),
-                                               self.dtype, self.cfg.response_loss)
+                                               self.dtype, self.loss)
         return self._replayer
 
     def workers(self):
         """The pool's workers set up for the responses (started on first use), or None without a pool."""
         if self._workers is None and self.ctx.pool is not None:
             self._workers = self.ctx.pool.start(_replica_responses, self.ctx.calib, _rows_per_batch(self.cfg, self.ctx),
-                                                self.dtype, self.cfg.response_loss, progress=self.ctx.progress)
+                                                self.dtype, self.loss, progress=self.ctx.progress)
         return self._workers
 
     def plan_loss(self, plan: PruningPlan) -> float:
@@ -572,7 +594,7 @@ def response_plan(ctx: PruneContext, cfg: TellConfig, prep: Prepared, store: Res
     out = allocate(problem, cfg.stages, log, cfg.refine)
     return out["plan"], {"choice": {Block.at(p).name: o.label(Block.at(p).kind) for p, o in out["choice"].items()},
                          "stages": out["stages"], "refine": out["refine"], "saving_unit": "Mparams" if costs is None else "ms",
-                         "response_loss": cfg.response_loss}
+                         "response_loss": store.loss, "response_loss_why": store.loss_why}
 
 
 def assign_plan(ctx: PruneContext, cfg: TellConfig, prep: Prepared) -> tuple[PruningPlan, list | None, list | None, list, dict | None]:
@@ -581,6 +603,8 @@ def assign_plan(ctx: PruneContext, cfg: TellConfig, prep: Prepared) -> tuple[Pru
     spec, costs = ctx.spec, prep.costs
     log = print if ctx.progress else (lambda *a: None)
     store = ResponseStore(ctx, cfg) if cfg.assign == "response" else None
+    if store is not None:
+        log(f"tell: the responses measure {store.loss} ({store.loss_why})")
     weights = None if store else weights_for(spec, prep.importance, cfg)
 
     def structural(ratios):
