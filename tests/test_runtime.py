@@ -149,14 +149,19 @@ def test_greedy_spills_pinned_states(folders, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_width_plans_and_fitness_same_with_budget(folders, arch, tmp_path):
+def test_width_plans_and_fitness_same_with_budget(folders, arch, tmp_path, monkeypatch):
+    """The same plans resident and layer by layer; tell's responses measured on each (a cache of its own: the
+    layer-by-layer replay reads every layer's weights), with nll, which both can measure (auto takes kl on the
+    resident model)."""
     from secateurs.methods.self_pruner import MaskedFitness
 
     res = _load(folders[arch])
     lazy = _load(folders[arch], _tight(folders[arch], workload=(4, 16)), tmp_path / "spill", (4, 16))
     for method, opts in [("flap", {}), ("wanda-sp", {}), ("tell", {"te_rank": 4, "te_tokens": 60, "latency_reps": 1,
-                                                                   "latency_len": 8})]:
+                                                                   "latency_len": 8, "response_loss": "nll"})]:
+        monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / f"cache-a-{method}"))
         a = _run(method, _ctx(res, ROWS, tmp_path / f"a-{method}"), **opts)
+        monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / f"cache-b-{method}"))
         b = _run(method, _ctx(lazy, ROWS, tmp_path / f"b-{method}"), **opts)
         assert a.to_dict()["layers"] == b.to_dict()["layers"], method
     sr, sl = MaskedFitness.scores(_ctx(res, ROWS, tmp_path), 2), MaskedFitness.scores(_ctx(lazy, ROWS, tmp_path), 2)

@@ -31,7 +31,7 @@ from ..models.base import Block, ModelSpec
 from ..plan import LayerPlan, PruningPlan
 from ..progress import progress_bar
 from ..runtime.head import _logits
-from ..runtime.placement import module_device
+from ..runtime.placement import module_device, to_module_device
 from ..search.greedy import Replayer
 from .activations import run_branch
 from .width import MaskedPlan
@@ -55,11 +55,13 @@ def run_block(replayer, spec: ModelSpec, pos: int, lp: LayerPlan, h: torch.Tenso
     if not getattr(lp, kind):
         return h
     replayer.blocks_run += 1
-    mod = replayer.layers[layer]
+    # an onloaded model (--max-memory): the layer's weights read onto the device first, as the greedy replay does
+    mod = replayer.ol.layer(layer) if replayer.ol is not None else replayer.layers[layer]
+    h, kw = to_module_device(mod, h, replayer.kwargs[b][layer])
     if not _narrowed(lp, kind):
-        return run_branch(replayer.adapter, mod, kind, h, replayer.kwargs[b][layer])
+        return run_branch(replayer.adapter, mod, kind, h, kw)
     with MaskedPlan(replayer.adapter, spec, {layer: branch_only(lp, kind)}):
-        return run_branch(replayer.adapter, mod, kind, h, replayer.kwargs[b][layer])
+        return run_branch(replayer.adapter, mod, kind, h, kw)
 
 
 def run_from(replayer, spec: ModelSpec, plan: PruningPlan, b: int, h: torch.Tensor, start: int) -> torch.Tensor:
