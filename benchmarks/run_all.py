@@ -95,21 +95,21 @@ register("tradeoff-gemma3", 180, [
 register("tradeoff-tell-smollm2", 120, [
     "{py} benchmarks/tradeoff.py --model smollm2-135m --methods \"flap,shortgpt,blockpruner[from-order="
     "benchmarks/results/order-smollm2-135m-16x256-fp32.json,as=blockpruner],sleb[ratios=0.25],"
-    "tell[assign=response,response-dtype=bfloat16,ratios=,as=tell-response],"
-    "tell[assign=response,response-dtype=bfloat16,ratios=,refine=20,as=tell-response-refine20],"
+    "tell[assign=response,response-dtype=bfloat16,response-loss=nll,ratios=,as=tell-response],"
+    "tell[assign=response,response-dtype=bfloat16,response-loss=nll,ratios=,refine=20,as=tell-response-refine20],"
     "tell[assign=response,response-dtype=bfloat16,response-loss=kl,ratios=,as=tell-response-kl]\" "
     "--ratios 0.10,0.15,0.20,0.25,0.30 --speedups 1.1,1.15,1.3,1.5,1.65 --eval-rows 16 --latency-reps 5 "
     "--work runs/tradeoff-tell --name tradeoff-tell-smollm2-135m --results {results}"],
     ["{results}/tradeoff-tell-smollm2-135m.md", "{results}/tradeoff-tell-smollm2-135m.json",
      "{results}/tradeoff-tell-smollm2-135m.png"],
-    "tell (measured responses, the default) beside flap, shortgpt, blockpruner and sleb at equal measured speed on "
+    "tell (measured responses: nll, the default until auto, and kl) beside flap, shortgpt, blockpruner and sleb at equal measured speed on "
     "SmolLM2, with and without --refine 20 and with --response-loss kl, timed side by side in one run (sleb's search alone is 17-70 min; tell's "
     "241 responses 11-20 min, cached)", default=False)
 register("tradeoff-tell-gemma3", 120, [
     "{py} benchmarks/tradeoff.py --model gemma3-270m --nsamples 4 --seqlen 256 --methods \"flap,wanda-sp,"
     "shortgpt[ratios=0.03;0.05;0.1],blockpruner[from-order=benchmarks/results/order-gemma3-270m-4x256-fp32.json,"
-    "ratios=0.03;0.05;0.1;0.15,as=blockpruner],tell[assign=response,response-dtype=bfloat16,ratios=,as=tell-response],"
-    "tell[assign=response,response-dtype=bfloat16,ratios=,refine=20,as=tell-response-refine20],"
+    "ratios=0.03;0.05;0.1;0.15,as=blockpruner],tell[assign=response,response-dtype=bfloat16,response-loss=nll,ratios=,as=tell-response],"
+    "tell[assign=response,response-dtype=bfloat16,response-loss=nll,ratios=,refine=20,as=tell-response-refine20],"
     "tell[assign=response,response-dtype=bfloat16,response-loss=kl,ratios=,as=tell-response-kl]\" "
     "--ratios 0.05,0.10,0.15 --speedups 1.1,1.15,1.3,1.5,1.65 --eval-rows 8 --latency-reps 5 --work runs/tradeoff-tell "
     "--name tradeoff-tell-gemma3-270m --results {results}"],

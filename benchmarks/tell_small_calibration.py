@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {  # name: the method's options
     "flap": ["--method", "flap"],
     "shortgpt": ["--method", "shortgpt"],
-    "tell": ["--method", "tell"],
+    "tell": ["--method", "tell", "--response-loss", "nll"],  # nll: the default until auto (kl where it fits)
     "tell-kl": ["--method", "tell", "--response-loss", "kl"],
-    "tell-refine": ["--method", "tell", "--refine", "20"],
+    "tell-refine": ["--method", "tell", "--response-loss", "nll", "--refine", "20"],
     "tell-kl-refine": ["--method", "tell", "--response-loss", "kl", "--refine", "20"],
 }
 
