@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-R = dict(assign="response")
+R = dict(assign="response", response_loss="nll")  # the results files were made with nll (the default then)
 VARIANTS = {  # name -> TellConfig fields
     "on": dict(**R, compensation="on"),
     "off": dict(**R, compensation="off"),

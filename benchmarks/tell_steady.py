@@ -89,7 +89,8 @@ def main(argv=None) -> int:
         for n in (1, 2):
             c = _cache(work, f"cache-{n}")
             shutil.rmtree(c / "tell", ignore_errors=True)  # every response measured
-            plan, seconds = prune(f"workers-{n}", TellConfig(), c, workers=n if n > 1 else None, ratio=a.ratio)
+            plan, seconds = prune(f"workers-{n}", TellConfig(response_loss="nll"), c, workers=n if n > 1 else None,
+                                  ratio=a.ratio)
             files = sorted((c / "tell").glob("responses-*.json"))
             d = plan.record["method_details"]
             out["workers"][n] = {"seconds": seconds, "responses_measured": d["allocation"]["evaluations_measured"],
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
         for w in out["workers"].values():
             del w["files"], w["plan"]
     if "plan" not in skip:
-        base = dict(speedup=a.speedup, latency_len=a.latency_len, latency_reps=a.latency_reps)
+        base = dict(speedup=a.speedup, latency_len=a.latency_len, latency_reps=a.latency_reps, response_loss="nll")
         shutil.rmtree(cache / "costs", ignore_errors=True)  # (a) measures afresh
         # (c) before (b): (c) must read (a)'s costs from the cache, not those (b) re-measures under load
         for name, cfg, loaded in (("a-as-is", TellConfig(**base), False),
