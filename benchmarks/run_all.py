@@ -118,6 +118,16 @@ register("tradeoff-tell-gemma3", 120, [
     "the same on Gemma-3-270M (flap, wanda-sp, shortgpt, blockpruner; tell with and without --refine 20 and with "
     "--response-loss kl; 144 responses per loss, 5 min on 2 workers, cached; about an hour in all)", default=False)
 
+register("tradeoff-tell-qwen", 240, [
+    "{py} benchmarks/tradeoff.py --model qwen2.5-coder-1.5b --nsamples 4 --seqlen 256 --methods \"tell[assign=response,"
+    "response-dtype=bfloat16,response-loss=kl,workers=2,ratios=,as=tell-response-kl],shortgpt[ratios=0.1;0.16;0.22;0.28],"
+    "flap[ratios=0.16;0.22;0.28]\" --ratios \"\" --speedups 1.15,1.3,1.5 --eval-rows 16 --eval-seqlen 256 --latency-reps 5 "
+    "--drop-weights --work runs/tradeoff-tell --name tradeoff-tell-qwen2.5-coder-1.5b --results {results}"],
+    ["{results}/tradeoff-tell-qwen2.5-coder-1.5b.md", "{results}/tradeoff-tell-qwen2.5-coder-1.5b.json",
+     "{results}/tradeoff-tell-qwen2.5-coder-1.5b.png"],
+    "tell (kl responses, what auto chooses at 4 x 256) beside shortgpt and flap, the best single-unit methods on the "
+    "1.5B, at equal measured speed, float32 timing (224 responses on 2 workers in bfloat16, about 50 min; each other "
+    "run about 10 min; about 3 h in all)", default=False)
 register("peak-memory-gemma3", 25, ["{py} benchmarks/peak_memory.py --model gemma3-270m --nsamples 4 --seqlen 256 "
                                     "--eval-rows 4 --json {results}/peak_memory_gemma3-270m.json "
                                     "--md {results}/peak_memory_gemma3-270m.md"],

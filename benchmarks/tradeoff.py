@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     dense_dir.mkdir(exist_ok=True)
     print(f"tradeoff: {a.model}: {len(runs)} runs; dense perplexity ...", flush=True)
     dense_ppl = evaluate(dense_dir, a.model)
-    dense, _ = load_model(a.model, progress=False)
+    dense = None  # loaded at the first timing: a search before it (tell's workers) has the memory to itself
     rows = [{"method": "dense", "budget": "-", "ratio": 0.0, "ppl": dense_ppl, "speedup": 1.0, "dense_ms": None,
              "pruned_ms": None, "search_s": 0.0, "removed": ""}]
     for n, (lab, name, opts, flag, value) in enumerate(runs, 1):
@@ -176,6 +176,8 @@ def main(argv=None) -> int:
         if a.retime or not lat_path.exists():
             if not (folder / "model.safetensors").exists():
                 raise SystemExit(f"{folder} has no weights left to time (was --drop-weights used?); prune it again")
+            if dense is None:
+                dense, _ = load_model(a.model, progress=False)
             pruned, _ = load_model(str(folder), progress=False)
             pairs = paired_latency(dense, pruned, a.latency_len, a.latency_reps, a.seed, a.clock)
             del pruned
