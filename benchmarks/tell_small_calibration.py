@@ -28,6 +28,8 @@ VARIANTS = {  # name: the method's options
     "tell-kl": ["--method", "tell", "--response-loss", "kl"],
     "tell-refine": ["--method", "tell", "--response-loss", "nll", "--refine", "20"],
     "tell-kl-refine": ["--method", "tell", "--response-loss", "kl", "--refine", "20"],
+    "tell-kl-top256": ["--method", "tell", "--response-loss", "kl", "--kl-top", "256"],
+    "tell-kl-top4096": ["--method", "tell", "--response-loss", "kl", "--kl-top", "4096"],
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,6 +51,19 @@ def busy_machine(extra: int = 1):
     from secateurs.eval.load import busy_machine as load
 
     return load(extra)
+
+
+def private_cache(tmp_path, monkeypatch) -> Path:
+    """A cache folder of the test's own (``SECATEURS_CACHE``: its tell responses, costs and plans start empty)
+    that reads the real models from the shared one, created if this machine has fetched none yet."""
+    from secateurs.files import cache_dir
+
+    models = cache_dir() / "models"
+    models.mkdir(parents=True, exist_ok=True)  # a link to a missing folder would break the first fetch
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "models").symlink_to(models)
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
 
 
 def tiny_model(model_type: str, seed: int = 0, **over):

@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import private_cache, tiny_model
 from secateurs.importance.response import measure_responses, plan_loss
 from secateurs.importance.width import collect_stats
 from secateurs.methods import PruneContext
@@ -93,11 +93,8 @@ def test_response_default_on_smollm(tmp_path, monkeypatch, capsys):
     import json as _json
 
     from secateurs.cli import main
-    from secateurs.files import cache_dir
 
-    (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / "models").symlink_to(cache_dir() / "models")  # real weights, private tell cache
-    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
+    private_cache(tmp_path, monkeypatch)  # real weights, private tell cache
     out = tmp_path / "run"
     assert main(["prune", "smollm2-135m", "--method", "tell", "--assign", "response", "--ratio", "0.1", "--nsamples", "2", "--seqlen", "32",
                  "--levels", "0.5", "--eval", "", "--quiet", "--out", str(out)]) == 0
@@ -120,11 +117,8 @@ def test_kl_responses_on_smollm(tmp_path, monkeypatch):
     import math
 
     from secateurs.cli import main
-    from secateurs.files import cache_dir
 
-    (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / "models").symlink_to(cache_dir() / "models")  # real weights, private tell cache
-    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
+    private_cache(tmp_path, monkeypatch)  # real weights, private tell cache
     out = tmp_path / "run"
     assert main(["prune", "smollm2-135m", "--method", "tell", "--response-loss", "kl", "--ratio", "0.1", "--nsamples", "2",
                  "--seqlen", "32", "--levels", "0.5", "--eval", "", "--quiet", "--out", str(out)]) == 0
@@ -192,6 +186,56 @@ def test_kl_responses_equal_the_pruned_models_kl(arch, tmp_path):
     assert plan_loss(small, spec, dense) == 0.0
     again = measure_responses(small, spec, dense, variants)
     assert all(a == pytest.approx(b, rel=1e-5) for pos in losses for a, b in zip(losses[pos], again[pos]))
+
+
+def _surgery_kl_top(model, plan, spec, rows, top: int) -> float:
+    """The same from the two models' forward passes, over each dense distribution's ``top`` most probable tokens
+    and one bucket for the rest of the mass (of both distributions)."""
+    pruned = apply_plan(copy.deepcopy(model), plan, spec)
+    with torch.no_grad():
+        logp, logq = (torch.log_softmax(m(input_ids=rows, use_cache=False).logits[:, :-1].double(), -1)
+                      for m in (model, pruned))
+    ids = logp.topk(top, -1).indices
+    p, q = logp.exp().gather(-1, ids), logq.exp().gather(-1, ids)
+    rp, rq = 1 - p.sum(-1), 1 - q.sum(-1)
+    return float((p * (p.log() - q.log())).sum() + (rp * (rp.log() - rq.log())).sum())
+
+
+def test_kl_over_the_top_tokens(tmp_path):
+    """--kl-top: the loss is the KL of the distributions coarsened to each dense distribution's top tokens plus
+    one bucket, as the pruned model gives it; never above the full KL, equal to it with the whole vocabulary;
+    the dense plan's is exactly 0; the cache is the top tokens' size."""
+    from secateurs.importance import response as resp
+
+    model = tiny_model("llama")
+    ctx = _ctx(model, tmp_path, 0.3)
+    spec = ctx.spec
+    vocab = model.get_output_embeddings().weight.shape[0]
+    ws = width_scores(ctx, collect_stats(model, ctx.adapter, ctx.calib))
+    variants = {Block(0, "mlp").pos: [option_plan(ctx, ws, 0, "mlp", Option(1.0))],
+                Block(1, "attn").pos: [option_plan(ctx, ws, 1, "attn", Option(0.5))]}
+    dense = PruningPlan.dense(spec)
+    full = measure_responses(resp.KLReplayer(model, ctx.adapter, ctx.calib, 4, spec), spec, dense, variants)
+    whole = resp.KLReplayer(model, ctx.adapter, ctx.calib, 4, spec, top=vocab + 5)  # clipped to the vocabulary
+    assert whole.top == vocab
+    assert plan_loss(whole, spec, dense) == 0.0
+    got_whole = measure_responses(whole, spec, dense, variants)
+    top = resp.KLReplayer(model, ctx.adapter, ctx.calib, 2, spec, positions=3, top=8)
+    assert all(v.shape[-1] == 8 and ids.dtype == torch.int32 for d in top.dense for v, ids, _ in d)
+    assert plan_loss(top, spec, dense) == 0.0
+    got = measure_responses(top, spec, dense, variants)
+    for pos, lps in variants.items():
+        for lp, f, w, t in zip(lps, full[pos], got_whole[pos], got[pos]):
+            plan = copy.deepcopy(dense)
+            plan.layers[Block.at(pos).layer] = lp
+            assert w == pytest.approx(f, rel=1e-6)
+            assert 0 < t <= f * (1 + 1e-9)
+            assert t == pytest.approx(_surgery_kl_top(model, plan, spec, ctx.calib, 8), rel=1e-6)
+    assert resp.kl_cache_bytes(4, 24, vocab, 8) == 4 * 23 * (8 * 8 + 8) < resp.kl_cache_bytes(4, 24, vocab)
+    from secateurs.methods.tell import ResponseStore
+
+    assert (ResponseStore(ctx, TellConfig(response_loss="kl", kl_top=8)).model_key
+            != ResponseStore(ctx, TellConfig(response_loss="kl")).model_key)  # cached apart
 
 
 def test_kl_response_assignment_and_its_cache(tmp_path, monkeypatch):

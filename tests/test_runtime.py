@@ -394,7 +394,8 @@ def test_eval_and_apply_with_budget(tok_folder, tmp_path):
 
 def test_tell_kl_refusals_are_one_line_exit_2_nothing_written(tok_folder, tmp_path, capsys):
     """--response-loss kl refused: with an assignment that measures no responses (before loading), with a
-    dense log-probability cache over 4 GiB (before the calibration rows are drawn), and layer by layer."""
+    dense log-probability cache over 4 GiB, of the whole vocabulary (--kl-top) or of its 4096 most probable
+    tokens a position (before the calibration rows are drawn), and layer by layer."""
     from secateurs.importance.response import kl_cache_bytes
     from secateurs.runtime.placement import format_size
 
@@ -404,8 +405,12 @@ def test_tell_kl_refusals_are_one_line_exit_2_nothing_written(tok_folder, tmp_pa
     for extra, message in [
         (["--assign", "uniform"], "--response-loss kl applies to --assign response"),
         (["--assign", "importance"], "--assign importance measures none"),
-        (["--nsamples", "200", "--seqlen", "128"], f"200 x 127 positions over a vocabulary of 49,152, "
-                                                   f"{format_size(kl_cache_bytes(200, 128, 49152))}, more than its limit"),
+        (["--nsamples", "200", "--seqlen", "128", "--kl-top", "49152"],  # the whole vocabulary asked for
+         f"200 x 127 positions (over a vocabulary of 49,152; the whole vocabulary), "
+         f"{format_size(kl_cache_bytes(200, 128, 49152))}, more than its limit"),
+        (["--nsamples", "1100", "--seqlen", "128"],  # not even the 4096 most probable tokens a position
+         f"1100 x 127 positions (over a vocabulary of 49,152; their 4,096 most probable tokens a position), "
+         f"{format_size(kl_cache_bytes(1100, 128, 49152, 4096))}, more than its limit"),
         (["--max-memory", lazy], "which a layer-by-layer model (--max-memory) cannot hold"),
     ]:
         out = tmp_path / "out"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import secateurs
-from conftest import busy_machine, tiny_model
+from conftest import busy_machine, private_cache, tiny_model
 from secateurs.errors import UserError
 from secateurs.importance.activations import capture
 from secateurs.importance.cost import CostModel, load_or_measure, measured_speedup, probe_plan
@@ -435,6 +435,23 @@ def test_response_loss_auto_chooses_kl_where_it_fits(monkeypatch):
         TellConfig(response_loss="kl").check_calibration(model, 4, 24)
 
 
+def test_kl_top_fits_where_the_whole_vocabulary_does_not(monkeypatch):
+    """--kl-top K: the cache counted at K tokens a position, so auto chooses kl where the whole vocabulary's
+    would not fit; refused with nll or below 0."""
+    import secateurs.methods.tell as tell_mod
+    from secateurs.importance.response import kl_cache_bytes
+
+    model = tiny_model("llama")
+    vocab = model.get_output_embeddings().weight.shape[0]
+    monkeypatch.setattr(tell_mod, "KL_CACHE_LIMIT", kl_cache_bytes(4, 24, vocab) - 1)
+    assert TellConfig().loss_for(model, 4, 24)[0] == "nll"
+    assert TellConfig(kl_top=8).loss_for(model, 4, 24)[0] == "kl"
+    TellConfig(response_loss="kl", kl_top=8).check_calibration(model, 4, 24)
+    for bad in (TellConfig(response_loss="nll", kl_top=8), TellConfig(kl_top=-1)):
+        with pytest.raises(UserError, match="--kl-top must be 0"):
+            bad.check(0.25)
+
+
 def test_cli_rejects_bad_budget_before_loading(tmp_path, capsys):
     from secateurs.cli import main
 
@@ -486,11 +503,8 @@ def test_explain_table(assign, tmp_path, capsys, monkeypatch):
 def test_tell_cli_on_smollm(tmp_path, monkeypatch, capsys):
     """The real model through the CLI, small settings: --ratio lands on the target, explain reads the run."""
     from secateurs.cli import main
-    from secateurs.files import cache_dir
 
-    (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / "models").symlink_to(cache_dir() / "models")  # real weights, private cost/tell caches
-    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
+    private_cache(tmp_path, monkeypatch)  # real weights, private tell cache
     out = tmp_path / "run"
     assert main(["prune", "smollm2-135m", "--method", "tell", "--assign", "importance", "--ratio", "0.25",
                  "--nsamples", "4", "--seqlen", "64", "--eval", "", "--te-rank", "8", "--latency-len", "32",

@@ -76,7 +76,8 @@ def format_table(result: dict) -> str:
         unit = alloc["saving_unit"]
         st = alloc["stages"]
         loss, why = alloc.get("response_loss"), alloc.get("response_loss_why") or "--response-loss kl"
-        kl = f" ({why}: KL divergence from the dense model, nats/token)" if loss == "kl" else (
+        top = f", over each dense distribution's top {alloc['response_kl_top']} tokens" if alloc.get("response_kl_top") else ""
+        kl = f" ({why}: KL divergence from the dense model{top}, nats/token)" if loss == "kl" else (
             f" (NLL, {why})" if why.startswith("auto") else "")
         lines.append(f"  assignment: measured responses{kl} + exact knapsack, {len(st)} stage(s), "
                      f"{alloc.get('evaluations_measured', '?')} responses measured ({alloc.get('evaluations', '?')} used); "

@@ -146,10 +146,11 @@ class PositionReplay:
 KL_SLICE = 4 << 20  # logits per slice of positions in the KL head (its float64 temporaries: 32 MB each)
 
 
-def kl_cache_bytes(rows: int, seqlen: int, vocab: int) -> int:
-    """Bytes of the dense model's next-token distributions ``KLReplayer`` keeps: float32 logits, a float64
-    log-normalizer per position."""
-    return rows * (seqlen - 1) * (vocab * 4 + 8)
+def kl_cache_bytes(rows: int, seqlen: int, vocab: int, top: int = 0) -> int:
+    """Bytes of the dense model's next-token distributions ``KLReplayer`` keeps: float32 logits (with ``top``,
+    only the ``top`` largest and their int32 token ids), a float64 log-normalizer per position."""
+    per_position = (min(top, vocab) * 8 if top else vocab * 4) + 8
+    return rows * (seqlen - 1) * per_position
 
 
 class KLReplayer(Replayer):
@@ -165,16 +166,34 @@ class KLReplayer(Replayer):
     float32 log-probabilities would leave rounding of the order of the KL of a small change). So the dense
     plan's loss is exactly 0, and a loss is one fixed sequence of operations wherever it is computed (a pool
     worker builds the cache from its own replica: bitwise the one of this process). Per position the KL is
-    floored at 0 (it is non-negative; the floor only drops rounding)."""
+    floored at 0 (it is non-negative; the floor only drops rounding).
 
-    def __init__(self, model, adapter, rows: torch.Tensor, batch_size: int, spec: ModelSpec, positions: int = 0):
-        """``positions``: positions per slice of the head (0: ``KL_SLICE`` logits' worth)."""
+    With ``top`` (tell's ``--kl-top``) only the ``top`` most probable tokens of each dense distribution are
+    kept, and the loss is the KL of the distributions coarsened to those tokens plus one bucket holding the
+    rest of the mass (of the dense and of the changed model alike): ``sum_top p_v log(p_v / q_v) +
+    (1 - P) log((1 - P) / (1 - Q))``, ``P`` and ``Q`` the two models' mass on the kept tokens. Merging tokens
+    never raises a KL, so this is a lower bound of the full one, equal where the rest holds no mass; it keeps
+    ``top`` x 8 bytes a position instead of the vocabulary's 4 bytes a token."""
+
+    def __init__(self, model, adapter, rows: torch.Tensor, batch_size: int, spec: ModelSpec, positions: int = 0,
+                 top: int = 0):
+        """``positions``: positions per slice of the head (0: ``KL_SLICE`` logits' worth); ``top``: tokens kept
+        per dense distribution (0: all)."""
         super().__init__(model, adapter, rows, batch_size, head_chunk=0)
         dense = PruningPlan.dense(spec)
         self.slice = positions or max(1, KL_SLICE // self.vocab)
+        self.top = min(top, self.vocab) if top else 0
         with torch.inference_mode():
-            self.dense = [list(self._slices(run_from(self, spec, dense, b, self.emb[b], 0)))
+            self.dense = [[self._keep(z, lse) for z, lse in self._slices(run_from(self, spec, dense, b, self.emb[b], 0))]
                           for b in range(len(self.batches))]
+
+    def _keep(self, z: torch.Tensor, lse: torch.Tensor) -> tuple:
+        """What is kept of one slice of dense logits: (z, lse), or with ``top`` (its largest logits, their
+        token ids as int32, lse)."""
+        if not self.top:
+            return z, lse
+        vals, ids = z.topk(self.top, dim=-1)
+        return vals, ids.to(torch.int32), lse
 
     def _slices(self, h: torch.Tensor):
         """(float32 logits [positions, vocab], float64 log-normalizers [positions]) of the next tokens after
@@ -189,10 +208,29 @@ class KLReplayer(Replayer):
     def loss(self, b: int, h: torch.Tensor) -> float:
         """Summed KL(dense || this) over batch ``b``'s positions, from its final hidden states."""
         total = []
-        for (z, lse), (zd, lsed) in zip(self._slices(h), self.dense[b]):
-            zd, lsed = zd.to(z.device).double(), lsed.to(z.device)
-            p = torch.exp(zd - lsed[:, None])
-            kl = (p * zd.sub_(z.double())).sum(-1) - (lsed - lse) * p.sum(-1)
+        for (z, lse), dense in zip(self._slices(h), self.dense[b]):
+            kl = self._top_kl(z, lse, *dense) if self.top else self._full_kl(z, lse, *dense)
             total.append(kl.clamp_min(0).sum())
         self.heads_run += 1
         return float(torch.stack(total).sum())
+
+    @staticmethod
+    def _full_kl(z, lse, zd, lsed):
+        zd, lsed = zd.to(z.device).double(), lsed.to(z.device)
+        p = torch.exp(zd - lsed[:, None])
+        return (p * zd.sub_(z.double())).sum(-1) - (lsed - lse) * p.sum(-1)
+
+    @staticmethod
+    def _top_kl(z, lse, vals, ids, lsed):
+        """Per position the KL of the coarsened distributions (class docstring), float64; the log-ratio of a
+        kept token is the difference of the logits less that of the normalizers, taken before any rounding."""
+        vals, lsed = vals.to(z.device).double(), lsed.to(z.device)
+        zk = z.gather(-1, ids.to(z.device).long()).double()
+        log_ratio = (vals - zk) - (lsed - lse)[:, None]  # log p_v - log q_v
+        p = torch.exp(vals - lsed[:, None])
+        q = torch.exp(zk - lse[:, None])
+        rest_p = (1 - p.sum(-1)).clamp_min(0)
+        rest_q = (1 - q.sum(-1)).clamp_min(torch.finfo(torch.float64).tiny)
+        rest = torch.where(rest_p > 0, rest_p * (torch.log(rest_p.clamp_min(torch.finfo(torch.float64).tiny))
+                                                 - torch.log(rest_q)), torch.zeros_like(rest_p))
+        return (p * log_ratio).sum(-1) + rest

@@ -67,6 +67,7 @@ from . import MethodConfig, PruneContext, keeps_heads, register_method
 ASSIGNMENTS = ("uniform", "response", "importance")
 RESPONSE_LOSSES = ("auto", "nll", "kl")
 KL_CACHE_LIMIT = 4 << 30  # bytes of the dense log-probabilities --response-loss kl may keep
+KL_TOP_AUTO = 4096  # most probable tokens a position kl keeps where the whole vocabulary does not fit the limit
 RESPONSE_RULE = RatioRule(unit="block options", text="at or above the target (--assign response: one whole option per block)")
 THRESHOLD_RULE = RatioRule(unit="blocks", text="at or above the target (--block-threshold below 1: blocks assigned "
                                               "that much are removed whole)")
@@ -103,6 +104,7 @@ class TellConfig(MethodConfig):
     speedup_tolerance: float = field(default=0.03, metadata={"help": "relative miss of the measured speedup that is accepted"})
     response_dtype: str = field(default="auto", metadata={"help": "response: precision of the measurement (auto = the working dtype, --dtype; another one measures on a copy of the model in it, not under --max-memory)", "choices": ["auto", "float32", "bfloat16"]})
     response_loss: str = field(default="auto", metadata={"help": "response: what a response measures on the calibration rows: the KL divergence of the changed model's next-token distributions from the dense model's (kl: keeps the dense log-probabilities in memory, rows x (seqlen - 1) x vocabulary x 4 bytes, at most 4 GiB), the NLL of the observed next tokens (nll), or auto (the default): kl where those log-probabilities fit (and the model is whole in memory), nll otherwise, said at the start and recorded. kl gave the lower held-out perplexity in every comparison measured: at equal ratio 11-36%% under nll (SmolLM2 4 x 128, 4 x 256, 16 x 256; Gemma-3-270M and Qwen2.5-Coder-1.5B at 4 x 256), and at equal measured speed (1.15x / 1.3x / 1.5x) 3-19%% on SmolLM2 and 17-33%% on Gemma; its responses take 1-2.2x nll's time (more with a larger vocabulary). At the default calibration of 32 x 512 it fits for SmolLM2 (3.2 GB), not for Gemma (262,144 tokens) or the 1.5B (151,936), which get nll unless fewer or shorter calibration rows are asked for (16 x 256 fits both); see docs/tell.md", "choices": list(RESPONSE_LOSSES)})
+    kl_top: int = field(default=0, metadata={"help": "response, kl: keep only the K most probable next tokens of each dense distribution, the rest of its mass as one bucket (K x 8 bytes a position instead of 4 bytes a vocabulary token: the 1.5B's 32 x 512 in 134 MB at K = 1024); the responses are the KL of those coarsened distributions, a lower bound of the full KL; 0: the whole vocabulary"})
     refresh_costs: bool = field(default=False, metadata={"help": "measure the unit costs and the speedup checks again instead of using the ones cached for this device and model (measured once, again when they were measured on a busy machine and it is quiet now)"})
 
     @property
@@ -112,22 +114,41 @@ class TellConfig(MethodConfig):
 
     def loss_for(self, model, rows: int, seqlen: int) -> tuple[str, str]:
         """(the loss this run's responses measure, why): --response-loss as given, or with auto kl where the dense
-        log-probabilities of ``rows`` x ``seqlen`` fit ``KL_CACHE_LIMIT`` (and the --max-memory budget beside the
-        whole model), nll otherwise (and for a layer-by-layer model)."""
+        distributions of ``rows`` x ``seqlen`` fit ``KL_CACHE_LIMIT`` (whole, or their ``KL_TOP_AUTO`` most probable
+        tokens: ``kl_top_for``) and the --max-memory budget beside the whole model, nll otherwise (and for a
+        layer-by-layer model)."""
         if self.response_loss != "auto":
             return self.response_loss, "--response-loss " + self.response_loss
         if onloader_of(model) is not None:
             return "nll", "auto: a layer-by-layer model (--max-memory) cannot hold the dense log-probabilities kl needs"
+        from ..runtime.placement import format_size
+
+        vocab = get_adapter(model).lm_head().weight.shape[0]
         try:
             replace(self, response_loss="kl").check_calibration(model, rows, seqlen)
         except UserError:
-            from ..runtime.placement import format_size
-
-            vocab = get_adapter(model).lm_head().weight.shape[0]
+            top = min(self.kl_top or KL_TOP_AUTO, vocab)
+            kept = "" if top == vocab else (f", or {format_size(kl_cache_bytes(rows, seqlen, vocab, top))} of their "
+                                            f"{top:,} most probable tokens")
             return "nll", (f"auto: kl would keep {format_size(kl_cache_bytes(rows, seqlen, vocab))} of dense "
-                           f"log-probabilities ({rows} x {seqlen - 1} positions x {vocab:,} tokens), over its "
+                           f"log-probabilities ({rows} x {seqlen - 1} positions x {vocab:,} tokens){kept}, over its "
                            f"{format_size(KL_CACHE_LIMIT)} limit or the --max-memory budget")
+        top = self.kl_top_for(vocab, rows, seqlen)
+        if top:
+            return "kl", (f"auto: the dense distributions' {top:,} most probable tokens a position fit in memory (the "
+                          f"whole vocabulary, {format_size(kl_cache_bytes(rows, seqlen, vocab))}, would not)"
+                          if not self.kl_top else "auto: the dense distributions' top tokens (--kl-top) fit in memory")
         return "kl", "auto: the dense log-probabilities of this calibration fit in memory"
+
+    def kl_top_for(self, vocab: int, rows: int, seqlen: int) -> int | None:
+        """The most probable tokens a position the kl responses keep of each dense distribution: 0 for the whole
+        vocabulary; --kl-top if given (0 when it covers the vocabulary); otherwise the whole vocabulary where it
+        fits ``KL_CACHE_LIMIT``, else ``KL_TOP_AUTO`` tokens where they fit, else None."""
+        if self.kl_top:
+            return self.kl_top if self.kl_top < vocab else 0
+        if kl_cache_bytes(rows, seqlen, vocab) <= KL_CACHE_LIMIT:
+            return 0
+        return KL_TOP_AUTO if kl_cache_bytes(rows, seqlen, vocab, KL_TOP_AUTO) <= KL_CACHE_LIMIT else None
 
     def check_placement(self, onloaded: bool) -> None:
         """--speedup and --response-loss kl need the whole model in memory."""
@@ -148,12 +169,15 @@ class TellConfig(MethodConfig):
         from ..runtime.placement import device_key, format_size
 
         vocab = get_adapter(model).lm_head().weight.shape[0]
-        need = kl_cache_bytes(rows, seqlen, vocab)
-        if need > KL_CACHE_LIMIT:
-            raise UserError(f"--response-loss kl keeps the dense log-probabilities of {rows} x {seqlen - 1} positions "
-                            f"over a vocabulary of {vocab:,}, {format_size(need)}, more than its limit of "
-                            f"{format_size(KL_CACHE_LIMIT)}; use fewer rows (--nsamples) or shorter ones (--seqlen), or "
-                            "--response-loss nll")
+        top = self.kl_top_for(vocab, rows, seqlen)
+        need = kl_cache_bytes(rows, seqlen, vocab, top if top is not None else KL_TOP_AUTO)
+        if top is None or need > KL_CACHE_LIMIT:
+            kept = (f"their {min(self.kl_top or KL_TOP_AUTO, vocab):,} most probable tokens a position" if top != 0
+                    else "the whole vocabulary")
+            raise UserError(f"--response-loss kl keeps the dense distributions of {rows} x {seqlen - 1} positions "
+                            f"(over a vocabulary of {vocab:,}; {kept}), {format_size(need)}, more than its limit of "
+                            f"{format_size(KL_CACHE_LIMIT)}; use fewer rows (--nsamples) or shorter ones (--seqlen), "
+                            "fewer tokens a position (--kl-top), or --response-loss nll")
         param = next(model.parameters())
         budget = ((getattr(model, "secateurs_placement", None) or {}).get("max_memory") or {}).get(device_key(param.device))
         if budget is not None and onloader_of(model) is None:  # layer by layer: check_placement
@@ -230,10 +254,10 @@ class TellConfig(MethodConfig):
         if self.assign == "response":
             held += [Held("embeddings of the calibration rows and layer arguments (the replay)", h),
                      Held("the base model's state entering the measured block", h)]
-            if self.response_loss == "kl" or (self.response_loss == "auto" and not onload
-                                              and kl_cache_bytes(rows, seqlen, sizes.vocab) <= KL_CACHE_LIMIT):
+            top = self.kl_top_for(sizes.vocab, rows, seqlen)
+            if top is not None and (self.response_loss == "kl" or (self.response_loss == "auto" and not onload)):
                 held.append(Held("the dense model's next-token log-probabilities (--response-loss kl, float32)",
-                                 kl_cache_bytes(rows, seqlen, sizes.vocab)))
+                                 kl_cache_bytes(rows, seqlen, sizes.vocab, top)))
         if self.uses_te:
             tokens = min(self.te_tokens, rows * (seqlen - 1))
             held.append(Held("residual streams at every block boundary (float32, CPU)",
@@ -254,6 +278,9 @@ class TellConfig(MethodConfig):
         if self.response_loss == "kl" and self.assign != "response":
             raise UserError(f"--response-loss {self.response_loss} applies to --assign response (the measured "
                             f"responses); --assign {self.assign} measures none")
+        if self.kl_top < 0 or (self.kl_top and self.response_loss == "nll"):
+            raise UserError(f"--kl-top must be 0 (the whole vocabulary) or a number of tokens, with --response-loss kl "
+                            f"or auto (got {self.kl_top} with --response-loss {self.response_loss})")
         self.level_list()
         if self.stages < 1 or self.response_batch < 0 or self.refine < 0:
             raise UserError("--stages must be >= 1, --response-batch and --refine >= 0")
@@ -419,26 +446,28 @@ def saving_fn(spec: ModelSpec, costs: CostModel | None):
 
 
 def response_replayer(model, calib: torch.Tensor, rows: int, dtype: str, loss: str = "nll",
-                      own: bool = False) -> Replayer:
+                      own: bool = False, top: int = 0) -> Replayer:
     """The replay the responses are measured on: ``model`` in ``dtype`` (``--response-dtype``: when it works in
     another, a copy, or with ``own`` the model itself converted, as a pool worker does with its replica),
     ``rows`` calibration rows per batch, the loss head in one piece; its loss the summed NLL, or with ``loss``
-    kl the summed KL divergence from the dense model (``KLReplayer``)."""
+    kl the summed KL divergence from the dense model (``KLReplayer``; ``top``: --kl-top)."""
     if str(next(model.parameters()).dtype).removeprefix("torch.") != dtype:
         import copy
 
         model = (model if own else copy.deepcopy(model)).to(getattr(torch, dtype))
     adapter = get_adapter(model)
     if loss == "kl":
-        return KLReplayer(model, adapter, calib, rows, adapter.spec())
+        return KLReplayer(model, adapter, calib, rows, adapter.spec(), top=top)
     return Replayer(model, adapter, calib, rows, head_chunk=0)
 
 
-def _replica_responses(model, calib: torch.Tensor, rows: int, dtype: str, loss: str = "nll") -> PositionReplay:
+def _replica_responses(model, calib: torch.Tensor, rows: int, dtype: str, loss: str = "nll",
+                       top: int = 0) -> PositionReplay:
     """A pool worker's side of the responses (``runtime.pool``: built on the worker's replica of the model, which
     belongs to this search: converted to ``dtype`` in place, not copied, so a worker holds one model)."""
     with torch.inference_mode():
-        return PositionReplay(response_replayer(model, calib, rows, dtype, loss, own=True), get_adapter(model).spec())
+        return PositionReplay(response_replayer(model, calib, rows, dtype, loss, own=True, top=top),
+                              get_adapter(model).spec())
 
 
 def _rows_per_batch(cfg: TellConfig, ctx: PruneContext) -> int:
@@ -497,7 +526,9 @@ class ResponseStore:
                             f"(--max-memory) cannot hold; use --dtype {self.dtype} instead")
         self.loss, self.loss_why = cfg.loss_for(ctx.model, *ctx.calib.shape)  # --response-loss (auto: chosen)
         # the loss in the key (kl only: the nll key is the one of the caches from before --response-loss)
-        loss = {} if self.loss == "nll" else {"loss": self.loss}
+        self.top = (cfg.kl_top_for(ctx.adapter.lm_head().weight.shape[0], *ctx.calib.shape) or 0
+                    if self.loss == "kl" else 0)  # tokens kept a position (--kl-top; 0: all)
+        loss = {} if self.loss == "nll" else {"loss": self.loss, **({"kl_top": self.top} if self.top else {})}
         self.model_key = model_key(ctx, what="responses", dtype=self.dtype, **loss)
         self._replayer = None
         self._workers = None
@@ -507,14 +538,14 @@ class ResponseStore:
     def replayer(self) -> Replayer:
         if self._replayer is None:
             self._replayer = response_replayer(self.ctx.model, self.ctx.calib, _rows_per_batch(self.cfg, self.ctx),
-                                               self.dtype, self.loss)
+                                               self.dtype, self.loss, top=self.top)
         return self._replayer
 
     def workers(self):
         """The pool's workers set up for the responses (started on first use), or None without a pool."""
         if self._workers is None and self.ctx.pool is not None:
             self._workers = self.ctx.pool.start(_replica_responses, self.ctx.calib, _rows_per_batch(self.cfg, self.ctx),
-                                                self.dtype, self.loss, progress=self.ctx.progress)
+                                                self.dtype, self.loss, self.top, progress=self.ctx.progress)
         return self._workers
 
     def plan_loss(self, plan: PruningPlan) -> float:
@@ -594,7 +625,7 @@ def response_plan(ctx: PruneContext, cfg: TellConfig, prep: Prepared, store: Res
     out = allocate(problem, cfg.stages, log, cfg.refine)
     return out["plan"], {"choice": {Block.at(p).name: o.label(Block.at(p).kind) for p, o in out["choice"].items()},
                          "stages": out["stages"], "refine": out["refine"], "saving_unit": "Mparams" if costs is None else "ms",
-                         "response_loss": store.loss, "response_loss_why": store.loss_why}
+                         "response_loss": store.loss, "response_loss_why": store.loss_why, "response_kl_top": store.top}
 
 
 def assign_plan(ctx: PruneContext, cfg: TellConfig, prep: Prepared) -> tuple[PruningPlan, list | None, list | None, list, dict | None]:
@@ -604,7 +635,8 @@ def assign_plan(ctx: PruneContext, cfg: TellConfig, prep: Prepared) -> tuple[Pru
     log = print if ctx.progress else (lambda *a: None)
     store = ResponseStore(ctx, cfg) if cfg.assign == "response" else None
     if store is not None:
-        log(f"tell: the responses measure {store.loss} ({store.loss_why})")
+        top = f" over each dense distribution's {store.top} most probable tokens" if store.top else ""
+        log(f"tell: the responses measure {store.loss}{top} ({store.loss_why})")
     weights = None if store else weights_for(spec, prep.importance, cfg)
 
     def structural(ratios):
