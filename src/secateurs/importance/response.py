@@ -231,6 +231,5 @@ class KLReplayer(Replayer):
         q = torch.exp(zk - lse[:, None])
         rest_p = (1 - p.sum(-1)).clamp_min(0)
         rest_q = (1 - q.sum(-1)).clamp_min(torch.finfo(torch.float64).tiny)
-        rest = torch.where(rest_p > 0, rest_p * (torch.log(rest_p.clamp_min(torch.finfo(torch.float64).tiny))
-                                                 - torch.log(rest_q)), torch.zeros_like(rest_p))
+        rest = torch.where(rest_p > 0, rest_p * (torch.log(rest_p) - torch.log(rest_q)), 0.0)  # 0 log 0 = 0
         return (p * log_ratio).sum(-1) + rest

@@ -134,11 +134,12 @@ class TellConfig(MethodConfig):
                            f"log-probabilities ({rows} x {seqlen - 1} positions x {vocab:,} tokens){kept}, over its "
                            f"{format_size(KL_CACHE_LIMIT)} limit or the --max-memory budget")
         top = self.kl_top_for(vocab, rows, seqlen)
-        if top:
-            return "kl", (f"auto: the dense distributions' {top:,} most probable tokens a position fit in memory (the "
-                          f"whole vocabulary, {format_size(kl_cache_bytes(rows, seqlen, vocab))}, would not)"
-                          if not self.kl_top else "auto: the dense distributions' top tokens (--kl-top) fit in memory")
-        return "kl", "auto: the dense log-probabilities of this calibration fit in memory"
+        if not top:
+            return "kl", "auto: the dense log-probabilities of this calibration fit in memory"
+        if self.kl_top:
+            return "kl", "auto: the dense distributions' top tokens (--kl-top) fit in memory"
+        return "kl", (f"auto: the dense distributions' {top:,} most probable tokens a position fit in memory (the "
+                      f"whole vocabulary, {format_size(kl_cache_bytes(rows, seqlen, vocab))}, would not)")
 
     def kl_top_for(self, vocab: int, rows: int, seqlen: int) -> int | None:
         """The most probable tokens a position the kl responses keep of each dense distribution: 0 for the whole
@@ -170,10 +171,10 @@ class TellConfig(MethodConfig):
 
         vocab = get_adapter(model).lm_head().weight.shape[0]
         top = self.kl_top_for(vocab, rows, seqlen)
-        need = kl_cache_bytes(rows, seqlen, vocab, top if top is not None else KL_TOP_AUTO)
-        if top is None or need > KL_CACHE_LIMIT:
-            kept = (f"their {min(self.kl_top or KL_TOP_AUTO, vocab):,} most probable tokens a position" if top != 0
-                    else "the whole vocabulary")
+        top = KL_TOP_AUTO if top is None else top  # None: not even KL_TOP_AUTO tokens fit (refused below)
+        need = kl_cache_bytes(rows, seqlen, vocab, top)
+        if need > KL_CACHE_LIMIT:
+            kept = f"their {min(top, vocab):,} most probable tokens a position" if top else "the whole vocabulary"
             raise UserError(f"--response-loss kl keeps the dense distributions of {rows} x {seqlen - 1} positions "
                             f"(over a vocabulary of {vocab:,}; {kept}), {format_size(need)}, more than its limit of "
                             f"{format_size(KL_CACHE_LIMIT)}; use fewer rows (--nsamples) or shorter ones (--seqlen), "
