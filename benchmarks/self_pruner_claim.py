@@ -7,6 +7,7 @@ schemas' grammars).
     python benchmarks/self_pruner_claim.py --out runs/sp-claim --report   # summary.md, curves.png again
     python benchmarks/self_pruner_claim.py --out runs/sp-llm --ratios 0.2 --seeds 0 \
         --proposer-model qwen2.5-coder-1.5b --formulations vectors/llm edits/uniform --results benchmarks/results
+    python benchmarks/self_pruner_claim.py --out runs/sp-all --merge runs/sp-a/summary.json runs/sp-b/summary.json
     python benchmarks/self_pruner_claim.py --out runs/sp-tiny --ratios 0.2 --seeds 0 --population 3 \
         --generations 1 --crossover 1 --mutation 1 --nsamples 2 --seqlen 64 --fitness-rows 1 --eval-rows 2
 
@@ -149,13 +150,15 @@ def table(summary: dict) -> str:
                      f"{a['seconds_per_answer_median']:.1f} / {a['seconds_per_answer']:.1f} | "
                      f"{'-' if fit is None else format(fit, '.2f')} | "
                      f"{r['tokens']['prompt'] / n:.0f} / {r['tokens']['completion'] / n:.0f} |")
-    m = summary.get("machine", {})
-    if m:
-        lines += ["", f"Load average (1, 5, 15 min) at the start {m['load_average_start']}, at the end "
-                  f"{m['load_average_end']}; {m['cpus']} CPUs; wall {m['wall_s'] / 60:.0f} min."
-                  + (f" Note: {summary['note']}" if summary.get("note") else "")]
-    if summary.get("command"):
-        lines += ["", f"Command: `{summary['command']}`"]
+    for part in summary.get("parts") or [summary]:  # a merged summary: each run of the script
+        m = part.get("machine") or {}
+        where = f"Ratios {part['ratios']}, seeds {part['seeds']}: " if "ratios" in part else ""
+        if m:
+            lines += ["", where + f"load average (1, 5, 15 min) at the start {m['load_average_start']}, at the end "
+                      f"{m['load_average_end']}; {m['cpus']} CPUs; wall {m['wall_s'] / 60:.0f} min."
+                      + (f" Note: {part['note']}" if part.get("note") else "")]
+        if part.get("command"):
+            lines += ["", f"Command: `{part['command']}`"]
     return "\n".join(lines) + "\n"
 
 
@@ -172,6 +175,42 @@ def write(summary: dict, out: Path, results: str | None) -> None:
     print(table(summary))
 
 
+# The settings that change a search's figures: summaries merged into one must share them.
+SAME_SEARCH = ("model", "proposer_model", "population", "generations", "crossover", "mutation", "nsamples", "seqlen",
+               "fitness_rows", "eval_rows", "batch_size", "responses")
+
+
+def merge(paths: list[str], name: str | None) -> dict:
+    """One summary from the summaries of several runs of this script (other ratios or seeds, other sessions): their
+    runs and pairs together, each part's command, note and machine kept. Refused when a setting of SAME_SEARCH
+    differs or a (search, ratio, seed) comes twice."""
+    parts = [json.loads(Path(x).read_text()) for x in paths]
+    first = parts[0]["settings"]
+    differ = [f"{k} ({', '.join(repr(q['settings'].get(k)) for q in parts)})" for k in SAME_SEARCH
+              if len({json.dumps(q["settings"].get(k)) for q in parts}) > 1]
+    if differ:
+        raise SystemExit(f"self_pruner_claim: --merge: the summaries differ in {'; '.join(differ)}")
+    seen, runs, pairs = set(), [], []
+    for q in parts:
+        for r in q["runs"]:
+            key = (r["proposer"], r["ratio"], r["seed"])
+            if key in seen:
+                raise SystemExit(f"self_pruner_claim: --merge: {key} is in more than one summary")
+            seen.add(key)
+            runs.append(r)
+        pairs += q["pairs"]
+    forms = list(dict.fromkeys(f for q in parts for f in q["settings"].get("formulations") or ["vectors/llm"]))
+    props = list(dict.fromkeys(x for q in parts for x in q["settings"].get("proposers", ["classic", "local"])))
+    settings = {**first, "ratios": sorted({x for q in parts for x in q["settings"]["ratios"]}),
+                "seeds": sorted({x for q in parts for x in q["settings"]["seeds"]}), "formulations": forms,
+                "proposers": props, "name": name or first.get("name")}
+    return {"settings": settings, "ppl_test_dense": parts[0]["ppl_test_dense"],
+            "parts": [{"file": x, "command": q.get("command"), "note": q.get("note"), "machine": q.get("machine"),
+                       "ratios": q["settings"]["ratios"], "seeds": q["settings"]["seeds"]} for x, q in zip(paths, parts)],
+            "runs": sorted(runs, key=lambda r: (r["ratio"], r["seed"], r["proposer"])),
+            "pairs": sorted(pairs, key=lambda p: (p["ratio"], p["seed"])), "versions": parts[-1].get("versions")}
+
+
 def report(out: Path, results: str | None, note: str | None = None) -> None:
     """OUT/summary.md and OUT/curves.png again from OUT/summary.json, each run's answer counts from its log."""
     from secateurs.search.evolution import llm_answer_stats
@@ -179,8 +218,10 @@ def report(out: Path, results: str | None, note: str | None = None) -> None:
     summary = json.loads((out / "summary.json").read_text())
     if note:
         summary["note"] = note
-    for r in summary["runs"]:
-        r["llm_answers"] = llm_answer_stats(read_log(out / f"{r['proposer']}-r{r['ratio']:g}-s{r['seed']}" / "search.jsonl"))
+    for r in summary["runs"]:  # the counts again from the logs where this folder has them (a merge may not)
+        log = out / f"{r['proposer']}-r{r['ratio']:g}-s{r['seed']}" / "search.jsonl"
+        if log.exists():
+            r["llm_answers"] = llm_answer_stats(read_log(log))
     summary["settings"].setdefault("proposers", ["classic", "local"])
     write(summary, out, results)
 
@@ -212,11 +253,17 @@ def main():
     p.add_argument("--results", default=None, help="also copy the summary, table and plot to this folder "
                    "(benchmarks/results) as NAME.json, NAME-table.md and NAME.png")
     p.add_argument("--note", default=None, help="what else ran on the machine (recorded in summary.json)")
+    p.add_argument("--merge", nargs="+", metavar="SUMMARY", help="write OUT/summary.* (and --results) from the "
+                   "summary.json files of several runs (other ratios or seeds) instead of searching")
     p.add_argument("--report", action="store_true", help="only rebuild summary.md and curves.png from OUT/summary.json")
     a = p.parse_args()
     for f in a.formulations:
         if f.count("/") != 1 or f.split("/")[0] not in ("vectors", "edits") or f.split("/")[1] not in ("llm", "uniform"):
             p.error(f"--formulations: {f!r} is not TASK/START with TASK vectors or edits, START llm or uniform")
+    if a.merge:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        return write(merge(a.merge, a.name), out, a.results)
     if a.report:
         return report(Path(a.out), a.results, a.note)
 
