@@ -160,6 +160,31 @@ register("vllm-speed", 25, ["{py} benchmarks/vllm_speed.py"],
          "pruned vLLM folders against the dense one in a real vLLM (make vllm; blockpruner and flap --engine vllm at "
          "15% and 25%): batch-1 prefill and decode, throughput on 8 and 32 prompts, against the FLOP ideal; a timing: "
          "needs a quiet machine", default=False, env={"OMP_NUM_THREADS": "1"})
+register("engine-price-smollm2", 75, [
+    "{py} benchmarks/tradeoff.py --model smollm2-135m --methods \"tell[assign=response,response-dtype=bfloat16,"
+    "response-loss=kl,ratios=,as=tell-kl],tell[assign=response,response-dtype=bfloat16,response-loss=kl,engine=vllm,"
+    "ratios=,as=tell-kl-vllm]\" --speedups 1.1,1.15,1.3,1.5,1.65 --eval-rows 16 --latency-reps 5 "
+    "--work runs/engine-price --name tradeoff-tell-engine-smollm2-135m --results {results}",
+    "{py} benchmarks/engine_price.py --tradeoff {results}/tradeoff-tell-engine-smollm2-135m.json --results {results}"],
+    ["{results}/tradeoff-tell-engine-smollm2-135m.md", "{results}/tradeoff-tell-engine-smollm2-135m.json",
+     "{results}/engine-price-smollm2-135m.md", "{results}/engine-price-smollm2-135m.json",
+     "{results}/engine-price-smollm2-135m.png"],
+    "the price of prune --engine vllm: tell unconstrained and tell --engine vllm at 5 speed budgets, each timed in "
+    "PyTorch, llama.cpp (q8_0) and, where vLLM holds the plan, vLLM (make vllm); perplexity at equal measured speed "
+    "per engine (tell's responses about 30 min, then 10 prunes and evals, 10 llama.cpp pairs, 7 vLLM folders); a "
+    "timing: needs a quiet machine", default=False, env={"OMP_NUM_THREADS": "1"})
+register("vllm-speed-gemma3", 20, ["{py} benchmarks/vllm_speed.py --model gemma3-270m --methods "
+                                   "\"shortgpt,wanda-sp[engine=vllm,as=wanda-sp-vllm]\" --results {results}"],
+         ["{results}/vllm-speed-gemma3-270m.json", "{results}/vllm-speed-gemma3-270m.md"],
+         "Gemma-3-270M in vLLM, the plans vLLM holds of it (its stock architecture): shortgpt and wanda-sp --engine "
+         "vllm at 15% and 25% against dense; a timing: needs a quiet machine", default=False,
+         env={"OMP_NUM_THREADS": "1"})
+register("vllm-speed-qwen", 75, ["{py} benchmarks/vllm_speed.py --model qwen2.5-coder-1.5b --methods "
+                                 "\"flap[engine=vllm,as=flap-vllm]\" --reps 2 --results {results}"],
+         ["{results}/vllm-speed-qwen2.5-coder-1.5b.json", "{results}/vllm-speed-qwen2.5-coder-1.5b.md"],
+         "the 1.5B in vLLM: flap --engine vllm (DeciLM folders, bias compensation carried) at 15% and 25% against "
+         "dense, float32 folders of 6-7 GB; a timing: needs a quiet machine", default=False,
+         env={"OMP_NUM_THREADS": "1"})
 register("heal-smollm2", 200, ["{py} benchmarks/heal.py --methods \"flap[budgets=50k;150k],blockpruner[from-order="
                                "benchmarks/results/order-smollm2-135m-16x256-fp32.json,budgets=50k;150k,lm=50k],"
                                "sleb[budgets=50k]\" --lm-at '' --limit 100 --eval-rows 32 --results {results}"],

@@ -68,6 +68,8 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--work", default=str(ROOT / "runs" / "vllm-speed"))
+    p.add_argument("--prepare-only", action="store_true", help="prune and export only (the timing can then run on a "
+                   "quiet machine)")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     a = p.parse_args(argv)
     if not VLLM_PYTHON.exists():
@@ -91,6 +93,9 @@ def main(argv=None) -> int:
                 cli(["prune", a.model, "--method", name, "--ratio", str(ratio), *common, *extra, "--out", str(folder),
                      "--overwrite"], log)
             runs.append((label(name, opts), folder, json.loads((folder / "result.json").read_text())))
+    if a.prepare_only:
+        print(f"vllm_speed: folders ready in {work} ({time.time() - t0:.0f}s); time them without --prepare-only")
+        return 0
     flops = {"dense": ideal_flops(Path(a.model), a)}
     for lab, folder, _ in runs:
         flops[folder.name] = ideal_flops(folder, a)
@@ -110,6 +115,7 @@ def main(argv=None) -> int:
     out = {"command": "PYTHONPATH=src python benchmarks/vllm_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "settings": vars(a), "machine_before": before, "machine_after": machine_state(),
            "seconds": time.time() - t0, "dense": [speed[0], speed[-1]], "flops": flops,
+           "dense_architecture": json.loads((dense / "config.json").read_text())["architectures"][0],
            "rows": [{"method": lab, "folder": folder.name, "ratio": res["ratio_achieved"],
                      "architecture": res["vllm"]["architecture"], "speed": s}
                     for (lab, folder, res), s in zip(runs, speed[1:-1])]}
@@ -141,7 +147,7 @@ def write_table(out: dict, path: Path) -> None:
              "| plan | ratio | vLLM model | prefill ms | prefill speedup (ideal, share) | decode tok/s | decode speedup "
              "(ideal, share) | 8 prompts tok/s | speedup (ideal, share) | 32 prompts tok/s | speedup (ideal, share) |",
              "|---|---|---|---|---|---|---|---|---|---|---|",
-             "| dense | 0 | LlamaForCausalLM | " + " | ".join(
+             f"| dense | 0 | {out.get('dense_architecture', 'LlamaForCausalLM')} | " + " | ".join(
                  f"{d0[k] * (1000 if inv else 1):.1f} | 1.00x" for _, k, inv in MEASURES) + " |"]
     fd = out["flops"]["dense"]
     for r in out["rows"]:
