@@ -174,6 +174,11 @@ def main(argv=None) -> int:
     return 0
 
 
+def short(refusal: str) -> str:
+    """The export's refusal up to its reason (the JSON keeps it whole)."""
+    return refusal.removeprefix("secateurs: error: ").split(" (vLLM's")[0].split("; ")[0]
+
+
 def write_table(out: dict, path: Path) -> None:
     a, ts = out["settings"], out["settings"]["tradeoff_settings"]
     u, c = a["unconstrained"], a["constrained"]
@@ -201,7 +206,7 @@ def write_table(out: dict, path: Path) -> None:
              "32 prompts (ideal prefill) |", "|---|---|---|---|---|---|---|"]
     for r in out["rows"]:
         v = (f"{x(r['vllm_prefill'])} / {x(r['vllm_decode'])} / {x(r['vllm_throughput_32'])} "
-             f"({x(r['ideal_vllm']['prefill'])})" if "vllm" in r else f"cannot hold: {r.get('vllm_refused', '?')}")
+             f"({x(r['ideal_vllm']['prefill'])})" if "vllm" in r else "cannot hold: " + short(r.get("vllm_refused", "?")))
         lines.append(f"| {r['method']} | {r['budget']} | {r['ratio']:.3f} | {r['ppl']:.2f} | {x(r['pytorch_prefill'])} | "
                      f"{x(r['llamacpp_prefill'])} / {x(r['llamacpp_decode'])} | {v} |")
     lines += ["", "## Perplexity at equal measured speedup", "",
