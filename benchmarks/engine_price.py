@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gguf_speed import machine_state  # noqa: E402
 from tradeoff import at_speedup, cli  # noqa: E402
-from vllm_speed import CHILD, VLLM_PYTHON, ideal_flops  # noqa: E402
+from vllm_speed import ideal_flops, measure  # noqa: E402
 
 # (engine, measurement, the key of a row's speedups, label)
 CURVES = [("pytorch", "prefill", "pytorch_prefill", "PyTorch prefill"),
@@ -130,18 +130,8 @@ def main(argv=None) -> int:
     names = [str(dense_vllm)] + [str(work / r["folder"] / "vllm") for r in held] + [str(dense_vllm)]
     speed = json.loads(speed_path.read_text()) if speed_path.exists() and not a.remeasure else None
     if speed is None or [s["folder"] for s in speed] != names:
-        job = {"folders": names, "dtype": "float32", "prompt_len": a.prompt_len, "decode_tokens": a.decode_tokens,
-               "batches": [8, 32], "batch_prompt": a.batch_prompt, "batch_tokens": a.batch_tokens, "reps": a.reps,
-               "warmup": a.warmup, "seed": ts["seed"]}
-        (here / "job.json").write_text(json.dumps(job))
         print(f"engine_price: {len(names)} folders in vLLM ({time.time() - t0:.0f}s elapsed)", flush=True)
-        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-        with open(log, "a") as f:
-            p = subprocess.run([str(VLLM_PYTHON), str(CHILD), str(here / "job.json"), str(speed_path)], env=env,
-                               stdout=f, stderr=subprocess.STDOUT)
-        if p.returncode != 0:
-            raise SystemExit(f"engine_price: vLLM failed ({p.returncode}), see {log}")
-        speed = json.loads(speed_path.read_text())
+        speed = measure(names, a, ts["seed"], here, speed_path, log)
     d0, d1 = speed[0], speed[-1]
     for r, s in zip(held, speed[1:-1]):
         r["vllm"] = s

@@ -52,6 +52,23 @@ def ideal_flops(folder: Path, a) -> dict:
     return {"prefill": prefill, "decode": decode, "throughput": b_first + a.batch_tokens * b_decode}
 
 
+def measure(names: list[str], a, seed: int, where: Path, result: Path, log: Path) -> list[dict]:
+    """Every folder of ``names`` timed in turn in one vLLM process (``vllm_speed_child.py`` in the vLLM venv, the
+    job written to ``where/job.json``, its output to ``result``; ``a``: prompt_len, decode_tokens, batch_prompt,
+    batch_tokens, reps, warmup); the list of the child's measurements, in order."""
+    job = {"folders": names, "dtype": "float32", "prompt_len": a.prompt_len, "decode_tokens": a.decode_tokens,
+           "batches": [8, 32], "batch_prompt": a.batch_prompt, "batch_tokens": a.batch_tokens, "reps": a.reps,
+           "warmup": a.warmup, "seed": seed}
+    (where / "job.json").write_text(json.dumps(job))
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    with open(log, "a") as f:
+        r = subprocess.run([str(VLLM_PYTHON), str(CHILD), str(where / "job.json"), str(result)], env=env,
+                           stdout=f, stderr=subprocess.STDOUT)
+    if r.returncode != 0:
+        raise SystemExit(f"{Path(sys.argv[0]).stem}: vLLM failed ({r.returncode}), see {log}")
+    return json.loads(result.read_text())
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -99,19 +116,9 @@ def main(argv=None) -> int:
     flops = {"dense": ideal_flops(Path(a.model), a)}
     for lab, folder, _ in runs:
         flops[folder.name] = ideal_flops(folder, a)
-    job = {"folders": [str(dense)] + [str(f / "vllm") for _, f, _ in runs] + [str(dense)], "dtype": "float32",
-           "prompt_len": a.prompt_len, "decode_tokens": a.decode_tokens, "batches": [8, 32],
-           "batch_prompt": a.batch_prompt, "batch_tokens": a.batch_tokens, "reps": a.reps, "warmup": a.warmup,
-           "seed": a.seed}
-    (work / "job.json").write_text(json.dumps(job))
-    print(f"vllm_speed: measuring {len(job['folders'])} folders in vLLM ({time.time() - t0:.0f}s elapsed)", flush=True)
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    with open(log, "a") as f:
-        r = subprocess.run([str(VLLM_PYTHON), str(CHILD), str(work / "job.json"), str(work / "speed.json")], env=env,
-                           stdout=f, stderr=subprocess.STDOUT)
-    if r.returncode != 0:
-        raise SystemExit(f"vllm_speed: vLLM failed ({r.returncode}), see {log}")
-    speed = json.loads((work / "speed.json").read_text())
+    names = [str(dense)] + [str(f / "vllm") for _, f, _ in runs] + [str(dense)]
+    print(f"vllm_speed: measuring {len(names)} folders in vLLM ({time.time() - t0:.0f}s elapsed)", flush=True)
+    speed = measure(names, a, a.seed, work, work / "speed.json", log)
     out = {"command": "PYTHONPATH=src python benchmarks/vllm_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "settings": vars(a), "machine_before": before, "machine_after": machine_state(),
            "seconds": time.time() - t0, "dense": [speed[0], speed[-1]], "flops": flops,
