@@ -156,6 +156,7 @@ def main(argv=None) -> int:
            "settings": {**vars(a), "tradeoff_settings": ts}, "machine_before": before, "machine_after": machine_state(),
            "seconds": time.time() - t0, "dense_ppl": dense_ppl, "vllm_dense": [d0, d1], "rows": rows,
            "at_speedups": targets, "at": at}
+    Path(a.results).mkdir(parents=True, exist_ok=True)
     stem = Path(a.results) / f"engine-price-{model}"
     stem.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
     write_table(out, stem.with_suffix(".md"))
