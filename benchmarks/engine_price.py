@@ -158,9 +158,9 @@ def main(argv=None) -> int:
            "at_speedups": targets, "at": at}
     Path(a.results).mkdir(parents=True, exist_ok=True)
     stem = Path(a.results) / f"engine-price-{model}"
-    stem.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
-    write_table(out, stem.with_suffix(".md"))
-    plot(out, stem.with_suffix(".png"))
+    (stem.parent / (stem.name + ".json")).write_text(json.dumps(out, indent=1) + "\n")
+    write_table(out, stem.parent / (stem.name + ".md"))
+    plot(out, stem.parent / (stem.name + ".png"))
     print(f"engine_price: wrote {stem}.md, .json and .png ({time.time() - t0:.0f}s)")
     return 0
 

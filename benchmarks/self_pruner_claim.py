@@ -205,8 +205,9 @@ def merge(paths: list[str], name: str | None) -> dict:
                 "seeds": sorted({x for q in parts for x in q["settings"]["seeds"]}), "formulations": forms,
                 "proposers": props, "name": name or first.get("name")}
     return {"settings": settings, "ppl_test_dense": parts[0]["ppl_test_dense"],
-            "parts": [{"file": x, "command": q.get("command"), "note": q.get("note"), "machine": q.get("machine"),
-                       "ratios": q["settings"]["ratios"], "seeds": q["settings"]["seeds"]} for x, q in zip(paths, parts)],
+            "parts": [part for x, q in zip(paths, parts) for part in q.get("parts") or [  # a merged summary: its parts
+                {"file": x, "command": q.get("command"), "note": q.get("note"), "machine": q.get("machine"),
+                 "ratios": q["settings"]["ratios"], "seeds": q["settings"]["seeds"]}]],
             "runs": sorted(runs, key=lambda r: (r["ratio"], r["seed"], r["proposer"])),
             "pairs": sorted(pairs, key=lambda p: (p["ratio"], p["seed"])), "versions": parts[-1].get("versions")}
 

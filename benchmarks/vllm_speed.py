@@ -138,9 +138,9 @@ def main(argv=None) -> int:
            "rows": [{"method": lab, "folder": folder.name, "ratio": res["ratio_achieved"],
                      "architecture": res["vllm"]["architecture"], "speed": s}
                     for (lab, folder, res), s in zip(runs, speed[1:-1])]}
-    stem = results / f"vllm-speed-{a.model}"
-    stem.with_suffix(".json").write_text(json.dumps(out, indent=1))
-    write_table(out, stem.with_suffix(".md"))
+    stem = results / f"vllm-speed-{a.model}"  # "qwen2.5-coder-1.5b" has a dot: no with_suffix
+    (stem.parent / (stem.name + ".json")).write_text(json.dumps(out, indent=1))
+    write_table(out, stem.parent / (stem.name + ".md"))
     print(f"vllm_speed: wrote {stem}.md and .json ({time.time() - t0:.0f}s)")
     return 0
 
