@@ -157,11 +157,11 @@ def main(argv=None) -> int:
            "seconds": time.time() - t0, "dense_ppl": dense_ppl, "vllm_dense": [d0, d1], "rows": rows,
            "at_speedups": targets, "at": at}
     Path(a.results).mkdir(parents=True, exist_ok=True)
-    stem = Path(a.results) / f"engine-price-{model}"
-    (stem.parent / (stem.name + ".json")).write_text(json.dumps(out, indent=1) + "\n")
-    write_table(out, stem.parent / (stem.name + ".md"))
-    plot(out, stem.parent / (stem.name + ".png"))
-    print(f"engine_price: wrote {stem}.md, .json and .png ({time.time() - t0:.0f}s)")
+    md = Path(a.results) / f"engine-price-{model}.md"  # with its suffix: a model name may hold a dot
+    md.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
+    write_table(out, md)
+    plot(out, md.with_suffix(".png"))
+    print(f"engine_price: wrote {md}, .json and .png ({time.time() - t0:.0f}s)")
     return 0
 
 

@@ -138,10 +138,10 @@ def main(argv=None) -> int:
            "rows": [{"method": lab, "folder": folder.name, "ratio": res["ratio_achieved"],
                      "architecture": res["vllm"]["architecture"], "speed": s}
                     for (lab, folder, res), s in zip(runs, speed[1:-1])]}
-    stem = results / f"vllm-speed-{a.model}"  # "qwen2.5-coder-1.5b" has a dot: no with_suffix
-    (stem.parent / (stem.name + ".json")).write_text(json.dumps(out, indent=1))
-    write_table(out, stem.parent / (stem.name + ".md"))
-    print(f"vllm_speed: wrote {stem}.md and .json ({time.time() - t0:.0f}s)")
+    md = results / f"vllm-speed-{a.model}.md"  # with its suffix: a model name may hold a dot (qwen2.5-...)
+    md.with_suffix(".json").write_text(json.dumps(out, indent=1))
+    write_table(out, md)
+    print(f"vllm_speed: wrote {md} and .json ({time.time() - t0:.0f}s)")
     return 0
 
 
