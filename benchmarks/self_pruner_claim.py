@@ -5,6 +5,7 @@ schemas' grammars).
 
     python benchmarks/self_pruner_claim.py --out runs/sp-claim            # the full comparison (resumable)
     python benchmarks/self_pruner_claim.py --out runs/sp-claim --report   # summary.md, curves.png again
+    python benchmarks/self_pruner_claim.py --out runs/sp-claim --partial  # what OUT holds now, even mid-search
     python benchmarks/self_pruner_claim.py --out runs/sp-llm --ratios 0.2 --seeds 0 \
         --proposer-model qwen2.5-coder-1.5b --formulations vectors/llm edits/uniform --results benchmarks/results
     python benchmarks/self_pruner_claim.py --out runs/sp-all --merge runs/sp-a/summary.json runs/sp-b/summary.json
@@ -28,8 +29,11 @@ no evaluation) and the best vector within ``E`` of each is pruned for real (the 
 Writes ``OUT/<proposer>-r<ratio>-s<seed>/search.jsonl``, ``OUT/summary.json`` (settings, per run: the curve of
 best fitness against evaluations, the LLM's answer counts, tokens and seconds per answer, seconds per fitness
 evaluation; per (ratio, seed): ``E``, best fitness and wiki:test perplexity of every proposer), ``OUT/summary.md``
-and ``OUT/curves.png``. A run whose search is complete is not redone; an interrupted one resumes from its log
-(every generation is logged).
+and ``OUT/curves.png``, written again after every (ratio, seed) (``missing`` lists those not measured yet). A run
+whose search is complete is not redone; an interrupted one resumes from its log (every generation is logged).
+``--partial`` (the same arguments) writes the summary of what OUT holds at that moment without loading the model:
+searches as far as logged (a running one's log is only read; seconds per evaluation then come from the log's
+wall times less the LLM's seconds), pairs whose final plans are measured.
 """
 from __future__ import annotations
 
@@ -145,11 +149,22 @@ def table(summary: dict) -> str:
             continue
         n = a["answers"]
         fit = r.get("fitness_seconds_per_evaluation")
-        lines.append(f"| {r['proposer']} | {r['ratio']:.0%} | {r['seed']} | {n} | {a['usable']} ({a['usable'] / n:.1%}) | "
+        todo = "" if r.get("complete", True) else f" (generation {r['generations_logged']} of {s['generations']})"
+        lines.append(f"| {r['proposer']}{todo} | {r['ratio']:.0%} | {r['seed']} | {n} | {a['usable']} ({a['usable'] / n:.1%}) | "
                      f"{a['retried']} | {a['repaired']} | {a['projected']} | {a['repeats']} | {a['fallback']} | "
                      f"{a['seconds_per_answer_median']:.1f} / {a['seconds_per_answer']:.1f} | "
                      f"{'-' if fit is None else format(fit, '.2f')} | "
                      f"{r['tokens']['prompt'] / n:.0f} / {r['tokens']['completion'] / n:.0f} |")
+    if summary.get("missing"):
+        going = {(r["ratio"], r["seed"]): [] for r in summary["runs"]}
+        for r in summary["runs"]:
+            going[(r["ratio"], r["seed"])].append(f"{r['proposer']} " + (
+                "done" if r.get("complete", True) else f"at generation {r['generations_logged']} of {s['generations']}"))
+        lines += ["", "**Partial**: not measured yet (no final plans): " + "; ".join(
+            f"{m['ratio']:.0%} seed {m['seed']}" + (f" ({', '.join(going[(m['ratio'], m['seed'])])})"
+                                                    if going.get((m['ratio'], m['seed'])) else " (not started)")
+            for m in summary["missing"]) + "."
+                  + (f" Read {summary['partial_read']} by `--partial`." if summary.get("partial_read") else "")]
     for part in summary.get("parts") or [summary]:  # a merged summary: each run of the script
         m = part.get("machine") or {}
         where = f"Ratios {part['ratios']}, seeds {part['seeds']}: " if "ratios" in part else ""
@@ -209,7 +224,8 @@ def merge(paths: list[str], name: str | None) -> dict:
                 {"file": x, "command": q.get("command"), "note": q.get("note"), "machine": q.get("machine"),
                  "ratios": q["settings"]["ratios"], "seeds": q["settings"]["seeds"]}]],
             "runs": sorted(runs, key=lambda r: (r["ratio"], r["seed"], r["proposer"])),
-            "pairs": sorted(pairs, key=lambda p: (p["ratio"], p["seed"])), "versions": parts[-1].get("versions")}
+            "pairs": sorted(pairs, key=lambda p: (p["ratio"], p["seed"])), "versions": parts[-1].get("versions"),
+            "missing": [m for q in parts for m in q.get("missing") or []]}
 
 
 def report(out: Path, results: str | None, note: str | None = None) -> None:
@@ -225,6 +241,92 @@ def report(out: Path, results: str | None, note: str | None = None) -> None:
             r["llm_answers"] = llm_answer_stats(read_log(log))
     summary["settings"].setdefault("proposers", ["classic", "local"])
     write(summary, out, results)
+
+
+def run_entry(name: str, ratio: float, seed: int, res, recs: list[dict], timed: dict | None, generations: int) -> dict:
+    """One search's line in the summary. Seconds per fitness evaluation: timed in this process when it evaluated,
+    else from the log (generation wall time less the LLM's seconds, over the new evaluations)."""
+    from secateurs.search.evolution import llm_answer_stats
+
+    if timed and timed["n"]:
+        fit = timed["seconds"] / timed["n"]
+    else:
+        n = sum(r["new_evaluations"] for r in recs)
+        fit = sum(r["wall_s"] - r.get("llm_seconds", 0.0) for r in recs) / n if n else None
+    return {"proposer": name, "ratio": ratio, "seed": seed, "curve": curve(recs), "evaluations": res.evaluations,
+            "best_fitness": res.best.fitness, "uniform_fitness": res.uniform.fitness, "search_wall_s": res.wall_s,
+            "by_source": res.stats["by_source"], "tokens": res.stats["tokens"], "llm_answers": llm_answer_stats(recs),
+            "proposer_model": res.stats["proposer_model"], "fitness_seconds_per_evaluation": fit,
+            "generations_logged": len(recs) - 1, "complete": len(recs) >= generations + 1}
+
+
+def summary_of(a, runs: list[dict], pairs: list[dict], ppl_dense, t_start: float, load_start, responses) -> dict:
+    """The summary of what is measured so far: ``missing`` names each (ratio, seed) without a final pair yet."""
+    done = {(p["ratio"], p["seed"]) for p in pairs}
+    argv = [sys.executable, *sys.argv]
+    return {
+        "command": "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "") + " " + shlex.join(argv),
+        "settings": {**vars(a), "calibration": "wiki (= wiki:calib), seed 0, the same for every run",
+                     "eval": f"wiki:test, {a.eval_rows} rows of {a.seqlen} tokens", "rate_bounds": [0.0, 0.9, 0.01],
+                     "llm": "temperature 0.7, top-k 40, retries 2", "model": a.model,
+                     "responses_shown": bool(responses)},
+        "note": a.note, "ppl_test_dense": ppl_dense, "runs": runs, "pairs": pairs,
+        "missing": [{"ratio": r, "seed": s} for r in a.ratios for s in a.seeds if (r, s) not in done],
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average_start": load_start,
+                    "load_average_end": os.getloadavg(), "wall_s": time.time() - t_start,
+                    "cpu_s_this_process": time.process_time()},
+        "versions": versions(),
+    }
+
+
+def versions() -> dict:
+    from secateurs.result import versions as v
+
+    return v()
+
+
+def partial(a) -> None:
+    """``--partial``: the summary of what OUT holds now (searches as logged, finished pairs) without loading a
+    model or evaluating anything; the logs of a search still running are only read."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from secateurs.importance.width import mean_rate_for_ratio
+    from secateurs.models import get_adapter
+    from secateurs.search.evolution import SearchSpace, restore
+    from secateurs.sources import resolve
+
+    out, t_start, load_start = Path(a.out), time.time(), os.getloadavg()
+    with torch.device("meta"):  # the layer sizes only: no weights
+        config = AutoConfig.from_pretrained(resolve(a.model, progress=False))
+        spec = get_adapter(AutoModelForCausalLM.from_config(config)).spec()
+    dense = out / "dense.json"
+    ppl_dense = json.loads(dense.read_text())["ppl_test"] if dense.exists() else None
+    runs, pairs = [], []
+    for ratio in a.ratios:
+        space = SearchSpace(spec.n_layers, mean_rate_for_ratio(spec, ratio))
+        for seed in a.seeds:
+            logs = {}
+            for name in run_names(vars(a)):
+                log = out / f"{name}-r{ratio:g}-s{seed}" / "search.jsonl"
+                got = restore(space, log)
+                if got is None:
+                    continue
+                recs = read_log(log)[: got[1]]
+                runs.append(run_entry(name, ratio, seed, got[0], recs, None, a.generations))
+                if runs[-1]["complete"]:
+                    logs[name] = recs
+            if len(logs) < len(run_names(vars(a))):
+                continue
+            budget = min(len(curve(r)) for r in logs.values())
+            finals = {n: out / f"{n}-r{ratio:g}-s{seed}" / f"final-{budget}.json" for n in logs}
+            if all(f.exists() for f in finals.values()):
+                pairs.append({"ratio": ratio, "seed": seed, "budget": budget,
+                              **{n: json.loads(f.read_text()) for n, f in finals.items()}})
+    summary = summary_of(a, runs, pairs, ppl_dense, t_start, load_start, None)
+    summary["settings"]["responses_shown"] = a.responses
+    summary["partial_read"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    write(summary, out, a.results)
 
 
 def main():
@@ -256,6 +358,8 @@ def main():
     p.add_argument("--note", default=None, help="what else ran on the machine (recorded in summary.json)")
     p.add_argument("--merge", nargs="+", metavar="SUMMARY", help="write OUT/summary.* (and --results) from the "
                    "summary.json files of several runs (other ratios or seeds) instead of searching")
+    p.add_argument("--partial", action="store_true", help="only write OUT/summary.* of what OUT holds now (searches "
+                   "as logged, finished pairs; a running search's log is only read), without loading the model")
     p.add_argument("--report", action="store_true", help="only rebuild summary.md and curves.png from OUT/summary.json")
     a = p.parse_args()
     for f in a.formulations:
@@ -267,6 +371,8 @@ def main():
         return write(merge(a.merge, a.name), out, a.results)
     if a.report:
         return report(Path(a.out), a.results, a.note)
+    if a.partial:
+        return partial(a)
 
     import torch
 
@@ -278,8 +384,7 @@ def main():
     from secateurs.methods.self_pruner import MaskedFitness
     from secateurs.models import get_adapter
     from secateurs.sources import load_model
-    from secateurs.result import versions
-    from secateurs.search.evolution import EvolutionConfig, SearchSpace, evolve, llm_answer_stats
+    from secateurs.search.evolution import EvolutionConfig, SearchSpace, evolve
     from secateurs.methods.self_pruner import SelfPrunerConfig, check_proposer_memory, proposer_gguf
     from secateurs.methods.tell import dense_responses
     from secateurs.search.proposers import ClassicProposer, LlamaCppProposer
@@ -323,6 +428,7 @@ def main():
             chat = proposers[name].model  # one model in memory for every formulation
     cfg = dict(population=a.population, generations=a.generations, crossover=a.crossover, mutation=a.mutation)
     ppl_dense = perplexity(model, test, a.batch_size).ppl
+    (out / "dense.json").write_text(json.dumps({"ppl_test": ppl_dense}))  # for --partial
     runs, pairs = [], []
     for ratio in a.ratios:
         space = SearchSpace(spec.n_layers, mean_rate_for_ratio(spec, ratio))
@@ -341,12 +447,7 @@ def main():
                     res = evolve(space, fitness, prop, EvolutionConfig(**cfg, seed=seed), log)  # restored, no work
                 recs = read_log(log)
                 logs[name] = recs
-                runs.append({"proposer": name, "ratio": ratio, "seed": seed, "curve": curve(recs),
-                             "evaluations": res.evaluations, "best_fitness": res.best.fitness,
-                             "uniform_fitness": res.uniform.fitness, "search_wall_s": res.wall_s,
-                             "by_source": res.stats["by_source"], "tokens": res.stats["tokens"],
-                             "llm_answers": llm_answer_stats(recs), "proposer_model": res.stats["proposer_model"],
-                             "fitness_seconds_per_evaluation": timed["seconds"] / timed["n"] if timed["n"] else None})
+                runs.append(run_entry(name, ratio, seed, res, recs, timed, a.generations))
             budget = min(len(curve(r)) for r in logs.values())
             pair = {"ratio": ratio, "seed": seed, "budget": budget}
             for name, recs in logs.items():
@@ -368,22 +469,9 @@ def main():
             print(f"[{time.strftime('%H:%M:%S')}] ratio {ratio} seed {seed} at E={budget}: "
                   + ", ".join(f"{n} fitness {pair[n]['best_fitness']:.2f} wiki:test {pair[n]['ppl_test']:.2f}" for n in logs),
                   flush=True)
+            write(summary_of(a, runs, pairs, ppl_dense, t_start, load_start, responses), out, a.results)
     for prop in proposers.values():  # the formulations share one model, closed by the proposer that opened it
         prop.close()
-    argv = [sys.executable, *sys.argv]
-    summary = {
-        "command": "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "") + " " + shlex.join(argv),
-        "settings": {**vars(a), "calibration": "wiki (= wiki:calib), seed 0, the same for every run",
-                     "eval": f"wiki:test, {a.eval_rows} rows of {a.seqlen} tokens", "rate_bounds": [0.0, 0.9, 0.01],
-                     "llm": "temperature 0.7, top-k 40, retries 2", "model": a.model,
-                     "responses_shown": bool(responses)},
-        "note": a.note, "ppl_test_dense": ppl_dense, "runs": runs, "pairs": pairs,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average_start": load_start,
-                    "load_average_end": os.getloadavg(), "wall_s": time.time() - t_start,
-                    "cpu_s_this_process": time.process_time()},
-        "versions": versions(),
-    }
-    write(summary, out, a.results)
 
 
 if __name__ == "__main__":

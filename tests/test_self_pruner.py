@@ -16,7 +16,7 @@ from llm_stubs import Scripted, StubHandler, stub  # noqa: F401  (stub is a fixt
 from secateurs.errors import UserError
 from secateurs.methods import PruneContext, get_method, make_config
 from secateurs.models import get_adapter
-from secateurs.search.evolution import EvolutionConfig, Individual, InvalidAnswer, SearchSpace, evolve
+from secateurs.search.evolution import EvolutionConfig, Individual, InvalidAnswer, SearchSpace, evolve, restore
 from secateurs.search.proposers import (ClassicProposer, EndpointDown, OpenAIProposer, first_json,
                                        rates_schema, selection_schema)
 
@@ -150,6 +150,25 @@ def test_classic_evolution_improves_and_resumes(tmp_path):
     assert [r["gen"] for r in lines] == list(range(7))
     assert lines == [json.loads(x) | {"wall_s": lines[i]["wall_s"]} for i, x in enumerate((tmp_path / "full.jsonl").read_text().splitlines())]
     assert resumed.best == full.best
+
+
+def test_restore_reads_a_log_without_writing_it(tmp_path):
+    space = SearchSpace(8, 0.4, 0.0, 0.9, 0.01)
+    target = space.repair([0.1, 0.7, 0.2, 0.6, 0.3, 0.5, 0.4, 0.4])[0]
+    cfg = EvolutionConfig(population=8, generations=3, crossover=4, mutation=4, seed=1)
+    full = evolve(space, quadratic(target), ClassicProposer(), cfg, tmp_path / "full.jsonl")
+    assert restore(space, tmp_path / "none.jsonl") is None
+    lines = (tmp_path / "full.jsonl").read_text().splitlines()
+    part = tmp_path / "part.jsonl"
+    part.write_text("\n".join(lines[:2]) + '\n{"gen": 2, "torn')  # a search still writing its third generation
+    before = part.read_text()
+    res, logged = restore(space, part)
+    assert logged == 2 and part.read_text() == before
+    assert res.stats["best_by_generation"] == full.stats["best_by_generation"][:2]
+    assert res.new_evaluations == 0 and res.evaluations == len({space.key(q["rates"]) for x in lines[:2]
+                                                              for q in json.loads(x)["proposals"]})
+    done, n = restore(space, tmp_path / "full.jsonl")
+    assert n == 4 and done.best == full.best and done.evaluations == full.evaluations
 
 
 def test_full_tiny_self_pruner_classic(tmp_path):

@@ -287,6 +287,16 @@ def evolve(space: SearchSpace, fitness: Callable[[list[float]], float] | None, p
     return _result(space, records, cache, new_evals)
 
 
+def restore(space: SearchSpace, log_path: str | Path) -> tuple[SearchResult, int] | None:
+    """A search as its log holds it now, read only (the log of a running search may be read), and the number of
+    generations logged; None for a log without a generation. No fitness is evaluated, nothing is written."""
+    records = _read_log(Path(log_path))
+    if not records:
+        return None
+    cache = {space.key(p["rates"]): p["fitness"] for rec in records for p in rec["proposals"]}
+    return _result(space, records, cache, 0), len(records)
+
+
 def llm_answer_stats(records: list[dict]) -> dict | None:
     """An LLM proposer's answers (rate vectors and selections) in a search log: how many were usable as they came
     (no fallback), retried, repaired, projected, fell back, or repeated an evaluated vector; seconds per answer.
