@@ -156,9 +156,9 @@ def table(summary: dict) -> str:
                      f"{'-' if fit is None else format(fit, '.2f')} | "
                      f"{r['tokens']['prompt'] / n:.0f} / {r['tokens']['completion'] / n:.0f} |")
     if summary.get("missing"):
-        going = {(r["ratio"], r["seed"]): [] for r in summary["runs"]}
+        going = {}  # (ratio, seed) -> where each of its searches stands
         for r in summary["runs"]:
-            going[(r["ratio"], r["seed"])].append(f"{r['proposer']} " + (
+            going.setdefault((r["ratio"], r["seed"]), []).append(f"{r['proposer']} " + (
                 "done" if r.get("complete", True) else f"at generation {r['generations_logged']} of {s['generations']}"))
         lines += ["", "**Partial**: not measured yet (no final plans): " + "; ".join(
             f"{m['ratio']:.0%} seed {m['seed']}" + (f" ({', '.join(going[(m['ratio'], m['seed'])])})"
@@ -260,8 +260,11 @@ def run_entry(name: str, ratio: float, seed: int, res, recs: list[dict], timed: 
             "generations_logged": len(recs) - 1, "complete": len(recs) >= generations + 1}
 
 
-def summary_of(a, runs: list[dict], pairs: list[dict], ppl_dense, t_start: float, load_start, responses) -> dict:
+def summary_of(a, runs: list[dict], pairs: list[dict], ppl_dense, t_start: float, load_start,
+               responses_shown: bool) -> dict:
     """The summary of what is measured so far: ``missing`` names each (ratio, seed) without a final pair yet."""
+    from secateurs.result import versions
+
     done = {(p["ratio"], p["seed"]) for p in pairs}
     argv = [sys.executable, *sys.argv]
     return {
@@ -269,7 +272,7 @@ def summary_of(a, runs: list[dict], pairs: list[dict], ppl_dense, t_start: float
         "settings": {**vars(a), "calibration": "wiki (= wiki:calib), seed 0, the same for every run",
                      "eval": f"wiki:test, {a.eval_rows} rows of {a.seqlen} tokens", "rate_bounds": [0.0, 0.9, 0.01],
                      "llm": "temperature 0.7, top-k 40, retries 2", "model": a.model,
-                     "responses_shown": bool(responses)},
+                     "responses_shown": responses_shown},
         "note": a.note, "ppl_test_dense": ppl_dense, "runs": runs, "pairs": pairs,
         "missing": [{"ratio": r, "seed": s} for r in a.ratios for s in a.seeds if (r, s) not in done],
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average_start": load_start,
@@ -277,12 +280,6 @@ def summary_of(a, runs: list[dict], pairs: list[dict], ppl_dense, t_start: float
                     "cpu_s_this_process": time.process_time()},
         "versions": versions(),
     }
-
-
-def versions() -> dict:
-    from secateurs.result import versions as v
-
-    return v()
 
 
 def partial(a) -> None:
@@ -309,11 +306,11 @@ def partial(a) -> None:
             logs = {}
             for name in run_names(vars(a)):
                 log = out / f"{name}-r{ratio:g}-s{seed}" / "search.jsonl"
-                got = restore(space, log)
+                got = restore(space, log)  # a running search's torn last line is left out
                 if got is None:
                     continue
-                recs = read_log(log)[: got[1]]
-                runs.append(run_entry(name, ratio, seed, got[0], recs, None, a.generations))
+                res, recs = got
+                runs.append(run_entry(name, ratio, seed, res, recs, None, a.generations))
                 if runs[-1]["complete"]:
                     logs[name] = recs
             if len(logs) < len(run_names(vars(a))):
@@ -323,8 +320,7 @@ def partial(a) -> None:
             if all(f.exists() for f in finals.values()):
                 pairs.append({"ratio": ratio, "seed": seed, "budget": budget,
                               **{n: json.loads(f.read_text()) for n, f in finals.items()}})
-    summary = summary_of(a, runs, pairs, ppl_dense, t_start, load_start, None)
-    summary["settings"]["responses_shown"] = a.responses
+    summary = summary_of(a, runs, pairs, ppl_dense, t_start, load_start, a.responses)
     summary["partial_read"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     write(summary, out, a.results)
 
@@ -469,7 +465,7 @@ def main():
             print(f"[{time.strftime('%H:%M:%S')}] ratio {ratio} seed {seed} at E={budget}: "
                   + ", ".join(f"{n} fitness {pair[n]['best_fitness']:.2f} wiki:test {pair[n]['ppl_test']:.2f}" for n in logs),
                   flush=True)
-            write(summary_of(a, runs, pairs, ppl_dense, t_start, load_start, responses), out, a.results)
+            write(summary_of(a, runs, pairs, ppl_dense, t_start, load_start, bool(responses)), out, a.results)
     for prop in proposers.values():  # the formulations share one model, closed by the proposer that opened it
         prop.close()
 

@@ -206,10 +206,7 @@ def evolve(space: SearchSpace, fitness: Callable[[list[float]], float] | None, p
         raise UserError("the search needs --population >= 2, --generations >= 0 and non-negative child counts")
     log_path = Path(log_path)
     records = _read_log(log_path)
-    cache: dict[tuple, float] = {}
-    for rec in records:
-        for p in rec["proposals"]:
-            cache[space.key(p["rates"])] = p["fitness"]
+    cache = _cache(space, records)
     if records and log:
         log(f"self-pruner: resuming the search after generation {records[-1]['gen']} ({len(cache)} vectors evaluated)")
     log_path.write_text("".join(json.dumps(r) + "\n" for r in records))  # drop a torn line
@@ -287,14 +284,17 @@ def evolve(space: SearchSpace, fitness: Callable[[list[float]], float] | None, p
     return _result(space, records, cache, new_evals)
 
 
-def restore(space: SearchSpace, log_path: str | Path) -> tuple[SearchResult, int] | None:
-    """A search as its log holds it now, read only (the log of a running search may be read), and the number of
-    generations logged; None for a log without a generation. No fitness is evaluated, nothing is written."""
+def _cache(space: SearchSpace, records: list[dict]) -> dict[tuple, float]:
+    """Fitness by grid vector, of every proposal the log holds."""
+    return {space.key(p["rates"]): p["fitness"] for rec in records for p in rec["proposals"]}
+
+
+def restore(space: SearchSpace, log_path: str | Path) -> tuple[SearchResult, list[dict]] | None:
+    """A search as its log holds it now, read only (the log of a running search may be read: a torn last line is
+    ignored), and the generation records it was built from; None for a log without a generation. No fitness is
+    evaluated, nothing is written."""
     records = _read_log(Path(log_path))
-    if not records:
-        return None
-    cache = {space.key(p["rates"]): p["fitness"] for rec in records for p in rec["proposals"]}
-    return _result(space, records, cache, 0), len(records)
+    return (_result(space, records, _cache(space, records), 0), records) if records else None
 
 
 def llm_answer_stats(records: list[dict]) -> dict | None:
