@@ -207,6 +207,46 @@ def test_fitness_rows_default_follows_a_small_calibration(tmp_path, capsys):
         prune(model, "self-pruner", 0.3, calib, tmp_path, proposer="classic", fitness_rows=3)
 
 
+def test_auto_proposer_follows_the_evidence(tmp_path):
+    """--proposer auto (the default): a chat model of 1B parameters or more proposes for itself, asked for edits
+    from the uniform start (where that won, docs/width.md); a smaller model or one without a chat template gets the
+    classic operators; --endpoint / --proposer-model pick openai / local; an explicit --llm-task is kept."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from secateurs.methods.self_pruner import SELF_PROPOSER_MIN_PARAMS, SelfPrunerConfig, choose_proposer
+
+    small = tiny_model("llama")
+    with torch.device("meta"):  # about 1.1B parameters, no weights
+        big = LlamaForCausalLM(LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                           num_attention_heads=16, num_key_value_heads=4, vocab_size=32000))
+    assert sum(p.numel() for p in big.parameters()) >= SELF_PROPOSER_MIN_PARAMS
+    chat, plain = SimpleNamespace(chat_template="{{ messages }}"), SimpleNamespace(chat_template=None)
+    auto = SelfPrunerConfig(proposer="auto")
+
+    def chosen(model, cfg=auto, tok=chat):
+        c, why = choose_proposer(cfg, model, "my-model", tok, known=True)
+        return c.proposer, c.llm_task, c.llm_start, why
+
+    assert chosen(small)[:3] == ("classic", None, None) and "under 1B" in chosen(small)[3]
+    assert chosen(big)[:3] == ("local", "edits", "uniform") and "proposing for itself" in chosen(big)[3]
+    assert chosen(big, tok=plain)[0] == chosen(big, tok=None)[0] == "classic"
+    assert "not a chat model" in chosen(big, tok=plain)[3]
+    assert chosen(big, SelfPrunerConfig(llm_task="vectors", proposer="auto"))[1:3] == ("vectors", "uniform")
+    assert chosen(small, SelfPrunerConfig(endpoint="http://x/v1", proposer="auto"))[:3] == ("openai", "vectors", "llm")
+    assert chosen(small, SelfPrunerConfig(proposer_model="m.gguf", proposer="auto"))[:3] == ("local", "vectors", "llm")
+    assert chosen(big, SelfPrunerConfig(proposer="classic"))[:3] == ("classic", None, None)
+    assert chosen(small, SelfPrunerConfig(proposer="local"))[:3] == ("local", "vectors", "llm")
+    with pytest.raises(UserError, match="--llm-task and --llm-start apply"):
+        SelfPrunerConfig(proposer="classic", llm_start="uniform").check(0.2)
+    calib = torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(1))
+    plan = prune(small, "self-pruner", 0.3, calib, tmp_path, population=3, generations=1, crossover=1, mutation=1,
+                 fitness_rows=2)  # the default proposer on a small model: classic, and why is recorded
+    d = plan.record["method_details"]
+    assert d["proposer"] == "classic" and d["proposer_chosen"].startswith("auto: ") and d["llm_task"] is None
+
+
 @pytest.mark.parametrize("opts,msg", [(dict(proposer="classic", endpoint="http://x/v1"), "--endpoint applies to --proposer openai"),
                                       (dict(proposer="classic", proposer_model="m.gguf"), "--proposer-model applies"),
                                       (dict(proposer="local", proposer_model="m.bin"), "GGUF chat model file"),

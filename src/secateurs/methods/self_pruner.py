@@ -11,7 +11,8 @@ applied by wanda-sp.
   afterwards); no copy of the model. The fitness cache is keyed by the rate vector. With ``--workers``, each
   generation's new vectors are scored on the worker pool, every worker masking its own replica.
 - Loop and log: ``secateurs.search.evolution`` (``search.jsonl`` in the run folder; resumable).
-- Operators: ``--proposer classic|local|openai`` (``secateurs.search.proposers``). ``local`` runs a GGUF chat
+- Operators: ``--proposer auto|classic|local|openai`` (``secateurs.search.proposers``; ``auto``, the default, is
+  chosen by ``choose_proposer``: the model proposing for itself where that won, classic elsewhere). ``local`` runs a GGUF chat
   model in llama.cpp with grammar-constrained answers (``proposer_gguf``): ``--proposer-model``, a GGUF file or
   an embedded model's name (its offline GGUF, fetched on first use), or by default the model being pruned
   proposing for itself: an embedded model's offline GGUF, or else the model converted once to q8_0 by the GGUF
@@ -46,6 +47,12 @@ from . import MethodConfig, PruneContext, register_method
 
 
 FITNESS_ROWS = 4  # the fitness rows when --fitness-rows is not given (at most the calibration rows)
+# --proposer auto: a chat model of at least this many parameters proposes for itself, asked for edits of a parent
+# from the uniform first population (the 1.5B pruning itself beat the classic operators at equal evaluations;
+# SmolLM2-135M proposing, for itself or by the 1.5B, did not where the model stayed usable: docs/width.md)
+SELF_PROPOSER_MIN_PARAMS = 10**9
+AUTO_FORMULATION = ("edits", "uniform")  # --llm-task / --llm-start of a proposer chosen by auto
+LLM_FORMULATION = ("vectors", "llm")  # ... of --proposer local / openai (the paper's: whole vectors, its own start)
 
 
 @dataclass
@@ -53,10 +60,14 @@ class SelfPrunerConfig(MethodConfig):
     searches = True
     parallel = True
 
-    proposer: str = field(default="classic", metadata={
+    proposer: str = field(default="auto", metadata={
         "help": "who performs the evolutionary operators: classic (numeric genetic operators), local (a GGUF model "
-                "in llama.cpp, answers constrained by a grammar), openai (an OpenAI-compatible endpoint)",
-        "choices": ["classic", "local", "openai"]})
+                "in llama.cpp, answers constrained by a grammar), openai (an OpenAI-compatible endpoint), auto (openai "
+                "with --endpoint, local with --proposer-model; else local when the model being pruned is a chat model "
+                f"of at least {SELF_PROPOSER_MIN_PARAMS / 1e9:g}B parameters, proposing for itself with --llm-task "
+                f"{AUTO_FORMULATION[0]} --llm-start {AUTO_FORMULATION[1]}, where that beat the classic operators; "
+                "classic otherwise: docs/width.md)",
+        "choices": ["auto", "classic", "local", "openai"]})
     population: int = field(default=30, metadata={"help": "population size"})
     generations: int = field(default=20, metadata={"help": "generations after the initial population"})
     crossover: int = field(default=10, metadata={"help": "crossover children per generation"})
@@ -80,13 +91,15 @@ class SelfPrunerConfig(MethodConfig):
     endpoint_wait: float = field(default=600.0, metadata={
         "help": "openai: how long to keep retrying an endpoint that does not answer before the search stops "
                 "(resumable: run the same command again)"})
-    llm_task: str = field(default="vectors", metadata={
+    llm_task: str | None = field(default=None, metadata={
         "help": "what the LLM is asked for: vectors (a whole rate vector per child) or edits (2 to 8 layer: new-rate "
-                "changes to the child's parent, the uniform plan for the first population)",
+                "changes to the child's parent, the uniform plan for the first population); default "
+                f"{AUTO_FORMULATION[0]} when auto chose the model itself, else {LLM_FORMULATION[0]}",
         "choices": ["vectors", "edits"]})
-    llm_start: str = field(default="llm", metadata={
+    llm_start: str | None = field(default=None, metadata={
         "help": "who writes the first population: llm, or uniform (the classic perturbations of the uniform rates; "
-                "the LLM takes over from the first generation)", "choices": ["llm", "uniform"]})
+                f"the LLM takes over from the first generation); default {AUTO_FORMULATION[1]} when auto chose the "
+                f"model itself, else {LLM_FORMULATION[1]}", "choices": ["llm", "uniform"]})
     llm_retries: int = field(default=2, metadata={"help": "retries of an unusable LLM answer before the classical operator fills in"})
     llm_temperature: float = field(default=0.7, metadata={"help": "LLM sampling temperature (seeded)"})
     llm_max_tokens: int = field(default=1024, metadata={"help": "upper bound of tokens per LLM answer"})
@@ -100,21 +113,22 @@ class SelfPrunerConfig(MethodConfig):
         for name in ("generations", "crossover", "mutation", "llm_retries", "endpoint_wait"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be 0 or more (got {getattr(self, name)})")
-        if self.endpoint and self.proposer != "openai":
+        if self.endpoint and self.proposer not in ("openai", "auto"):
             raise UserError(f"--endpoint applies to --proposer openai (the proposer is {self.proposer})")
         if self.proposer_model and self.proposer == "classic":
             raise UserError("--proposer-model applies to --proposer local or openai (the proposer is classic)")
-        if self.proposer == "classic" and (self.llm_task != "vectors" or self.llm_start != "llm"):
+        if self.proposer == "classic" and (self.llm_task or self.llm_start):
             raise UserError("--llm-task and --llm-start apply to --proposer local or openai (the proposer is classic)")
-        if self.proposer == "local" and self.proposer_model:
+        if self.proposer in ("local", "auto") and self.proposer_model and not self.endpoint:
             proposer_file(self.proposer_model)
 
     def check_loaded(self, model, model_ref):
         """A local proposer that is an embedded model's or the given file fits the memory left beside the model."""
         from ..sources import EMBEDDED
 
-        if self.proposer == "local" and (self.proposer_model or model_ref in EMBEDDED):
-            name = self.proposer_model or model_ref
+        cfg, _ = choose_proposer(self, model, model_ref)
+        if cfg.proposer == "local" and (cfg.proposer_model or model_ref in EMBEDDED):
+            name = cfg.proposer_model or model_ref
             check_proposer_memory(proposer_file(name), model)
 
     def reach(self, spec):
@@ -138,6 +152,7 @@ class SelfPrunerConfig(MethodConfig):
     def cached_work(self, model, calib, seed: int, engine=None, model_ref=None) -> str | None:
         """For ``prune --dry-run``: the LLM proposer's answers beside the fitness evaluations: how many, one timed
         here (local: a mutation prompt showing the first population, from an empty KV cache), and its memory."""
+        self, why = choose_proposer(self, model, model_ref)
         if self.proposer == "classic":
             return None
         n = llm_answers(self)
@@ -159,6 +174,43 @@ class SelfPrunerConfig(MethodConfig):
                 f"--llm-task {self.llm_task}; later prompts show more history but reuse the KV cache's common start): "
                 f"about {format_duration(n * seconds)} of LLM time; the proposer needs {format_size(mem['proposer_bytes'])}"
                 f"{left}")
+
+
+def choose_proposer(cfg: SelfPrunerConfig, model, model_ref: str | None, tokenizer=None,
+                    known: bool = False) -> tuple[SelfPrunerConfig, str]:
+    """(the config with its proposer and LLM formulation decided, why): ``--proposer auto`` becomes openai with
+    --endpoint, local with --proposer-model, else local when the model being pruned has at least
+    SELF_PROPOSER_MIN_PARAMS parameters and can propose for itself (an embedded model, or a tokenizer with a chat
+    template; ``known``: the tokenizer is the model's, None meaning it has none), classic otherwise. Decided by
+    the model and the options alone, never by the machine."""
+    import dataclasses
+
+    from ..models.base import unique_param_count
+    from ..sources import EMBEDDED
+
+    proposer, why = cfg.proposer, f"--proposer {cfg.proposer}"
+    formulation = LLM_FORMULATION
+    if proposer == "auto":
+        n = unique_param_count(model)
+        size = f"{n / 1e9:.2f}B parameters"
+        chat = model_ref in EMBEDDED or not known or getattr(tokenizer, "chat_template", None) is not None
+        if cfg.endpoint:
+            proposer, why = "openai", "auto: --endpoint given"
+        elif cfg.proposer_model:
+            proposer, why = "local", "auto: --proposer-model given"
+        elif n < SELF_PROPOSER_MIN_PARAMS:
+            proposer, why = "classic", (f"auto: {size}, under {SELF_PROPOSER_MIN_PARAMS / 1e9:g}B, where the classic "
+                                        "operators found the better plans (docs/width.md)")
+        elif not chat:
+            proposer, why = "classic", f"auto: {size}, but not a chat model (no chat template) to propose for itself"
+        else:
+            proposer, why = "local", (f"auto: {size}, a chat model proposing for itself (where it beat the classic "
+                                      "operators at equal evaluations: docs/width.md)")
+            formulation = AUTO_FORMULATION
+    if proposer == "classic":
+        return dataclasses.replace(cfg, proposer=proposer), why
+    return dataclasses.replace(cfg, proposer=proposer, llm_task=cfg.llm_task or formulation[0],
+                               llm_start=cfg.llm_start or formulation[1]), why
 
 
 def time_one_answer(cfg: SelfPrunerConfig, gguf: Path, ctx: PruneContext) -> float:
@@ -326,7 +378,8 @@ def fitness_rows(cfg: SelfPrunerConfig, ctx: PruneContext, log) -> int:
             "--fitness-rows to change)")
     return min(FITNESS_ROWS, n)
 @register_method("self-pruner", "evolutionary search of per-layer wanda-sp rates, operators performed classically "
-                 "or by an LLM (a local GGUF model, by default the model itself; an OpenAI-compatible endpoint)",
+                 "or by an LLM (a local GGUF model, by default the model itself when it is a chat model of 1B "
+                 "parameters or more; an OpenAI-compatible endpoint)",
                  SelfPrunerConfig)
 def self_pruner(ctx: PruneContext, cfg: SelfPrunerConfig) -> PruningPlan:
     if cfg.fitness_rows is not None and cfg.fitness_rows > ctx.calib.shape[0]:
@@ -334,6 +387,11 @@ def self_pruner(ctx: PruneContext, cfg: SelfPrunerConfig) -> PruningPlan:
     spec = ctx.spec
     space = SearchSpace(spec.n_layers, mean_rate_for_ratio(spec, ctx.ratio), cfg.rate_min, cfg.rate_max, cfg.rate_step)
     log = print if ctx.progress else None
+    cfg, why = choose_proposer(cfg, ctx.model, ctx.model_ref, ctx.tokenizer, known=True)
+    if log and why.startswith("auto"):
+        log(f"self-pruner: proposer {cfg.proposer}" + (f" (--llm-task {cfg.llm_task} --llm-start {cfg.llm_start})"
+                                                       if cfg.proposer != "classic" else "") + f": {why}")
+    ctx.record(proposer=cfg.proposer, proposer_chosen=why, llm_task=cfg.llm_task, llm_start=cfg.llm_start)
     gguf, source = proposer_gguf(cfg, ctx, log) if cfg.proposer == "local" else (None, "")
     memory = check_proposer_memory(gguf, ctx.model) if gguf is not None else None
     proposer = make_proposer(cfg.proposer, gguf=gguf, gguf_source=source, endpoint=cfg.endpoint,
