@@ -240,6 +240,8 @@ def test_auto_proposer_follows_the_evidence(tmp_path):
     assert chosen(small, SelfPrunerConfig(proposer="local"))[:3] == ("local", "vectors", "llm")
     with pytest.raises(UserError, match="--llm-task and --llm-start apply"):
         SelfPrunerConfig(proposer="classic", llm_start="uniform").check(0.2)
+    with pytest.raises(UserError, match="auto chose classic .*under 1B.*--proposer local"):
+        chosen(small, SelfPrunerConfig(proposer="auto", llm_task="edits"))
     calib = torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(1))
     plan = prune(small, "self-pruner", 0.3, calib, tmp_path, population=3, generations=1, crossover=1, mutation=1,
                  fitness_rows=2)  # the default proposer on a small model: classic, and why is recorded

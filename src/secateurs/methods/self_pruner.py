@@ -208,6 +208,9 @@ def choose_proposer(cfg: SelfPrunerConfig, model, model_ref: str | None, tokeniz
                                       "operators at equal evaluations: docs/width.md)")
             formulation = AUTO_FORMULATION
     if proposer == "classic":
+        if cfg.llm_task or cfg.llm_start:  # an explicit classic is refused in check()
+            raise UserError(f"--llm-task and --llm-start apply to an LLM proposer, and --proposer auto chose classic "
+                            f"({why.removeprefix('auto: ')}); pass --proposer local to have the model propose")
         return dataclasses.replace(cfg, proposer=proposer), why
     return dataclasses.replace(cfg, proposer=proposer, llm_task=cfg.llm_task or formulation[0],
                                llm_start=cfg.llm_start or formulation[1]), why
