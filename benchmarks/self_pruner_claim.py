@@ -75,10 +75,6 @@ def best_within(records: list[dict], budget: int) -> tuple[list[float], float]:
     return best
 
 
-def read_log(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
-
-
 def run_names(settings: dict) -> list[str]:
     """The searches of every (ratio, seed): classic and one per LLM formulation (see the module docstring)."""
     names = ["classic"] if "classic" in settings["proposers"] else []
@@ -230,7 +226,7 @@ def merge(paths: list[str], name: str | None) -> dict:
 
 def report(out: Path, results: str | None, note: str | None = None) -> None:
     """OUT/summary.md and OUT/curves.png again from OUT/summary.json, each run's answer counts from its log."""
-    from secateurs.search.evolution import llm_answer_stats
+    from secateurs.search.evolution import llm_answer_stats, read_log
 
     summary = json.loads((out / "summary.json").read_text())
     if note:
@@ -380,7 +376,7 @@ def main():
     from secateurs.methods.self_pruner import MaskedFitness
     from secateurs.models import get_adapter
     from secateurs.sources import load_model
-    from secateurs.search.evolution import EvolutionConfig, SearchSpace, evolve
+    from secateurs.search.evolution import EvolutionConfig, SearchSpace, evolve, read_log, restore
     from secateurs.methods.self_pruner import SelfPrunerConfig, check_proposer_memory, proposer_gguf
     from secateurs.methods.tell import dense_responses
     from secateurs.search.proposers import ClassicProposer, LlamaCppProposer
@@ -437,11 +433,9 @@ def main():
                 timed.update(seconds=0.0, n=0)
                 if len(read_log(log)) < a.generations + 1:
                     print(f"[{time.strftime('%H:%M:%S')}] {name} ratio {ratio} seed {seed}", flush=True)
-                    res = evolve(space, fitness, prop, EvolutionConfig(**cfg, seed=seed), log,
-                                 log=lambda m: print("  " + m, flush=True))
-                else:
-                    res = evolve(space, fitness, prop, EvolutionConfig(**cfg, seed=seed), log)  # restored, no work
-                recs = read_log(log)
+                    evolve(space, fitness, prop, EvolutionConfig(**cfg, seed=seed), log,
+                           log=lambda m: print("  " + m, flush=True))
+                res, recs = restore(space, log)  # the search as logged, read once
                 logs[name] = recs
                 runs.append(run_entry(name, ratio, seed, res, recs, timed, a.generations))
             budget = min(len(curve(r)) for r in logs.values())

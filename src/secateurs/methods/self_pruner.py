@@ -152,26 +152,26 @@ class SelfPrunerConfig(MethodConfig):
     def cached_work(self, model, calib, seed: int, engine=None, model_ref=None) -> str | None:
         """For ``prune --dry-run``: the LLM proposer's answers beside the fitness evaluations: how many, one timed
         here (local: a mutation prompt showing the first population, from an empty KV cache), and its memory."""
-        self, why = choose_proposer(self, model, model_ref)
-        if self.proposer == "classic":
+        cfg, _ = choose_proposer(self, model, model_ref)
+        if cfg.proposer == "classic":
             return None
-        n = llm_answers(self)
-        if self.proposer == "openai":
+        n = llm_answers(cfg)
+        if cfg.proposer == "openai":
             return f"self-pruner: about {n} LLM answers from the endpoint beside the evaluations (not timed by --dry-run)"
         from ..runtime.estimate import format_duration
         from ..runtime.placement import format_size
         from ..sources import EMBEDDED
 
-        if not self.proposer_model and model_ref not in EMBEDDED:
+        if not cfg.proposer_model and model_ref not in EMBEDDED:
             return (f"self-pruner: about {n} LLM answers beside the evaluations; the model is converted to a q8_0 "
                     "GGUF to propose for itself first (not timed by --dry-run)")
         ctx = PruneContext.build(model, calib, seed=seed, workdir=".", progress=False, model_ref=model_ref)
-        gguf, _ = proposer_gguf(self, ctx, None)
+        gguf, _ = proposer_gguf(cfg, ctx, None)
         mem = check_proposer_memory(gguf, model)
-        seconds = time_one_answer(self, gguf, ctx)
+        seconds = time_one_answer(cfg, gguf, ctx)
         left = "" if mem["left_bytes"] is None else f", {format_size(mem['left_bytes'])} left beside the model"
         return (f"self-pruner: about {n} LLM answers beside the evaluations; one took {seconds:.1f} s here ({gguf.name}, "
-                f"--llm-task {self.llm_task}; later prompts show more history but reuse the KV cache's common start): "
+                f"--llm-task {cfg.llm_task}; later prompts show more history but reuse the KV cache's common start): "
                 f"about {format_duration(n * seconds)} of LLM time; the proposer needs {format_size(mem['proposer_bytes'])}"
                 f"{left}")
 

@@ -182,7 +182,7 @@ def _tokens(items) -> dict:
     return out
 
 
-def _read_log(path: Path) -> list[dict]:
+def read_log(path: Path) -> list[dict]:
     """Complete generation records, in order; a torn last line (interrupted write) is ignored."""
     if not path.exists():
         return []
@@ -205,7 +205,7 @@ def evolve(space: SearchSpace, fitness: Callable[[list[float]], float] | None, p
     if cfg.population < 2 or cfg.generations < 0 or cfg.crossover < 0 or cfg.mutation < 0:
         raise UserError("the search needs --population >= 2, --generations >= 0 and non-negative child counts")
     log_path = Path(log_path)
-    records = _read_log(log_path)
+    records = read_log(log_path)
     cache = _cache(space, records)
     if records and log:
         log(f"self-pruner: resuming the search after generation {records[-1]['gen']} ({len(cache)} vectors evaluated)")
@@ -293,7 +293,7 @@ def restore(space: SearchSpace, log_path: str | Path) -> tuple[SearchResult, lis
     """A search as its log holds it now, read only (the log of a running search may be read: a torn last line is
     ignored), and the generation records it was built from; None for a log without a generation. No fitness is
     evaluated, nothing is written."""
-    records = _read_log(Path(log_path))
+    records = read_log(Path(log_path))
     return (_result(space, records, _cache(space, records), 0), records) if records else None
 
 
