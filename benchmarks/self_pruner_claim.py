@@ -8,6 +8,8 @@ schemas' grammars).
     python benchmarks/self_pruner_claim.py --out runs/sp-claim --partial  # what OUT holds now, even mid-search
     python benchmarks/self_pruner_claim.py --out runs/sp-llm --ratios 0.2 --seeds 0 \
         --proposer-model qwen2.5-coder-1.5b --formulations vectors/llm edits/uniform --results benchmarks/results
+    python benchmarks/self_pruner_claim.py --out runs/sp-long --proposers classic --generations 16 ...  # then:
+    python benchmarks/self_pruner_claim.py --out runs/sp-long --time-matched runs/sp-claim/summary.json
     python benchmarks/self_pruner_claim.py --out runs/sp-all --merge runs/sp-a/summary.json runs/sp-b/summary.json
     python benchmarks/self_pruner_claim.py --out runs/sp-tiny --ratios 0.2 --seeds 0 --population 3 \
         --generations 1 --crossover 1 --mutation 1 --nsamples 2 --seqlen 64 --fitness-rows 1 --eval-rows 2
@@ -239,6 +241,67 @@ def report(out: Path, results: str | None, note: str | None = None) -> None:
     write(summary, out, results)
 
 
+def time_matched(out: Path, llm_summary: str, results: str | None) -> None:
+    """``--time-matched LLM_SUMMARY``: does the LLM pay for itself in time? OUT holds longer classic searches (more
+    generations, same seeds); for every LLM search of LLM_SUMMARY, the evaluations its wall time would have bought
+    at the seconds per fitness evaluation measured in that same search (same machine, same load), and the classic
+    search's best fitness at that many evaluations against the LLM's, with both final plans on wiki:test."""
+    mine, theirs = json.loads((out / "summary.json").read_text()), json.loads(Path(llm_summary).read_text())
+    if mine["settings"]["model"] != theirs["settings"]["model"]:
+        raise SystemExit(f"self_pruner_claim: --time-matched: {llm_summary} is about {theirs['settings']['model']}, "
+                         f"OUT about {mine['settings']['model']}")
+    classic = {(r["ratio"], r["seed"]): r for r in mine["runs"] if r["proposer"] == "classic"}
+    finals = {(p["ratio"], p["seed"]): p["classic"] for p in mine["pairs"] if "classic" in p}
+    rows = []
+    for r in theirs["runs"]:
+        key, fit = (r["ratio"], r["seed"]), r.get("fitness_seconds_per_evaluation")
+        if r["proposer"] == "classic" or key not in classic or not fit:
+            continue
+        pair = next(p for p in theirs["pairs"] if (p["ratio"], p["seed"]) == key)
+        c = classic[key]["curve"]
+        e_time = round(r["search_wall_s"] / fit)
+        at = min(e_time, len(c))
+        rows.append({"search": r["proposer"], "ratio": r["ratio"], "seed": r["seed"], "llm_evaluations": pair["budget"],
+                     "llm_wall_s": r["search_wall_s"], "seconds_per_evaluation": fit, "classic_evaluations_in_llm_time": e_time,
+                     "classic_evaluations_run": len(c), "llm_best_fitness": pair[r["proposer"]]["best_fitness"],
+                     "classic_best_fitness_at_llm_evaluations": c[pair["budget"] - 1],
+                     "classic_best_fitness_in_llm_time": c[at - 1],
+                     "llm_ppl_test": pair[r["proposer"]]["ppl_test"],
+                     "classic_ppl_test_long": (finals.get(key) or {}).get("ppl_test"),
+                     "classic_ppl_test_long_evaluations": (finals.get(key) or {}).get("evaluations")})
+    if not rows:
+        raise SystemExit(f"self_pruner_claim: --time-matched: no LLM search of {llm_summary} has a classic search of the "
+                         f"same ratio and seed in {out}")
+    lines = [f"Classic operators given the LLM's wall time, {mine['settings']['model']} (LLM searches: {llm_summary}; "
+             f"classic: {out}, {mine['settings']['generations']} generations). E = the LLM search's evaluations; "
+             "E(time) = its wall time over its own seconds per fitness evaluation (what that time buys classic). "
+             "Best fitness is calibration perplexity on the fitness rows, lower is better.", "",
+             "| search | ratio | seed | E | LLM wall s | s per evaluation | E(time) | best fitness LLM at E | classic at E | "
+             "classic at E(time) | wiki:test LLM (at E) | wiki:test classic (evaluations) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for x in rows:
+        short = "" if x["classic_evaluations_run"] >= x["classic_evaluations_in_llm_time"] else \
+            f" (only {x['classic_evaluations_run']} run)"
+        ppl = x["classic_ppl_test_long"]
+        lines.append(f"| {x['search']} | {x['ratio']:.0%} | {x['seed']} | {x['llm_evaluations']} | {x['llm_wall_s']:.0f} | "
+                     f"{x['seconds_per_evaluation']:.2f} | {x['classic_evaluations_in_llm_time']}{short} | "
+                     f"{x['llm_best_fitness']:.2f} | {x['classic_best_fitness_at_llm_evaluations']:.2f} | "
+                     f"{x['classic_best_fitness_in_llm_time']:.2f} | {x['llm_ppl_test']:.2f} | "
+                     + ("-" if ppl is None else f"{ppl:.2f} ({x['classic_ppl_test_long_evaluations']})") + " |")
+    if mine.get("command"):
+        lines += ["", f"Classic command: `{mine['command']}`"]
+    if mine.get("note"):
+        lines += ["", f"Note: {mine['note']}"]
+    text = "\n".join(lines) + "\n"
+    (out / "time-matched.json").write_text(json.dumps({"llm_summary": llm_summary, "rows": rows}, indent=1))
+    (out / "time-matched.md").write_text(text)
+    if results:
+        stem = Path(results) / (mine["settings"].get("name") or f"self-pruner-claim-{mine['settings']['model']}")
+        shutil.copyfile(out / "time-matched.json", f"{stem}-time-matched.json")
+        shutil.copyfile(out / "time-matched.md", f"{stem}-time-matched.md")
+    print(text)
+
+
 def run_entry(name: str, ratio: float, seed: int, res, recs: list[dict], timed: dict | None, generations: int) -> dict:
     """One search's line in the summary. Seconds per fitness evaluation: timed in this process when it evaluated,
     else from the log (generation wall time less the LLM's seconds, over the new evaluations)."""
@@ -353,6 +416,8 @@ def main():
     p.add_argument("--partial", action="store_true", help="only write OUT/summary.* of what OUT holds now (searches "
                    "as logged, finished pairs; a running search's log is only read), without loading the model")
     p.add_argument("--report", action="store_true", help="only rebuild summary.md and curves.png from OUT/summary.json")
+    p.add_argument("--time-matched", metavar="LLM_SUMMARY", help="only compare OUT's (longer) classic searches with "
+                   "the LLM searches of LLM_SUMMARY at the LLM's wall time (OUT/time-matched.*)")
     a = p.parse_args()
     for f in a.formulations:
         if f.count("/") != 1 or f.split("/")[0] not in ("vectors", "edits") or f.split("/")[1] not in ("llm", "uniform"):
@@ -363,6 +428,8 @@ def main():
         return write(merge(a.merge, a.name), out, a.results)
     if a.report:
         return report(Path(a.out), a.results, a.note)
+    if a.time_matched:
+        return time_matched(Path(a.out), a.time_matched, a.results)
     if a.partial:
         return partial(a)
 
