@@ -227,10 +227,16 @@ register("self-pruner-llm-qwen-smollm2-30", 100, [
 register("self-pruner-formulations-qwen", 100, [
     "{py} benchmarks/self_pruner_claim.py --out runs/sp-forms-qwen --ratios 0.2 --seeds 0 --proposer-model "
     "qwen2.5-coder-1.5b --formulations vectors/llm vectors/uniform edits/llm --threads 1 "
-    "--name self-pruner-formulations-smollm2-135m-qwen1.5b --results {results}"],
+    "--name self-pruner-formulations-smollm2-135m-qwen1.5b --results {results}"] + [
+    # each formulation against classic alone, cut at the pair's own E (all four together are cut at the fewest)
+    "{py} benchmarks/self_pruner_claim.py --out runs/sp-forms-qwen --ratios 0.2 --seeds 0 --proposer-model "
+    f"qwen2.5-coder-1.5b --formulations {f} --threads 1 --name self-pruner-formulations-smollm2-135m-qwen1.5b-"
+    f"{f.replace('/', '-')} --results {{results}}" for f in ("edits/llm", "vectors/uniform")],
     ["{results}/self-pruner-formulations-smollm2-135m-qwen1.5b.json",
      "{results}/self-pruner-formulations-smollm2-135m-qwen1.5b-table.md",
-     "{results}/self-pruner-formulations-smollm2-135m-qwen1.5b.png"],
+     "{results}/self-pruner-formulations-smollm2-135m-qwen1.5b.png"] + [
+     f"{{results}}/self-pruner-formulations-smollm2-135m-qwen1.5b-{f}{x}" for f in ("edits-llm", "vectors-uniform")
+     for x in (".json", "-table.md", ".png")],
     "the other formulations of what the 1.5B is asked (whole vectors or edits, its own first population or the "
     "uniform one) proposing for SmolLM2 at 20%, seed 0, against classic at equal evaluations (edits/uniform is "
     "self-pruner-llm-qwen-smollm2-20); about 25 min a formulation beside one job", default=False)
