@@ -252,7 +252,7 @@ register("self-pruner-self-qwen", 240, [
 register("self-pruner-self-qwen-time", 200, [
     "{py} benchmarks/self_pruner_claim.py --out runs/sp-self-qwen-time --model qwen2.5-coder-1.5b --ratios 0.25 0.15 "
     "--seeds 0 1 2 --proposers classic --generations 16 --threads 1 --name self-pruner-self-qwen-classic-time "
-    "--results {results}",
+    "--time-of {results}/self-pruner-self-qwen2.5-coder-1.5b.json --results {results}",
     "{py} benchmarks/self_pruner_claim.py --out runs/sp-self-qwen-time --model qwen2.5-coder-1.5b --name "
     "self-pruner-self-qwen-classic-time --time-matched {results}/self-pruner-self-qwen2.5-coder-1.5b.json "
     "--results {results}"],
@@ -261,7 +261,7 @@ register("self-pruner-self-qwen-time", 200, [
      "{results}/self-pruner-self-qwen-classic-time-time-matched.json"],
     "does the LLM pay for itself in time when the 1.5B prunes itself? Classic searches of 16 generations (about 136 "
     "evaluations, what an LLM search's wall time buys) on the seeds of self-pruner-self-qwen, compared at the LLM's "
-    "wall time (about 30 min a (ratio, seed) beside one job)", default=False)
+    "wall time, each final plan cut there (about 30 min a (ratio, seed) beside one job)", default=False)
 register("self-pruner-paper-scale", 240, [
     "{py} benchmarks/self_pruner_claim.py --out runs/sp-paper --ratios 0.2 --seeds 0 --proposer-model "
     "qwen2.5-coder-1.5b --formulations edits/uniform --population 30 --generations 20 --crossover 10 --mutation 10 "

@@ -8,7 +8,8 @@ schemas' grammars).
     python benchmarks/self_pruner_claim.py --out runs/sp-claim --partial  # what OUT holds now, even mid-search
     python benchmarks/self_pruner_claim.py --out runs/sp-llm --ratios 0.2 --seeds 0 \
         --proposer-model qwen2.5-coder-1.5b --formulations vectors/llm edits/uniform --results benchmarks/results
-    python benchmarks/self_pruner_claim.py --out runs/sp-long --proposers classic --generations 16 ...  # then:
+    python benchmarks/self_pruner_claim.py --out runs/sp-long --proposers classic --generations 16 \
+        --time-of runs/sp-claim/summary.json ...  # then:
     python benchmarks/self_pruner_claim.py --out runs/sp-long --time-matched runs/sp-claim/summary.json
     python benchmarks/self_pruner_claim.py --out runs/sp-all --merge runs/sp-a/summary.json runs/sp-b/summary.json
     python benchmarks/self_pruner_claim.py --out runs/sp-tiny --ratios 0.2 --seeds 0 --population 3 \
@@ -241,17 +242,30 @@ def report(out: Path, results: str | None, note: str | None = None) -> None:
     write(summary, out, results)
 
 
+def evaluations_in_llm_time(llm_summary: dict) -> dict:
+    """(ratio, seed) -> the evaluations an LLM search's wall time buys at the seconds per fitness evaluation measured
+    in that same search (same machine, same load); the largest where a summary has several LLM searches there."""
+    got = {}
+    for r in llm_summary["runs"]:
+        fit = r.get("fitness_seconds_per_evaluation")
+        if r["proposer"] != "classic" and fit:
+            key = (r["ratio"], r["seed"])
+            got[key] = max(got.get(key, 0), round(r["search_wall_s"] / fit))
+    return got
+
+
 def time_matched(out: Path, llm_summary: str, results: str | None) -> None:
     """``--time-matched LLM_SUMMARY``: does the LLM pay for itself in time? OUT holds longer classic searches (more
     generations, same seeds); for every LLM search of LLM_SUMMARY, the evaluations its wall time would have bought
     at the seconds per fitness evaluation measured in that same search (same machine, same load), and the classic
-    search's best fitness at that many evaluations against the LLM's, with both final plans on wiki:test."""
+    search's best fitness at that many evaluations against the LLM's, with both final plans on wiki:test (the classic
+    one cut there when OUT was searched with ``--time-of LLM_SUMMARY``)."""
     mine, theirs = json.loads((out / "summary.json").read_text()), json.loads(Path(llm_summary).read_text())
     if mine["settings"]["model"] != theirs["settings"]["model"]:
         raise SystemExit(f"self_pruner_claim: --time-matched: {llm_summary} is about {theirs['settings']['model']}, "
                          f"OUT about {mine['settings']['model']}")
     classic = {(r["ratio"], r["seed"]): r for r in mine["runs"] if r["proposer"] == "classic"}
-    finals = {(p["ratio"], p["seed"]): p["classic"] for p in mine["pairs"] if "classic" in p}
+    finals = {(p["ratio"], p["seed"]): {**p["classic"], "cut": p["budget"]} for p in mine["pairs"] if "classic" in p}
     rows = []
     for r in theirs["runs"]:
         key, fit = (r["ratio"], r["seed"]), r.get("fitness_seconds_per_evaluation")
@@ -259,7 +273,7 @@ def time_matched(out: Path, llm_summary: str, results: str | None) -> None:
             continue
         pair = next(p for p in theirs["pairs"] if (p["ratio"], p["seed"]) == key)
         c = classic[key]["curve"]
-        e_time = round(r["search_wall_s"] / fit)
+        e_time = round(r["search_wall_s"] / fit)  # this search's own (evaluations_in_llm_time: the largest there)
         at = min(e_time, len(c))
         rows.append({"search": r["proposer"], "ratio": r["ratio"], "seed": r["seed"], "llm_evaluations": pair["budget"],
                      "llm_wall_s": r["search_wall_s"], "seconds_per_evaluation": fit, "classic_evaluations_in_llm_time": e_time,
@@ -268,7 +282,7 @@ def time_matched(out: Path, llm_summary: str, results: str | None) -> None:
                      "classic_best_fitness_in_llm_time": c[at - 1],
                      "llm_ppl_test": pair[r["proposer"]]["ppl_test"],
                      "classic_ppl_test_long": (finals.get(key) or {}).get("ppl_test"),
-                     "classic_ppl_test_long_evaluations": (finals.get(key) or {}).get("evaluations")})
+                     "classic_ppl_test_long_evaluations": (finals.get(key) or {}).get("cut")})
     if not rows:
         raise SystemExit(f"self_pruner_claim: --time-matched: no LLM search of {llm_summary} has a classic search of the "
                          f"same ratio and seed in {out}")
@@ -359,6 +373,7 @@ def partial(a) -> None:
     dense = out / "dense.json"
     ppl_dense = json.loads(dense.read_text())["ppl_test"] if dense.exists() else None
     runs, pairs = [], []
+    cut = evaluations_in_llm_time(json.loads(Path(a.time_of).read_text())) if a.time_of else {}
     for ratio in a.ratios:
         space = SearchSpace(spec.n_layers, mean_rate_for_ratio(spec, ratio))
         for seed in a.seeds:
@@ -374,7 +389,7 @@ def partial(a) -> None:
                     logs[name] = recs
             if len(logs) < len(run_names(vars(a))):
                 continue
-            budget = min(len(curve(r)) for r in logs.values())
+            budget = min([len(curve(r)) for r in logs.values()] + ([cut[(ratio, seed)]] if (ratio, seed) in cut else []))
             finals = {n: out / f"{n}-r{ratio:g}-s{seed}" / f"final-{budget}.json" for n in logs}
             if all(f.exists() for f in finals.values()):
                 pairs.append({"ratio": ratio, "seed": seed, "budget": budget,
@@ -416,6 +431,8 @@ def main():
     p.add_argument("--partial", action="store_true", help="only write OUT/summary.* of what OUT holds now (searches "
                    "as logged, finished pairs; a running search's log is only read), without loading the model")
     p.add_argument("--report", action="store_true", help="only rebuild summary.md and curves.png from OUT/summary.json")
+    p.add_argument("--time-of", metavar="LLM_SUMMARY", help="cut each (ratio, seed) at the evaluations the LLM "
+                   "searches of LLM_SUMMARY there would have bought in their wall time (for --time-matched)")
     p.add_argument("--time-matched", metavar="LLM_SUMMARY", help="only compare OUT's (longer) classic searches with "
                    "the LLM searches of LLM_SUMMARY at the LLM's wall time (OUT/time-matched.*)")
     a = p.parse_args()
@@ -486,6 +503,7 @@ def main():
                                                responses=responses, chat=chat)
             chat = proposers[name].model  # one model in memory for every formulation
     cfg = dict(population=a.population, generations=a.generations, crossover=a.crossover, mutation=a.mutation)
+    cut = evaluations_in_llm_time(json.loads(Path(a.time_of).read_text())) if a.time_of else {}
     ppl_dense = perplexity(model, test, a.batch_size).ppl
     (out / "dense.json").write_text(json.dumps({"ppl_test": ppl_dense}))  # for --partial
     runs, pairs = [], []
@@ -505,14 +523,15 @@ def main():
                 res, recs = restore(space, log)  # the search as logged, read once
                 logs[name] = recs
                 runs.append(run_entry(name, ratio, seed, res, recs, timed, a.generations))
-            budget = min(len(curve(r)) for r in logs.values())
+            budget = min([len(curve(r)) for r in logs.values()] + ([cut[(ratio, seed)]] if (ratio, seed) in cut else []))
             pair = {"ratio": ratio, "seed": seed, "budget": budget}
             for name, recs in logs.items():
                 cache = out / f"{name}-r{ratio:g}-s{seed}" / f"final-{budget}.json"
-                if cache.exists():
-                    pair[name] = json.loads(cache.read_text())
-                    continue
                 rates, best = best_within(recs, budget)
+                same = [f for f in sorted(cache.parent.glob("final-*.json")) if json.loads(f.read_text())["rates"] == rates]
+                if cache.exists() or same:  # measured, at this cut or at another with the same best vector
+                    pair[name] = json.loads((cache if cache.exists() else same[0]).read_text())
+                    continue
                 ctx.ratio = ratio
                 plan = sequential_plan(ctx, rates, a.batch_size, "self-pruner")
                 pruned = copy.deepcopy(model)
