@@ -302,10 +302,13 @@ def time_matched(out: Path, llm_summary: str, results: str | None) -> None:
                      f"{x['llm_best_fitness']:.2f} | {x['classic_best_fitness_at_llm_evaluations']:.2f} | "
                      f"{x['classic_best_fitness_in_llm_time']:.2f} | {x['llm_ppl_test']:.2f} | "
                      + ("-" if ppl is None else f"{ppl:.2f} ({x['classic_ppl_test_long_evaluations']})") + " |")
-    if mine.get("command"):
-        lines += ["", f"Classic command: `{mine['command']}`"]
-    if mine.get("note"):
-        lines += ["", f"Note: {mine['note']}"]
+    for part in mine.get("parts") or [mine]:  # a merged summary: each run of the script
+        where = f"ratios {part['ratios']}, seeds {part['seeds']}: " if "ratios" in part else ""
+        if part.get("command"):
+            lines += ["", f"Classic command ({where}{part.get('note') or 'no note'}): `{part['command']}`"]
+    if mine.get("missing"):
+        lines += ["", "Not run yet (classic): " + "; ".join(f"{m['ratio']:.0%} seed {m['seed']}" for m in mine["missing"])
+                  + "."]
     text = "\n".join(lines) + "\n"
     (out / "time-matched.json").write_text(json.dumps({"llm_summary": llm_summary, "rows": rows}, indent=1))
     (out / "time-matched.md").write_text(text)
